@@ -1,0 +1,112 @@
+"""The catalogue of gradient checks over every op in ops.py (what `minqkv gradcheck` runs).
+
+Each case names an op, a function of float64 Tensors, and how to draw its inputs. Inputs
+avoid the points where an op has no derivative (relu at 0, log at 0, singular matrices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+from .gradcheck import CheckResult, check
+from .tensor import Tensor
+
+
+@dataclass
+class OpCase:
+    name: str
+    fn: object  # callable(*Tensors) -> Tensor
+    shapes: list  # one shape per input
+    kind: str = "normal"  # how to draw inputs: normal | positive | away_from_zero | well_conditioned
+
+
+def _draw(shape, kind: str, rng) -> np.ndarray:
+    x = rng.standard_normal(shape)
+    if kind == "positive":
+        return np.abs(x) + 0.5
+    if kind == "away_from_zero":
+        return np.sign(x) * (np.abs(x) + 0.2)
+    if kind == "well_conditioned" and shape[-1] == shape[-2]:
+        return x * 0.3 + 2.0 * np.eye(shape[-1])  # far from singular
+    return x
+
+
+def _fixed_mask(shape, seed=3) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape) < 0.3
+
+
+_IDS = np.array([[0, 3, 3], [5, 1, 0]])  # repeated ids: gradients must accumulate
+_TARGETS = np.array([[1, 4, -1, 0], [2, -1, 6, 6]])  # -1 is ignored
+
+
+def op_cases() -> list:
+    C = OpCase
+    return [
+        C("add", ops.add, [(3, 4), (3, 4)]),
+        C("add (broadcast)", ops.add, [(2, 3, 4), (4,)]),
+        C("add (broadcast 1-dims)", ops.add, [(2, 1, 4), (1, 3, 1)]),
+        C("sub (broadcast)", ops.sub, [(3, 4), (3, 1)]),
+        C("mul", ops.mul, [(5,), (5,)]),
+        C("mul (broadcast)", ops.mul, [(2, 3, 4), (3, 1)]),
+        C("div (broadcast)", ops.div, [(3, 4), (4,)], "away_from_zero"),
+        C("neg", ops.neg, [(2, 3)]),
+        C("pow 3", lambda x: ops.pow(x, 3), [(2, 3)]),
+        C("pow -0.5", lambda x: ops.pow(x, -0.5), [(4,)], "positive"),
+        C("matmul 2-D", ops.matmul, [(3, 4), (4, 5)]),
+        C("matmul (B,T,C)@(C,N)", ops.matmul, [(2, 3, 4), (4, 5)]),
+        C("matmul batched", ops.matmul, [(2, 3, 4, 5), (2, 3, 5, 2)]),
+        C("matmul batch broadcast", ops.matmul, [(2, 1, 3, 4), (5, 4, 2)]),
+        C("matmul 1x1", ops.matmul, [(1, 1), (1, 1)]),
+        C("sum all", lambda x: ops.sum(x), [(3, 4)]),
+        C("sum axis", lambda x: ops.sum(x, axis=1), [(2, 3, 4)]),
+        C("sum axes keepdims", lambda x: ops.sum(x, axis=(0, 2), keepdims=True), [(2, 3, 4)]),
+        C("mean axis -1", lambda x: ops.mean(x, axis=-1), [(2, 3, 4)]),
+        C("mean all", lambda x: ops.mean(x), [(5,)]),
+        C("reshape", lambda x: ops.reshape(x, (4, 6)), [(2, 3, 4)]),
+        C("transpose", lambda x: ops.transpose(x, (2, 0, 1)), [(2, 3, 4)]),
+        C("swapaxes", lambda x: ops.swapaxes(x, 1, 2), [(2, 3, 4)]),
+        C("broadcast_to", lambda x: ops.broadcast_to(x, (2, 3, 4)), [(3, 1)]),
+        C("getitem slice", lambda x: x[1:, ::2], [(3, 5)]),
+        C("getitem repeated index", lambda x: x[np.array([0, 2, 0, 0])], [(3, 4)]),
+        C("embedding (gather)", lambda w: ops.embedding(w, _IDS), [(6, 4)]),
+        C("concat", lambda a, b: ops.concat([a, b], axis=1), [(2, 3), (2, 2)]),
+        C("split sizes", lambda x: ops.concat(
+            [p * float(i + 1) for i, p in enumerate(ops.split(x, [1, 3], axis=-1))], axis=-1), [(2, 4)]),
+        C("split equal parts", lambda x: ops.split(x, 3, axis=0)[2], [(6, 2)]),
+        C("exp", ops.exp, [(3, 4)]),
+        C("log", ops.log, [(3, 4)], "positive"),
+        C("tanh", ops.tanh, [(3, 4)]),
+        C("sigmoid", ops.sigmoid, [(3, 4)]),
+        C("relu", ops.relu, [(3, 4)], "away_from_zero"),
+        C("gelu", ops.gelu, [(3, 4)]),
+        C("softmax", ops.softmax, [(3, 5)]),
+        C("softmax 4-D", ops.softmax, [(2, 2, 3, 3)]),
+        C("softmax causal", lambda x: ops.softmax(x, causal=True), [(2, 4, 4)]),
+        C("softmax causal Tq<Tk", lambda x: ops.softmax(x, causal=True), [(2, 2, 5)]),
+        C("log_softmax", ops.log_softmax, [(3, 5)]),
+        C("cross_entropy", lambda z: ops.cross_entropy(z, _TARGETS[:, :3].clip(0)), [(2, 3, 7)]),
+        C("cross_entropy ignore_index", lambda z: ops.cross_entropy(z, _TARGETS), [(2, 4, 7)]),
+        C("layer_norm", ops.layer_norm, [(2, 3, 5), (5,), (5,)]),
+        C("layer_norm no bias", lambda x, w: ops.layer_norm(x, w, None), [(4, 6), (6,)]),
+        C("dropout", lambda x: ops.dropout(x, 0.3, np.random.default_rng(1)), [(4, 5)]),
+        C("masked_fill", lambda x: ops.masked_fill(x, _fixed_mask((3, 4)), -3.0), [(3, 4)]),
+        C("causal mask + softmax", lambda x: ops.softmax(
+            ops.masked_fill(x, ops.causal_mask(4, 4), float("-inf"))), [(2, 4, 4)]),
+        C("where", lambda a, b: ops.where(_fixed_mask((3, 4)), a, b), [(3, 4), (4,)]),
+        C("solve", ops.solve, [(3, 3), (3, 2)], "well_conditioned"),
+        C("solve batched", ops.solve, [(2, 4, 4), (2, 4, 3)], "well_conditioned"),
+        C("inverse", ops.inverse, [(2, 3, 3)], "well_conditioned"),
+    ]
+
+
+def run_op_checks(seed: int = 0) -> list:
+    """Check every case in float64; returns a list of CheckResult."""
+    rng = np.random.default_rng(seed)
+    results: list[CheckResult] = []
+    for case in op_cases():
+        inputs = [Tensor(_draw(shape, case.kind, rng), requires_grad=True) for shape in case.shapes]
+        results.append(check(case.name, case.fn, inputs))
+    return results

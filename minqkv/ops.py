@@ -1,0 +1,528 @@
+"""Differentiable ops. Each op computes its forward with NumPy (or the C core through
+kernels.py) and, right beside it, a closure `backward(g)` that maps the gradient of the
+output to a tuple of gradients for its inputs, with the math in one comment line.
+
+dtype rule: float32 stays float32 and float64 stays float64. Mixing the two is an error;
+Python numbers and int/bool arrays are converted to the tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+
+from . import kernels
+from .tensor import FLOAT_DTYPES, Tensor
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _pair(a, b, op: str, broadcast: bool = True) -> tuple[Tensor, Tensor]:
+    """Turn the operands of a binary op into two Tensors of one float dtype."""
+    like = a if isinstance(a, Tensor) else b
+    a, b = _as_tensor(a, like, op, "a"), _as_tensor(b, like, op, "b")
+    if broadcast:
+        try:
+            np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise ValueError(f"{op}: shapes {a.shape} and {b.shape} do not broadcast "
+                             "(trailing dimensions must be equal or 1)") from None
+    return a, b
+
+
+def _as_tensor(x, like: Tensor, op: str, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        if x.dtype != like.dtype:
+            raise TypeError(f"{op}: {name} is {x.dtype} but the other operand is {like.dtype}; "
+                            "dtypes never change silently, convert one explicitly")
+        return x
+    array = np.asarray(x)
+    if array.dtype in FLOAT_DTYPES and array.ndim > 0 and array.dtype != like.dtype:
+        raise TypeError(f"{op}: {name} is a {array.dtype} array but the tensor is {like.dtype}; "
+                        "dtypes never change silently, convert one explicitly")
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{op}: {name} must be a number, a numeric array or a Tensor, "
+                        f"got {type(x).__name__}")
+    return Tensor(array.astype(like.dtype, copy=False))
+
+
+def _float_tensor(x, op: str, name: str = "x") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32 or float64, got {x.dtype}")
+    return x
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum a broadcast gradient back down to `shape` (the inverse of NumPy broadcasting)."""
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return grad
+
+
+def _normalize_axis(axis, ndim: int, op: str) -> tuple:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < max(ndim, 1):
+            raise ValueError(f"{op}: axis {a} is out of range for a tensor with {ndim} dimensions")
+        out.append(a % max(ndim, 1))
+    return tuple(out)
+
+
+# ---- elementwise arithmetic ---------------------------------------------------------------
+
+
+def add(a, b) -> Tensor:
+    a, b = _pair(a, b, "add")
+
+    def backward(g):  # d(a+b) = g, g
+        return unbroadcast(g, a.shape), unbroadcast(g, b.shape)
+
+    return Tensor.from_op(a.data + b.data, (a, b), backward, "add")
+
+
+def sub(a, b) -> Tensor:
+    a, b = _pair(a, b, "sub")
+
+    def backward(g):  # d(a-b) = g, -g
+        return unbroadcast(g, a.shape), unbroadcast(-g, b.shape)
+
+    return Tensor.from_op(a.data - b.data, (a, b), backward, "sub")
+
+
+def mul(a, b) -> Tensor:
+    a, b = _pair(a, b, "mul")
+
+    def backward(g):  # d(a*b) = g*b, g*a
+        return unbroadcast(g * b.data, a.shape), unbroadcast(g * a.data, b.shape)
+
+    return Tensor.from_op(a.data * b.data, (a, b), backward, "mul")
+
+
+def div(a, b) -> Tensor:
+    a, b = _pair(a, b, "div")
+    out = a.data / b.data
+
+    def backward(g):  # d(a/b) = g/b, -g*a/b^2
+        return unbroadcast(g / b.data, a.shape), unbroadcast(-g * out / b.data, b.shape)
+
+    return Tensor.from_op(out, (a, b), backward, "div")
+
+
+def neg(x: Tensor) -> Tensor:
+    x = _float_tensor(x, "neg")
+    return Tensor.from_op(-x.data, (x,), lambda g: (-g,), "neg")
+
+
+def pow(x: Tensor, exponent: float) -> Tensor:
+    x = _float_tensor(x, "pow")
+    if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
+        raise TypeError(f"pow: exponent must be a Python number, got {type(exponent).__name__}")
+
+    def backward(g):  # d x^p = p x^(p-1) g
+        return (g * exponent * x.data ** (exponent - 1),)
+
+    return Tensor.from_op(x.data ** exponent, (x,), backward, "pow")
+
+
+def exp(x: Tensor) -> Tensor:
+    x = _float_tensor(x, "exp")
+    out = np.exp(x.data)
+    return Tensor.from_op(out, (x,), lambda g: (g * out,), "exp")  # d e^x = e^x g
+
+
+def log(x: Tensor) -> Tensor:
+    x = _float_tensor(x, "log")
+    return Tensor.from_op(np.log(x.data), (x,), lambda g: (g / x.data,), "log")  # d log x = g/x
+
+
+def tanh(x: Tensor) -> Tensor:
+    x = _float_tensor(x, "tanh")
+    out = np.tanh(x.data)
+    return Tensor.from_op(out, (x,), lambda g: (g * (1 - out * out),), "tanh")  # d tanh = 1-tanh^2
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    x = _float_tensor(x, "sigmoid")
+    # written via tanh so large |x| never overflows exp
+    out = 0.5 * (1 + np.tanh(0.5 * x.data))
+    return Tensor.from_op(out, (x,), lambda g: (g * out * (1 - out),), "sigmoid")  # s(1-s)
+
+
+def relu(x: Tensor) -> Tensor:
+    x = _float_tensor(x, "relu")
+    positive = x.data > 0
+    return Tensor.from_op(x.data * positive, (x,), lambda g: (g * positive,), "relu")
+
+
+_GELU_C = float(np.sqrt(2.0 / np.pi))
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU, tanh approximation (as in GPT-2): 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
+    x = _float_tensor(x, "gelu")
+    xd = x.data
+    inner = _GELU_C * (xd + 0.044715 * xd ** 3)
+    t = np.tanh(inner)
+    out = 0.5 * xd * (1 + t)
+
+    def backward(g):  # 0.5(1+t) + 0.5 x (1-t^2) c (1 + 3*0.044715 x^2)
+        d_inner = _GELU_C * (1 + 3 * 0.044715 * xd * xd)
+        return (g * (0.5 * (1 + t) + 0.5 * xd * (1 - t * t) * d_inner),)
+
+    return Tensor.from_op(out, (x,), backward, "gelu")
+
+
+# ---- reductions and shape ops -------------------------------------------------------------
+
+
+def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    x = _float_tensor(x, "sum")
+    axes = _normalize_axis(axis, x.ndim, "sum")
+
+    def backward(g):  # every input element receives the gradient of the sum it fed
+        if not keepdims:
+            g = np.expand_dims(g, axes)
+        return (np.broadcast_to(g, x.shape).copy(),)
+
+    return Tensor.from_op(x.data.sum(axis=axes, keepdims=keepdims), (x,), backward, "sum")
+
+
+def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    x = _float_tensor(x, "mean")
+    axes = _normalize_axis(axis, x.ndim, "mean")
+    count = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+    if count == 0:
+        raise ValueError(f"mean: cannot average over an empty axis (shape {x.shape})")
+    return sum(x, axes, keepdims) * (1.0 / count)
+
+
+def reshape(x: Tensor, *shape) -> Tensor:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    try:
+        out = x.data.reshape(shape)
+    except ValueError:
+        raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} "
+                         f"({x.size} elements) into {shape}") from None
+    return Tensor.from_op(out, (x,), lambda g: (g.reshape(x.shape),), "reshape")
+
+
+def transpose(x: Tensor, *axes) -> Tensor:
+    """Permute axes (all of them given) or, with no axes, reverse them."""
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    axes = axes or tuple(reversed(range(x.ndim)))
+    if sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
+        raise ValueError(f"transpose: axes {axes} are not a permutation of {x.ndim} axes")
+    inverse = np.argsort([a % x.ndim for a in axes])
+    return Tensor.from_op(x.data.transpose(axes), (x,),
+                          lambda g: (g.transpose(inverse),), "transpose")
+
+
+def swapaxes(x: Tensor, axis1: int, axis2: int) -> Tensor:
+    axes = list(range(x.ndim))
+    axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
+    return transpose(x, tuple(axes))
+
+
+def broadcast_to(x: Tensor, shape: tuple) -> Tensor:
+    x = _float_tensor(x, "broadcast_to")
+    try:
+        out = np.broadcast_to(x.data, shape)
+    except ValueError:
+        raise ValueError(f"broadcast_to: shape {x.shape} cannot broadcast to {shape}") from None
+    return Tensor.from_op(out, (x,), lambda g: (unbroadcast(g, x.shape),), "broadcast_to")
+
+
+def getitem(x: Tensor, index) -> Tensor:
+    """x[index] for any NumPy index; repeated indices accumulate their gradients."""
+    if isinstance(index, Tensor):
+        index = index.data
+    out = x.data[index]
+
+    def backward(g):  # scatter-add the gradient back where the values came from
+        grad = np.zeros_like(x.data)
+        np.add.at(grad, index, g)
+        return (grad,)
+
+    return Tensor.from_op(out, (x,), backward, "getitem")
+
+
+def embedding(weight: Tensor, ids) -> Tensor:
+    """Rows of weight (V, C) picked by integer ids (...) -> (..., C)."""
+    weight = _float_tensor(weight, "embedding", "weight")
+    ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
+        raise ValueError(f"embedding: ids must lie in [0, {weight.shape[0]}), "
+                         f"got values from {ids.min()} to {ids.max()}")
+    out = weight.data[ids]  # (..., C)
+
+    def backward(g):  # each row of weight gets the sum of gradients of the positions that used it
+        grad = np.zeros_like(weight.data)
+        np.add.at(grad, ids.reshape(-1), g.reshape(-1, weight.shape[1]))
+        return (grad,)
+
+    return Tensor.from_op(out, (weight,), backward, "embedding")
+
+
+def concat(tensors, axis: int = 0) -> Tensor:
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("concat: need at least one tensor")
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise TypeError(f"concat: all tensors must share one dtype, got {sorted(map(str, dtypes))}")
+    out = np.concatenate([t.data for t in tensors], axis=axis)
+    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+
+    def backward(g):  # cut the gradient into the same pieces
+        return tuple(np.split(g, bounds, axis=axis))
+
+    return Tensor.from_op(out, tuple(tensors), backward, "concat")
+
+
+def split(x: Tensor, sizes, axis: int = -1) -> list:
+    """Split along axis into pieces of the given sizes (a list) or into `sizes` equal parts."""
+    n = x.shape[axis]
+    if isinstance(sizes, int):
+        if sizes <= 0 or n % sizes:
+            raise ValueError(f"split: cannot cut length {n} into {sizes} equal parts")
+        sizes = [n // sizes] * sizes
+    if builtins.sum(sizes) != n:
+        raise ValueError(f"split: sizes {list(sizes)} add to {builtins.sum(sizes)}, not {n}")
+    pieces, start = [], 0
+    axis = axis % x.ndim
+    for size in sizes:
+        index = (slice(None),) * axis + (slice(start, start + size),)
+        pieces.append(getitem(x, index))
+        start += size
+    return pieces
+
+
+# ---- matmul (C core) ----------------------------------------------------------------------
+
+
+def matmul(a, b) -> Tensor:
+    """a @ b for a (..., M, K) and b (..., K, N); batch dims broadcast as in NumPy.
+
+    The product itself runs in kernels.matmul (C or NumPy twin); the backward uses the
+    same kernel with transposed operands, so no transposed copy is ever made.
+    """
+    a, b = _pair(a, b, "matmul", broadcast=False)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul: both operands need at least 2 dimensions, got shapes "
+                         f"{a.shape} and {b.shape}; reshape vectors to (1, K) or (K, 1)")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}; "
+                         f"inner dimensions {a.shape[-1]} and {b.shape[-2]} must match")
+    if b.ndim == 2:
+        return _matmul_weight(a, b)
+    return _matmul_batched(a, b)
+
+
+def _matmul_weight(a: Tensor, b: Tensor) -> Tensor:
+    # (..., M, K) @ (K, N): fold all leading dims into rows, one 2-D GEMM
+    K, N = b.shape
+    a2 = a.data.reshape(-1, K)  # (P, K)
+    out = kernels.matmul(a2, b.data).reshape(a.shape[:-1] + (N,))
+
+    def backward(g):  # dA = g B^T, dB = A^T g
+        g2 = g.reshape(-1, N)  # (P, N)
+        grad_a = kernels.matmul(g2, b.data, trans_b=True).reshape(a.shape) if a.requires_grad else None
+        grad_b = kernels.matmul(a2, g2, trans_a=True) if b.requires_grad else None
+        return grad_a, grad_b
+
+    return Tensor.from_op(out, (a, b), backward, "matmul")
+
+
+def _matmul_batched(a: Tensor, b: Tensor) -> Tensor:
+    # (..., M, K) @ (..., K, N): broadcast batch dims, fold them into one batch axis
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    a3 = np.broadcast_to(a.data, batch + (M, K)).reshape(-1, M, K)  # (Z, M, K)
+    b3 = np.broadcast_to(b.data, batch + (K, N)).reshape(-1, K, N)  # (Z, K, N)
+    out = kernels.matmul(a3, b3).reshape(batch + (M, N))
+
+    def backward(g):  # dA = g B^T, dB = A^T g, then sum over broadcast batch dims
+        g3 = g.reshape(-1, M, N)
+        grad_a = grad_b = None
+        if a.requires_grad:
+            grad_a = unbroadcast(kernels.matmul(g3, b3, trans_b=True).reshape(batch + (M, K)), a.shape)
+        if b.requires_grad:
+            grad_b = unbroadcast(kernels.matmul(a3, g3, trans_a=True).reshape(batch + (K, N)), b.shape)
+        return grad_a, grad_b
+
+    return Tensor.from_op(out, (a, b), backward, "matmul")
+
+
+# ---- softmax family -----------------------------------------------------------------------
+
+
+def softmax(x: Tensor, causal: bool = False) -> Tensor:
+    """Softmax over the last axis (C core). causal=True masks key j > query i + (Tk - Tq)."""
+    x = _float_tensor(x, "softmax")
+    out = kernels.softmax(x.data, causal=causal)
+    # d softmax: y * (g - sum(g*y))
+    return Tensor.from_op(out, (x,), lambda g: (kernels.softmax_backward(out, g),), "softmax")
+
+
+def log_softmax(x: Tensor) -> Tensor:
+    """log softmax over the last axis, stable: x - max - log(sum(exp(x - max)))."""
+    x = _float_tensor(x, "log_softmax")
+    shifted = x.data - x.data.max(axis=-1, keepdims=True)
+    out = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    def backward(g):  # g - softmax * sum(g)
+        return (g - np.exp(out) * g.sum(axis=-1, keepdims=True),)
+
+    return Tensor.from_op(out, (x,), backward, "log_softmax")
+
+
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
+    """Mean negative log-likelihood of integer targets under softmax(logits), fused.
+
+    logits (..., V), targets (...) ints. Positions whose target is ignore_index do not count;
+    if every position is ignored the loss is 0 with zero gradient.
+    """
+    logits = _float_tensor(logits, "cross_entropy", "logits")
+    targets = targets.data if isinstance(targets, Tensor) else np.asarray(targets)
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integers, got {targets.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets have shape {targets.shape} but logits "
+                         f"{logits.shape} need targets of shape {logits.shape[:-1]}")
+    V = logits.shape[-1]
+    flat_logits = logits.data.reshape(-1, V)  # (N, V)
+    flat_targets = targets.reshape(-1)  # (N,)
+    keep = flat_targets != ignore_index
+    bad = keep & ((flat_targets < 0) | (flat_targets >= V))
+    if bad.any():
+        raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or equal "
+                         f"ignore_index={ignore_index}; found {flat_targets[bad][0]}")
+    count = max(int(keep.sum()), 1)
+    rows = np.nonzero(keep)[0]
+
+    shifted = flat_logits - flat_logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (N, V)
+    loss = -log_probs[rows, flat_targets[rows]].sum() / count
+
+    def backward(g):  # (softmax - onehot(target)) / count on counted rows, 0 elsewhere
+        grad = np.exp(log_probs)
+        grad[rows, flat_targets[rows]] -= 1
+        grad[~keep] = 0
+        return ((grad * (g / count)).reshape(logits.shape),)
+
+    return Tensor.from_op(np.asarray(loss, dtype=logits.dtype), (logits,), backward, "cross_entropy")
+
+
+# ---- normalisation, dropout, masking ------------------------------------------------------
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Normalise the last axis to zero mean, unit variance, then scale and shift (fused)."""
+    x = _float_tensor(x, "layer_norm")
+    C = x.shape[-1]
+    if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
+        raise ValueError(f"layer_norm: weight and bias must have shape ({C},) for input {x.shape}")
+    mu = x.data.mean(axis=-1, keepdims=True)
+    centered = x.data - mu
+    rstd = 1.0 / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
+    xhat = centered * rstd  # (..., C)
+    out = xhat * weight.data + (bias.data if bias is not None else 0)
+    parents = (x, weight) if bias is None else (x, weight, bias)
+
+    def backward(g):  # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+        dxhat = g * weight.data
+        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                     - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        lead = tuple(range(x.ndim - 1))
+        grads = (dx, (g * xhat).sum(axis=lead))
+        return grads if bias is None else grads + (g.sum(axis=lead),)
+
+    return Tensor.from_op(out, parents, backward, "layer_norm")
+
+
+def dropout(x: Tensor, p: float, rng: np.random.Generator, training: bool = True) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p) (identity when not training)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    keep = (rng.random(x.shape) >= p).astype(x.dtype) * (1.0 / (1.0 - p))
+    return Tensor.from_op(x.data * keep, (x,), lambda g: (g * keep,), "dropout")
+
+
+def masked_fill(x: Tensor, mask, value: float) -> Tensor:
+    """x with `value` where the boolean mask (broadcast to x) is True; no gradient flows there."""
+    x = _float_tensor(x, "masked_fill")
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"masked_fill: mask must be boolean, got {mask.dtype}")
+    out = np.where(mask, np.asarray(value, dtype=x.dtype), x.data)
+    return Tensor.from_op(out, (x,), lambda g: (unbroadcast(np.where(mask, 0, g), x.shape),),
+                          "masked_fill")
+
+
+def causal_mask(Tq: int, Tk: int) -> np.ndarray:
+    """Boolean (Tq, Tk): True where query i must NOT see key j (j > i + Tk - Tq)."""
+    return np.triu(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
+
+
+def where(condition, a, b) -> Tensor:
+    """Elementwise choice: a where condition is True, else b."""
+    a, b = _pair(a, b, "where")
+    condition = np.asarray(condition.data if isinstance(condition, Tensor) else condition)
+    if condition.dtype != np.bool_:
+        raise TypeError(f"where: condition must be boolean, got {condition.dtype}")
+
+    def backward(g):  # the gradient goes to whichever side was chosen
+        return (unbroadcast(np.where(condition, g, 0), a.shape),
+                unbroadcast(np.where(condition, 0, g), b.shape))
+
+    return Tensor.from_op(np.where(condition, a.data, b.data), (a, b), backward, "where")
+
+
+# ---- linear algebra (for the orthogonal rotation) -----------------------------------------
+
+
+def solve(A: Tensor, B: Tensor) -> Tensor:
+    """X with A X = B, for A (..., n, n) and B (..., n, k)."""
+    A, B = _pair(A, B, "solve", broadcast=False)
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"solve: A must be square (..., n, n), got {A.shape}")
+    if B.ndim < 2 or B.shape[-2] != A.shape[-1]:
+        raise ValueError(f"solve: B must have shape (..., {A.shape[-1]}, k), got {B.shape}")
+    X = np.linalg.solve(A.data, B.data)
+
+    def backward(g):  # dB = A^-T g, dA = -dB X^T
+        grad_b = np.linalg.solve(np.swapaxes(A.data, -1, -2), g)
+        grad_a = -grad_b @ np.swapaxes(X, -1, -2)
+        return unbroadcast(grad_a, A.shape), unbroadcast(grad_b, B.shape)
+
+    return Tensor.from_op(X, (A, B), backward, "solve")
+
+
+def inverse(A: Tensor) -> Tensor:
+    """A^-1 for A (..., n, n)."""
+    A = _float_tensor(A, "inverse", "A")
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"inverse: A must be square (..., n, n), got {A.shape}")
+    Y = np.linalg.inv(A.data)
+
+    def backward(g):  # dA = -Y^T g Y^T
+        Yt = np.swapaxes(Y, -1, -2)
+        return (-(Yt @ g @ Yt),)
+
+    return Tensor.from_op(Y, (A,), backward, "inverse")
