@@ -40,7 +40,7 @@ class CheckResult:
                 "tolerance": self.tolerance, "passed": self.passed}
 
 
-def gradcheck(fn, inputs, eps: float = 1e-6, seed: int = 0, max_elements: int | None = None) -> list:
+def gradcheck(fn, inputs, eps: float = 1e-5, seed: int = 0, max_elements: int | None = None) -> list:
     """Max relative error between backward() and central differences, one figure per input.
 
     fn:           callable taking the inputs (Tensors) and returning a Tensor of any shape;

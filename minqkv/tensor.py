@@ -40,7 +40,7 @@ class Tensor:
     requires_grad: whether backward() should compute a gradient for this tensor
     """
 
-    __array_priority__ = 1000  # so `ndarray * Tensor` calls Tensor.__rmul__
+    __array_ufunc__ = None  # so `ndarray * Tensor` defers to Tensor.__rmul__
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
         data = np.asarray(data, dtype=dtype)
