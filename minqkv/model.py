@@ -106,13 +106,13 @@ class GPT(Module):
         rng = np.random.default_rng(config.seed)
         # dropout draws from its own generator, saved with checkpoints so resumes are exact
         self.dropout_rng = np.random.default_rng(config.seed + 1)
-        self.wte = Embedding(config.vocab_size, config.n_embd, dtype, rng)
-        self.wpe = Embedding(config.block_size, config.n_embd, dtype, rng)
+        self.token_embedding = Embedding(config.vocab_size, config.n_embd, dtype, rng)
+        self.position_embedding = Embedding(config.block_size, config.n_embd, dtype, rng)
         self.drop = Dropout(config.dropout, self.dropout_rng)
         self.blocks = [Block(config, i, dtype, rng, self.dropout_rng) for i in range(config.n_layer)]
         self.ln_f = LayerNorm(config.n_embd, dtype=dtype)
         if not config.tie_weights:
-            self.lm_head = Embedding(config.vocab_size, config.n_embd, dtype, rng)  # (V, C)
+            self.output_embedding = Embedding(config.vocab_size, config.n_embd, dtype, rng)  # (V, C)
 
     def forward(self, ids: np.ndarray, targets: np.ndarray | None = None, caches: list | None = None):
         """ids (B, T) ints -> logits (B, T, V), and the mean cross-entropy if targets are given.
@@ -128,11 +128,11 @@ class GPT(Module):
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size="
                              f"{self.config.block_size}")
         positions = np.arange(past, past + T)
-        x = self.drop(self.wte(ids) + self.wpe(positions))  # (B, T, C) + (T, C)
+        x = self.drop(self.token_embedding(ids) + self.position_embedding(positions))  # (B, T, C) + (T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches else None)
         x = self.ln_f(x)
-        head = self.wte.weight if self.config.tie_weights else self.lm_head.weight  # (V, C)
+        head = self.token_embedding.weight if self.config.tie_weights else self.output_embedding.weight  # (V, C)
         logits = x @ ops.swapaxes(head, 0, 1)  # (B, T, C) @ (C, V) -> (B, T, V)
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss

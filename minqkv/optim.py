@@ -14,11 +14,12 @@ import numpy as np
 def decays(name: str, param) -> bool:
     """Whether AdamW applies weight decay to this parameter.
 
-    Decayed: matrices and higher (ndim >= 2), i.e. the weights of Linear layers and attention.
-    Not decayed: biases and LayerNorm gains (ndim 1), and embeddings (any name containing 'emb'):
+    Decayed: matrices (ndim 2), i.e. the weights of Linear layers and attention projections.
+    Not decayed: biases and LayerNorm gains (ndim 1), embeddings (any name containing 'emb'),
+    and the per-head tables of attention (ndim 3: rotation generators, 2-D position biases):
     pulling them towards zero only fights what they are for.
     """
-    return np.ndim(param.data) >= 2 and "emb" not in name.lower()
+    return np.ndim(param.data) == 2 and "emb" not in name.lower()
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:

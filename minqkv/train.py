@@ -1,0 +1,253 @@
+"""The training loop: batches in, AdamW steps out, with evaluation, metrics and checkpoints.
+
+train(model_config, train_config) builds the corpus and the model, then for each step:
+draw a batch, forward, loss (+ gate penalty), backward, clip, AdamW step. Every
+eval_interval steps it scores the validation split on fixed batches, appends a JSON line to
+OUT/metrics.jsonl and saves OUT/ckpt.npz atomically. A resumed run reloads weights,
+optimiser, step and both random generators, so it continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .data import IGNORE, load_corpus
+from .model import GPT, GPTConfig
+from .optim import AdamW, clip_grad_norm, cosine_lr
+from .tensor import no_grad
+
+
+@dataclass
+class TrainConfig:
+    data: str = "shakespeare"
+    out: str = "out"
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_iters: int = 10
+    gate_penalty: float = 0.0
+    prune_threshold: float = 0.5  # gated models: a gate below this becomes the identity
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_interval", "eval_iters"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        if self.gate_penalty < 0:
+            raise ValueError(f"gate_penalty must be >= 0, got {self.gate_penalty}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def evaluate(model: GPT, batches: list, metric: str) -> dict:
+    """Mean loss over fixed batches; bits per character for text, answer accuracy for tasks."""
+    was_training = model.training
+    model.eval()
+    losses, correct, counted = [], 0, 0
+    with no_grad():
+        for x, y in batches:
+            logits, loss = model(x, y)
+            losses.append(float(loss.data))
+            answer = y != IGNORE
+            correct += int((logits.data.argmax(-1) == y)[answer].sum())
+            counted += int(answer.sum())
+    model.train(was_training)
+    result = {"val_loss": float(np.mean(losses))}
+    if metric == "accuracy":
+        result["accuracy"] = correct / max(counted, 1)
+    else:
+        result["val_bpc"] = result["val_loss"] / math.log(2)
+    return result
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(model_config: GPTConfig, train_config: TrainConfig, corpus=None):
+    corpus = corpus if corpus is not None else load_corpus(train_config.data, seed=train_config.seed)
+    model_config = replace(model_config, vocab_size=corpus.tokenizer.vocab_size)
+    model = GPT(model_config)
+    opt = AdamW(model.named_parameters(), lr=train_config.lr, betas=(train_config.beta1, train_config.beta2),
+                weight_decay=train_config.weight_decay)
+    return corpus, model, opt
+
+
+def train(model_config: GPTConfig, train_config: TrainConfig, resume: bool = False,
+          progress: bool = True, on_step=None, corpus=None) -> dict:
+    """Train (or resume) and return the final summary also written to OUT/final.json.
+
+    on_step(step, loss) is called after every step (progress displays, tests).
+    """
+    out = Path(train_config.out)
+    if resume:
+        # train_config.steps may extend the run; None keeps the saved length
+        model_config, train_config, state = _resume_state(out, train_config)
+    corpus, model, opt = build(model_config, train_config, corpus)
+    batch_rng = np.random.default_rng(train_config.seed)
+    start = 0
+    if resume:
+        start = _restore(state, model, opt, batch_rng)
+    elif checkpoint_path(out).exists():
+        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
+                              "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _truncate_metrics(out / "metrics.jsonl", start)
+
+    cfg = model.config
+    eval_batches = corpus.eval_batches("val", train_config.batch_size, cfg.block_size,
+                                       train_config.eval_iters, seed=train_config.seed)
+    params = model.parameters()
+    step_ms, last_eval, train_loss = [], {}, float("nan")
+    wall_start = time.perf_counter()
+    bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
+               disable=not progress, desc=cfg.describe(), dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = cosine_lr(step, train_config.lr, train_config.min_lr,
+                       min(train_config.warmup_steps, train_config.steps), train_config.steps)
+        x, y = corpus.batch("train", train_config.batch_size, cfg.block_size, batch_rng)
+        _, loss = model(x, y)
+        objective = loss
+        if train_config.gate_penalty and cfg.gate:
+            objective = loss + train_config.gate_penalty * model.gate_penalty()
+        train_loss = float(loss.data)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"loss became {train_loss} at step {step}; the last good "
+                                   f"checkpoint in {out} is kept (try a lower --lr)")
+        model.zero_grad()
+        objective.backward()
+        clip_grad_norm(params, train_config.grad_clip)
+        opt.step(lr=lr)
+        step_ms.append(1000 * (time.perf_counter() - t0))
+        tokens_per_s = train_config.batch_size * cfg.block_size / (step_ms[-1] / 1000)
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        done = step + 1
+        if done % train_config.eval_interval == 0 or done == train_config.steps:
+            last_eval = evaluate(model, eval_batches, corpus.metric)
+            record = {"step": done, "lr": lr, "train_loss": train_loss, **last_eval,
+                      "tokens_per_s": tokens_per_s}
+            if cfg.gate:
+                record["gates"] = {f"{layer}.{role}": g for (layer, role), g in model.gates().items()}
+            _append_jsonl(out / "metrics.jsonl", record)
+            meta = _meta(model, corpus, train_config, done, batch_rng)
+            save_checkpoint(out, model, opt, meta)
+        if on_step is not None:
+            on_step(done, train_loss)
+    bar.close()
+
+    median_ms = float(np.median(step_ms)) if step_ms else float("nan")
+    final = {
+        "variant": cfg.describe(),
+        "code": cfg.variant if cfg.layer_variants is None else ",".join(cfg.layer_variants),
+        "data": train_config.data,
+        "params": model.num_parameters(),
+        "attention_params": sum(b.attn.num_parameters() for b in model.blocks),
+        "steps": train_config.steps,
+        "train_loss": train_loss,
+        **(last_eval or evaluate(model, eval_batches, corpus.metric)),
+        "ms_per_step": median_ms,
+        "tokens_per_s": train_config.batch_size * cfg.block_size / (median_ms / 1000),
+        "peak_rss_mb": peak_rss_mb(),
+        "wall_s": time.perf_counter() - wall_start,
+        "seed": train_config.seed,
+    }
+    if cfg.gate:
+        final.update(_prune_and_report(model, corpus, train_config, eval_batches, out, batch_rng))
+    _write_json(out / "final.json", final)
+    return final
+
+
+def _prune_and_report(model, corpus, train_config, eval_batches, out: Path, batch_rng) -> dict:
+    """Prune a gated model to static per-layer codes, score it, save it in OUT/pruned."""
+    pruned = model.prune(train_config.prune_threshold)
+    before = evaluate(model, eval_batches, corpus.metric)
+    after = evaluate(pruned, eval_batches, corpus.metric)
+    save_checkpoint(out / "pruned", pruned, None, _meta(pruned, corpus, train_config,
+                                                         train_config.steps, batch_rng))
+    return {
+        "gates": {f"{layer}.{role}": g for (layer, role), g in model.gates().items()},
+        "pruned_codes": pruned.config.layer_variants,
+        "pruned_params": pruned.num_parameters(),
+        "val_loss_before_pruning": before["val_loss"],
+        "val_loss_after_pruning": after["val_loss"],
+        **({"accuracy_after_pruning": after["accuracy"]} if "accuracy" in after else
+           {"val_bpc_after_pruning": after["val_bpc"]}),
+    }
+
+
+def _meta(model, corpus, train_config, step, batch_rng) -> dict:
+    return {
+        "model_config": model.config.to_dict(),
+        "train_config": asdict(train_config),
+        "tokenizer": corpus.tokenizer.to_dict(),
+        "step": step,
+        "batch_rng": batch_rng.bit_generator.state,
+        "dropout_rng": model.dropout_rng.bit_generator.state,
+    }
+
+
+def _resume_state(out: Path, requested: TrainConfig | None):
+    meta, model_state, optim_state = load_checkpoint(out)
+    saved = TrainConfig(**meta["train_config"])
+    # only the length of the run may change on resume; everything else is the saved run's
+    steps = requested.steps if requested is not None else saved.steps
+    train_config = replace(saved, steps=steps, out=str(out))
+    if train_config.steps < meta["step"]:
+        raise ValueError(f"--steps {train_config.steps} is fewer than the {meta['step']} steps "
+                         f"already done in {out}")
+    return GPTConfig.from_dict(meta["model_config"]), train_config, (meta, model_state, optim_state)
+
+
+def _restore(state, model, opt, batch_rng) -> int:
+    meta, model_state, optim_state = state
+    model.load_state_dict(model_state)
+    opt.load_state_dict(optim_state)
+    batch_rng.bit_generator.state = meta["batch_rng"]
+    model.dropout_rng.bit_generator.state = meta["dropout_rng"]
+    return int(meta["step"])
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only metric lines up to `step` (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

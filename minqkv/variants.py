@@ -1,0 +1,94 @@
+"""The variant table: what each of the 15 codes costs at given sizes, with no training at all.
+
+Figures come from AttentionShape (attention.py), computed from the code and the sizes.
+Presets give the shapes of well-known models so that published claims can be checked, e.g.
+what dropping W_k saves in a 125M-parameter GPT-2.
+"""
+
+from __future__ import annotations
+
+from .attention import ALL_CODES, AttentionShape, names_of
+
+# n_embd, n_head, n_layer, block_size (context), vocab_size, MLP hidden width
+PRESETS = {
+    "char": dict(n_embd=128, n_head=4, n_layer=4, block_size=128, vocab_size=65, mlp_hidden=512),
+    "gpt2-small": dict(n_embd=768, n_head=12, n_layer=12, block_size=1024, vocab_size=50257, mlp_hidden=3072),
+    "gpt2-medium": dict(n_embd=1024, n_head=16, n_layer=24, block_size=1024, vocab_size=50257, mlp_hidden=4096),
+    "bert-base": dict(n_embd=768, n_head=12, n_layer=12, block_size=512, vocab_size=30522, mlp_hidden=3072),
+}
+
+
+def non_attention_params(n_embd: int, n_layer: int, block_size: int, vocab_size: int,
+                         mlp_hidden: int) -> int:
+    """Embeddings (tied output head), MLPs with biases, and LayerNorms: the part no variant touches."""
+    embeddings = vocab_size * n_embd + block_size * n_embd
+    mlp = 2 * n_embd * mlp_hidden + mlp_hidden + n_embd
+    layer_norms = 2 * 2 * n_embd
+    return embeddings + n_layer * (mlp + layer_norms) + 2 * n_embd
+
+
+def variant_rows(n_embd: int = 128, n_head: int = 4, n_kv_head: int | None = None,
+                 block_size: int = 128, n_layer: int = 1, vocab_size: int = 0,
+                 mlp_hidden: int = 0, codes=ALL_CODES, **modifiers) -> list:
+    """One dict per code: per-layer parameters, FLOPs and KV-cache floats, symmetry, and the
+    change against canonical 'abc'. Codes that cannot take the sizes are reported as errors."""
+    rows, base = [], None
+    for code in ["abc"] + [c for c in codes if c != "abc"]:
+        try:
+            shape = AttentionShape(code=code, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
+                                   block_size=block_size, **modifiers)
+        except ValueError as e:
+            rows.append({"code": code, "names": names_of(code), "error": str(e)})
+            continue
+        row = {
+            "code": code,
+            "names": names_of(code),
+            "params_per_layer": shape.params(),
+            "flops_per_token": shape.flops_per_token(),
+            "kv_cache_floats_per_token": shape.kv_cache_floats_per_token(),
+            "symmetric": shape.symmetric(),
+        }
+        if vocab_size:
+            rest = non_attention_params(n_embd, n_layer, block_size, vocab_size, mlp_hidden)
+            row["model_params"] = rest + n_layer * shape.params()
+        base = base or row
+        row["params_vs_canonical"] = row["params_per_layer"] / base["params_per_layer"] - 1
+        if "model_params" in row:
+            row["model_params_vs_canonical"] = row["model_params"] / base["model_params"] - 1
+        rows.append(row)
+    order = {code: i for i, code in enumerate(codes)}
+    return sorted((r for r in rows if r["code"] in order), key=lambda r: order[r["code"]])
+
+
+def preset_rows(name: str, n_kv_head: int | None = None, **modifiers) -> list:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return variant_rows(n_kv_head=n_kv_head, **PRESETS[name], **modifiers)
+
+
+def format_rows(rows: list) -> str:
+    with_model = any("model_params" in r for r in rows)
+    header = ["code", "names", "attn params/layer", "vs abc", "FLOPs/token/layer", "KV floats/token/layer",
+              "symmetric"] + (["model params", "vs abc"] if with_model else [])
+    table = [header]
+    for r in rows:
+        if "error" in r:
+            table.append([r["code"], ", ".join(r["names"]), "not possible: " + r["error"]])
+            continue
+        line = [r["code"], ", ".join(r["names"]), f"{r['params_per_layer']:,}",
+                f"{100 * r['params_vs_canonical']:+.1f}%", f"{r['flops_per_token']:,}",
+                f"{r['kv_cache_floats_per_token']:,}", "yes" if r["symmetric"] else "no"]
+        if with_model:
+            line += [f"{r['model_params']:,}", f"{100 * r['model_params_vs_canonical']:+.1f}%"]
+        table.append(line)
+    widths = [max(len(row[i]) for row in table if i < len(row) and len(row) == len(header))
+              for i in range(len(header))]
+    lines = []
+    for row in table:
+        if len(row) != len(header):
+            lines.append("  ".join(row))
+            continue
+        lines.append("  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))))
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
