@@ -1,4 +1,4 @@
-"""The `minqkv` command: train, sample, variants, gradcheck, bench.
+"""The `minqkv` command: train, sample, variants, gradcheck, bench, ablate, analyze.
 
 Each subcommand is a small function that parses its flags into the package's own configs
 and calls the package; nothing here computes anything itself.
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_variants(sub)
     _add_gradcheck(sub)
     _add_bench(sub)
+    _add_ablate(sub)
+    _add_analyze(sub)
     return parser
 
 
@@ -216,4 +218,68 @@ def cmd_bench(args) -> int:
 
     rows = run_bench()
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+# ---- ablate ------------------------------------------------------------------------------
+
+
+def _add_ablate(sub) -> None:
+    from .ablate import PRESETS
+
+    p = sub.add_parser("ablate", help="train many variants side by side and tabulate them")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--data", default="shakespeare", help="shakespeare | PATH | synthetic:TASK")
+    p.add_argument("--out", default="ablate-out", help="folder for runs and result tables")
+    p.add_argument("--variants", default="study",
+                   help="'study' (default), 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa'")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the preset's)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=cmd_ablate)
+
+
+def cmd_ablate(args) -> int:
+    from .ablate import format_markdown, plan_sweep, run_sweep, write_plots
+
+    rows = run_sweep(args.preset, args.data, args.out, args.variants, args.seeds, args.jobs,
+                     progress=not args.quiet)
+    print(format_markdown(rows, plan_sweep(args.preset, args.data, args.variants, args.seeds)))
+    print(f"tables: {args.out}/results.md, results.csv, results.json")
+    if not args.no_plots:
+        try:
+            paths = write_plots(args.out, rows)
+            print("plots: " + ", ".join(str(p) for p in paths))
+        except ImportError as e:
+            print(f"no plots: {e}")
+    return 1 if any(r.get("failed") for r in rows) else 0
+
+
+# ---- analyze -----------------------------------------------------------------------------
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="spectra, subspace overlaps and score symmetry of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="the --out folder of a training run")
+    p.add_argument("--data", default=None, help="held-out text (default: the run's own data)")
+    p.add_argument("--heatmaps", default=None, help="folder for attention heat-map PNGs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_analyze)
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import analyze_checkpoint, format_report, save_heatmaps
+
+    result = analyze_checkpoint(args.ckpt, data=args.data)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    if args.heatmaps:
+        from .checkpoint import load_model
+        from .data import load_corpus
+
+        model, _, meta = load_model(args.ckpt)
+        corpus = load_corpus(args.data or meta["train_config"]["data"])
+        x, _ = corpus.eval_batches("val", 1, model.config.block_size, 1)[0]
+        for path in save_heatmaps(model, x, args.heatmaps):
+            print(f"heat map: {path}")
     return 0

@@ -79,6 +79,25 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @staticmethod
+    def overrides_from_label(label: str) -> dict:
+        """The inverse of describe(): 'shared-kv+rotate+gqa2' -> {variant: 'abb', rotate: True, n_kv_head: 2}."""
+        name, *mods = label.strip().split("+")
+        overrides: dict = {"variant": parse_variant(name)}
+        for mod in mods:
+            if mod in ("rotate", "pos2d", "gate"):
+                overrides[mod] = True
+            elif mod == "mqa":
+                overrides["n_kv_head"] = 1
+            elif mod.startswith("gqa") and mod[3:].isdigit() and int(mod[3:]) > 0:
+                overrides["n_kv_head"] = int(mod[3:])
+            elif mod == "no-out-proj":
+                overrides["out_proj"] = False
+            else:
+                raise ValueError(f"unknown modifier {mod!r} in {label!r}: use rotate, pos2d, gate, "
+                                 "mqa, gqaN (N key/value heads) or no-out-proj, e.g. 'abb+rotate+gqa2'")
+        return overrides
+
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         return cls(**d)
@@ -136,6 +155,12 @@ class GPT(Module):
         logits = x @ ops.swapaxes(head, 0, 1)  # (B, T, C) @ (C, V) -> (B, T, V)
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token at full context: attention layers, MLPs and the output head."""
+        c = self.config
+        attention = sum(block.attn.shape.flops_per_token() for block in self.blocks)
+        return attention + c.n_layer * 2 * (2 * c.n_embd * 4 * c.n_embd) + 2 * c.n_embd * c.vocab_size
 
     def gates(self) -> dict:
         """{(layer, role): gate value in (0, 1)} for a gated model."""

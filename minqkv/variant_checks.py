@@ -12,31 +12,22 @@ from .attention import ALL_CODES, parse_variant
 from .gradcheck import CheckResult, check
 from .model import GPT, GPTConfig
 
-# (label, GPTConfig overrides) beyond the 15 plain codes
-MODIFIER_CASES = [
-    ("aaa+rotate", dict(variant="aaa", rotate=True)),
-    ("aab+rotate", dict(variant="aab", rotate=True)),
-    ("aaa+pos2d", dict(variant="aaa", pos2d=True)),
-    ("aab+pos2d", dict(variant="aab", pos2d=True)),
-    ("abc+gate", dict(variant="abc", gate=True)),
-    ("aaa+gate", dict(variant="aaa", gate=True)),
-    ("abb+gqa2", dict(variant="abb", n_kv_head=2)),
-    ("abc+gqa2", dict(variant="abc", n_kv_head=2)),
-    ("abc+mqa", dict(variant="abc", n_kv_head=1)),
-    ("abb+mqa", dict(variant="abb", n_kv_head=1)),
-    ("abb+rotate+mqa", dict(variant="abb", rotate=True, n_kv_head=1)),
-    ("abc+no-out-proj", dict(variant="abc", out_proj=False)),
-    ("abc+per-layer", dict(layer_variants=["abb", "-a-"])),
-]
+# labels beyond the 15 plain codes (GPTConfig.overrides_from_label reads them)
+MODIFIER_LABELS = ["aaa+rotate", "aab+rotate", "aaa+pos2d", "aab+pos2d", "abc+gate", "aaa+gate",
+                   "abb+gqa2", "abc+gqa2", "abc+mqa", "abb+mqa", "abb+rotate+mqa", "abc+no-out-proj"]
+MODIFIER_CASES = [(label, GPTConfig.overrides_from_label(label)) for label in MODIFIER_LABELS]
+MODIFIER_CASES.append(("abc+per-layer", dict(layer_variants=["abb", "-a-"])))
 
 TINY = dict(vocab_size=5, block_size=4, n_layer=2, n_head=4, n_embd=8, dtype="float64")
 
 
 def variant_cases(selection: str = "all") -> list:
-    """[(label, overrides)] for 'all', or for one code/name (its plain check only)."""
+    """[(label, overrides)] for 'all', for one code or name (with its modifier cases), or one label."""
     plain = [(code, dict(variant=code)) for code in ALL_CODES]
     if selection == "all":
         return plain + MODIFIER_CASES
+    if "+" in selection:  # one labelled case such as 'aaa+rotate'
+        return [(selection, GPTConfig.overrides_from_label(selection))]
     code = parse_variant(selection)
     return [(code, dict(variant=code))] + [c for c in MODIFIER_CASES if c[1].get("variant") == code]
 

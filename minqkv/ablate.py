@@ -1,0 +1,382 @@
+"""The ablation bench: train many attention variants under identical settings and compare them.
+
+run_sweep() trains every (variant, seed) pair in a fresh process (so each run's peak memory
+is its own and runs can go in parallel), saves each finished run as it finishes, and then
+writes OUT/results.csv, OUT/results.json and OUT/results.md (and plots when matplotlib is
+installed). Re-running the same command skips finished runs and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing
+import os
+import queue as queue_module
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .attention import ALL_CODES
+from .model import GPTConfig
+from .train import TrainConfig
+
+# The study's selection: what the literature compares (see DESIGN.md for the sources).
+STUDY_VARIANTS = ["canonical", "shared-qk", "shared-kv", "single", "single+rotate", "value-only",
+                  "none", "no-query", "no-value", "canonical+gate", "canonical+gqa2",
+                  "canonical+mqa", "shared-kv+gqa2", "shared-kv+mqa"]
+
+PRESETS = {
+    # a few minutes on 2 cores: the README's demonstration
+    "quick": dict(model=dict(n_layer=2, n_head=4, n_embd=64, block_size=64),
+                  train=dict(steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20,
+                             eval_interval=50, eval_iters=8), seeds=1),
+    # long enough for variant differences to exceed seed noise on Shakespeare
+    "standard": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+                     train=dict(steps=600, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=50,
+                                eval_interval=100, eval_iters=10), seeds=2),
+    # seconds: for tests of the bench itself
+    "tiny": dict(model=dict(n_layer=1, n_head=2, n_embd=16, block_size=16),
+                 train=dict(steps=10, batch_size=4, eval_interval=5, eval_iters=2), seeds=1),
+}
+GATE_PENALTY = 0.01  # for gated runs: enough to push unneeded projections towards the identity
+DECODE_TOKENS = 32  # tokens generated to time decoding with the KV cache
+
+
+# ---- planning: everything is checked before any training starts --------------------------
+
+
+def selected_labels(variants) -> list:
+    """'study' (default), 'all' (the 15 codes), or a comma-separated list of labels."""
+    if variants in (None, "", "study"):
+        return list(STUDY_VARIANTS)
+    if variants == "all":
+        return list(ALL_CODES)
+    labels = [v.strip() for v in variants.split(",") if v.strip()]
+    if not labels:
+        raise ValueError("--variants is empty: give labels such as 'abc,abb,aaa+rotate', 'study' or 'all'")
+    return labels
+
+
+def plan_sweep(preset: str, data: str, variants=None, seeds: int | None = None) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    seeds = spec["seeds"] if seeds is None else seeds
+    if seeds <= 0:
+        raise ValueError(f"--seeds must be a positive integer, got {seeds}")
+    runs = []
+    for label in selected_labels(variants):
+        overrides = GPTConfig.overrides_from_label(label)
+        if overrides.get("n_kv_head") and spec["model"]["n_head"] % overrides["n_kv_head"]:
+            raise ValueError(f"{label!r}: n_kv_head={overrides['n_kv_head']} does not divide "
+                             f"n_head={spec['model']['n_head']} of preset {preset!r}")
+        config = GPTConfig(**{**spec["model"], **overrides})  # raises on impossible variants
+        runs.append({"label": label, "variant": config.describe(), "overrides": overrides})
+    return {"preset": preset, "data": data, "seeds": seeds, "runs": runs,
+            "model": spec["model"], "train": spec["train"]}
+
+
+def _run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / f"{variant}-seed{seed}"
+
+
+def _check_sweep_file(out: Path, plan: dict) -> None:
+    """An output folder belongs to one sweep; refuse to mix results of different settings."""
+    path = out / "sweep.json"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing != plan:
+            raise ValueError(f"{out} holds a different sweep (see {path}); choose another --out "
+                             "or delete that folder")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plan, indent=2) + "\n")
+
+
+# ---- one run, in its own process ----------------------------------------------------------
+
+
+def run_one(job: dict, progress_queue=None) -> dict:
+    """Train one (variant, seed), measure decoding, save run_dir/result.json; never raises."""
+    run_dir = Path(job["run_dir"])
+    key = f"{job['variant']} seed {job['seed']}"
+    try:
+        from .checkpoint import checkpoint_path
+        from .train import train
+
+        model_config = GPTConfig(**{**job["model"], **job["overrides"], "seed": job["seed"]})
+        train_config = TrainConfig(**{**job["train"], "data": job["data"], "out": str(run_dir),
+                                      "seed": job["seed"]})
+        if model_config.gate:
+            train_config = replace(train_config, gate_penalty=GATE_PENALTY)
+
+        def report(step, loss):
+            if progress_queue is not None:
+                progress_queue.put((key, step))
+
+        resume = checkpoint_path(run_dir).exists()  # an interrupted run continues
+        final = train(model_config, train_config, resume=resume, progress=False, on_step=report)
+        measured_dir = run_dir / "pruned" if model_config.gate else run_dir
+        # sizes, FLOPs and decoding are measured on the model as deployed (pruned if gated)
+        result = {**final, **measure_decoding(measured_dir), "status": "ok"}
+        if model_config.gate:  # the row reports the pruned model
+            result["unpruned_val_loss"] = final["val_loss"]
+            result["val_loss"] = final["val_loss_after_pruning"]
+            for metric in ("val_bpc", "accuracy"):
+                if f"{metric}_after_pruning" in final:
+                    result[metric] = final[f"{metric}_after_pruning"]
+            result["code"] = ",".join(final["pruned_codes"])
+    except Exception as e:  # recorded, and the sweep goes on
+        result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    result.update(label=job["label"], variant=job["variant"], seed=job["seed"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, run_dir / "result.json")
+    return result
+
+
+def measure_decoding(ckpt_dir) -> dict:
+    """Milliseconds per generated token with the KV cache, the cache's bytes per token, FLOPs."""
+    from .checkpoint import load_model
+    from .tensor import no_grad
+
+    model, tokenizer, _ = load_model(ckpt_dir)
+    model.eval()
+    prompt_len = max(1, min(8, model.config.block_size - DECODE_TOKENS))
+    steps = min(DECODE_TOKENS, model.config.block_size - prompt_len)
+    ids = np.zeros((1, prompt_len), dtype=np.int64)
+    caches = model.new_caches()
+    timings = []
+    with no_grad():
+        logits, _ = model(ids, caches=caches)
+        for _ in range(steps):
+            next_id = logits.data[:, -1:].argmax(-1)  # (1, 1)
+            t0 = time.perf_counter()
+            logits, _ = model(next_id, caches=caches)
+            timings.append(time.perf_counter() - t0)
+    itemsize = np.dtype(model.config.dtype).itemsize
+    return {"params": model.num_parameters(),
+            "attention_params": sum(block.attn.num_parameters() for block in model.blocks),
+            "flops_per_token": model.flops_per_token(),
+            "decode_ms_per_token": 1000 * float(np.median(timings)),
+            "kv_cache_bytes_per_token": sum(c.floats_per_token() for c in caches) * itemsize}
+
+
+# ---- the sweep ----------------------------------------------------------------------------
+
+
+def run_sweep(preset: str, data: str, out, variants=None, seeds: int | None = None,
+              jobs: int = 1, progress: bool = True) -> list:
+    """Run (or finish) a sweep and write its tables; returns the aggregated rows."""
+    if jobs <= 0:
+        raise ValueError(f"--jobs must be a positive integer, got {jobs}")
+    plan = plan_sweep(preset, data, variants, seeds)
+    from .data import load_corpus
+    load_corpus(data)  # a bad --data fails here, before any training (and Shakespeare is cached)
+    out = Path(out)
+    _check_sweep_file(out, plan)
+
+    jobs_todo, results = [], []
+    for run in plan["runs"]:
+        for seed in range(plan["seeds"]):
+            run_dir = _run_dir(out, run["variant"], seed)
+            done = run_dir / "result.json"
+            if done.exists():
+                results.append(json.loads(done.read_text()))
+                continue
+            jobs_todo.append({**run, "seed": seed, "run_dir": str(run_dir), "data": data,
+                              "model": plan["model"], "train": plan["train"]})
+    results += _execute(jobs_todo, jobs, plan["train"]["steps"], progress)
+    rows = aggregate(results, plan)
+    write_results(out, rows, plan)
+    return rows
+
+
+def _execute(jobs_todo: list, n_jobs: int, steps: int, progress: bool) -> list:
+    if not jobs_todo:
+        return []
+    # fresh process per run (peak memory per run); threads split between parallel runs
+    threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
+    env = {"MINQKV_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    context = multiprocessing.get_context("spawn")
+    results = []
+    try:
+        with context.Manager() as manager, ProcessPoolExecutor(
+                max_workers=n_jobs, mp_context=context, max_tasks_per_child=1) as pool:
+            progress_queue = manager.Queue()
+            pending = {pool.submit(run_one, job, progress_queue) for job in jobs_todo}
+            bar = tqdm(total=len(jobs_todo) * steps, disable=not progress, unit="step",
+                       desc=f"{len(jobs_todo)} runs", dynamic_ncols=True)
+            current: dict = {}
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                _drain(progress_queue, current, bar)
+                for future in finished:
+                    result = future.result()
+                    results.append(result)
+                    key = f"{result['variant']} seed {result['seed']}"
+                    bar.update(steps - current.pop(key, 0))
+                    if result["status"] != "ok":
+                        bar.write(f"{key}: FAILED: {result['error']}")
+                bar.set_postfix_str(", ".join(f"{k} step {s}" for k, s in current.items()))
+            bar.close()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return results
+
+
+def _drain(progress_queue, current: dict, bar) -> None:
+    while True:
+        try:
+            key, step = progress_queue.get_nowait()
+        except queue_module.Empty:
+            return
+        bar.update(step - current.get(key, 0))
+        current[key] = step
+
+
+# ---- tables --------------------------------------------------------------------------------
+
+
+def aggregate(results: list, plan: dict) -> list:
+    """One row per variant: means and standard deviations over seeds, change against canonical."""
+    rows = []
+    for run in plan["runs"]:
+        mine = [r for r in results if r["variant"] == run["variant"]]
+        ok = [r for r in mine if r["status"] == "ok"]
+        row = {"variant": run["variant"], "label": run["label"], "seeds": len(ok),
+               "failed": len(mine) - len(ok),
+               "errors": sorted({r["error"] for r in mine if r["status"] != "ok"})}
+        if ok:
+            row.update(_summarise(ok))
+        rows.append(row)
+    canonical = next((r for r in rows if r["variant"] == "abc" and "val_loss" in r), None)
+    for row in rows:
+        if canonical is not None and "val_loss" in row:
+            metric = "val_bpc" if "val_bpc" in row else "accuracy"
+            row["delta_vs_canonical"] = row[metric] - canonical[metric]
+            row["delta_pct"] = 100 * row["delta_vs_canonical"] / canonical[metric]
+    return rows
+
+
+def _summarise(ok: list) -> dict:
+    first = ok[0]
+    summary = {key: first[key] for key in ("code", "attention_params", "params", "flops_per_token")}
+    for metric in ("val_loss", "val_bpc", "accuracy", "tokens_per_s", "decode_ms_per_token",
+                   "kv_cache_bytes_per_token", "peak_rss_mb"):
+        values = [r[metric] for r in ok if metric in r]
+        if values:
+            summary[metric] = float(np.mean(values))
+            summary[metric + "_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return summary
+
+
+COLUMNS = [  # (key, header, format)
+    ("variant", "variant", "{}"), ("code", "code", "{}"), ("attention_params", "attn params", "{:,}"),
+    ("params", "params", "{:,}"), ("flops_per_token", "FLOPs/token", "{:,}"),
+    ("val_loss", "val loss", "{:.4f}"), ("val_bpc", "val bpc", "{:.4f}"), ("accuracy", "accuracy", "{:.4f}"),
+    ("delta_vs_canonical", "Δ vs abc", "{:+.4f}"), ("delta_pct", "Δ %", "{:+.2f}%"),
+    ("tokens_per_s", "train tokens/s", "{:,.0f}"), ("decode_ms_per_token", "decode ms/token", "{:.2f}"),
+    ("kv_cache_bytes_per_token", "KV bytes/token", "{:,.0f}"), ("peak_rss_mb", "peak MB", "{:.0f}"),
+]
+WITH_SPREAD = {"val_loss", "val_bpc", "accuracy"}
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if key not in row:
+        return "failed" if key == "val_loss" and row.get("failed") else ""
+    text = fmt.format(row[key])
+    if key in WITH_SPREAD and row.get("seeds", 0) > 1:
+        text += " ± " + fmt.format(row[key + "_std"])
+    return text
+
+
+def format_markdown(rows: list, plan: dict) -> str:
+    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
+    seeds = plan["seeds"]
+    lines.append("")
+    lines.append(f"preset `{plan['preset']}`, data `{plan['data']}`, {seeds} seed(s) per variant"
+                 + (" (mean ± std)" if seeds > 1 else "") + f"; model {plan['model']}; "
+                 f"{plan['train']['steps']} steps of batch {plan['train']['batch_size']}.")
+    for r in rows:
+        for error in r.get("errors", []):
+            lines.append(f"- {r['variant']} failed: {error}")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, rows: list, plan: dict) -> None:
+    (out / "results.json").write_text(json.dumps({"sweep": plan, "rows": rows}, indent=2) + "\n")
+    keys = [k for k, _, _ in COLUMNS] + [k + "_std" for k in sorted(WITH_SPREAD)] + ["seeds", "failed"]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(format_markdown(rows, plan))
+
+
+# ---- plots (optional: matplotlib) ---------------------------------------------------------
+
+
+def write_plots(out, rows: list) -> list:
+    """Validation curves, final metric with seed spread, parameters against the metric."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'minqkv[plot]' (the tables are written)") from None
+    out = Path(out)
+    done = [r for r in rows if "val_loss" in r]
+    metric = "val_bpc" if any("val_bpc" in r for r in done) else "accuracy"
+    paths = [out / "curves.png", out / "final.png", out / "tradeoff.png"]
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in done:
+        steps, values = _curve(out, row["variant"], metric)
+        ax.plot(steps, values, label=row["variant"])
+    ax.set(xlabel="step", ylabel=metric, title="validation during training (seed 0)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = [r["variant"] for r in done]
+    ax.bar(names, [r[metric] for r in done], yerr=[r.get(metric + "_std", 0) for r in done], capsize=3)
+    low = min(r[metric] for r in done)
+    ax.set_ylim(low * 0.95 if metric == "val_bpc" else 0, None)
+    ax.set(ylabel=metric, title=f"final {metric} (error bars: std over seeds)")
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+    fig.savefig(paths[1], dpi=120, bbox_inches="tight")
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for row in done:
+        ax.scatter(row["attention_params"], row[metric])
+        ax.annotate(row["variant"], (row["attention_params"], row[metric]), fontsize=7)
+    ax.set(xlabel="attention parameters", ylabel=metric, title="parameters against quality")
+    fig.savefig(paths[2], dpi=120, bbox_inches="tight")
+    plt.close("all")
+    return paths
+
+
+def _curve(out: Path, variant: str, metric: str) -> tuple:
+    path = _run_dir(out, variant, 0) / "metrics.jsonl"
+    if not path.exists():
+        return [], []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in records], [r.get(metric, math.nan) for r in records]
