@@ -1,0 +1,338 @@
+"""What a trained model did with its projections: rank, shared subspaces, symmetric scores.
+
+Three questions about each layer, each answered from the weights or from held-out text:
+
+1. How many directions does each projection use? The singular values of W (C, width), their
+   effective rank (Roy & Vetterli 2007) and how many of them hold 90% of the energy.
+2. Do W_q, W_k and W_v read the same directions of the input? Principal angles between the
+   top-r left-singular subspaces of two projections (subspaces of the C-dim input space),
+   next to the same figure for random subspaces of the same sizes, the baseline to beat.
+3. How far from symmetric are the attention scores S = Q K^T / sqrt(hd)? Variants whose Q and
+   K are one tensor are symmetric by construction; the others may still learn to be.
+
+For a gated model it also reports the gates and the per-layer codes that prune() would keep.
+Everything returned is plain JSON (dicts, lists, floats, strings).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from . import ops
+from .attention import ROLES, CausalSelfAttention
+from .checkpoint import load_model
+from .data import load_corpus
+from .tensor import Tensor, no_grad
+
+RANDOM_BASELINE_DRAWS = 16  # random subspace pairs averaged for the baseline
+TOP_SINGULAR_VALUES_SHOWN = 6  # in the text report
+
+
+# ---- the math --------------------------------------------------------------------------
+
+
+def effective_rank(s) -> float:
+    """exp of the entropy of the normalised singular values: n for n equal ones, 1 for rank one."""
+    s = np.abs(np.asarray(s, dtype=np.float64))
+    if s.sum() == 0:
+        return 0.0
+    p = s[s > 0] / s.sum()
+    # erank = exp(H(p)), H(p) = -sum p_i log p_i, p_i = s_i / sum_j s_j   (Roy & Vetterli 2007)
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def energy_rank(s, fraction: float = 0.9) -> int:
+    """How many of the largest singular values hold `fraction` of the energy sum(s^2)."""
+    energy = np.sort(np.asarray(s, dtype=np.float64) ** 2)[::-1]
+    if energy.sum() == 0:
+        return 0
+    cumulative = np.cumsum(energy) / energy.sum()
+    return int(np.searchsorted(cumulative, fraction - 1e-12) + 1)
+
+
+def principal_cosines(A, B) -> np.ndarray:
+    """Cosines of the principal angles between the column spaces of A (n, p) and B (n, q).
+
+    Returns min(p, q) values in [0, 1], largest first: 1 for a shared direction, 0 for orthogonal.
+    """
+    Qa, _ = np.linalg.qr(np.asarray(A, dtype=np.float64))  # (n, p) orthonormal basis
+    Qb, _ = np.linalg.qr(np.asarray(B, dtype=np.float64))  # (n, q)
+    # cos(theta_i) = sigma_i(Qa^T Qb)   (Bjorck & Golub 1973)
+    return np.clip(np.linalg.svd(Qa.T @ Qb, compute_uv=False), 0.0, 1.0)
+
+
+@lru_cache(maxsize=None)
+def random_subspace_cosine(n: int, p: int, q: int, draws: int = RANDOM_BASELINE_DRAWS,
+                           seed: int = 0) -> float:
+    """Mean principal cosine of two random subspaces of dims p and q in R^n (fixed seed)."""
+    rng = np.random.default_rng(seed)
+    means = [principal_cosines(rng.standard_normal((n, p)), rng.standard_normal((n, q))).mean()
+             for _ in range(draws)]
+    return float(np.mean(means))
+
+
+def score_asymmetry(scores) -> float:
+    """||S - S^T||_F / (2 ||S||_F) for each (T, T) matrix of scores (..., T, T), averaged.
+
+    0 for a symmetric S, 1 for an antisymmetric one, about 0.7 for independent random entries.
+    """
+    S = np.asarray(scores, dtype=np.float64)
+    difference = np.linalg.norm(S - np.swapaxes(S, -1, -2), axis=(-2, -1))  # (...,)
+    size = np.linalg.norm(S, axis=(-2, -1))
+    return float(np.mean(difference / (2 * np.maximum(size, np.finfo(np.float64).tiny))))
+
+
+# ---- one layer -------------------------------------------------------------------------
+
+
+def role_weight(attn: CausalSelfAttention, role: str):
+    """The learned weight (C, width) that produces role 'q', 'k' or 'v'; None for an identity role."""
+    letter = attn.shape.code[ROLES.index(role)]
+    return None if letter == "-" else getattr(attn, attn.shape.weight_name(letter)).data
+
+
+def projection_matrices(attn: CausalSelfAttention) -> dict:
+    """{name: (C, width) matrix}: each weight once ('w_kv' serves K and V), and for every gated
+    role the matrix it effectively applies, g W + (1 - g) I (named 'effective_q', ...)."""
+    shape = attn.shape
+    matrices = {shape.weight_name(letter): getattr(attn, shape.weight_name(letter)).data
+                for letter in shape.letters()}
+    for role in shape.gated_roles():
+        g = float(attn.gate(role).data[0])
+        matrices[f"effective_{role}"] = g * role_weight(attn, role) + (1 - g) * np.eye(shape.n_embd)
+    return matrices
+
+
+def describe_matrix(w) -> dict:
+    s = np.linalg.svd(np.asarray(w, dtype=np.float64), compute_uv=False)
+    return {"shape": list(w.shape), "singular_values": s.tolist(),
+            "effective_rank": effective_rank(s), "rank90": energy_rank(s, 0.9)}
+
+
+def role_overlaps(attn: CausalSelfAttention, subspace_dim: int | None = None) -> list:
+    """Subspace overlap of every pair of projected roles, from their raw weights.
+
+    The subspace of a role is spanned by the top-r left-singular vectors of its W (C, width):
+    the input directions that the projection reads. r is subspace_dim, or else the smaller of
+    the two effective ranks, rounded. Roles that share one weight are 'tied' (overlap 1 by
+    construction); identity roles read the whole input space and are left out.
+    """
+    code = attn.shape.code
+    overlaps = []
+    for a, b in (("q", "k"), ("q", "v"), ("k", "v")):
+        wa, wb = role_weight(attn, a), role_weight(attn, b)
+        if wa is None or wb is None:
+            continue
+        letter = code[ROLES.index(a)]
+        if letter == code[ROLES.index(b)]:
+            overlaps.append({"a": a, "b": b, "tied": True, "weight": attn.shape.weight_name(letter), "dim": None,
+                             "mean_cos": 1.0, "random_baseline_mean_cos": None, "flat_cos": 1.0})
+            continue
+        Ua, sa, _ = np.linalg.svd(wa.astype(np.float64), full_matrices=False)  # Ua (C, min(C, width))
+        Ub, sb, _ = np.linalg.svd(wb.astype(np.float64), full_matrices=False)
+        r = subspace_dim if subspace_dim is not None else round(min(effective_rank(sa), effective_rank(sb)))
+        r = max(1, min(r, Ua.shape[1], Ub.shape[1]))
+        cosines = principal_cosines(Ua[:, :r], Ub[:, :r])
+        n = wa.shape[0]
+        flat_cos = None
+        if wa.shape == wb.shape:
+            flat_cos = float(wa.ravel() @ wb.ravel() / (np.linalg.norm(wa) * np.linalg.norm(wb)))
+        overlaps.append({"a": a, "b": b, "tied": False, "weight": None, "dim": r,
+                         "mean_cos": float(cosines.mean()),
+                         "random_baseline_mean_cos": random_subspace_cosine(n, r, r),
+                         "flat_cos": flat_cos})
+    return overlaps
+
+
+# ---- the whole model -------------------------------------------------------------------
+
+
+def attention_inputs(model, ids) -> list:
+    """The input of every layer's attention, ln_1(x) (B, T, C), for ids (B, T); mirrors GPT.forward."""
+    ids = np.asarray(ids)
+    T = ids.shape[1]
+    x = model.token_embedding(ids) + model.position_embedding(np.arange(T))  # (B, T, C) + (T, C)
+    inputs = []
+    for block in model.blocks:
+        inputs.append(block.ln_1(x))
+        x = block(x)
+    return inputs
+
+
+def attention_weights(model, ids) -> list:
+    """Softmax attention weights with the causal mask, one (B, H, T, T) array per layer."""
+    with no_grad(), _eval_mode(model):
+        return [ops.softmax(Tensor(block.attn.attention_scores(x)), causal=True).data
+                for block, x in zip(model.blocks, attention_inputs(model, ids))]
+
+
+def analyze_model(model, batches, subspace_dim: int | None = None,
+                  prune_threshold: float = 0.5) -> dict:
+    """Rank, subspace overlap and score symmetry of every layer; batches: [(x, y), ...] ids (B, T)."""
+    if not batches:
+        raise ValueError("analyze_model needs at least one (x, y) batch of token ids to measure "
+                         "score symmetry, e.g. corpus.eval_batches('val', 8, block_size, 2)")
+    with no_grad(), _eval_mode(model):
+        asymmetry = [[] for _ in model.blocks]
+        for x, _ in batches:
+            for layer, (block, h) in enumerate(zip(model.blocks, attention_inputs(model, x))):
+                asymmetry[layer].append(score_asymmetry(block.attn.attention_scores(h)))  # (B, H, T, T)
+        layers = [_analyze_layer(i, block.attn, float(np.mean(asymmetry[i])), subspace_dim)
+                  for i, block in enumerate(model.blocks)]
+    result = {"variant": model.config.describe(), "n_layer": len(layers), "n_embd": model.config.n_embd,
+              "n_head": model.config.n_head, "layers": layers}
+    if model.config.gate:
+        result["prune_threshold"] = prune_threshold
+        result["pruned_codes"] = model.prune(prune_threshold).config.layer_variants
+    return result
+
+
+def _analyze_layer(layer: int, attn: CausalSelfAttention, asymmetry: float, subspace_dim) -> dict:
+    shape = attn.shape
+    report = {
+        "layer": layer,
+        "code": shape.code,
+        "identity_roles": "".join(r for r, ch in zip(ROLES, shape.code) if ch == "-"),
+        "projections": {name: describe_matrix(w) for name, w in projection_matrices(attn).items()},
+        "overlaps": role_overlaps(attn, subspace_dim),
+        "asymmetry": asymmetry,
+        "symmetric_by_construction": shape.symmetric(),
+    }
+    if shape.gated_roles():
+        report["gates"] = {role: float(attn.gate(role).data[0]) for role in shape.gated_roles()}
+    return report
+
+
+@contextmanager
+def _eval_mode(model):
+    """Dropout off inside the block; the model's own mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+# ---- from a checkpoint -----------------------------------------------------------------
+
+
+def analyze_checkpoint(ckpt_dir, data: str | None = None, n_batches: int = 2, batch_size: int = 8,
+                       heatmaps_dir=None, subspace_dim: int | None = None) -> dict:
+    """analyze_model on a saved model, scored on fixed validation batches of its own data
+    (or of `data`); heatmaps_dir also saves attention heat maps of the first sequence."""
+    model, tokenizer, meta = load_model(ckpt_dir)
+    train_config = meta.get("train_config", {})
+    spec = data if data is not None else train_config.get("data")
+    if spec is None:
+        raise ValueError(f"the checkpoint in {ckpt_dir} does not record its data: pass data=SPEC "
+                         "(--data), e.g. 'shakespeare' or a text file")
+    corpus = load_corpus(spec, seed=train_config.get("seed", 0))
+    batches = corpus.eval_batches("val", batch_size, model.config.block_size, n_batches,
+                                  seed=train_config.get("seed", 0))
+    if corpus.tokenizer != tokenizer:
+        batches = [(_retokenize(x, corpus.tokenizer, tokenizer, spec), y) for x, y in batches]
+    result = analyze_model(model, batches, subspace_dim=subspace_dim)
+    result.update(checkpoint=str(ckpt_dir), data=str(spec), step=meta.get("step"))
+    if heatmaps_dir is not None:
+        paths = save_heatmaps(model, batches[0][0][:1], heatmaps_dir, tokenizer)  # first sequence (1, T)
+        result["heatmaps"] = [str(p) for p in paths]
+    return result
+
+
+def _retokenize(ids, source, target, spec) -> np.ndarray:
+    """ids (B, T) of one tokenizer -> the same text in another's ids (another corpus, same characters)."""
+    try:
+        return np.stack([target.encode(source.decode(row)) for row in ids])
+    except ValueError as e:
+        raise ValueError(f"data {spec!r} cannot be read by this checkpoint's tokenizer: {e}") from None
+
+
+# ---- the text report -------------------------------------------------------------------
+
+
+def format_report(result: dict) -> str:
+    """A few readable lines per layer from analyze_model / analyze_checkpoint output."""
+    lines = [f"variant {result['variant']}: {result['n_layer']} layers, "
+             f"C={result['n_embd']}, {result['n_head']} heads"]
+    if result.get("checkpoint"):
+        lines.append(f"checkpoint {result['checkpoint']} (step {result.get('step')}), "
+                     f"scores on {result['data']}")
+    for layer in result["layers"]:
+        lines.append("")
+        lines.extend(_layer_lines(layer))
+    if "pruned_codes" in result:
+        lines.append("")
+        lines.append(f"after prune({result['prune_threshold']}): " + " ".join(result["pruned_codes"]))
+    if result.get("heatmaps"):
+        lines.append(f"heat maps: {', '.join(result['heatmaps'])}")
+    return "\n".join(lines)
+
+
+def _layer_lines(layer: dict) -> list:
+    symmetric = ("symmetric by construction" if layer["symmetric_by_construction"]
+                 else "not symmetric by construction")
+    lines = [f"layer {layer['layer']}  {layer['code']}  score asymmetry {layer['asymmetry']:.3f} "
+             f"({symmetric}; 0 = symmetric)"]
+    for name, p in layer["projections"].items():
+        top = " ".join(f"{s:.3g}" for s in p["singular_values"][:TOP_SINGULAR_VALUES_SHOWN])
+        more = " ..." if len(p["singular_values"]) > TOP_SINGULAR_VALUES_SHOWN else ""
+        size = "x".join(map(str, p["shape"]))
+        lines.append(f"  {name:<12} {size:<8} effective rank {p['effective_rank']:6.2f}"
+                     f"  rank90 {p['rank90']:3d}  singular values {top}{more}")
+    for role in layer["identity_roles"]:
+        lines.append(f"  {role.upper()} = x (identity): no projection, reads the whole input space")
+    for o in layer["overlaps"]:
+        pair = f"{o['a'].upper()}-{o['b'].upper()}"
+        if o["tied"]:
+            lines.append(f"  overlap {pair}  tied: one weight {o['weight']}, overlap 1 by construction")
+            continue
+        flat = f"  flattened cos {o['flat_cos']:+.3f}" if o["flat_cos"] is not None else ""
+        lines.append(f"  overlap {pair}  r={o['dim']:<3} mean cos {o['mean_cos']:.3f}"
+                     f"  (random subspaces {o['random_baseline_mean_cos']:.3f}){flat}")
+    if "gates" in layer:
+        lines.append("  gates " + "  ".join(f"{role.upper()} {g:.3f}" for role, g in layer["gates"].items()))
+    return lines
+
+
+# ---- heat maps -------------------------------------------------------------------------
+
+
+def save_heatmaps(model, x, out_dir, tokenizer=None) -> list:
+    """One PNG per layer of the attention weights of one sequence x (T,) or (1, T), heads side by side.
+
+    With a tokenizer, short sequences (T <= 48) get their characters as tick labels.
+    """
+    try:
+        from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
+    except ImportError:
+        raise ImportError("heat maps need matplotlib: pip install 'minqkv[plot]' "
+                          "(or pip install matplotlib)") from None
+    ids = np.asarray(x).reshape(1, -1)  # (1, T)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chars = tokenizer.decode(ids[0]) if tokenizer is not None and ids.shape[1] <= 48 else None
+    paths = []
+    for layer, weights in enumerate(attention_weights(model, ids)):  # weights (1, H, T, T)
+        H = weights.shape[1]
+        fig = Figure(figsize=(2.6 * H + 0.6, 3.0), layout="constrained")
+        axes = fig.subplots(1, H, squeeze=False)[0]
+        for h, ax in enumerate(axes):
+            image = ax.imshow(weights[0, h], cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"head {h}", fontsize=9)
+            ax.set_xlabel("key position", fontsize=8)
+            if chars is not None:
+                ticks = range(len(chars))
+                ax.set_xticks(ticks, list(chars), fontsize=6)
+                ax.set_yticks(ticks, list(chars), fontsize=6)
+        axes[0].set_ylabel("query position", fontsize=8)
+        fig.colorbar(image, ax=list(axes), shrink=0.8)
+        fig.suptitle(f"layer {layer} ({model.blocks[layer].attn.shape.code}): attention weights", fontsize=10)
+        path = out_dir / f"attention_layer{layer}.png"
+        fig.savefig(path, dpi=100)
+        paths.append(path)
+    return paths

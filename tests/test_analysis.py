@@ -1,0 +1,198 @@
+import json
+
+import numpy as np
+import pytest
+
+from minqkv.analysis import (analyze_checkpoint, analyze_model, attention_weights, effective_rank,
+                             energy_rank, format_report, principal_cosines, random_subspace_cosine,
+                             save_heatmaps, score_asymmetry)
+from minqkv.model import GPT, GPTConfig
+from minqkv.train import TrainConfig, train
+
+VOCAB, BLOCK = 11, 16
+
+
+def tiny_model(variant="abc", **overrides) -> GPT:
+    config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16,
+                       variant=variant, **overrides)
+    return GPT(config)
+
+
+def batches(n=2, batch_size=3, seed=0) -> list:
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, VOCAB, (batch_size, BLOCK)), None) for _ in range(n)]
+
+
+def layer_asymmetry(variant):
+    return [layer["asymmetry"] for layer in analyze_model(tiny_model(variant), batches())["layers"]]
+
+
+# ---- the math -------------------------------------------------------------------------
+
+
+def test_effective_rank_of_identity_is_its_size():
+    assert effective_rank(np.linalg.svd(np.eye(7), compute_uv=False)) == pytest.approx(7.0)
+
+
+def test_effective_rank_of_rank_one_matrix_is_one():
+    rng = np.random.default_rng(0)
+    w = np.outer(rng.standard_normal(6), rng.standard_normal(5))
+    assert effective_rank(np.linalg.svd(w, compute_uv=False)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_energy_rank_counts_singular_values_for_90_percent_of_energy():
+    assert energy_rank(np.ones(10)) == 9
+    assert energy_rank([10.0, 1.0, 1.0]) == 1
+
+
+def test_principal_cosines_of_a_subspace_with_itself_are_one():
+    A = np.random.default_rng(0).standard_normal((8, 3))
+    np.testing.assert_allclose(principal_cosines(A, A @ np.diag([2.0, -1.0, 0.5])), 1.0, atol=1e-12)
+
+
+def test_principal_cosines_of_orthogonal_subspaces_are_zero():
+    eye = np.eye(6)
+    np.testing.assert_allclose(principal_cosines(eye[:, :2], eye[:, 2:5]), 0.0, atol=1e-12)
+
+
+def test_random_subspace_baseline_lies_between_zero_and_one_and_grows_with_dimension():
+    small, large = random_subspace_cosine(32, 2, 2), random_subspace_cosine(32, 24, 24)
+    assert 0 < small < large < 1
+    assert random_subspace_cosine(8, 8, 3) == pytest.approx(1.0)  # the whole space contains everything
+
+
+def test_score_asymmetry_is_zero_for_symmetric_and_one_for_antisymmetric_scores():
+    S = np.random.default_rng(0).standard_normal((2, 3, 5, 5))
+    assert score_asymmetry(S + np.swapaxes(S, -1, -2)) == pytest.approx(0.0)
+    assert score_asymmetry(S - np.swapaxes(S, -1, -2)) == pytest.approx(1.0)
+
+
+# ---- a model --------------------------------------------------------------------------
+
+
+def test_shared_qk_scores_are_symmetric_and_canonical_scores_are_not():
+    assert max(layer_asymmetry("aab")) < 1e-5
+    assert min(layer_asymmetry("abc")) > 0.1
+
+
+def test_canonical_model_reports_three_projections_and_three_untied_overlaps():
+    result = analyze_model(tiny_model("abc"), batches())
+    json.dumps(result)  # plain JSON all the way down
+    assert result["variant"] == "abc" and len(result["layers"]) == 2
+    layer = result["layers"][0]
+    assert set(layer["projections"]) == {"w_q", "w_k", "w_v"}
+    assert layer["projections"]["w_q"]["shape"] == [16, 16]
+    assert len(layer["projections"]["w_q"]["singular_values"]) == 16
+    assert [(o["a"], o["b"], o["tied"]) for o in layer["overlaps"]] == [
+        ("q", "k", False), ("q", "v", False), ("k", "v", False)]
+    for o in layer["overlaps"]:
+        assert 0 < o["mean_cos"] <= 1 and 0 < o["random_baseline_mean_cos"] < 1
+    assert layer["symmetric_by_construction"] is False
+    assert "gates" not in layer and "pruned_codes" not in result
+
+
+def test_untrained_projections_overlap_about_as_much_as_random_subspaces():
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=1, n_head=2, n_embd=48))
+    for o in analyze_model(model, batches())["layers"][0]["overlaps"]:
+        assert o["mean_cos"] == pytest.approx(o["random_baseline_mean_cos"], abs=0.08)
+
+
+def test_shared_kv_reports_keys_and_values_tied_through_w_kv():
+    result = analyze_model(tiny_model("abb"), batches())
+    layer = result["layers"][0]
+    assert set(layer["projections"]) == {"w_q", "w_kv"}
+    kv = [o for o in layer["overlaps"] if (o["a"], o["b"]) == ("k", "v")][0]
+    assert kv["tied"] and kv["weight"] == "w_kv" and kv["mean_cos"] == 1.0
+    assert "tied: one weight w_kv" in format_report(result)
+
+
+def test_identity_roles_have_no_projection_and_no_overlap():
+    layer = analyze_model(tiny_model("-ab"), batches())["layers"][0]
+    assert layer["identity_roles"] == "q"
+    assert set(layer["projections"]) == {"w_k", "w_v"}
+    assert [(o["a"], o["b"]) for o in layer["overlaps"]] == [("k", "v")]
+
+
+def test_gated_model_reports_gates_effective_matrices_and_pruned_codes():
+    model = tiny_model("abc", gate=True)
+    model.blocks[1].attn.gate_q.data[:] = -4.0  # gate 0.018: prune() drops layer 1's query projection
+    result = analyze_model(model, batches())
+    json.dumps(result)
+    first = result["layers"][0]
+    assert first["gates"] == {role: pytest.approx(1 / (1 + np.exp(-2.0))) for role in "qkv"}
+    assert {"effective_q", "effective_k", "effective_v"} <= set(first["projections"])
+    assert result["pruned_codes"] == ["abc", "-ab"]
+    assert "after prune(0.5): abc -ab" in format_report(result)
+
+
+def test_gated_effective_matrix_at_gate_zero_is_the_identity():
+    model = tiny_model("abc", gate=True)
+    model.blocks[0].attn.gate_v.data[:] = -50.0
+    projection = analyze_model(model, batches(1))["layers"][0]["projections"]["effective_v"]
+    assert projection["effective_rank"] == pytest.approx(16.0, abs=1e-4)
+
+
+def test_analyze_model_leaves_the_model_in_training_mode():
+    model = tiny_model("abc", dropout=0.1)
+    analyze_model(model, batches(1))
+    assert model.training
+
+
+def test_attention_weights_are_causal_and_rows_sum_to_one():
+    weights = attention_weights(tiny_model("abb"), batches(1)[0][0])
+    assert len(weights) == 2 and weights[0].shape == (3, 2, BLOCK, BLOCK)
+    np.testing.assert_allclose(weights[1].sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.triu(weights[0], k=1) == 0)
+
+
+# ---- a checkpoint ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    text = root / "text.txt"
+    text.write_text("the cat sat on the mat and the dog ate the hat. " * 60)  # 2880 characters
+    config = GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, variant="abb")
+    train(config, TrainConfig(data=str(text), out=str(root / "run"), steps=5, eval_interval=5,
+                              eval_iters=1, batch_size=4), progress=False)
+    return root
+
+
+def test_analyze_checkpoint_scores_the_run_on_its_own_validation_text(checkpoint):
+    result = analyze_checkpoint(checkpoint / "run", n_batches=1, batch_size=2)
+    json.dumps(result)
+    assert result["variant"] == "abb" and result["step"] == 5
+    assert result["data"] == str(checkpoint / "text.txt")
+    assert all(0 < layer["asymmetry"] < 1 for layer in result["layers"])
+    report = format_report(result)
+    assert "layer 0  abb" in report and "layer 1  abb" in report
+
+
+def test_analyze_checkpoint_reads_other_data_in_the_checkpoint_vocabulary(checkpoint):
+    other = checkpoint / "other.txt"
+    other.write_text("a cat and a dog sat on the hat. " * 90)  # fewer characters than the run's text
+    result = analyze_checkpoint(checkpoint / "run", data=str(other), n_batches=1, batch_size=2)
+    assert result["data"] == str(other)
+
+
+def test_analyze_checkpoint_rejects_data_with_unknown_characters(checkpoint):
+    other = checkpoint / "unknown.txt"
+    other.write_text("ZZZ QQQ XXX " * 240)
+    with pytest.raises(ValueError, match="cannot be read by this checkpoint's tokenizer"):
+        analyze_checkpoint(checkpoint / "run", data=str(other), n_batches=1, batch_size=2)
+
+
+def test_heatmaps_are_one_png_per_layer(checkpoint, tmp_path):
+    pytest.importorskip("matplotlib")
+    result = analyze_checkpoint(checkpoint / "run", n_batches=1, batch_size=2, heatmaps_dir=tmp_path)
+    names = [p.rsplit("/", 1)[-1] for p in result["heatmaps"]]
+    assert names == ["attention_layer0.png", "attention_layer1.png"]
+    for path in result["heatmaps"]:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_heatmaps_takes_one_sequence(tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = save_heatmaps(tiny_model("aab"), np.arange(BLOCK) % VOCAB, tmp_path / "maps")
+    assert len(paths) == 2 and all(p.exists() for p in paths)
