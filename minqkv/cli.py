@@ -264,22 +264,18 @@ def _add_analyze(sub) -> None:
     p.add_argument("--ckpt", required=True, help="the --out folder of a training run")
     p.add_argument("--data", default=None, help="held-out text (default: the run's own data)")
     p.add_argument("--heatmaps", default=None, help="folder for attention heat-map PNGs")
+    p.add_argument("--subspace-dim", type=int, default=None,
+                   help="dimension r of the subspaces compared (default: the smaller effective rank)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_analyze)
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import analyze_checkpoint, format_report, save_heatmaps
+    from .analysis import analyze_checkpoint, format_report
 
-    result = analyze_checkpoint(args.ckpt, data=args.data)
+    result = analyze_checkpoint(args.ckpt, data=args.data, heatmaps_dir=args.heatmaps,
+                                subspace_dim=args.subspace_dim)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
-    if args.heatmaps:
-        from .checkpoint import load_model
-        from .data import load_corpus
-
-        model, _, meta = load_model(args.ckpt)
-        corpus = load_corpus(args.data or meta["train_config"]["data"])
-        x, _ = corpus.eval_batches("val", 1, model.config.block_size, 1)[0]
-        for path in save_heatmaps(model, x, args.heatmaps):
-            print(f"heat map: {path}")
+    for path in result.get("heatmaps", []):
+        print(f"heat map: {path}")
     return 0
