@@ -72,6 +72,8 @@ def gradcheck(fn, inputs, eps: float = 1e-5, seed: int = 0, max_elements: int | 
 
 def _compare(x: Tensor, scalar_loss, eps: float, rng, max_elements) -> float:
     analytic = x.grad if x.grad is not None else np.zeros_like(x.data)
+    if not x.data.flags.c_contiguous:
+        x.data = np.ascontiguousarray(x.data)  # same values; now reshape gives a view
     flat = x.data.reshape(-1)  # a view: perturbing it perturbs x
     chosen = np.arange(flat.size)
     if max_elements is not None and flat.size > max_elements:

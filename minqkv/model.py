@@ -196,8 +196,10 @@ class GPT(Module):
         window = self.config.block_size
         caches, pending = None, ids
         for _ in range(max_new_tokens):
-            if caches is None or caches[0].length + pending.shape[1] > window:
-                # (re)fill the cache from the most recent half window once it is full
+            if caches is None:  # first fill: as much of the prompt as fits
+                caches, pending = self.new_caches(), ids[:, -window:]
+            elif caches[0].length + pending.shape[1] > window:
+                # the window is full: refill the cache from the most recent half window
                 caches, pending = self.new_caches(), ids[:, -max(1, window // 2):]
             logits, _ = self.forward(pending, caches=caches)
             next_id = _sample_logits(logits.data[:, -1, :], temperature, top_k, rng)  # (B, 1)

@@ -128,7 +128,9 @@ def pow(x: Tensor, exponent: float) -> Tensor:
     if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
         raise TypeError(f"pow: exponent must be a Python number, got {type(exponent).__name__}")
 
-    def backward(g):  # d x^p = p x^(p-1) g
+    def backward(g):  # d x^p = p x^(p-1) g  (and 0 for p = 0, even at x = 0)
+        if exponent == 0:
+            return (np.zeros_like(x.data),)
         return (g * exponent * x.data ** (exponent - 1),)
 
     return Tensor.from_op(x.data ** exponent, (x,), backward, "pow")
@@ -171,12 +173,12 @@ def gelu(x: Tensor) -> Tensor:
     """GELU, tanh approximation (as in GPT-2): 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
     x = _float_tensor(x, "gelu")
     xd = x.data
-    inner = _GELU_C * (xd + 0.044715 * xd ** 3)
-    t = np.tanh(inner)
+    x2 = xd * xd  # x*x*x, not x**3: a float power is many times slower
+    t = np.tanh(_GELU_C * xd * (1 + 0.044715 * x2))
     out = 0.5 * xd * (1 + t)
 
     def backward(g):  # 0.5(1+t) + 0.5 x (1-t^2) c (1 + 3*0.044715 x^2)
-        d_inner = _GELU_C * (1 + 3 * 0.044715 * xd * xd)
+        d_inner = _GELU_C * (1 + 3 * 0.044715 * x2)
         return (g * (0.5 * (1 + t) + 0.5 * xd * (1 - t * t) * d_inner),)
 
     return Tensor.from_op(out, (x,), backward, "gelu")
@@ -222,7 +224,8 @@ def transpose(x: Tensor, *axes) -> Tensor:
     if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
         axes = tuple(axes[0])
     axes = axes or tuple(reversed(range(x.ndim)))
-    if sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
+    in_range = all(-x.ndim <= a < x.ndim for a in axes)
+    if not in_range or sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
         raise ValueError(f"transpose: axes {axes} are not a permutation of {x.ndim} axes")
     inverse = np.argsort([a % x.ndim for a in axes])
     return Tensor.from_op(x.data.transpose(axes), (x,),
@@ -300,6 +303,8 @@ def split(x: Tensor, sizes, axis: int = -1) -> list:
         if sizes <= 0 or n % sizes:
             raise ValueError(f"split: cannot cut length {n} into {sizes} equal parts")
         sizes = [n // sizes] * sizes
+    if any(size < 0 for size in sizes):
+        raise ValueError(f"split: sizes {list(sizes)} must not be negative")
     if builtins.sum(sizes) != n:
         raise ValueError(f"split: sizes {list(sizes)} add to {builtins.sum(sizes)}, not {n}")
     pieces, start = [], 0
@@ -434,6 +439,10 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
     """Normalise the last axis to zero mean, unit variance, then scale and shift (fused)."""
     x = _float_tensor(x, "layer_norm")
     C = x.shape[-1]
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and param.dtype != x.dtype:
+            raise TypeError(f"layer_norm: {name} is {param.dtype} but x is {x.dtype}; "
+                            "dtypes never change silently, convert one explicitly")
     if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
         raise ValueError(f"layer_norm: weight and bias must have shape ({C},) for input {x.shape}")
     mu = x.data.mean(axis=-1, keepdims=True)

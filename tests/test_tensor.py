@@ -261,8 +261,6 @@ def test_float64_array_operand_with_float32_tensor_raises_type_error():
         Tensor(np.ones(3, dtype=np.float32)) * np.ones(3)
 
 
-@pytest.mark.xfail(strict=True, reason="ops.layer_norm never compares weight/bias dtype with x: "
-                   "a float64 weight on a float32 input silently returns float64")
 def test_layer_norm_with_float64_weight_on_float32_input_raises_type_error():
     x = Tensor(np.ones((2, 3), dtype=np.float32))
     weight = Tensor(np.ones(3, dtype=np.float64))
