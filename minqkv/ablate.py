@@ -44,7 +44,6 @@ PRESETS = {
     "tiny": dict(model=dict(n_layer=1, n_head=2, n_embd=16, block_size=16),
                  train=dict(steps=10, batch_size=4, eval_interval=5, eval_iters=2), seeds=1),
 }
-GATE_PENALTY = 0.01  # for gated runs: enough to push unneeded projections towards the identity
 DECODE_TOKENS = 32  # tokens generated to time decoding with the KV cache
 
 
@@ -113,8 +112,6 @@ def run_one(job: dict, progress_queue=None) -> dict:
         model_config = GPTConfig(**{**job["model"], **job["overrides"], "seed": job["seed"]})
         train_config = TrainConfig(**{**job["train"], "data": job["data"], "out": str(run_dir),
                                       "seed": job["seed"]})
-        if model_config.gate:
-            train_config = replace(train_config, gate_penalty=GATE_PENALTY)
 
         def report(step, loss):
             if progress_queue is not None:

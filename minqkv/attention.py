@@ -220,8 +220,8 @@ class CausalSelfAttention(Module):
             w = rng.standard_normal((C, width)) * 0.02  # (C, width)
             setattr(self, shape.weight_name(letter), Parameter(w.astype(dtype)))
         for role in shape.gated_roles():
-            # logit 2 -> gate 0.88: training starts close to the ordinary projection
-            setattr(self, f"gate_{role}", Parameter(np.full(1, 2.0, dtype=dtype)))
+            # logit 0 -> gate 0.5: undecided, so training (and the penalty) can move it either way
+            setattr(self, f"gate_{role}", Parameter(np.zeros(1, dtype=dtype)))
         if shape.rotate:
             # R = Cayley(S - S^T) is the identity at S = 0
             self.rotation_param = Parameter(np.zeros((shape.n_kv_head, shape.head_dim, shape.head_dim), dtype))

@@ -42,7 +42,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 100
     eval_iters: int = 10
-    gate_penalty: float = 0.0
+    gate_penalty: float = 0.003  # gated models only: weight of sum(gates) in the objective
     prune_threshold: float = 0.5  # gated models: a gate below this becomes the identity
     seed: int = 0
 
