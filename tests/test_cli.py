@@ -1,0 +1,239 @@
+"""Specification of the `minqkv` command, called in-process through cli.main (and once as
+`python -m minqkv`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minqkv import __version__
+from minqkv.attention import ALL_CODES
+from minqkv.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_TRAIN = ["--steps", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
+              "--batch-size", "8", "--eval-interval", "10", "--eval-iters", "2", "--lr", "0.01",
+              "--min-lr", "0.001", "--warmup-steps", "2", "--quiet"]
+ROW_KEYS = {"code", "names", "params_per_layer", "flops_per_token", "kv_cache_floats_per_token", "symmetric"}
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small text that holds every character of the default sample prompt 'ROMEO:\\n'."""
+    path = tmp_path / "play.txt"
+    path.write_text("ROMEO:\nthe cat sat on the mat.\nJULIET:\nthe dog ate the log.\n" * 60)
+    return str(path)
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"minqkv {__version__}"
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run_cli(capsys)
+    assert code == 0
+    assert "train" in out and "variants" in out
+
+
+def test_python_dash_m_minqkv_runs_the_command():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "minqkv", "--version"], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"minqkv {__version__}"
+
+
+# ---- variants ----------------------------------------------------------------------------------
+
+
+def test_variants_json_lists_the_15_codes_with_their_costs(capsys):
+    code, out, _ = run_cli(capsys, "variants", "--json")
+    rows = json.loads(out)
+    assert code == 0
+    assert [r["code"] for r in rows] == list(ALL_CODES)
+    assert all(ROW_KEYS <= r.keys() for r in rows)
+    by_code = {r["code"]: r for r in rows}
+    assert by_code["abb"]["kv_cache_floats_per_token"] * 2 == by_code["abc"]["kv_cache_floats_per_token"]
+    assert by_code["abc"]["params_per_layer"] == 4 * 128 * 128
+    assert "shared-kv" in by_code["abb"]["names"]
+    assert {r["code"] for r in rows if r["symmetric"]} == {"aab", "aaa", "--a", "aa-", "---"}
+
+
+def test_variants_reports_codes_that_grouped_heads_rule_out(capsys):
+    code, out, _ = run_cli(capsys, "variants", "--json", "--n-kv-head", "1")
+    rows = {r["code"]: r for r in json.loads(out)}
+    assert code == 0
+    assert "cannot share one weight" in rows["aab"]["error"]
+    assert rows["abc"]["kv_cache_floats_per_token"] == 2 * 128 // 4
+
+
+def test_variants_preset_gpt2_small_prints_the_table_with_model_sizes(capsys):
+    code, out, _ = run_cli(capsys, "variants", "--preset", "gpt2-small")
+    assert code == 0
+    assert "model params" in out
+    assert f"{4 * 768 * 768:,}" in out  # canonical attention per layer
+    for c in ALL_CODES:
+        assert c in out
+
+
+def test_variants_preset_json_counts_the_whole_model(capsys):
+    _, out, _ = run_cli(capsys, "variants", "--preset", "gpt2-small", "--json")
+    rows = {r["code"]: r for r in json.loads(out)}
+    saved = rows["abc"]["model_params"] - rows["aab"]["model_params"]
+    assert saved == 12 * 768 * 768  # one C x C matrix in each of 12 layers
+
+
+# ---- gradcheck ---------------------------------------------------------------------------------
+
+
+def test_gradcheck_json_reports_every_op_passing(capsys):
+    code, out, _ = run_cli(capsys, "gradcheck", "--json")
+    results = json.loads(out)
+    assert code == 0
+    assert len(results) > 10
+    for r in results:
+        assert {"name", "dtype", "shapes", "max_rel_err", "passed"} <= r.keys()
+        assert r["passed"] and r["max_rel_err"] < 1e-6, r["name"]
+
+
+def test_gradcheck_of_one_labelled_variant_checks_a_float64_model(capsys):
+    # one case (~2 s); 'abb' alone would also run its three modifier cases, and
+    # test_attention.py checks every case already
+    code, out, _ = run_cli(capsys, "gradcheck", "--variant", "shared-kv+mqa", "--json")
+    results = json.loads(out)
+    assert code == 0
+    assert [r["name"] for r in results] == ["shared-kv+mqa"]
+    assert results[0]["passed"] and results[0]["dtype"] == "float64"
+    assert results[0]["max_rel_err"] < 1e-6
+
+
+def test_gradcheck_table_says_how_many_checks_passed(capsys):
+    code, out, _ = run_cli(capsys, "gradcheck", "--variant", "none")
+    assert code == 0
+    assert "1/1 checks passed" in out
+
+
+def test_gradcheck_of_an_unknown_variant_fails_with_exit_code_2(capsys):
+    code, out, err = run_cli(capsys, "gradcheck", "--variant", "abd")
+    assert code == 2
+    assert "variant 'abd' is not valid" in err
+
+
+# ---- train and sample --------------------------------------------------------------------------
+
+
+def test_train_writes_its_files_and_prints_a_summary_and_a_sample(capsys, tmp_path, text_file):
+    out_dir = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "--data", text_file, "--out", str(out_dir),
+                           "--variant", "shared-kv", "--sample-tokens", "30", *TINY_TRAIN)
+    assert code == 0
+    assert {"ckpt.npz", "final.json", "metrics.jsonl"} <= {p.name for p in out_dir.iterdir()}
+    final = json.loads((out_dir / "final.json").read_text())
+    assert final["code"] == "abb" and final["steps"] == 20
+    assert "abb: val loss" in out
+    sample = out.split("--- sample (30 characters, temperature 0.8) ---\n", 1)[1]
+    assert sample.startswith("ROMEO:\n")
+    assert len(sample) == len("ROMEO:\n") + 30 + 1  # prompt, 30 sampled characters, print's newline
+
+
+@pytest.mark.xfail(strict=True, reason="cli.py cmd_train samples from the fixed prompt 'ROMEO:\\n'; "
+                   "a text without those characters fails to encode it, so a finished training run "
+                   "exits with code 2")
+def test_train_on_a_text_without_the_sample_prompts_characters_succeeds(capsys, tmp_path):
+    path = tmp_path / "lower.txt"
+    path.write_text("the cat sat on the mat. the dog ate the log. " * 80)
+    code, _, err = run_cli(capsys, "train", "--data", str(path), "--out", str(tmp_path / "run"),
+                           "--sample-tokens", "10", *TINY_TRAIN)
+    assert code == 0, err
+
+
+def test_train_on_a_synthetic_task_prints_accuracy_and_no_sample(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "train", "--data", "synthetic:copy", "--out", str(tmp_path / "run"),
+                           *TINY_TRAIN)
+    assert code == 0
+    assert "accuracy" in out
+    assert "--- sample" not in out
+
+
+def test_train_resume_continues_a_saved_run(capsys, tmp_path, text_file):
+    out_dir = str(tmp_path / "run")
+    args = ["train", "--data", text_file, "--out", out_dir, "--sample-tokens", "0", *TINY_TRAIN]
+    assert run_cli(capsys, *args)[0] == 0
+    code, _, _ = run_cli(capsys, *args, "--steps", "30", "--resume")
+    assert code == 0
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["steps"] == 30
+
+
+def test_train_into_a_used_folder_fails_with_exit_code_2(capsys, tmp_path, text_file):
+    args = ["train", "--data", text_file, "--out", str(tmp_path / "run"), "--sample-tokens", "0", *TINY_TRAIN]
+    run_cli(capsys, *args)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert "already holds a checkpoint" in err
+
+
+def test_sample_continues_the_prompt_from_a_checkpoint(capsys, tmp_path, text_file):
+    out_dir = str(tmp_path / "run")
+    run_cli(capsys, "train", "--data", text_file, "--out", out_dir, "--sample-tokens", "0", *TINY_TRAIN)
+    code, out, _ = run_cli(capsys, "sample", "--ckpt", out_dir, "--prompt", "the ", "--tokens", "12",
+                           "--seed", "3")
+    assert code == 0
+    text = out[:-1]  # print adds one newline
+    assert text.startswith("the ") and len(text) == 4 + 12
+    assert run_cli(capsys, "sample", "--ckpt", out_dir, "--prompt", "the ", "--tokens", "12",
+                   "--seed", "3")[1] == out
+
+
+def test_sample_from_a_missing_checkpoint_fails_with_exit_code_2(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "sample", "--ckpt", str(tmp_path / "nothing"))
+    assert code == 2
+    assert "no checkpoint" in err
+
+
+def test_train_with_a_bad_variant_fails_with_exit_code_2_and_says_why(capsys, tmp_path, text_file):
+    code, out, err = run_cli(capsys, "train", "--data", text_file, "--out", str(tmp_path / "run"),
+                             "--variant", "abd", *TINY_TRAIN)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("minqkv train: error: variant 'abd' is not valid")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_with_an_impossible_grouped_variant_says_why(capsys, tmp_path, text_file):
+    code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", str(tmp_path / "run"),
+                           "--variant", "aab", "--n-kv-head", "1", *TINY_TRAIN)
+    assert code == 2
+    assert "cannot share one weight" in err
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no-such-corpus", "neither a known corpus nor an existing file"),
+    ("synthetic:juggle", "unknown synthetic task 'juggle'"),
+])
+def test_train_with_an_unknown_data_spec_fails_with_exit_code_2(capsys, tmp_path, spec, message):
+    code, _, err = run_cli(capsys, "train", "--data", spec, "--out", str(tmp_path / "run"), *TINY_TRAIN)
+    assert code == 2
+    assert message in err
+
+
+@pytest.mark.download
+def test_train_on_shakespeare_by_default_corpus(capsys, tmp_path):
+    """The one test that uses the Shakespeare corpus (downloaded once, then cached)."""
+    code, out, _ = run_cli(capsys, "train", "--out", str(tmp_path / "run"), "--steps", "3",
+                           "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+                           "--batch-size", "4", "--eval-iters", "1", "--sample-tokens", "20", "--quiet")
+    assert code == 0
+    assert "val bpc" in out
+    assert "--- sample (20 characters, temperature 0.8) ---\nROMEO:\n" in out

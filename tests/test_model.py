@@ -1,0 +1,340 @@
+"""Specification of the char GPT: incremental decoding, sampling, per-layer variants, pruning of
+gated models, configuration checks and labels."""
+
+import numpy as np
+import pytest
+
+import minqkv.model as model_module
+from minqkv.attention import ALL_CODES
+from minqkv.model import GPT, GPTConfig
+from minqkv.tensor import Tensor, no_grad
+
+VOCAB, BLOCK, WIDTH = 7, 8, 8
+TINY = dict(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, n_embd=WIDTH, dtype="float64")
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    """A 2-layer float64 GPT with every parameter moved off its initial value."""
+    model = GPT(GPTConfig(**{**TINY, **overrides}))
+    rng = np.random.default_rng(seed)
+    for _, p in model.named_parameters():
+        p.data += 0.3 * rng.standard_normal(p.shape)
+    return model
+
+
+def labelled(label: str) -> dict:
+    return GPTConfig.overrides_from_label(label)
+
+
+def random_ids(B: int = 2, T: int = BLOCK, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (B, T))
+
+
+def full_logits(model: GPT, ids: np.ndarray) -> np.ndarray:
+    with no_grad():
+        return model(ids)[0].data
+
+
+DECODE_CASES = ([pytest.param(labelled(code), id=code) for code in ALL_CODES]
+                + [pytest.param(labelled(label), id=label) for label in
+                   ["aaa+rotate", "aab+pos2d", "abc+gate", "aaa+gate", "abb+gqa2", "abc+mqa",
+                    "abb+rotate+mqa", "aab+rotate+pos2d+gate", "abc+no-out-proj"]]
+                + [pytest.param(dict(layer_variants=["abb", "-a-"]), id="per-layer")])
+
+
+# ---- incremental decoding through the KV cache ------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", DECODE_CASES)
+def test_kv_cache_decoding_one_token_at_a_time_equals_full_recomputation(overrides):
+    model = tiny_gpt(**overrides)
+    ids = random_ids()
+    caches = model.new_caches()
+    with no_grad():
+        steps = [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(BLOCK)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full_logits(model, ids), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("overrides", DECODE_CASES)
+def test_kv_cache_decoding_after_a_prompt_prefill_equals_full_recomputation(overrides):
+    model = tiny_gpt(**overrides)
+    ids = random_ids()
+    caches = model.new_caches()
+    with no_grad():
+        chunks = [model(ids[:, :3], caches=caches)[0].data]  # prefill 3 tokens at once
+        chunks += [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(3, BLOCK)]
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), full_logits(model, ids), rtol=0, atol=1e-12)
+
+
+def test_cache_length_counts_the_tokens_seen():
+    model = tiny_gpt()
+    caches = model.new_caches()
+    with no_grad():
+        model(random_ids(T=3), caches=caches)
+        model(random_ids(T=2), caches=caches)
+    assert [c.length for c in caches] == [5, 5]
+
+
+# ---- forward errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ids", [np.zeros(4, dtype=int), np.zeros((1, 2, 3), dtype=int)])
+def test_forward_rejects_ids_that_are_not_two_dimensional(ids):
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        tiny_gpt()(ids)
+
+
+def test_forward_rejects_a_sequence_longer_than_block_size():
+    with pytest.raises(ValueError, match="longer than block_size=8"):
+        tiny_gpt()(random_ids(T=BLOCK + 1))
+
+
+def test_forward_rejects_new_tokens_that_overflow_the_cache():
+    model = tiny_gpt()
+    caches = model.new_caches()
+    with no_grad():
+        model(random_ids(T=6), caches=caches)
+        with pytest.raises(ValueError, match="sequence of 9 tokens"):
+            model(random_ids(T=3), caches=caches)
+
+
+def test_forward_returns_logits_over_the_vocabulary_and_a_scalar_loss():
+    ids = random_ids()
+    logits, loss = tiny_gpt()(ids, np.roll(ids, -1, axis=1))
+    assert logits.shape == (2, BLOCK, VOCAB)
+    assert loss.shape == () and np.isfinite(loss.data)
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_generate_rejects_a_temperature_that_is_not_positive(temperature):
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        tiny_gpt().generate(random_ids(T=2), 3, temperature=temperature)
+
+
+@pytest.mark.parametrize("top_k", [0, -2])
+def test_generate_rejects_a_top_k_that_is_not_positive(top_k):
+    with pytest.raises(ValueError, match="top_k must be a positive integer"):
+        tiny_gpt().generate(random_ids(T=2), 3, top_k=top_k)
+
+
+def test_generate_appends_tokens_from_the_vocabulary():
+    prompt = random_ids(B=3, T=2)
+    out = tiny_gpt().generate(prompt, 5, rng=np.random.default_rng(0))
+    assert out.shape == (3, 7)
+    assert np.array_equal(out[:, :2], prompt)
+    assert out.min() >= 0 and out.max() < VOCAB
+
+
+def test_generate_is_deterministic_given_the_generator():
+    model, prompt = tiny_gpt(), random_ids(T=2)
+    first = model.generate(prompt, 6, temperature=1.5, rng=np.random.default_rng(7))
+    second = model.generate(prompt, 6, temperature=1.5, rng=np.random.default_rng(7))
+    assert np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("overrides", [{}, labelled("aab+pos2d")], ids=["abc", "aab+pos2d"])
+def test_generate_continues_past_block_size(overrides):
+    out = tiny_gpt(**overrides).generate(random_ids(T=3), 3 * BLOCK, rng=np.random.default_rng(0))
+    assert out.shape == (2, 3 + 3 * BLOCK)
+    assert out.min() >= 0 and out.max() < VOCAB
+
+
+def test_top_k_of_one_is_greedy_decoding():
+    model, prompt = tiny_gpt(), random_ids(B=3, T=2)
+    out = model.generate(prompt, 6, top_k=1, rng=np.random.default_rng(0))
+    greedy = prompt
+    for _ in range(6):
+        greedy = np.concatenate([greedy, full_logits(model, greedy)[:, -1:].argmax(-1)], axis=1)
+    assert np.array_equal(out, greedy)
+
+
+def test_generate_samples_from_the_logits_of_the_whole_sequence(monkeypatch):
+    model, prompt = tiny_gpt(), random_ids(T=2)
+    seen = []
+    real = model_module._sample_logits
+    monkeypatch.setattr(model_module, "_sample_logits",
+                        lambda logits, *a: seen.append(logits.copy()) or real(logits, *a))
+    out = model.generate(prompt, BLOCK - 2, rng=np.random.default_rng(0))
+    for step, logits in enumerate(seen):
+        np.testing.assert_allclose(logits, full_logits(model, out[:, :2 + step])[:, -1], atol=1e-12)
+
+
+def test_generate_reads_a_prompt_that_fits_in_block_size_whole(monkeypatch):
+    model, prompt = tiny_gpt(), random_ids(T=BLOCK - 1)
+    seen = []
+    real = model_module._sample_logits
+    monkeypatch.setattr(model_module, "_sample_logits",
+                        lambda logits, *a: seen.append(logits.copy()) or real(logits, *a))
+    model.generate(prompt, 1, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(seen[0], full_logits(model, prompt)[:, -1], atol=1e-12)
+
+
+def test_generate_leaves_the_training_mode_as_it_was():
+    model = tiny_gpt()
+    model.generate(random_ids(T=2), 2, rng=np.random.default_rng(0))
+    assert model.training
+    model.eval()
+    model.generate(random_ids(T=2), 2, rng=np.random.default_rng(0))
+    assert not model.training
+
+
+# ---- per-layer variants --------------------------------------------------------------------------
+
+
+def test_each_layer_uses_its_own_variant():
+    model = GPT(GPTConfig(**{**TINY, "n_layer": 3}, layer_variants=["canonical", "shared-kv", "---"]))
+    assert [b.attn.shape.code for b in model.blocks] == ["abc", "abb", "---"]
+    assert [b.attn.num_parameters() for b in model.blocks] == [4 * 64, 3 * 64, 64]
+
+
+def test_layer_variants_must_name_one_code_per_layer():
+    with pytest.raises(ValueError, match="layer_variants has 3 codes but n_layer=2"):
+        GPTConfig(**TINY, layer_variants=["abc", "abb", "aaa"])
+
+
+def test_describe_lists_the_distinct_per_layer_codes():
+    config = GPTConfig(**{**TINY, "n_layer": 3}, layer_variants=["abc", "abb", "abc"])
+    assert config.describe() == "abb/abc"
+
+
+# ---- gates and pruning ---------------------------------------------------------------------------
+
+
+def set_gates(model: GPT, logits: dict) -> None:
+    """logits: {(layer, role): gate logit}; +8 is a gate of ~1, -8 a gate of ~0."""
+    for (layer, role), value in logits.items():
+        getattr(model.blocks[layer].attn, f"gate_{role}").data[:] = value
+
+
+def test_gate_penalty_is_the_sum_of_all_gates():
+    model = tiny_gpt(**labelled("abc+gate"))
+    assert len(model.gates()) == 6
+    assert float(model.gate_penalty().data) == pytest.approx(sum(model.gates().values()), rel=1e-12)
+
+
+def test_gate_penalty_of_an_ungated_model_is_none():
+    assert tiny_gpt().gate_penalty() is None
+
+
+def test_prune_turns_low_gates_into_identity_and_keeps_high_ones():
+    model = tiny_gpt(**labelled("abc+gate"))
+    set_gates(model, {(0, "q"): 8, (0, "k"): -8, (0, "v"): 8, (1, "q"): -8, (1, "k"): -8, (1, "v"): -8})
+    pruned = model.prune()
+    assert pruned.config.layer_variants == ["a-b", "---"]
+    assert not pruned.config.gate
+    assert [b.attn.shape.code for b in pruned.blocks] == ["a-b", "---"]
+
+
+def test_prune_drops_the_weights_of_identity_roles():
+    model = tiny_gpt(**labelled("abc+gate"))
+    set_gates(model, {(0, "q"): 8, (0, "k"): -8, (0, "v"): 8, (1, "q"): -8, (1, "k"): -8, (1, "v"): -8})
+    pruned = model.prune()
+    assert sorted(n for n, _ in pruned.blocks[0].attn.named_parameters()) == ["w_o", "w_q", "w_v"]
+    assert [n for n, _ in pruned.blocks[1].attn.named_parameters()] == ["w_o"]
+    dropped = 4 * WIDTH * WIDTH + 6  # w_k of layer 0, w_q, w_k, w_v of layer 1, six gates
+    assert pruned.num_parameters() == model.num_parameters() - dropped
+    x = Tensor(np.random.default_rng(2).standard_normal((1, 3, WIDTH)))
+    assert pruned.blocks[0].attn.role("k", x, {}) is x
+    assert all(pruned.blocks[1].attn.role(r, x, {}) is x for r in "qkv")
+
+
+def test_prune_folds_a_kept_gate_into_its_weight():
+    model = tiny_gpt(**labelled("abc+gate"))
+    attn = model.blocks[0].attn
+    g = float(attn.gate("q").data[0])
+    pruned = model.prune(threshold=0.0)
+    expected = g * attn.w_q.data + (1 - g) * np.eye(WIDTH)  # x (g W + (1-g) I)
+    np.testing.assert_allclose(pruned.blocks[0].attn.w_q.data, expected, rtol=0, atol=1e-15)
+
+
+def test_prune_keeps_roles_tied_when_their_gates_are_equal():
+    model = tiny_gpt(**labelled("aab+gate"))
+    set_gates(model, {(i, r): 1.5 for i in range(2) for r in "qkv"})
+    pruned = model.prune()
+    assert pruned.config.layer_variants == ["aab", "aab"]
+    assert "w_qk" in dict(pruned.blocks[0].attn.named_parameters())
+
+
+def test_prune_unties_roles_whose_gates_differ():
+    model = tiny_gpt(**labelled("aab+gate"))
+    set_gates(model, {(0, "q"): 1.0, (0, "k"): 3.0, (0, "v"): 3.0})
+    assert model.prune().config.layer_variants[0] == "abc"
+
+
+@pytest.mark.parametrize("label", ["abc+gate", "aab+gate", "aaa+gate", "abb+gate+gqa2",
+                                   "-ab+gate", "aab+rotate+pos2d+gate"])
+def test_pruning_with_every_gate_kept_computes_what_the_gated_model_did(label):
+    model = tiny_gpt(**labelled(label))
+    ids = random_ids()
+    pruned = model.prune(threshold=0.0)
+    assert not pruned.config.gate
+    np.testing.assert_allclose(full_logits(pruned, ids), full_logits(model, ids), rtol=0, atol=1e-12)
+
+
+def test_prune_of_an_ungated_model_raises():
+    with pytest.raises(ValueError, match="gate=True"):
+        tiny_gpt().prune()
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dtype="float16"), "dtype must be"),
+    (dict(vocab_size=0), "vocab_size must be positive"),
+    (dict(block_size=0), "block_size must be positive"),
+    (dict(n_layer=0), "n_layer must be positive"),
+    (dict(dropout=1.0), "dropout must be in"),
+    (dict(dropout=-0.1), "dropout must be in"),
+    (dict(n_embd=10, n_head=4), "multiple of n_head"),
+    (dict(n_kv_head=3), "must divide n_head"),
+    (dict(variant="aab", n_kv_head=2), "cannot share one weight"),
+    (dict(variant="a-b", n_kv_head=1), "identity K"),
+    (dict(variant="abd"), "is not valid"),
+])
+def test_invalid_configurations_raise_with_the_reason(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**TINY, **overrides})
+
+
+def test_config_resolves_variant_names_to_codes():
+    assert GPTConfig(**TINY, variant="shared-kv").variant == "abb"
+
+
+@pytest.mark.parametrize("overrides, label", [
+    (dict(variant="abb", rotate=True), "abb+rotate"),
+    (dict(variant="abc", n_kv_head=1), "abc+mqa"),
+    (dict(variant="abb", n_kv_head=2), "abb+gqa2"),
+    (dict(variant="abc", n_kv_head=4), "abc"),
+    (dict(variant="aab", pos2d=True, gate=True), "aab+pos2d+gate"),
+    (dict(variant="abc", out_proj=False), "abc+no-out-proj"),
+])
+def test_describe_names_the_variant_and_its_modifiers(overrides, label):
+    config = GPTConfig(**{**TINY, **overrides})
+    assert config.describe() == label
+    assert GPTConfig(**{**TINY, **GPTConfig.overrides_from_label(label)}).describe() == label
+
+
+def test_an_unknown_modifier_in_a_label_raises():
+    with pytest.raises(ValueError, match="unknown modifier 'spin'"):
+        GPTConfig.overrides_from_label("abb+spin")
+
+
+def test_config_round_trips_through_a_dict():
+    config = GPTConfig(**TINY, variant="abb", rotate=True, n_kv_head=2)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+
+
+def test_untied_head_has_its_own_output_embedding():
+    tied = GPT(GPTConfig(**TINY))
+    untied = GPT(GPTConfig(**TINY, tie_weights=False))
+    assert untied.num_parameters() == tied.num_parameters() + VOCAB * WIDTH
+
+
+def test_model_params_follow_the_dtype():
+    model = GPT(GPTConfig(**{**TINY, "dtype": "float32"}))
+    assert all(p.dtype == np.float32 for p in model.parameters())
+    assert isinstance(model(random_ids())[0], Tensor)

@@ -1,0 +1,273 @@
+"""Specification of the trainer: learning, exact resume, atomic checkpoints, divergence, the final
+summary, pruning of gated runs and configuration checks. Every run is tiny and takes well under
+a second."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import minqkv.checkpoint as checkpoint_module
+import minqkv.train as train_module
+from minqkv.checkpoint import load_checkpoint, load_model
+from minqkv.model import GPTConfig
+from minqkv.train import TrainConfig, TrainingDiverged, train
+
+MODEL = dict(n_layer=1, n_head=2, n_embd=16, block_size=8)
+RUN = dict(steps=12, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=4, eval_iters=2)
+SUMMARY_KEYS = {"variant", "code", "params", "steps", "train_loss", "val_loss", "ms_per_step",
+                "tokens_per_s", "peak_rss_mb", "wall_s"}
+
+
+class Interrupt(KeyboardInterrupt):
+    """Ctrl-C in the middle of a run (a subclass, so pytest.raises catches only this one)."""
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("the cat sat on the mat. the dog ate the log. " * 80)
+    return str(path)
+
+
+def run(text_file, out, model=None, resume=False, on_step=None, **overrides):
+    model_config = GPTConfig(**{**MODEL, **(model or {})})
+    train_config = TrainConfig(data=text_file, out=str(out), **{**RUN, **overrides})
+    return train(model_config, train_config, resume=resume, progress=False, on_step=on_step)
+
+
+def stop_at(step):
+    def on_step(done, loss):
+        if done == step:
+            raise Interrupt
+    return on_step
+
+
+def metric_lines(out, drop=("tokens_per_s",)):
+    """metrics.jsonl records without their timing fields (which differ between any two runs)."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
+
+
+def saved_arrays(out):
+    meta, model_state, optim_state = load_checkpoint(out)
+    arrays = {f"model/{k}": v for k, v in model_state.items()}
+    arrays.update({f"optim/{k}/{key}": s[key] for k, s in optim_state["params"].items() for key in "mv"})
+    return meta, arrays
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+
+
+# ---- learning ----------------------------------------------------------------------------------
+
+
+def test_a_tiny_run_lowers_the_loss(text_file, tmp_path):
+    losses = []
+    final = run(text_file, tmp_path / "run", steps=30, eval_interval=10,
+                on_step=lambda step, loss: losses.append(loss))
+    assert len(losses) == 30
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
+    vocab = len(set(open(text_file).read()))
+    assert final["val_loss"] < math.log(vocab) - 0.5
+
+
+def test_a_tiny_run_on_a_synthetic_task_reports_accuracy(tmp_path):
+    final = train(GPTConfig(**MODEL), TrainConfig(data="synthetic:copy", out=str(tmp_path / "run"), **RUN),
+                  progress=False)
+    assert SUMMARY_KEYS | {"accuracy"} <= final.keys()
+    assert 0.0 <= final["accuracy"] <= 1.0
+    assert "val_bpc" not in final
+
+
+# ---- the files a run writes ----------------------------------------------------------------------
+
+
+def test_final_json_holds_the_summary_of_a_text_run(text_file, tmp_path):
+    final = run(text_file, tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert on_disk == final
+    assert SUMMARY_KEYS | {"val_bpc"} <= final.keys()
+    assert final["variant"] == "abc" and final["code"] == "abc" and final["steps"] == 12
+    assert final["val_bpc"] == pytest.approx(final["val_loss"] / math.log(2))
+
+
+def test_final_json_params_count_the_model(text_file, tmp_path):
+    final = run(text_file, tmp_path / "run", model=dict(variant="shared-kv"))
+    model, _, _ = load_model(tmp_path / "run")
+    assert final["params"] == model.num_parameters()
+    assert final["code"] == "abb"
+
+
+def test_metrics_get_one_line_per_evaluation(text_file, tmp_path):
+    run(text_file, tmp_path / "run")
+    records = metric_lines(tmp_path / "run", drop=())
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert {"lr", "train_loss", "val_loss", "val_bpc", "tokens_per_s"} <= records[0].keys()
+
+
+def test_checkpoint_is_written_without_leftover_temporary_files(text_file, tmp_path):
+    run(text_file, tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["ckpt.npz", "final.json", "metrics.jsonl"]
+    meta, _, _ = load_checkpoint(tmp_path / "run")
+    assert meta["step"] == 12
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(text_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(text_file, out, steps=4)
+    _, before = saved_arrays(out)
+
+    def disk_full(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        run(text_file, out, resume=True, steps=8)
+    monkeypatch.undo()
+
+    meta, after = saved_arrays(out)
+    assert meta["step"] == 4
+    assert_bitwise_equal(before, after)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_save_that_fails_before_writing_leaves_no_file(text_file, tmp_path, monkeypatch):
+    def broken_savez(*args, **kwargs):
+        raise OSError("cannot serialise")
+
+    monkeypatch.setattr(checkpoint_module.np, "savez", broken_savez)
+    with pytest.raises(OSError, match="cannot serialise"):
+        run(text_file, tmp_path / "run")
+    monkeypatch.undo()
+    assert not any(p.name.startswith("ckpt.npz") for p in (tmp_path / "run").iterdir())
+
+
+def test_a_fresh_run_into_a_folder_with_a_checkpoint_raises(text_file, tmp_path):
+    run(text_file, tmp_path / "run", steps=4)
+    with pytest.raises(FileExistsError, match="resume"):
+        run(text_file, tmp_path / "run", steps=4)
+
+
+def test_resume_without_a_checkpoint_raises(text_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(text_file, tmp_path / "empty", resume=True)
+
+
+# ---- exact resume ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interrupt_at", [8, 6], ids=["at-a-checkpoint", "between-checkpoints"])
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(text_file, tmp_path, interrupt_at):
+    model = dict(dropout=0.1)  # dropout draws random numbers: their generator must resume too
+    whole = run(text_file, tmp_path / "whole", model=model)
+
+    with pytest.raises(Interrupt):
+        run(text_file, tmp_path / "split", model=model, on_step=stop_at(interrupt_at))
+    resumed = run(text_file, tmp_path / "split", model=model, resume=True)
+
+    meta_whole, arrays_whole = saved_arrays(tmp_path / "whole")
+    meta_split, arrays_split = saved_arrays(tmp_path / "split")
+    assert_bitwise_equal(arrays_whole, arrays_split)
+    assert meta_whole["batch_rng"] == meta_split["batch_rng"]
+    assert meta_whole["dropout_rng"] == meta_split["dropout_rng"]
+    assert metric_lines(tmp_path / "whole") == metric_lines(tmp_path / "split")
+    for key in ("train_loss", "val_loss", "val_bpc", "params", "steps"):
+        assert resumed[key] == whole[key], key
+
+
+def test_resume_cannot_shorten_a_run_below_its_finished_steps(text_file, tmp_path):
+    run(text_file, tmp_path / "run", steps=8)
+    with pytest.raises(ValueError, match="fewer than the 8 steps"):
+        run(text_file, tmp_path / "run", resume=True, steps=4)
+
+
+# ---- divergence --------------------------------------------------------------------------------
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(text_file, tmp_path, monkeypatch):
+    models = []
+    real_build = train_module.build
+
+    def build_and_keep_the_model(*args):
+        corpus, model, opt = real_build(*args)
+        models.append(model)
+        return corpus, model, opt
+
+    monkeypatch.setattr(train_module, "build", build_and_keep_the_model)
+
+    def poison(done, loss):
+        if done == 4:  # right after the step-4 checkpoint
+            models[0].token_embedding.weight.data[...] = np.nan
+
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 4"):
+        run(text_file, tmp_path / "run", on_step=poison)
+    model, _, meta = load_model(tmp_path / "run")
+    assert meta["step"] == 4
+    assert all(np.isfinite(p.data).all() for p in model.parameters())
+
+
+@pytest.mark.xfail(strict=True, reason="train.py ignores the non-finite norm that clip_grad_norm returns: "
+                   "a step with finite loss but NaN/Inf gradients makes the weights NaN, and if it is "
+                   "the step before an evaluation the NaN weights are saved as the 'last good' checkpoint")
+def test_non_finite_gradients_never_reach_a_checkpoint(text_file, tmp_path, monkeypatch):
+    calls = []
+    real_clip = train_module.clip_grad_norm
+
+    def clip_with_nan_gradient(params, max_norm):
+        calls.append(1)
+        if len(calls) == 4:  # the step that ends at the step-4 checkpoint
+            params[0].grad[...] = np.nan
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(train_module, "clip_grad_norm", clip_with_nan_gradient)
+    with pytest.raises(TrainingDiverged):
+        run(text_file, tmp_path / "run")
+    model, _, _ = load_model(tmp_path / "run")
+    assert all(np.isfinite(p.data).all() for p in model.parameters())
+
+
+# ---- gated runs are pruned ---------------------------------------------------------------------
+
+
+def test_a_gated_run_writes_a_pruned_checkpoint_and_reports_both_losses(text_file, tmp_path):
+    final = run(text_file, tmp_path / "run", model=dict(variant="abc", gate=True), gate_penalty=0.01)
+    assert set(final["gates"]) == {"0.q", "0.k", "0.v"}
+    assert final["val_loss_before_pruning"] == final["val_loss"]
+    assert np.isfinite(final["val_loss_after_pruning"]) and np.isfinite(final["val_bpc_after_pruning"])
+    pruned, _, _ = load_model(tmp_path / "run" / "pruned")
+    assert not pruned.config.gate
+    assert pruned.config.layer_variants == final["pruned_codes"]
+    assert pruned.num_parameters() == final["pruned_params"]
+    assert "gates" in metric_lines(tmp_path / "run")[-1]
+
+
+def test_pruning_a_gated_run_with_every_gate_kept_does_not_change_its_loss(text_file, tmp_path):
+    final = run(text_file, tmp_path / "run", model=dict(variant="aab", gate=True, dtype="float64"),
+                prune_threshold=0.0)
+    assert final["pruned_codes"] in (["aab"], ["abc"])
+    assert final["val_loss_after_pruning"] == pytest.approx(final["val_loss_before_pruning"], abs=1e-10)
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(steps=0), "steps must be a positive integer"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(eval_interval=0), "eval_interval must be a positive integer"),
+    (dict(eval_iters=-1), "eval_iters must be a positive integer"),
+    (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
+    (dict(lr=1e-3, min_lr=1e-2), "min_lr <= lr"),
+    (dict(min_lr=-1e-3), "min_lr <= lr"),
+    (dict(grad_clip=0.0), "grad_clip must be positive"),
+    (dict(gate_penalty=-0.1), "gate_penalty must be >= 0"),
+])
+def test_invalid_train_config_raises_with_the_reason(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**overrides)
