@@ -56,7 +56,9 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a char GPT with one attention variant",
                        description="Train a character-level GPT. With no arguments: the canonical "
                        "variant on Shakespeare, then a sample.")
-    p.add_argument("--variant", default=m.variant, help="code such as abb, or a name such as shared-kv")
+    p.add_argument("--variant", default=m.variant,
+                   help="code such as abb, or a name such as shared-kv (codes starting with '-' "
+                   "need the = form: --variant=-ab)")
     p.add_argument("--data", default=t.data, help="shakespeare | PATH to a UTF-8 text | synthetic:TASK")
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default {t.steps})")
     p.add_argument("--out", default=t.out, help="folder for checkpoint and metrics")
@@ -147,6 +149,8 @@ def _sample_text(ckpt, prompt, tokens, temperature, top_k, seed) -> str:
     model, tokenizer, _ = load_model(ckpt)
     if not prompt:
         raise ValueError("--prompt must not be empty")
+    if prompt == SAMPLE_PROMPT and not set(prompt) <= set(tokenizer.chars):
+        prompt = tokenizer.chars[0]  # the default prompt needs characters this corpus lacks
     ids = tokenizer.encode(prompt)[None, :]  # (1, T)
     out = model.generate(ids, tokens, temperature, top_k, np.random.default_rng(seed))
     return tokenizer.decode(out[0])

@@ -142,7 +142,10 @@ def train(model_config: GPTConfig, train_config: TrainConfig, resume: bool = Fal
                                    f"checkpoint in {out} is kept (try a lower --lr)")
         model.zero_grad()
         objective.backward()
-        clip_grad_norm(params, train_config.grad_clip)
+        grad_norm = clip_grad_norm(params, train_config.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step}; the last good "
+                                   f"checkpoint in {out} is kept (try a lower --lr)")
         opt.step(lr=lr)
         step_ms.append(1000 * (time.perf_counter() - t0))
         tokens_per_s = train_config.batch_size * cfg.block_size / (step_ms[-1] / 1000)

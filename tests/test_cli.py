@@ -148,9 +148,6 @@ def test_train_writes_its_files_and_prints_a_summary_and_a_sample(capsys, tmp_pa
     assert len(sample) == len("ROMEO:\n") + 30 + 1  # prompt, 30 sampled characters, print's newline
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py cmd_train samples from the fixed prompt 'ROMEO:\\n'; "
-                   "a text without those characters fails to encode it, so a finished training run "
-                   "exits with code 2")
 def test_train_on_a_text_without_the_sample_prompts_characters_succeeds(capsys, tmp_path):
     path = tmp_path / "lower.txt"
     path.write_text("the cat sat on the mat. the dog ate the log. " * 80)
