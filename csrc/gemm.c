@@ -1,0 +1,113 @@
+/* gemm.c: batched, strided matrix multiply C = op(A) @ op(B) in float32 and float64.
+ *
+ * How it is fast, in four ideas (after Goto & van de Geijn, "Anatomy of high-performance
+ * matrix multiplication", and the BLIS papers):
+ *   1. Register tile: the micro-kernel computes an MR x NR block of C held entirely in vector
+ *      registers, so each loaded value of A is used NR times and each value of B MR times.
+ *   2. Packing: the blocks of A and B the micro-kernel reads are first copied into small
+ *      contiguous panels in exactly the order it reads them. Transposes and strides are
+ *      dealt with here, once, so the micro-kernel only ever sees one layout.
+ *   3. Cache blocking: K is cut into KC slices and M into MC slices so that one packed A
+ *      block (MC x KC) stays in the L2 cache and one packed B panel (KC x NR) in L1.
+ *   4. Threads: the batch, or else the rows (or columns) of C, are shared out between
+ *      OpenMP threads; each thread packs into its own slice of the caller's workspace.
+ * The loops themselves are in gemm_template.h, written once and compiled for float and double.
+ */
+#include "minqkv.h"
+#include "internal.h"
+
+/* Below this many flops (~0.5 ms of work on one core) a GEMM runs on one thread: waking a
+ * sleeping thread costs from a few microseconds on bare metal to 100+ in a small VM. */
+#define PARALLEL_MIN_FLOPS (1 << 26)
+
+struct gemm_plan {
+    int threads;        /* OpenMP threads to start */
+    int64_t pieces;     /* each matrix of the batch is cut into this many pieces */
+    int split_rows;     /* pieces are bands of rows of C (else bands of columns) */
+    int64_t piece_size; /* rows (or columns) per piece, a multiple of MR (or NR) */
+};
+
+/* Decide how to share the work between threads. Whole matrices of the batch are the natural
+ * unit; when they do not divide evenly between the threads (a single matrix, say) each one is
+ * also cut into as many bands as there are threads, along its longer side. */
+static struct gemm_plan make_gemm_plan(int64_t batch, int64_t M, int64_t N, int64_t K,
+                                       int num_threads, int64_t mr, int64_t nr)
+{
+    struct gemm_plan plan = {1, 1, 1, M};
+    double flops = 2.0 * (double)batch * (double)M * (double)N * (double)K;
+    int64_t threads = num_threads < 1 ? 1 : num_threads;
+#ifndef _OPENMP
+    threads = 1;
+#endif
+    if (flops < PARALLEL_MIN_FLOPS || batch == 0)
+        return plan;
+    if (batch % threads != 0 && batch < 8 * threads) {
+        if (M >= N && M >= 2 * mr) {
+            plan.pieces = min_i64(threads, M / mr);
+            plan.piece_size = round_up((M + plan.pieces - 1) / plan.pieces, mr);
+        } else if (N >= 2 * nr) {
+            plan.split_rows = 0;
+            plan.pieces = min_i64(threads, N / nr);
+            plan.piece_size = round_up((N + plan.pieces - 1) / plan.pieces, nr);
+        }
+    }
+    plan.threads = (int)min_i64(threads, batch * plan.pieces);
+    return plan;
+}
+
+/* Shapes and strides that could make the kernel read or write out of bounds are refused. */
+static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N,
+                                int64_t K, const void *A, int64_t lda, int64_t batch_stride_a,
+                                const void *B, int64_t ldb, int64_t batch_stride_b,
+                                const void *C, int64_t ldc, int64_t batch_stride_c,
+                                const void *workspace)
+{
+    if (batch < 0 || M < 0 || N < 0 || K < 0)
+        return 0;
+    if (batch == 0 || M == 0 || N == 0)
+        return 1;
+    if (!C || ldc < N || batch_stride_c < 0 || (batch > 1 && batch_stride_c < M * ldc))
+        return 0;
+    if (K == 0)
+        return 1;
+    if (!A || !B || !workspace || batch_stride_a < 0 || batch_stride_b < 0)
+        return 0;
+    if (lda < (trans_a ? M : K) || ldb < (trans_b ? K : N))
+        return 0;
+    return 1;
+}
+
+/* float32: a 6 x 16 tile is 12 AVX2 registers (of 16) or 6 AVX-512 registers.
+ * KC x NR x 4 bytes = 16 KiB of packed B per panel (L1), MC x KC x 4 = 120 KiB of packed A (L2). */
+#define REAL float
+#define SUFFIX f32
+#define MR 6
+#define NR 16
+#define KC 256
+#define MC 120
+#define NC 2048
+#include "gemm_template.h"
+#undef REAL
+#undef SUFFIX
+#undef MR
+#undef NR
+#undef KC
+#undef MC
+#undef NC
+
+/* float64: the same tile in bytes, 6 x 8 doubles. */
+#define REAL double
+#define SUFFIX f64
+#define MR 6
+#define NR 8
+#define KC 256
+#define MC 120
+#define NC 1024
+#include "gemm_template.h"
+#undef REAL
+#undef SUFFIX
+#undef MR
+#undef NR
+#undef KC
+#undef MC
+#undef NC

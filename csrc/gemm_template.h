@@ -1,0 +1,186 @@
+/* gemm_template.h: the GEMM of gemm.c, written once for an element type.
+ *
+ * Not a header of the API. gemm.c includes this file twice, after defining
+ *   REAL      the element type (float or double)
+ *   SUFFIX    f32 or f64, appended to every name defined here
+ *   MR, NR    the register tile: the micro-kernel keeps an MR x NR block of C in registers
+ *   KC, MC, NC  the cache blocks (see gemm.c for why these sizes)
+ */
+
+#define NAME(x) PASTE(x, SUFFIX)
+
+/* Element (i, p) of op(X) for a stored row-major X with row stride ld. */
+#define AT(X, trans, ld, i, p) ((trans) ? (X)[(int64_t)(p) * (ld) + (i)] : (X)[(int64_t)(i) * (ld) + (p)])
+
+/* Pack an (mc, kc) block of op(A) into panels of MR rows. Inside a panel the MR values of
+ * one column p sit next to each other, in the order the micro-kernel reads them:
+ *   packed[panel][p][r] = op(A)[panel * MR + r, p]     (zero past row mc) */
+static ALWAYS_INLINE void NAME(pack_a)(int trans, int64_t mc, int64_t kc,
+                                       const REAL *A, int64_t lda, REAL *packed)
+{
+    for (int64_t i0 = 0; i0 < mc; i0 += MR) {
+        int64_t rows = min_i64(MR, mc - i0);
+        for (int64_t p = 0; p < kc; p++) {
+            for (int64_t r = 0; r < MR; r++)
+                packed[p * MR + r] = r < rows ? AT(A, trans, lda, i0 + r, p) : (REAL)0;
+        }
+        packed += MR * kc;
+    }
+}
+
+/* Pack a (kc, nc) block of op(B) into panels of NR columns:
+ *   packed[panel][p][c] = op(B)[p, panel * NR + c]     (zero past column nc) */
+static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
+                                       const REAL *B, int64_t ldb, REAL *packed)
+{
+    for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+        int64_t cols = min_i64(NR, nc - j0);
+        if (!trans && cols == NR) {
+            /* rows of B are contiguous: a straight copy the compiler turns into vector moves */
+            for (int64_t p = 0; p < kc; p++)
+                for (int64_t c = 0; c < NR; c++)
+                    packed[p * NR + c] = B[p * ldb + j0 + c];
+        } else {
+            /* read each stored row of B^T once, front to back */
+            for (int64_t c = 0; c < NR; c++)
+                for (int64_t p = 0; p < kc; p++)
+                    packed[p * NR + c] = c < cols ? AT(B, !trans, ldb, j0 + c, p) : (REAL)0;
+        }
+        packed += NR * kc;
+    }
+}
+
+/* The micro-kernel: one MR x NR tile of C from a packed A panel (kc, MR) and B panel (kc, NR).
+ *
+ *   tile[r][c] = sum over p of a[p][r] * b[p][c]
+ *
+ * Loop order p, r, c: for each p, one row of NR values of b is loaded (NR/8 or NR/16 vector
+ * registers) and each a[p][r] is broadcast and multiplied into row r of the tile. The
+ * compiler unrolls r and c completely (they are constants) and keeps the whole tile in
+ * registers, so the inner loop does only loads and fused multiply-adds. */
+static ALWAYS_INLINE void NAME(micro_kernel)(int64_t kc, const REAL *restrict a,
+                                             const REAL *restrict b, REAL *restrict C,
+                                             int64_t ldc, int64_t rows, int64_t cols, int accumulate)
+{
+    REAL tile[MR][NR] = {{0}};
+    for (int64_t p = 0; p < kc; p++) {
+        for (int r = 0; r < MR; r++)
+#pragma omp simd
+            for (int c = 0; c < NR; c++)
+                tile[r][c] += a[r] * b[c];
+        a += MR;
+        b += NR;
+    }
+    if (rows == MR && cols == NR) {
+        for (int r = 0; r < MR; r++)
+            for (int c = 0; c < NR; c++)
+                C[r * ldc + c] = accumulate ? C[r * ldc + c] + tile[r][c] : tile[r][c];
+    } else {
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < cols; c++)
+                C[r * ldc + c] = accumulate ? C[r * ldc + c] + tile[r][c] : tile[r][c];
+    }
+}
+
+/* One C block (M, N) = op(A) (M, K) @ op(B) (K, N), on one thread.
+ *
+ * Loop order, outermost first (the classic Goto / BLIS scheme):
+ *   jc: NC columns of C at a time
+ *     pc: KC of the K dimension at a time; pack op(B)[pc:pc+KC, jc:jc+NC] (stays in L2/L3)
+ *       ic: MC rows at a time; pack op(A)[ic:ic+MC, pc:pc+KC] (stays in L2)
+ *         jr: one NR-wide panel of packed B (kc x NR, stays in L1)
+ *           ir: one MR-high panel of packed A, streamed from L2 into the micro-kernel
+ * The first pc block writes C, the later ones add to it. */
+static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
+                                        const REAL *A, int64_t lda, const REAL *B, int64_t ldb,
+                                        REAL *C, int64_t ldc, REAL *workspace)
+{
+    REAL *packed_b = workspace;                                             /* kc x nc, padded */
+    REAL *packed_a = workspace + min_i64(K, KC) * round_up(min_i64(N, NC), NR); /* mc x kc, padded */
+    for (int64_t jc = 0; jc < N; jc += NC) {
+        int64_t nc = min_i64(NC, N - jc);
+        for (int64_t pc = 0; pc < K; pc += KC) {
+            int64_t kc = min_i64(KC, K - pc);
+            const REAL *B_block = trans_b ? B + jc * ldb + pc : B + pc * ldb + jc;
+            NAME(pack_b)(trans_b, kc, nc, B_block, ldb, packed_b);
+            for (int64_t ic = 0; ic < M; ic += MC) {
+                int64_t mc = min_i64(MC, M - ic);
+                const REAL *A_block = trans_a ? A + pc * lda + ic : A + ic * lda + pc;
+                NAME(pack_a)(trans_a, mc, kc, A_block, lda, packed_a);
+                for (int64_t jr = 0; jr < nc; jr += NR) {
+                    for (int64_t ir = 0; ir < mc; ir += MR) {
+                        NAME(micro_kernel)(kc, packed_a + ir * kc, packed_b + jr * kc,
+                                           C + (ic + ir) * ldc + jc + jr, ldc,
+                                           min_i64(MR, mc - ir), min_i64(NR, nc - jr), pc > 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Workspace of one thread for an (M, N, K) product, in elements: the packed B block then the
+ * packed A block (as gemm_block lays them out), rounded up to whole 64-byte lines. */
+static int64_t NAME(workspace_per_thread)(int64_t M, int64_t N, int64_t K)
+{
+    int64_t kc = min_i64(K, KC);
+    int64_t packed = kc * round_up(min_i64(N, NC), NR) + round_up(min_i64(M, MC), MR) * kc;
+    return round_up(packed, 64 / (int64_t)sizeof(REAL));
+}
+
+int64_t NAME(minqkv_gemm_workspace)(int64_t batch, int64_t M, int64_t N, int64_t K, int num_threads)
+{
+    if (batch < 0 || M < 0 || N < 0 || K < 0)
+        return 0;
+    struct gemm_plan plan = make_gemm_plan(batch, M, N, K, num_threads, MR, NR);
+    return plan.threads * NAME(workspace_per_thread)(M, N, K) + 64 / (int64_t)sizeof(REAL);
+}
+
+int NAME(minqkv_gemm)(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
+                      const REAL *A, int64_t lda, int64_t batch_stride_a,
+                      const REAL *B, int64_t ldb, int64_t batch_stride_b,
+                      REAL *C, int64_t ldc, int64_t batch_stride_c,
+                      REAL *workspace, int num_threads)
+{
+    if (!gemm_arguments_valid(trans_a, trans_b, batch, M, N, K, A, lda, batch_stride_a,
+                              B, ldb, batch_stride_b, C, ldc, batch_stride_c, workspace))
+        return MINQKV_BAD_ARGUMENT;
+    if (batch == 0 || M == 0 || N == 0)
+        return MINQKV_OK;
+    if (K == 0) { /* an empty sum: C is zero */
+        for (int64_t z = 0; z < batch; z++)
+            for (int64_t i = 0; i < M; i++)
+                for (int64_t j = 0; j < N; j++)
+                    C[z * batch_stride_c + i * ldc + j] = 0;
+        return MINQKV_OK;
+    }
+
+    /* each thread gets its own 64-byte aligned slice of the workspace */
+    REAL *aligned = (REAL *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
+    struct gemm_plan plan = make_gemm_plan(batch, M, N, K, num_threads, MR, NR);
+    int64_t per_thread = NAME(workspace_per_thread)(M, N, K);
+    int64_t units = batch * plan.pieces;
+#pragma omp parallel for num_threads(plan.threads) if (plan.threads > 1) schedule(static)
+    for (int64_t unit = 0; unit < units; unit++) {
+        int64_t z = unit / plan.pieces, piece = unit % plan.pieces;
+        int64_t m0 = 0, m1 = M, n0 = 0, n1 = N;
+        if (plan.split_rows) {
+            m0 = min_i64(M, piece * plan.piece_size);
+            m1 = min_i64(M, m0 + plan.piece_size);
+        } else {
+            n0 = min_i64(N, piece * plan.piece_size);
+            n1 = min_i64(N, n0 + plan.piece_size);
+        }
+        if (m0 == m1 || n0 == n1)
+            continue;
+        const REAL *A_piece = A + z * batch_stride_a + (trans_a ? m0 : m0 * lda);
+        const REAL *B_piece = B + z * batch_stride_b + (trans_b ? n0 * ldb : n0);
+        REAL *C_piece = C + z * batch_stride_c + m0 * ldc + n0;
+        NAME(gemm_block)(trans_a, trans_b, m1 - m0, n1 - n0, K, A_piece, lda, B_piece, ldb,
+                         C_piece, ldc, aligned + THREAD_INDEX() * per_thread);
+    }
+    return MINQKV_OK;
+}
+
+#undef NAME
+#undef AT

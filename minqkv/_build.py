@@ -1,0 +1,116 @@
+"""The cffi builder of minqkv's C core: compiles csrc/*.c into the extension minqkv._ccore.
+
+setup.py names `ffibuilder` in `cffi_modules`, so `pip install .` and `pip install -e .` build
+it. For a quick rebuild in place while working on the C code: `python minqkv/_build.py`.
+
+The C declarations given to cffi are read from csrc/minqkv.h, so that header stays the one
+contract between C and Python.
+
+The default build is portable: plain -O3 for the CPU family, with the hot kernels compiled
+several times inside the binary (AVX-512, AVX2+FMA, baseline x86-64) and the best version picked
+when the module loads (see csrc/internal.h). Build-time environment variables:
+
+  MINQKV_NATIVE=1   also pass -march=native: fastest here, but the result may crash with
+                    "illegal instruction" on an older CPU, so never for wheels you share.
+  MINQKV_OPENMP=0   build without OpenMP: every kernel runs on one thread.
+
+With OpenMP, kernels use MINQKV_NUM_THREADS threads at run time (default: every core this
+process may use). OpenMP's thread pool does not survive fork(): code that runs kernels in
+several processes must start them with multiprocessing's 'spawn' method, as minqkv does.
+"""
+
+import os
+import re
+import sys
+import tempfile
+
+import setuptools  # noqa: F401  (provides distutils on Python 3.12+)
+from cffi import FFI
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(PACKAGE_DIR)
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def _path(*parts):
+    """A path under the project root, relative when we run from there (setuptools prefers it)."""
+    full = os.path.join(ROOT, *parts)
+    return os.path.relpath(full) if os.path.abspath(os.getcwd()) == ROOT else full
+
+
+def cdef_from_header(header_text):
+    """The header's declarations in the form cffi.cdef accepts: comments and preprocessor lines
+    dropped, each `#define NAME value` turned into `#define NAME ...` (the compiler fills it in)."""
+    text = re.sub(r"/\*.*?\*/", "", header_text, flags=re.S)
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        define = re.match(r"#\s*define\s+(MINQKV_\w+)\s+\S", stripped)
+        if define:
+            lines.append(f"#define {define.group(1)} ...")
+        elif not stripped.startswith("#"):
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _compiler_accepts(flags, link_flags=()):
+    """True if the C compiler setuptools will use compiles and links a small OpenMP-using file
+    with these flags (so a compiler without OpenMP, e.g. Apple's clang, still builds)."""
+    from distutils.ccompiler import new_compiler
+    from distutils.errors import CCompilerError, DistutilsError
+    from distutils.sysconfig import customize_compiler
+
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.c")
+        with open(source, "w") as f:
+            f.write("int probe(float *x, int n) {\n#pragma omp parallel for simd\n"
+                    "  for (int i = 0; i < n; i++) x[i] *= 2;\n  return 0;\n}\n")
+        try:
+            objects = compiler.compile([source], output_dir=tmp, extra_postargs=list(flags))
+            compiler.link_shared_object(objects, os.path.join(tmp, "probe.so"),
+                                        extra_postargs=list(link_flags))
+        except (CCompilerError, DistutilsError, OSError):
+            return False
+    return True
+
+
+def build_flags():
+    """(compile args, link args, macros) for this compiler and the MINQKV_* variables."""
+    if sys.platform == "win32":
+        return ["/O2", "/std:c11"], [], []
+    compile_args, link_args, macros = ["-O3", "-std=gnu11"], [], []
+    if os.environ.get("MINQKV_OPENMP", "1") != "0" and _compiler_accepts(["-fopenmp"], ["-fopenmp"]):
+        compile_args.append("-fopenmp")
+        link_args.append("-fopenmp")
+    elif _compiler_accepts(["-fopenmp-simd"]):
+        compile_args.append("-fopenmp-simd")  # still vectorise the loops marked `omp simd`
+    if os.environ.get("MINQKV_NATIVE") == "1":
+        compile_args.append("-march=native")
+        macros.append(("MINQKV_NATIVE", "1"))
+    return compile_args, link_args, macros
+
+
+with open(os.path.join(CSRC, "minqkv.h")) as _header:
+    _cdef = cdef_from_header(_header.read())
+
+_compile_args, _link_args, _macros = build_flags()
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef)
+ffibuilder.set_source(
+    "minqkv._ccore",
+    # the flags are written into the generated source so that changing them forces a rebuild
+    f'#include "minqkv.h"\n/* compiled with {" ".join(_compile_args)} {_macros} */',
+    sources=[_path("csrc", name) for name in sorted(os.listdir(CSRC)) if name.endswith(".c")],
+    depends=[_path("csrc", name) for name in sorted(os.listdir(CSRC)) if name.endswith(".h")],
+    include_dirs=[_path("csrc")],
+    define_macros=_macros,
+    extra_compile_args=_compile_args,
+    extra_link_args=_link_args,
+)
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    ffibuilder.compile(tmpdir=ROOT, verbose=True)

@@ -1,0 +1,364 @@
+"""The Python face of minqkv's C core: matmul, softmax and softmax_backward.
+
+Each kernel exists twice with the same signature and meaning:
+  matmul_c, softmax_c, softmax_backward_c              the C core (csrc/, through cffi)
+  matmul_numpy, softmax_numpy, softmax_backward_numpy  a few lines of NumPy: the reference
+and `matmul`, `softmax`, `softmax_backward` call one or the other according to the backend:
+
+  set_backend("numpy")   # or "c"; the first value comes from $MINQKV_BACKEND (default "c")
+
+Every entry point checks its arguments first and raises a TypeError or ValueError that names
+the argument: dtypes must be float32 or float64 and agree (nothing is cast silently), shapes
+must fit together. Arrays the C code cannot take as they are (strided, misaligned) are copied,
+and the result is always a new C-contiguous array allocated here, by NumPy.
+
+If the extension minqkv._ccore was not built (no C compiler at install time), everything runs
+on the NumPy twins and a warning says so once.
+
+Threads: the C kernels use MINQKV_NUM_THREADS threads (default: every core this process may
+use); change it with set_num_threads(n). The OpenMP thread pool does not survive fork(): run
+kernels in several processes only with multiprocessing's 'spawn' start method, and give each
+process MINQKV_NUM_THREADS=1 when they run side by side.
+"""
+
+import os
+import sys
+import warnings
+
+import numpy as np
+
+# Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise). Spinning
+# saves microseconds per call on an idle machine but, on a small or shared one, a spinning
+# thread takes a core from NumPy's BLAS threads or another process, and calls then stall for
+# whole scheduler time slices. OpenMP reads this once, when the extension first loads it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:
+    from ._ccore import ffi as _ffi
+    from ._ccore import lib as _lib
+
+    HAVE_C = True
+    _IMPORT_ERROR = None
+except ImportError as _error:
+    _ffi = _lib = None
+    HAVE_C = False
+    _IMPORT_ERROR = _error
+
+BACKENDS = ("c", "numpy")
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT32, _FLOAT64 = FLOAT_DTYPES
+
+_BUILD_HINT = ("build it with `pip install -e .` (or `python minqkv/_build.py`) in the "
+               "minqkv checkout; this needs a C compiler")
+
+
+# ---- backend and threads ---------------------------------------------------------------
+
+
+def _check_backend_name(name, source="backend"):
+    if name not in BACKENDS:
+        raise ValueError(f"{source} {name!r} is not a minqkv backend: use one of "
+                         + ", ".join(repr(b) for b in BACKENDS))
+
+
+def _initial_backend():
+    name = os.environ.get("MINQKV_BACKEND", "c").strip().lower() or "c"
+    _check_backend_name(name, "MINQKV_BACKEND")
+    if name == "c" and not HAVE_C:
+        message = (f"minqkv: the C core (minqkv._ccore) is not built ({_IMPORT_ERROR}); "
+                   f"running on the slow NumPy twins instead. To get it, {_BUILD_HINT}. "
+                   "Set MINQKV_BACKEND=numpy to choose NumPy and silence this.")
+        print(message, file=sys.stderr)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return "numpy"
+    return name
+
+
+def _initial_num_threads():
+    value = os.environ.get("MINQKV_NUM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"MINQKV_NUM_THREADS={value!r} is not a thread count: use a whole number >= 1")
+        return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_backend = _initial_backend()
+_num_threads = _initial_num_threads()
+
+
+def set_backend(name):
+    """Run matmul/softmax/softmax_backward on 'c' (the C core) or 'numpy' (the NumPy twins)."""
+    global _backend
+    _check_backend_name(name)
+    if name == "c" and not HAVE_C:
+        raise RuntimeError(f"backend 'c' is not available: the extension minqkv._ccore could not be "
+                           f"imported ({_IMPORT_ERROR}). To get it, {_BUILD_HINT}.")
+    _backend = name
+
+
+def get_backend():
+    """The backend in use: 'c' or 'numpy'."""
+    return _backend
+
+
+def set_num_threads(n):
+    """How many threads each C kernel may use (small problems use one whatever this says)."""
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a whole number >= 1, got {n!r}")
+    _num_threads = int(min(n, 1024))
+
+
+def get_num_threads():
+    """The number of threads the C kernels may use."""
+    return _num_threads
+
+
+# ---- argument checks (shared by both backends, so errors read the same) ---------------
+
+
+def _check_float_array(op, name, x):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{op}: {name} must be a numpy.ndarray of float32 or float64, "
+                        f"got {type(x).__name__}")
+    if x.dtype is not _FLOAT32 and x.dtype is not _FLOAT64 and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {x.dtype} but float32 or float64 was expected; "
+                        f"minqkv never casts silently, convert it first, e.g. {name}.astype(np.float32)")
+
+
+def _check_same_dtype(op, name_a, a, name_b, b):
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: {name_a} is {a.dtype} but {name_b} is {b.dtype}; both must have "
+                        f"the same dtype (minqkv never casts silently), convert one with .astype()")
+
+
+def _matmul_sizes(a, b, trans_a, trans_b):
+    """Check matmul's arguments; return (batch or None, M, N, K)."""
+    _check_float_array("matmul", "a", a)
+    _check_float_array("matmul", "b", b)
+    _check_same_dtype("matmul", "a", a, "b", b)
+    if not ((a.ndim == 2 and b.ndim == 2) or (a.ndim == 3 and b.ndim == 3)):
+        raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}; they must be both "
+                         "2-D, (M, K) @ (K, N), or both 3-D, (batch, M, K) @ (batch, K, N)")
+    if a.ndim == 3 and a.shape[0] != b.shape[0]:
+        raise ValueError(f"matmul: a has shape {a.shape} but b has shape {b.shape}; batch sizes "
+                         f"{a.shape[0]} and {b.shape[0]} must match")
+    M, K = (a.shape[-1], a.shape[-2]) if trans_a else (a.shape[-2], a.shape[-1])
+    K_b, N = (b.shape[-1], b.shape[-2]) if trans_b else (b.shape[-2], b.shape[-1])
+    if K != K_b:
+        flags = "".join(f", {flag}=True" for flag, on in (("trans_a", trans_a), ("trans_b", trans_b)) if on)
+        raise ValueError(f"matmul: a has shape {a.shape} but b has shape {b.shape}{flags}; "
+                         f"inner dimensions {K} and {K_b} must match")
+    return (a.shape[0] if a.ndim == 3 else None), M, N, K
+
+
+def _check_softmax(x, causal):
+    _check_float_array("softmax", "x", x)
+    if x.ndim < 1:
+        raise ValueError("softmax: x must have at least 1 dimension, got a 0-d array")
+    if causal and x.ndim < 2:
+        raise ValueError(f"softmax: causal=True needs x with at least 2 dimensions (..., Tq, Tk), "
+                         f"got shape {x.shape}")
+
+
+def _check_softmax_backward(y, dy):
+    _check_float_array("softmax_backward", "y", y)
+    _check_float_array("softmax_backward", "dy", dy)
+    _check_same_dtype("softmax_backward", "y", y, "dy", dy)
+    if y.shape != dy.shape:
+        raise ValueError(f"softmax_backward: y has shape {y.shape} but dy has shape {dy.shape}; "
+                         "they must be the same")
+    if y.ndim < 1:
+        raise ValueError("softmax_backward: y and dy must have at least 1 dimension, got 0-d arrays")
+
+
+# ---- the NumPy twins ------------------------------------------------------------------
+
+
+def matmul_numpy(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) with NumPy; op transposes the last two axes when asked."""
+    _matmul_sizes(a, b, trans_a, trans_b)
+    op_a = np.swapaxes(a, -1, -2) if trans_a else a
+    op_b = np.swapaxes(b, -1, -2) if trans_b else b
+    return np.ascontiguousarray(np.matmul(op_a, op_b))
+
+
+def softmax_numpy(x, causal=False):
+    """Softmax over the last axis; causal hides key j from query i when j > i + (Tk - Tq)."""
+    _check_softmax(x, causal)
+    if x.size == 0:
+        return np.empty(x.shape, x.dtype)
+    if causal:
+        Tq, Tk = x.shape[-2:]
+        visible = np.arange(Tk)[None, :] <= np.arange(Tq)[:, None] + (Tk - Tq)  # (Tq, Tk)
+        x = np.where(visible, x, -np.inf).astype(x.dtype, copy=False)
+    with np.errstate(invalid="ignore"):  # inf - inf in a row holding +inf: NaN, as intended
+        row_max = x.max(axis=-1, keepdims=True)
+        row_max = np.where(np.isneginf(row_max), 0, row_max)  # all -inf rows: exp gives zeros
+        e = np.exp(x - row_max)
+        total = e.sum(axis=-1, keepdims=True)
+        return e / np.where(total == 0, 1, total)
+
+
+def softmax_backward_numpy(y, dy):
+    """dx = y * (dy - sum(dy * y)) over the last axis, the gradient through y = softmax(x)."""
+    _check_softmax_backward(y, dy)
+    return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
+
+
+# ---- the C core ---------------------------------------------------------------------------
+
+
+def _require_c(op):
+    if not HAVE_C:
+        raise RuntimeError(f"{op}_c: the C core is not available (minqkv._ccore could not be imported: "
+                           f"{_IMPORT_ERROR}). To get it, {_BUILD_HINT}; or use {op}_numpy.")
+
+
+def _c_functions(dtype):
+    """(C element type, gemm, gemm workspace size, softmax, softmax backward) for a checked
+    float dtype: 'f' is float32, 'd' float64."""
+    if dtype.char == "f":
+        return ("float[]", _lib.minqkv_gemm_f32, _lib.minqkv_gemm_workspace_f32,
+                _lib.minqkv_softmax_f32, _lib.minqkv_softmax_backward_f32)
+    return ("double[]", _lib.minqkv_gemm_f64, _lib.minqkv_gemm_workspace_f64,
+            _lib.minqkv_softmax_f64, _lib.minqkv_softmax_backward_f64)
+
+
+def _contiguous(x):
+    """x itself if C can read it as is (C-contiguous, aligned), else an aligned C-order copy."""
+    if x.flags.c_contiguous and x.flags.aligned:
+        return x
+    return np.array(x, order="C", copy=True)
+
+
+def _matrix_operand(x, trans):
+    """How to hand a stack of matrices x (batch, rows, cols) to the GEMM without a copy when
+    possible. Returns (array, trans, batch_stride) where array is C-contiguous and aligned:
+    - x C-contiguous: as is;
+    - each matrix transposed in memory (e.g. w.T): pass the transpose and flip trans instead;
+    - one matrix repeated over the batch (stride 0, from np.broadcast_to): pass it once;
+    - anything else: a C-order copy."""
+    if x.flags.aligned:
+        if x.flags.c_contiguous:
+            return x, trans, x.shape[1] * x.shape[2]
+        swapped = np.swapaxes(x, 1, 2)
+        if swapped.flags.c_contiguous:
+            return swapped, not trans, x.shape[1] * x.shape[2]
+        if x.shape[0] > 1 and x.strides[0] == 0:
+            first = x[:1]
+            if first.flags.c_contiguous:
+                return first, trans, 0
+            if np.swapaxes(first, 1, 2).flags.c_contiguous:
+                return np.swapaxes(first, 1, 2), not trans, 0
+    return np.array(x, order="C", copy=True), trans, x.shape[1] * x.shape[2]
+
+
+def _check_fits(op, *sizes):
+    total = 1
+    for size in sizes:
+        total *= int(size)
+    if total > np.iinfo(np.int64).max // 16:
+        raise ValueError(f"{op}: the result would have {total} elements, too many to address")
+
+
+def matmul_c(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) on the C core; same contract as matmul."""
+    _require_c("matmul")
+    trans_a, trans_b = bool(trans_a), bool(trans_b)
+    batch, M, N, K = _matmul_sizes(a, b, trans_a, trans_b)
+    stacked = batch is not None
+    batch = batch if stacked else 1
+    _check_fits("matmul", batch, M, N)
+    out = np.empty((batch, M, N) if stacked else (M, N), a.dtype)
+    if out.size == 0:
+        return out
+    if K == 0:  # an empty sum
+        out.fill(0)
+        return out
+    a3, trans_a, stride_a = _matrix_operand(a if stacked else a[None], trans_a)
+    b3, trans_b, stride_b = _matrix_operand(b if stacked else b[None], trans_b)
+    ctype, gemm, workspace_size, _, _ = _c_functions(a.dtype)
+    workspace = np.empty(workspace_size(batch, M, N, K, _num_threads), a.dtype)
+    pointer = _ffi.from_buffer  # a C view of an array's memory, valid while the array lives
+    status = gemm(trans_a, trans_b, batch, M, N, K,
+                  pointer(ctype, a3), a3.shape[2], stride_a,
+                  pointer(ctype, b3), b3.shape[2], stride_b,
+                  pointer(ctype, out), N, M * N,
+                  pointer(ctype, workspace), _num_threads)
+    if status != _lib.MINQKV_OK:
+        raise RuntimeError(f"matmul: the C core refused its arguments (status {status}); "
+                           "this is a bug in minqkv/kernels.py")
+    return out
+
+
+def softmax_c(x, causal=False):
+    """Softmax over the last axis on the C core; same contract as softmax."""
+    _require_c("softmax")
+    _check_softmax(x, causal)
+    out = np.empty(x.shape, x.dtype)
+    if x.size == 0:
+        return out
+    x = _contiguous(x)
+    Tk = x.shape[-1]
+    Tq = x.shape[-2] if causal else 1
+    batch = x.size // (Tq * Tk)
+    ctype, _, _, kernel, _ = _c_functions(x.dtype)
+    status = kernel(_ffi.from_buffer(ctype, x), _ffi.from_buffer(ctype, out), batch, Tq, Tk,
+                    bool(causal), _num_threads)
+    if status != _lib.MINQKV_OK:
+        raise RuntimeError(f"softmax: the C core refused its arguments (status {status}); "
+                           "this is a bug in minqkv/kernels.py")
+    return out
+
+
+def softmax_backward_c(y, dy):
+    """dx = y * (dy - sum(dy * y)) on the C core; same contract as softmax_backward."""
+    _require_c("softmax_backward")
+    _check_softmax_backward(y, dy)
+    dx = np.empty(y.shape, y.dtype)
+    if y.size == 0:
+        return dx
+    y, dy = _contiguous(y), _contiguous(dy)
+    n = y.shape[-1]
+    ctype, _, _, _, kernel = _c_functions(y.dtype)
+    status = kernel(_ffi.from_buffer(ctype, y), _ffi.from_buffer(ctype, dy), _ffi.from_buffer(ctype, dx),
+                    y.size // n, n, _num_threads)
+    if status != _lib.MINQKV_OK:
+        raise RuntimeError(f"softmax_backward: the C core refused its arguments (status {status}); "
+                           "this is a bug in minqkv/kernels.py")
+    return dx
+
+
+# ---- dispatch -------------------------------------------------------------------------------
+
+
+def matmul(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b): a, b both 2-D (M, K) @ (K, N) or both 3-D (batch, M, K) @ (batch, K, N),
+    with op(x) = x, or its last two axes swapped when trans_x is true. Same float dtype in and
+    out; returns a new C-contiguous array."""
+    if _backend == "c":
+        return matmul_c(a, b, trans_a, trans_b)
+    return matmul_numpy(a, b, trans_a, trans_b)
+
+
+def softmax(x, causal=False):
+    """Softmax over the last axis of x (float32/float64, ndim >= 1); returns a new array.
+
+    causal=True treats the last two axes as (Tq, Tk) and lets query i see key j only when
+    j <= i + (Tk - Tq), so the last query sees every key (decoding with a KV cache). A row with
+    nothing to see, or only -inf, gives zeros; a row holding NaN gives NaN."""
+    if _backend == "c":
+        return softmax_c(x, causal)
+    return softmax_numpy(x, causal)
+
+
+def softmax_backward(y, dy):
+    """Gradient through y = softmax(x): dx = y * (dy - sum(dy * y)) over the last axis."""
+    if _backend == "c":
+        return softmax_backward_c(y, dy)
+    return softmax_backward_numpy(y, dy)

@@ -1,0 +1,433 @@
+"""minqkv.kernels: the C core against its NumPy twins, the softmax contract, and the errors.
+
+Tests marked `needs_c` compare the C kernels with the NumPy twins and are skipped when the
+extension is not built. The behaviour tests run on every available backend, so the file also
+passes with MINQKV_BACKEND=numpy and without a compiler.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minqkv import kernels
+
+needs_c = pytest.mark.skipif(not kernels.HAVE_C,
+                             reason="the C extension minqkv._ccore is not built (pip install -e .)")
+BACKENDS = [pytest.param("c", marks=needs_c), "numpy"]
+DTYPES = [np.float32, np.float64]
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+THOROUGH = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the test on one backend, then restore the one that was active."""
+    before = kernels.get_backend()
+    kernels.set_backend(request.param)
+    yield request.param
+    kernels.set_backend(before)
+
+
+@pytest.fixture
+def threads():
+    """Let a test change the thread count; restore it afterwards."""
+    before = kernels.get_num_threads()
+    yield kernels.set_num_threads
+    kernels.set_num_threads(before)
+
+
+# ---- making arrays in awkward layouts -----------------------------------------------------
+
+
+def misaligned(x):
+    """A copy of x whose data starts one byte past an aligned address."""
+    buffer = bytearray(x.nbytes + 1)
+    out = np.frombuffer(buffer, dtype=x.dtype, count=x.size, offset=1).reshape(x.shape)
+    out[...] = x
+    assert x.size == 0 or not out.flags.aligned
+    return out
+
+
+def in_layout(x, layout):
+    """x's values, stored as `layout` says."""
+    if layout == "contiguous":
+        return x
+    if layout == "transposed":  # each matrix stored column by column, like w.T
+        return np.swapaxes(np.ascontiguousarray(np.swapaxes(x, -1, -2)), -1, -2)
+    if layout == "strided":  # every other column of a wider array
+        wide = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "misaligned":
+        return misaligned(x)
+    if layout == "readonly":
+        x = x.copy()
+        x.setflags(write=False)
+        return x
+    raise AssertionError(layout)
+
+
+def gemm_error_bound(a, b, K):
+    """Each entry of a float GEMM is within 2 K eps (|op(a)| @ |op(b)|) of the exact product,
+    for any summation order; two implementations are within twice that of each other."""
+    eps = np.finfo(a.dtype).eps
+    return 4 * max(K, 1) * eps * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)) + 1e-30
+
+
+# ---- matmul -------------------------------------------------------------------------------
+
+dims = st.one_of(st.integers(0, 9), st.integers(10, 140), st.sampled_from([255, 257, 300]))
+
+
+@st.composite
+def matmul_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    batch = draw(st.sampled_from([None, 0, 1, 2, 3]))
+    M, N, K = draw(dims), draw(dims), draw(dims)
+    if M * N * K > 300_000:  # keep each example quick
+        K = max(1, 300_000 // max(M * N, 1))
+    trans_a, trans_b = draw(st.booleans()), draw(st.booleans())
+    layouts = st.sampled_from(["contiguous", "transposed", "strided", "misaligned", "readonly"])
+    layout_a, layout_b = draw(layouts), draw(layouts)
+    broadcast_b = batch is not None and batch > 1 and draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    lead = () if batch is None else (batch,)
+    a = rng.standard_normal(lead + ((K, M) if trans_a else (M, K))).astype(dtype)
+    b_shape = (K, N) if not trans_b else (N, K)
+    if broadcast_b:  # one matrix for the whole batch: batch stride 0
+        b = np.broadcast_to(rng.standard_normal(b_shape).astype(dtype), lead + b_shape)
+    else:
+        b = in_layout(rng.standard_normal(lead + b_shape).astype(dtype), layout_b)
+    return in_layout(a, layout_a), b, trans_a, trans_b
+
+
+@needs_c
+@THOROUGH
+@given(matmul_cases())
+def test_matmul_c_matches_numpy_twin(case):
+    a, b, trans_a, trans_b = case
+    got = kernels.matmul_c(a, b, trans_a, trans_b)
+    want = kernels.matmul_numpy(a, b, trans_a, trans_b)
+    assert got.shape == want.shape and got.dtype == a.dtype
+    assert got.flags.c_contiguous
+    op_a = np.swapaxes(a, -1, -2) if trans_a else a
+    op_b = np.swapaxes(b, -1, -2) if trans_b else b
+    K = op_a.shape[-1]
+    assert np.all(np.abs(got.astype(np.float64) - want) <= gemm_error_bound(op_a, op_b, K))
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, M, K, N", [
+    (None, 263, 400, 330),  # big enough to be shared by threads: split into bands of rows
+    (None, 70, 420, 1200),  # wide: bands of columns
+    (3, 263, 400, 330),  # a batch that threads cannot share evenly
+    (4, 100, 300, 600),
+])
+def test_matmul_c_gives_the_same_bits_on_any_thread_count(dtype, batch, M, K, N, threads):
+    rng = np.random.default_rng(1)
+    lead = () if batch is None else (batch,)
+    a = rng.standard_normal(lead + (M, K)).astype(dtype)
+    b = rng.standard_normal(lead + (K, N)).astype(dtype)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        results.append(kernels.matmul_c(a, b))
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+    assert np.all(np.abs(results[0] - a @ b) <= gemm_error_bound(a, b, K))
+
+
+@needs_c
+def test_matmul_c_crosses_every_cache_block():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((130, 600)).astype(np.float32)  # > MC rows, > 2 KC slices
+    b = rng.standard_normal((600, 2100)).astype(np.float32)  # > NC columns
+    got = kernels.matmul_c(a, b)
+    assert np.all(np.abs(got - a @ b) <= gemm_error_bound(a, b, 600))
+
+
+def test_matmul_returns_a_new_c_contiguous_array(backend):
+    a = np.ones((3, 4), np.float32)
+    b = np.ones((5, 4), np.float32).T  # Fortran-ordered view
+    out = kernels.matmul(a, b)
+    assert out.flags.c_contiguous
+    assert not np.shares_memory(out, a) and not np.shares_memory(out, b)
+    np.testing.assert_array_equal(out, np.full((3, 5), 4, np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("a_shape, b_shape, out_shape", [
+    ((0, 4), (4, 5), (0, 5)),
+    ((3, 0), (0, 5), (3, 5)),
+    ((3, 4), (4, 0), (3, 0)),
+    ((0, 3, 4), (0, 4, 5), (0, 3, 5)),
+    ((2, 3, 0), (2, 0, 5), (2, 3, 5)),
+])
+def test_matmul_with_empty_dimensions(backend, dtype, a_shape, b_shape, out_shape):
+    out = kernels.matmul(np.ones(a_shape, dtype), np.ones(b_shape, dtype))
+    assert out.shape == out_shape and out.dtype == dtype
+    assert np.all(out == 0)  # an empty sum is zero
+
+
+def test_matmul_transposes_flags(backend):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2, 4, 3))
+    b = rng.standard_normal((2, 5, 4))
+    out = kernels.matmul(a, b, trans_a=True, trans_b=True)  # (2, 3, 4) @ (2, 4, 5)
+    np.testing.assert_allclose(out, np.swapaxes(a, 1, 2) @ np.swapaxes(b, 1, 2), rtol=1e-12)
+
+
+# ---- softmax ------------------------------------------------------------------------------
+
+
+@st.composite
+def softmax_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    causal = draw(st.booleans())
+    ndim = draw(st.integers(2 if causal else 1, 4))
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=ndim - 1, max_size=ndim - 1)))
+    shape += (draw(st.one_of(st.integers(0, 20), st.integers(100, 300))),)
+    scale = draw(st.sampled_from([1.0, 30.0, 1e4]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = (scale * rng.standard_normal(shape)).astype(dtype)
+    layout = draw(st.sampled_from(["contiguous", "transposed", "misaligned"]))
+    if layout == "transposed" and ndim < 2:
+        layout = "contiguous"
+    return in_layout(x, layout), causal
+
+
+TOLERANCE = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6), np.dtype(np.float64): dict(rtol=1e-12, atol=1e-14)}
+
+
+@needs_c
+@FAST
+@given(softmax_cases())
+def test_softmax_c_matches_numpy_twin(case):
+    x, causal = case
+    got = kernels.softmax_c(x, causal)
+    want = kernels.softmax_numpy(x, causal)
+    assert got.shape == x.shape and got.dtype == x.dtype and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, **TOLERANCE[x.dtype])
+
+
+@needs_c
+@FAST
+@given(softmax_cases())
+def test_softmax_backward_c_matches_numpy_twin(case):
+    x, _ = case
+    y = kernels.softmax_numpy(x)
+    dy = np.random.default_rng(x.size).standard_normal(x.shape).astype(x.dtype)
+    got = kernels.softmax_backward_c(y, dy)
+    np.testing.assert_allclose(got, kernels.softmax_backward_numpy(y, dy), **TOLERANCE[x.dtype])
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_c_gives_the_same_bits_on_any_thread_count(dtype, threads):
+    x = np.random.default_rng(6).standard_normal((32, 130, 128)).astype(dtype)  # big enough to share
+    dy = np.random.default_rng(7).standard_normal(x.shape).astype(dtype)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        y = kernels.softmax_c(x, causal=True)
+        results.append((y, kernels.softmax_backward_c(y, dy)))
+    for y, dx in results[1:]:
+        assert np.array_equal(y, results[0][0]) and np.array_equal(dx, results[0][1])
+    np.testing.assert_allclose(results[0][0], kernels.softmax_numpy(x, causal=True), **TOLERANCE[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_rows_sum_to_one_even_for_huge_values(backend, dtype):
+    x = np.array([[1e4, 1e4 - 1, -1e4], [3e38 if dtype == np.float32 else 1e300, 0.0, -1.0]], dtype)
+    y = kernels.softmax(x)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(y[0, :2], [1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1))], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_softmax_hides_future_keys_with_a_kv_cache(backend, dtype):
+    Tq, Tk = 3, 7  # 3 new queries at the end of a 7-token context
+    x = np.random.default_rng(4).standard_normal((2, Tq, Tk)).astype(dtype)
+    y = kernels.softmax(x, causal=True)
+    for i in range(Tq):
+        visible = i + (Tk - Tq) + 1  # query i sees keys 0 .. i + Tk - Tq
+        np.testing.assert_array_equal(y[:, i, visible:], 0)
+        np.testing.assert_allclose(y[:, i, :visible], kernels.softmax_numpy(x[:, i, :visible]),
+                                   **TOLERANCE[np.dtype(dtype)])
+    np.testing.assert_allclose(y[:, -1], kernels.softmax(x[:, -1]), **TOLERANCE[np.dtype(dtype)])
+
+
+def test_causal_softmax_rows_that_see_nothing_are_zero(backend):
+    x = np.ones((4, 2))  # Tq > Tk: query i sees keys j <= i - 2
+    y = kernels.softmax(x, causal=True)
+    np.testing.assert_array_equal(y, [[0, 0], [0, 0], [1, 0], [0.5, 0.5]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_of_an_all_minus_inf_row_is_zero(backend, dtype):
+    x = np.array([[-np.inf, -np.inf, -np.inf], [0, -np.inf, 0]], dtype)
+    y = kernels.softmax(x)
+    np.testing.assert_array_equal(y, [[0, 0, 0], [0.5, 0, 0.5]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_propagates_nan_to_its_row_only(backend, dtype):
+    x = np.array([[0, np.nan, 1], [0, 1, 2], [np.inf, 0, 1]], dtype)
+    y = kernels.softmax(x)
+    assert np.all(np.isnan(y[0])) and np.all(np.isnan(y[2]))  # as NumPy's formula gives
+    np.testing.assert_allclose(y[1], kernels.softmax_numpy(x[1]), rtol=1e-6)
+
+
+def test_softmax_nan_in_a_hidden_position_does_not_leak(backend):
+    x = np.array([[0.0, np.nan], [1.0, 1.0]])
+    y = kernels.softmax(x, causal=True)
+    np.testing.assert_array_equal(y, [[1, 0], [0.5, 0.5]])
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4), (2, 0, 5)])
+def test_softmax_of_empty_arrays(backend, shape):
+    for causal in (False, True) if len(shape) >= 2 else (False,):
+        y = kernels.softmax(np.ones(shape, np.float32), causal=causal)
+        assert y.shape == shape and y.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_backward_is_the_jacobian_transpose_product(backend, dtype):
+    rng = np.random.default_rng(5)
+    y = kernels.softmax(rng.standard_normal((3, 6)).astype(dtype))
+    dy = rng.standard_normal((3, 6)).astype(dtype)
+    jacobian = np.einsum("ri,ij->rij", y, np.eye(6)) - np.einsum("ri,rj->rij", y, y)  # dy_i/dx_j
+    want = np.einsum("rij,ri->rj", jacobian, dy)
+    np.testing.assert_allclose(kernels.softmax_backward(y, dy), want, **TOLERANCE[np.dtype(dtype)])
+
+
+# ---- errors name the argument -------------------------------------------------------------
+
+
+def test_matmul_rejects_integer_arrays(backend):
+    with pytest.raises(TypeError, match=r"matmul: a has dtype int64 but float32 or float64 was expected"):
+        kernels.matmul(np.ones((2, 2), np.int64), np.ones((2, 2), np.float32))
+
+
+def test_matmul_rejects_half_precision(backend):
+    with pytest.raises(TypeError, match=r"matmul: b has dtype float16"):
+        kernels.matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float16))
+
+
+def test_matmul_never_casts_mixed_dtypes(backend):
+    with pytest.raises(TypeError, match=r"matmul: a is float32 but b is float64"):
+        kernels.matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float64))
+
+
+def test_matmul_rejects_lists(backend):
+    with pytest.raises(TypeError, match=r"matmul: b must be a numpy.ndarray"):
+        kernels.matmul(np.ones((2, 2)), [[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_matmul_shape_mismatch_names_both_shapes(backend):
+    expected = "matmul: a has shape (3, 4) but b has shape (5, 2); inner dimensions 4 and 5 must match"
+    with pytest.raises(ValueError) as error:
+        kernels.matmul(np.ones((3, 4)), np.ones((5, 2)))
+    assert str(error.value) == expected
+
+
+def test_matmul_shape_mismatch_mentions_transpose_flags(backend):
+    with pytest.raises(ValueError, match=r"b has shape \(4, 2\), trans_b=True; inner dimensions 4 and 2"):
+        kernels.matmul(np.ones((3, 4)), np.ones((4, 2)), trans_b=True)
+
+
+@pytest.mark.parametrize("a_shape, b_shape", [((4,), (4, 2)), ((3, 4), (2, 4, 5)), ((1, 2, 3, 4), (1, 2, 4, 3))])
+def test_matmul_wrong_ndim_names_both_shapes(backend, a_shape, b_shape):
+    with pytest.raises(ValueError, match=rf"matmul: a has shape {a_shape} and b has shape {b_shape}".replace("(", r"\(").replace(")", r"\)")):
+        kernels.matmul(np.ones(a_shape), np.ones(b_shape))
+
+
+def test_matmul_batch_mismatch(backend):
+    with pytest.raises(ValueError, match=r"batch sizes 2 and 3 must match"):
+        kernels.matmul(np.ones((2, 3, 4)), np.ones((3, 4, 5)))
+
+
+def test_softmax_rejects_integers(backend):
+    with pytest.raises(TypeError, match=r"softmax: x has dtype int32"):
+        kernels.softmax(np.ones((2, 2), np.int32))
+
+
+def test_softmax_needs_an_axis(backend):
+    with pytest.raises(ValueError, match=r"softmax: x must have at least 1 dimension"):
+        kernels.softmax(np.array(1.0))
+
+
+def test_causal_softmax_needs_two_axes(backend):
+    with pytest.raises(ValueError, match=r"softmax: causal=True needs x with at least 2 dimensions"):
+        kernels.softmax(np.ones(4), causal=True)
+
+
+def test_softmax_backward_shape_mismatch(backend):
+    with pytest.raises(ValueError, match=r"softmax_backward: y has shape \(2, 3\) but dy has shape \(3, 2\)"):
+        kernels.softmax_backward(np.ones((2, 3)), np.ones((3, 2)))
+
+
+def test_softmax_backward_mixed_dtypes(backend):
+    with pytest.raises(TypeError, match=r"softmax_backward: y is float64 but dy is float32"):
+        kernels.softmax_backward(np.ones((2, 3)), np.ones((2, 3), np.float32))
+
+
+def test_softmax_backward_rejects_integer_gradient(backend):
+    with pytest.raises(TypeError, match=r"softmax_backward: dy has dtype int64"):
+        kernels.softmax_backward(np.ones((2, 3)), np.ones((2, 3), np.int64))
+
+
+# ---- backend and threads --------------------------------------------------------------------
+
+
+def test_bad_backend_name_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"'cuda' is not a minqkv backend: use one of 'c', 'numpy'"):
+        kernels.set_backend("cuda")
+
+
+def test_bad_backend_environment_variable(monkeypatch):
+    monkeypatch.setenv("MINQKV_BACKEND", "fortran")
+    with pytest.raises(ValueError, match=r"MINQKV_BACKEND 'fortran' is not a minqkv backend"):
+        kernels._initial_backend()
+
+
+def test_initial_backend_follows_the_environment():
+    wanted = os.environ.get("MINQKV_BACKEND", "c").strip().lower() or "c"
+    assert kernels._initial_backend() == (wanted if kernels.HAVE_C else "numpy")
+
+
+def test_asking_for_c_without_the_extension_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(kernels, "HAVE_C", False)
+    monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("no module"), raising=False)
+    with pytest.raises(RuntimeError, match=r"backend 'c' is not available.*pip install -e"):
+        kernels.set_backend("c")
+    with pytest.raises(RuntimeError, match=r"matmul_c: the C core is not available"):
+        kernels.matmul_c(np.ones((2, 2)), np.ones((2, 2)))
+
+
+def test_missing_extension_falls_back_to_numpy_with_one_loud_warning():
+    code = ("import sys, warnings; sys.modules['minqkv._ccore'] = None\n"
+            "warnings.simplefilter('always')\n"
+            "import numpy as np, minqkv.kernels as k\n"
+            "print(k.HAVE_C, k.get_backend(), k.matmul(np.eye(2), np.eye(2)).sum())\n")
+    env = {key: value for key, value in os.environ.items() if key != "MINQKV_BACKEND"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__))))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "numpy", "2.0"]
+    assert done.stderr.count("the C core (minqkv._ccore) is not built") == 2  # the print and the warning
+    assert "pip install -e ." in done.stderr
+
+
+def test_thread_count_must_be_positive(threads):
+    with pytest.raises(ValueError, match=r"set_num_threads: n must be a whole number >= 1"):
+        threads(0)
+    threads(3)
+    assert kernels.get_num_threads() == 3
