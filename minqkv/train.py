@@ -31,7 +31,7 @@ from .tensor import no_grad
 class TrainConfig:
     data: str = "shakespeare"
     out: str = "out"
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 3e-3
     min_lr: float = 3e-4

@@ -1,0 +1,114 @@
+"""The ablation bench: sweeps run end to end, resume, refuse mixed folders, and record failures."""
+
+import csv
+import json
+
+import pytest
+
+from minqkv import ablate
+from minqkv.cli import main
+
+VARIANTS = "abc,abb,abc+gate"
+
+
+def sweep(out, variants=VARIANTS, jobs=1, seeds=None, data="synthetic:copy"):
+    return ablate.run_sweep("tiny", data, out, variants, seeds=seeds, jobs=jobs, progress=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    return out, sweep(out)
+
+
+def test_a_tiny_sweep_writes_three_tables_with_every_column_filled(finished):
+    out, rows = finished
+    assert [r["variant"] for r in rows] == ["abc", "abb", "abc+gate"]
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    needed = ["variant", "code", "attention_params", "params", "flops_per_token", "val_loss",
+              "accuracy", "delta_vs_canonical", "delta_pct", "tokens_per_s", "decode_ms_per_token",
+              "kv_cache_bytes_per_token", "peak_rss_mb"]
+    for row in table:
+        assert all(row[key] != "" for key in needed), row
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+    assert (out / "results.md").read_text().startswith("| variant | code |")
+
+
+def test_shared_kv_row_caches_half_of_canonical(finished):
+    _, rows = finished
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["abb"]["kv_cache_bytes_per_token"] * 2 == by_name["abc"]["kv_cache_bytes_per_token"]
+    assert by_name["abb"]["attention_params"] < by_name["abc"]["attention_params"]
+
+
+def test_the_gated_row_reports_the_pruned_model(finished):
+    out, rows = finished
+    gated = next(r for r in rows if r["variant"] == "abc+gate")
+    result = json.loads((out / "runs" / "abc+gate-seed0" / "result.json").read_text())
+    assert gated["code"] == ",".join(result["pruned_codes"])
+    assert result["val_loss"] == result["val_loss_after_pruning"]
+
+
+def test_two_jobs_give_the_same_numbers_as_one(finished, tmp_path):
+    _, serial = finished
+    parallel = sweep(tmp_path / "parallel", jobs=2)
+    for a, b in zip(serial, parallel):
+        assert (a["variant"], a["val_loss"], a["accuracy"]) == (b["variant"], b["val_loss"], b["accuracy"])
+
+
+def test_rerunning_skips_finished_runs_and_redoes_missing_ones(tmp_path):
+    out = tmp_path / "sweep"
+    first = sweep(out, variants="abc,abb")
+    kept = out / "runs" / "abc-seed0" / "result.json"
+    kept_time = kept.stat().st_mtime_ns
+    (out / "runs" / "abb-seed0" / "result.json").unlink()
+    again = sweep(out, variants="abc,abb")
+    assert kept.stat().st_mtime_ns == kept_time
+    assert [r["val_loss"] for r in again] == [r["val_loss"] for r in first]
+
+
+def test_an_output_folder_holding_another_sweep_is_refused_before_training(tmp_path):
+    out = tmp_path / "sweep"
+    sweep(out, variants="abc")
+    with pytest.raises(ValueError, match="holds a different sweep"):
+        sweep(out, variants="abb")
+    assert not (out / "runs" / "abb-seed0").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(variants="abd"), "variant 'abd' is not valid"),
+    (dict(variants="abc+spin"), "unknown modifier 'spin'"),
+    (dict(variants="aaa+mqa"), "cannot share one weight"),
+    (dict(data="synthetic:juggle"), "unknown synthetic task"),
+])
+def test_bad_arguments_fail_before_any_training(tmp_path, kwargs, message):
+    out = tmp_path / "sweep"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        sweep(out, **kwargs)
+    assert not (out / "runs").exists()
+
+
+def test_unknown_preset_is_an_error():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        ablate.plan_sweep("huge", "synthetic:copy")
+
+
+def test_a_failing_run_is_recorded_and_does_not_raise(tmp_path):
+    plan = ablate.plan_sweep("tiny", "synthetic:copy", "abc")
+    job = {**plan["runs"][0], "seed": 0, "run_dir": str(tmp_path / "run"), "data": "no-such-file.txt",
+           "model": plan["model"], "train": plan["train"]}
+    result = ablate.run_one(job)
+    assert result["status"] == "failed" and "no-such-file.txt" in result["error"]
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["status"] == "failed"
+    row = ablate.aggregate([saved], plan)[0]
+    assert row["failed"] == 1 and "val_loss" not in row
+
+
+def test_the_command_prints_the_table(tmp_path, capsys):
+    code = main(["ablate", "--preset", "tiny", "--data", "synthetic:copy", "--out", str(tmp_path / "s"),
+                 "--variants", "abc,--a", "--quiet", "--no-plots"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| abc | abc |" in printed and "| --a | --a |" in printed
