@@ -136,6 +136,31 @@ int64_t NAME(minqkv_gemm_workspace)(int64_t batch, int64_t M, int64_t N, int64_t
     return plan.threads * NAME(workspace_per_thread)(M, N, K) + 64 / (int64_t)sizeof(REAL);
 }
 
+/* One unit of the plan: piece (unit % pieces) of matrix (unit / pieces) of the batch. */
+static void NAME(gemm_unit)(int64_t unit, struct gemm_plan plan, int trans_a, int trans_b,
+                            int64_t M, int64_t N, int64_t K,
+                            const REAL *A, int64_t lda, int64_t batch_stride_a,
+                            const REAL *B, int64_t ldb, int64_t batch_stride_b,
+                            REAL *C, int64_t ldc, int64_t batch_stride_c, REAL *workspace)
+{
+    int64_t z = unit / plan.pieces, piece = unit % plan.pieces;
+    int64_t m0 = 0, m1 = M, n0 = 0, n1 = N;
+    if (plan.split_rows) {
+        m0 = min_i64(M, piece * plan.piece_size);
+        m1 = min_i64(M, m0 + plan.piece_size);
+    } else {
+        n0 = min_i64(N, piece * plan.piece_size);
+        n1 = min_i64(N, n0 + plan.piece_size);
+    }
+    if (m0 == m1 || n0 == n1)
+        return;
+    const REAL *A_piece = A + z * batch_stride_a + (trans_a ? m0 : m0 * lda);
+    const REAL *B_piece = B + z * batch_stride_b + (trans_b ? n0 * ldb : n0);
+    REAL *C_piece = C + z * batch_stride_c + m0 * ldc + n0;
+    NAME(gemm_block)(trans_a, trans_b, m1 - m0, n1 - n0, K, A_piece, lda, B_piece, ldb,
+                     C_piece, ldc, workspace);
+}
+
 int NAME(minqkv_gemm)(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
                       const REAL *A, int64_t lda, int64_t batch_stride_a,
                       const REAL *B, int64_t ldb, int64_t batch_stride_b,
@@ -160,25 +185,17 @@ int NAME(minqkv_gemm)(int trans_a, int trans_b, int64_t batch, int64_t M, int64_
     struct gemm_plan plan = make_gemm_plan(batch, M, N, K, num_threads, MR, NR);
     int64_t per_thread = NAME(workspace_per_thread)(M, N, K);
     int64_t units = batch * plan.pieces;
-#pragma omp parallel for num_threads(plan.threads) if (plan.threads > 1) schedule(static)
-    for (int64_t unit = 0; unit < units; unit++) {
-        int64_t z = unit / plan.pieces, piece = unit % plan.pieces;
-        int64_t m0 = 0, m1 = M, n0 = 0, n1 = N;
-        if (plan.split_rows) {
-            m0 = min_i64(M, piece * plan.piece_size);
-            m1 = min_i64(M, m0 + plan.piece_size);
-        } else {
-            n0 = min_i64(N, piece * plan.piece_size);
-            n1 = min_i64(N, n0 + plan.piece_size);
-        }
-        if (m0 == m1 || n0 == n1)
-            continue;
-        const REAL *A_piece = A + z * batch_stride_a + (trans_a ? m0 : m0 * lda);
-        const REAL *B_piece = B + z * batch_stride_b + (trans_b ? n0 * ldb : n0);
-        REAL *C_piece = C + z * batch_stride_c + m0 * ldc + n0;
-        NAME(gemm_block)(trans_a, trans_b, m1 - m0, n1 - n0, K, A_piece, lda, B_piece, ldb,
-                         C_piece, ldc, aligned + THREAD_INDEX() * per_thread);
+    if (plan.threads == 1) { /* no OpenMP at all: also safe in a fork()ed child */
+        for (int64_t unit = 0; unit < units; unit++)
+            NAME(gemm_unit)(unit, plan, trans_a, trans_b, M, N, K, A, lda, batch_stride_a,
+                            B, ldb, batch_stride_b, C, ldc, batch_stride_c, aligned);
+        return MINQKV_OK;
     }
+#pragma omp parallel for num_threads(plan.threads) schedule(static)
+    for (int64_t unit = 0; unit < units; unit++)
+        NAME(gemm_unit)(unit, plan, trans_a, trans_b, M, N, K, A, lda, batch_stride_a,
+                        B, ldb, batch_stride_b, C, ldc, batch_stride_c,
+                        aligned + THREAD_INDEX() * per_thread);
     return MINQKV_OK;
 }
 

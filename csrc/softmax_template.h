@@ -71,8 +71,12 @@ int NAME(minqkv_softmax)(const REAL *x, REAL *y, int64_t batch, int64_t Tq, int6
     int threads = rows * Tk < PARALLEL_MIN_ELEMENTS || num_threads < 1 ? 1 : num_threads;
     if (threads > rows)
         threads = (int)rows;
+    if (threads == 1) { /* no OpenMP at all: also safe in a fork()ed child */
+        NAME(softmax_rows)(x, y, 0, rows, Tq, Tk, causal);
+        return MINQKV_OK;
+    }
     /* each thread takes one contiguous band of rows */
-#pragma omp parallel num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(threads)
     {
         int64_t band = (rows + THREAD_COUNT() - 1) / THREAD_COUNT();
         int64_t begin = min_i64(rows, THREAD_INDEX() * band);
@@ -110,7 +114,11 @@ int NAME(minqkv_softmax_backward)(const REAL *y, const REAL *dy, REAL *dx, int64
     int threads = rows * n < PARALLEL_MIN_ELEMENTS || num_threads < 1 ? 1 : num_threads;
     if (threads > rows)
         threads = (int)rows;
-#pragma omp parallel num_threads(threads) if (threads > 1)
+    if (threads == 1) {
+        NAME(softmax_backward_rows)(y, dy, dx, 0, rows, n);
+        return MINQKV_OK;
+    }
+#pragma omp parallel num_threads(threads)
     {
         int64_t band = (rows + THREAD_COUNT() - 1) / THREAD_COUNT();
         int64_t begin = min_i64(rows, THREAD_INDEX() * band);

@@ -16,9 +16,10 @@ If the extension minqkv._ccore was not built (no C compiler at install time), ev
 on the NumPy twins and a warning says so once.
 
 Threads: the C kernels use MINQKV_NUM_THREADS threads (default: every core this process may
-use); change it with set_num_threads(n). The OpenMP thread pool does not survive fork(): run
-kernels in several processes only with multiprocessing's 'spawn' start method, and give each
-process MINQKV_NUM_THREADS=1 when they run side by side.
+use); change it with set_num_threads(n). The OpenMP thread pool does not survive fork(), so a
+fork()ed child runs the kernels on one thread; workers that should use threads are started
+with multiprocessing's 'spawn' method, and processes that run side by side are best given
+MINQKV_NUM_THREADS=1 each.
 """
 
 import os
@@ -47,6 +48,7 @@ except ImportError as _error:
 BACKENDS = ("c", "numpy")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT32, _FLOAT64 = FLOAT_DTYPES
+_MAX_ELEMENTS = np.iinfo(np.int64).max // 16  # so that byte offsets in C cannot overflow
 
 _BUILD_HINT = ("build it with `pip install -e .` (or `python minqkv/_build.py`) in the "
                "minqkv checkout; this needs a C compiler")
@@ -88,6 +90,17 @@ def _initial_num_threads():
 
 _backend = _initial_backend()
 _num_threads = _initial_num_threads()
+
+
+def _one_thread_after_fork():
+    # OpenMP's threads do not exist in a fork()ed child and waiting for them would hang it,
+    # so a child runs the kernels on its own thread (start workers with 'spawn' for threads).
+    global _num_threads
+    _num_threads = 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
 def set_backend(name):
@@ -153,7 +166,11 @@ def _matmul_sizes(a, b, trans_a, trans_b):
         flags = "".join(f", {flag}=True" for flag, on in (("trans_a", trans_a), ("trans_b", trans_b)) if on)
         raise ValueError(f"matmul: a has shape {a.shape} but b has shape {b.shape}{flags}; "
                          f"inner dimensions {K} and {K_b} must match")
-    return (a.shape[0] if a.ndim == 3 else None), M, N, K
+    batch = a.shape[0] if a.ndim == 3 else None
+    if (batch or 1) * M * N > _MAX_ELEMENTS:
+        raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}; the product would "
+                         f"have {(batch or 1) * M * N} elements, more than minqkv can address")
+    return batch, M, N, K
 
 
 def _check_softmax(x, causal):
@@ -258,14 +275,6 @@ def _matrix_operand(x, trans):
     return np.array(x, order="C", copy=True), trans, x.shape[1] * x.shape[2]
 
 
-def _check_fits(op, *sizes):
-    total = 1
-    for size in sizes:
-        total *= int(size)
-    if total > np.iinfo(np.int64).max // 16:
-        raise ValueError(f"{op}: the result would have {total} elements, too many to address")
-
-
 def matmul_c(a, b, trans_a=False, trans_b=False):
     """op(a) @ op(b) on the C core; same contract as matmul."""
     _require_c("matmul")
@@ -273,7 +282,6 @@ def matmul_c(a, b, trans_a=False, trans_b=False):
     batch, M, N, K = _matmul_sizes(a, b, trans_a, trans_b)
     stacked = batch is not None
     batch = batch if stacked else 1
-    _check_fits("matmul", batch, M, N)
     out = np.empty((batch, M, N) if stacked else (M, N), a.dtype)
     if out.size == 0:
         return out

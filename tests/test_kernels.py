@@ -65,6 +65,8 @@ def in_layout(x, layout):
         return wide[..., ::2]
     if layout == "misaligned":
         return misaligned(x)
+    if layout == "reversed":  # rows walked backwards: a negative stride
+        return np.ascontiguousarray(x[..., ::-1, :])[..., ::-1, :]
     if layout == "readonly":
         x = x.copy()
         x.setflags(write=False)
@@ -92,19 +94,22 @@ def matmul_cases(draw):
     if M * N * K > 300_000:  # keep each example quick
         K = max(1, 300_000 // max(M * N, 1))
     trans_a, trans_b = draw(st.booleans()), draw(st.booleans())
-    layouts = st.sampled_from(["contiguous", "transposed", "strided", "misaligned", "readonly"])
-    layout_a, layout_b = draw(layouts), draw(layouts)
-    broadcast_b = batch is not None and batch > 1 and draw(st.booleans())
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
+    layouts = ["contiguous", "transposed", "strided", "misaligned", "readonly", "reversed"]
+    if batch is not None and batch > 1:
+        layouts.append("broadcast")  # one matrix for the whole batch: batch stride 0
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     lead = () if batch is None else (batch,)
-    a = rng.standard_normal(lead + ((K, M) if trans_a else (M, K))).astype(dtype)
-    b_shape = (K, N) if not trans_b else (N, K)
-    if broadcast_b:  # one matrix for the whole batch: batch stride 0
-        b = np.broadcast_to(rng.standard_normal(b_shape).astype(dtype), lead + b_shape)
-    else:
-        b = in_layout(rng.standard_normal(lead + b_shape).astype(dtype), layout_b)
-    return in_layout(a, layout_a), b, trans_a, trans_b
+
+    def operand(shape):
+        layout = draw(st.sampled_from(layouts))
+        if layout == "broadcast":
+            matrix = in_layout(rng.standard_normal(shape).astype(dtype), draw(st.sampled_from(layouts[:2])))
+            return np.broadcast_to(matrix, lead + shape)
+        return in_layout(rng.standard_normal(lead + shape).astype(dtype), layout)
+
+    a = operand((K, M) if trans_a else (M, K))
+    b = operand((N, K) if trans_b else (K, N))
+    return a, b, trans_a, trans_b
 
 
 @needs_c
@@ -326,6 +331,17 @@ def test_matmul_never_casts_mixed_dtypes(backend):
         kernels.matmul(np.ones((2, 2), np.float32), np.ones((2, 2), np.float64))
 
 
+def test_matmul_rejects_byte_swapped_floats(backend):
+    with pytest.raises(TypeError, match=r"matmul: a has dtype >f4"):
+        kernels.matmul(np.ones((2, 2), ">f4"), np.ones((2, 2), np.float32))
+
+
+def test_matmul_refuses_a_result_too_big_to_address(backend):
+    column = np.broadcast_to(np.ones((1, 1), np.float32), (2**31, 1))  # no memory behind it
+    with pytest.raises(ValueError, match=r"matmul: a has shape \(2147483648, 1\).*more than minqkv can address"):
+        kernels.matmul(column, column, trans_b=True)
+
+
 def test_matmul_rejects_lists(backend):
     with pytest.raises(TypeError, match=r"matmul: b must be a numpy.ndarray"):
         kernels.matmul(np.ones((2, 2)), [[1.0, 2.0], [3.0, 4.0]])
@@ -424,6 +440,32 @@ def test_missing_extension_falls_back_to_numpy_with_one_loud_warning():
     assert done.stdout.split() == ["False", "numpy", "2.0"]
     assert done.stderr.count("the C core (minqkv._ccore) is not built") == 2  # the print and the warning
     assert "pip install -e ." in done.stderr
+
+
+def _matmul_in_child(a, queue):
+    queue.put((kernels.get_num_threads(), kernels.matmul(a, a)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_a_forked_child_runs_kernels_on_one_thread_instead_of_hanging(backend, threads):
+    import multiprocessing
+
+    threads(2)
+    a = np.random.default_rng(8).standard_normal((420, 420)).astype(np.float32)
+    kernels.matmul(a, a)  # big enough for the parent to start its OpenMP threads
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_matmul_in_child, args=(a, queue))
+    child.start()
+    try:
+        child_threads, product = queue.get(timeout=60)  # read before join: the pipe is small
+    finally:
+        child.join(10)
+        if child.exitcode is None:
+            child.kill()
+    assert child.exitcode == 0
+    assert child_threads == 1 and kernels.get_num_threads() == 2
+    np.testing.assert_array_equal(product, kernels.matmul(a, a))
 
 
 def test_thread_count_must_be_positive(threads):
