@@ -9,9 +9,6 @@
 
 #define NAME(x) PASTE(x, SUFFIX)
 
-/* Element (i, p) of op(X) for a stored row-major X with row stride ld. */
-#define AT(X, trans, ld, i, p) ((trans) ? (X)[(int64_t)(p) * (ld) + (i)] : (X)[(int64_t)(i) * (ld) + (p)])
-
 /* Pack an (mc, kc) block of op(A) into panels of MR rows. Inside a panel the MR values of
  * one column p sit next to each other, in the order the micro-kernel reads them:
  *   packed[panel][p][r] = op(A)[panel * MR + r, p]     (zero past row mc) */
@@ -20,9 +17,16 @@ static ALWAYS_INLINE void NAME(pack_a)(int trans, int64_t mc, int64_t kc,
 {
     for (int64_t i0 = 0; i0 < mc; i0 += MR) {
         int64_t rows = min_i64(MR, mc - i0);
-        for (int64_t p = 0; p < kc; p++) {
+        if (trans) {
+            /* op(A) = A^T: the MR values of column p are contiguous in row p of A */
+            for (int64_t p = 0; p < kc; p++)
+                for (int64_t r = 0; r < MR; r++)
+                    packed[p * MR + r] = r < rows ? A[p * lda + i0 + r] : (REAL)0;
+        } else {
+            /* read each of the MR rows of A front to back */
             for (int64_t r = 0; r < MR; r++)
-                packed[p * MR + r] = r < rows ? AT(A, trans, lda, i0 + r, p) : (REAL)0;
+                for (int64_t p = 0; p < kc; p++)
+                    packed[p * MR + r] = r < rows ? A[(i0 + r) * lda + p] : (REAL)0;
         }
         packed += MR * kc;
     }
@@ -35,16 +39,20 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
 {
     for (int64_t j0 = 0; j0 < nc; j0 += NR) {
         int64_t cols = min_i64(NR, nc - j0);
-        if (!trans && cols == NR) {
-            /* rows of B are contiguous: a straight copy the compiler turns into vector moves */
+        if (trans) {
+            /* op(B) = B^T: column j0 + c of op(B) is row j0 + c of B, read front to back */
+            for (int64_t c = 0; c < NR; c++)
+                for (int64_t p = 0; p < kc; p++)
+                    packed[p * NR + c] = c < cols ? B[(j0 + c) * ldb + p] : (REAL)0;
+        } else if (cols == NR) {
+            /* NR contiguous values of each row of B: copies the compiler turns into vector moves */
             for (int64_t p = 0; p < kc; p++)
                 for (int64_t c = 0; c < NR; c++)
                     packed[p * NR + c] = B[p * ldb + j0 + c];
         } else {
-            /* read each stored row of B^T once, front to back */
-            for (int64_t c = 0; c < NR; c++)
-                for (int64_t p = 0; p < kc; p++)
-                    packed[p * NR + c] = c < cols ? AT(B, !trans, ldb, j0 + c, p) : (REAL)0;
+            for (int64_t p = 0; p < kc; p++)
+                for (int64_t c = 0; c < NR; c++)
+                    packed[p * NR + c] = c < cols ? B[p * ldb + j0 + c] : (REAL)0;
         }
         packed += NR * kc;
     }
@@ -54,8 +62,8 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
  *
  *   tile[r][c] = sum over p of a[p][r] * b[p][c]
  *
- * Loop order p, r, c: for each p, one row of NR values of b is loaded (NR/8 or NR/16 vector
- * registers) and each a[p][r] is broadcast and multiplied into row r of the tile. The
+ * Loop order p, r, c: for each p, one row of NR values of b is loaded (64 bytes: one AVX-512
+ * or two AVX2 registers) and each a[p][r] is broadcast and multiplied into row r of the tile. The
  * compiler unrolls r and c completely (they are constants) and keeps the whole tile in
  * registers, so the inner loop does only loads and fused multiply-adds. */
 static ALWAYS_INLINE void NAME(micro_kernel)(int64_t kc, const REAL *restrict a,
@@ -200,4 +208,3 @@ int NAME(minqkv_gemm)(int trans_a, int trans_b, int64_t batch, int64_t M, int64_
 }
 
 #undef NAME
-#undef AT

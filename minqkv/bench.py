@@ -69,7 +69,8 @@ def _matmul_cases():
         ("gpt mlp up", (4096, 128), (128, 512), f32, False, False),
         ("gpt mlp down, grad input", (4096, 128), (512, 128), f32, False, True),
         ("gpt qkv, grad weight", (4096, 128), (4096, 384), f32, True, False),
-        ("gpt attention scores", (64, 128, 32), (64, 128, 32), f32, False, True),
+        ("gpt attention scores", (64, 128, 32), (64, 32, 128), f32, False, False),
+        ("gpt attention scores, q k^T", (64, 128, 32), (64, 128, 32), f32, False, True),
         ("gpt attention @ values", (64, 128, 128), (64, 128, 32), f32, False, False),
     ]
 

@@ -473,3 +473,17 @@ def test_thread_count_must_be_positive(threads):
         threads(0)
     threads(3)
     assert kernels.get_num_threads() == 3
+
+
+def test_bench_rows_and_table_have_the_documented_fields():
+    from minqkv.bench import format_table, run_bench
+
+    rows = run_bench(repeats=1, warmup=0, rounds=1, settle=0.0)
+    units = {row["unit"] for row in rows}
+    assert units == {"GFLOPS", "GB/s"}
+    for row in rows:
+        assert {"bench", "dtype", "shape", "minqkv", "reference", "ratio", "unit"} <= set(row)
+        assert row["minqkv"] > 0 and row["reference"] > 0 and row["ratio"] > 0
+    table = format_table(rows)
+    assert table.splitlines()[0].split()[:3] == ["bench", "dtype", "shape"]
+    assert len(table.splitlines()) == len(rows) + 3  # header, rule, rows, footer
