@@ -115,6 +115,8 @@ def test_identity_roles_have_no_projection_and_no_overlap():
 
 def test_gated_model_reports_gates_effective_matrices_and_pruned_codes():
     model = tiny_model("abc", gate=True)
+    for role in "qkv":
+        getattr(model.blocks[0].attn, f"gate_{role}").data[:] = 2.0  # gate 0.88: kept
     model.blocks[1].attn.gate_q.data[:] = -4.0  # gate 0.018: prune() drops layer 1's query projection
     result = analyze_model(model, batches())
     json.dumps(result)
