@@ -1,7 +1,8 @@
 """The cffi builder of minqkv's C core: compiles csrc/*.c into the extension minqkv._ccore.
 
 setup.py names `ffibuilder` in `cffi_modules`, so `pip install .` and `pip install -e .` build
-it. For a quick rebuild in place while working on the C code: `python minqkv/_build.py`.
+it. After editing csrc/, rebuild in place with `pip install -e .` again (or, quicker,
+`python setup.py build_ext --inplace`).
 
 The C declarations given to cffi are read from csrc/minqkv.h, so that header stays the one
 contract between C and Python.
@@ -110,7 +111,3 @@ ffibuilder.set_source(
     extra_compile_args=_compile_args,
     extra_link_args=_link_args,
 )
-
-if __name__ == "__main__":
-    os.chdir(ROOT)
-    ffibuilder.compile(tmpdir=ROOT, verbose=True)

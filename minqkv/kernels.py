@@ -50,8 +50,7 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT32, _FLOAT64 = FLOAT_DTYPES
 _MAX_ELEMENTS = np.iinfo(np.int64).max // 16  # so that byte offsets in C cannot overflow
 
-_BUILD_HINT = ("build it with `pip install -e .` (or `python minqkv/_build.py`) in the "
-               "minqkv checkout; this needs a C compiler")
+_BUILD_HINT = "build it with `pip install -e .` in the minqkv checkout (this needs a C compiler)"
 
 
 # ---- backend and threads ---------------------------------------------------------------
