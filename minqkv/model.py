@@ -9,7 +9,7 @@ its own attention variant (a pruned gated model does).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -37,7 +37,6 @@ class GPTConfig:
     tie_weights: bool = True
     dtype: str = "float32"
     seed: int = 0
-    extra: dict = field(default_factory=dict)  # free-form notes carried into checkpoints
 
     def __post_init__(self):
         self.variant = parse_variant(self.variant)
