@@ -6,6 +6,8 @@ list of Modules. Nothing needs registering.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from . import ops
@@ -80,6 +82,16 @@ class Module:
 
     def eval(self) -> "Module":
         return self.train(False)
+
+    @contextmanager
+    def evaluating(self):
+        """`with model.evaluating():` runs in eval mode (no dropout), then restores the previous mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def zero_grad(self) -> None:
         for p in self.parameters():
