@@ -159,8 +159,7 @@ class Dropout(Module):
     """Dropout drawing from a generator that the owner shares (so checkpoints can save its state)."""
 
     def __init__(self, p: float, rng: np.random.Generator):
-        if not 0 <= p < 1:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        ops._check_dropout_p(p, "Dropout")  # at construction, so a bad p fails before training
         self.p = p
         self.rng = rng
 

@@ -2,6 +2,18 @@
 kernels.py) and, right beside it, a closure `backward(g)` that maps the gradient of the
 output to a tuple of gradients for its inputs, with the math in one comment line.
 
+Read top to bottom, the ops come in the order a model meets them:
+  arithmetic        add, sub, mul, div, neg, pow (and unbroadcast, which undoes broadcasting)
+  elementwise       exp, log, tanh, sigmoid, relu, gelu
+  reductions        sum, mean
+  shape, indexing   reshape, transpose, swapaxes, broadcast_to, getitem, embedding, concat, split
+  matmul            through the C core
+  softmax family    softmax, log_softmax, cross_entropy
+  normalisation     layer_norm, dropout, masked_fill, causal_mask, where
+  linear algebra    solve, inverse (for the orthogonal rotation)
+Input checks sit at the bottom of the file; an op calls them in its first line and says
+nothing more about them.
+
 dtype rule: float32 stays float32 and float64 stays float64. Mixing the two is an error;
 Python numbers and int/bool arrays are converted to the tensor's dtype.
 """
@@ -15,44 +27,7 @@ import numpy as np
 from . import kernels
 from .tensor import FLOAT_DTYPES, Tensor
 
-# ---- helpers ------------------------------------------------------------------------------
-
-
-def _pair(a, b, op: str, broadcast: bool = True) -> tuple[Tensor, Tensor]:
-    """Turn the operands of a binary op into two Tensors of one float dtype."""
-    like = a if isinstance(a, Tensor) else b
-    a, b = _as_tensor(a, like, op, "a"), _as_tensor(b, like, op, "b")
-    if broadcast:
-        try:
-            np.broadcast_shapes(a.shape, b.shape)
-        except ValueError:
-            raise ValueError(f"{op}: shapes {a.shape} and {b.shape} do not broadcast "
-                             "(trailing dimensions must be equal or 1)") from None
-    return a, b
-
-
-def _as_tensor(x, like: Tensor, op: str, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        if x.dtype != like.dtype:
-            raise TypeError(f"{op}: {name} is {x.dtype} but the other operand is {like.dtype}; "
-                            "dtypes never change silently, convert one explicitly")
-        return x
-    array = np.asarray(x)
-    if array.dtype in FLOAT_DTYPES and array.ndim > 0 and array.dtype != like.dtype:
-        raise TypeError(f"{op}: {name} is a {array.dtype} array but the tensor is {like.dtype}; "
-                        "dtypes never change silently, convert one explicitly")
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"{op}: {name} must be a number, a numeric array or a Tensor, "
-                        f"got {type(x).__name__}")
-    return Tensor(array.astype(like.dtype, copy=False))
-
-
-def _float_tensor(x, op: str, name: str = "x") -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32 or float64, got {x.dtype}")
-    return x
+# Arithmetic. Binary ops broadcast like NumPy, so their backward sums the gradient back down.
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
@@ -64,21 +39,6 @@ def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
     if stretched:
         grad = grad.sum(axis=stretched, keepdims=True)
     return grad
-
-
-def _normalize_axis(axis, ndim: int, op: str) -> tuple:
-    if axis is None:
-        return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-    out = []
-    for a in axes:
-        if not -ndim <= a < max(ndim, 1):
-            raise ValueError(f"{op}: axis {a} is out of range for a tensor with {ndim} dimensions")
-        out.append(a % max(ndim, 1))
-    return tuple(out)
-
-
-# ---- elementwise arithmetic ---------------------------------------------------------------
 
 
 def add(a, b) -> Tensor:
@@ -120,13 +80,11 @@ def div(a, b) -> Tensor:
 
 def neg(x: Tensor) -> Tensor:
     x = _float_tensor(x, "neg")
-    return Tensor.from_op(-x.data, (x,), lambda g: (-g,), "neg")
+    return Tensor.from_op(-x.data, (x,), lambda g: (-g,), "neg")  # d(-x) = -g
 
 
 def pow(x: Tensor, exponent: float) -> Tensor:
-    x = _float_tensor(x, "pow")
-    if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
-        raise TypeError(f"pow: exponent must be a Python number, got {type(exponent).__name__}")
+    x = _check_pow(x, exponent)
 
     def backward(g):  # d x^p = p x^(p-1) g  (and 0 for p = 0, even at x = 0)
         if exponent == 0:
@@ -134,6 +92,9 @@ def pow(x: Tensor, exponent: float) -> Tensor:
         return (g * exponent * x.data ** (exponent - 1),)
 
     return Tensor.from_op(x.data ** exponent, (x,), backward, "pow")
+
+
+# Elementwise functions.
 
 
 def exp(x: Tensor) -> Tensor:
@@ -163,7 +124,7 @@ def sigmoid(x: Tensor) -> Tensor:
 def relu(x: Tensor) -> Tensor:
     x = _float_tensor(x, "relu")
     positive = x.data > 0
-    return Tensor.from_op(x.data * positive, (x,), lambda g: (g * positive,), "relu")
+    return Tensor.from_op(x.data * positive, (x,), lambda g: (g * positive,), "relu")  # g where x > 0
 
 
 _GELU_C = float(np.sqrt(2.0 / np.pi))
@@ -173,7 +134,7 @@ def gelu(x: Tensor) -> Tensor:
     """GELU, tanh approximation (as in GPT-2): 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
     x = _float_tensor(x, "gelu")
     xd = x.data
-    x2 = xd * xd  # x*x*x, not x**3: a float power is many times slower
+    x2 = xd * xd  # x^3 is formed below as x * x2: a float power (x**3) is many times slower
     t = np.tanh(_GELU_C * xd * (1 + 0.044715 * x2))
     out = 0.5 * xd * (1 + t)
 
@@ -184,12 +145,11 @@ def gelu(x: Tensor) -> Tensor:
     return Tensor.from_op(out, (x,), backward, "gelu")
 
 
-# ---- reductions and shape ops -------------------------------------------------------------
+# Reductions.
 
 
 def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    x = _float_tensor(x, "sum")
-    axes = _normalize_axis(axis, x.ndim, "sum")
+    x, axes = _check_reduction(x, axis, "sum")
 
     def backward(g):  # every input element receives the gradient of the sum it fed
         if not keepdims:
@@ -200,22 +160,19 @@ def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
 
 
 def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    x = _float_tensor(x, "mean")
-    axes = _normalize_axis(axis, x.ndim, "mean")
+    x, axes = _check_reduction(x, axis, "mean", nonempty=True)
     count = int(np.prod([x.shape[a] for a in axes])) if axes else 1
-    if count == 0:
-        raise ValueError(f"mean: cannot average over an empty axis (shape {x.shape})")
-    return sum(x, axes, keepdims) * (1.0 / count)
+    return sum(x, axes, keepdims) * (1.0 / count)  # a composition: its backward is sum's and mul's
+
+
+# Shape and indexing: the values move, so the gradient moves back the same way.
 
 
 def reshape(x: Tensor, *shape) -> Tensor:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    try:
-        out = x.data.reshape(shape)
-    except ValueError:
-        raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} "
-                         f"({x.size} elements) into {shape}") from None
+    _check_reshape(x, shape)
+    out = x.data.reshape(shape)
     return Tensor.from_op(out, (x,), lambda g: (g.reshape(x.shape),), "reshape")
 
 
@@ -224,10 +181,8 @@ def transpose(x: Tensor, *axes) -> Tensor:
     if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
         axes = tuple(axes[0])
     axes = axes or tuple(reversed(range(x.ndim)))
-    in_range = all(-x.ndim <= a < x.ndim for a in axes)
-    if not in_range or sorted(a % x.ndim for a in axes) != list(range(x.ndim)):
-        raise ValueError(f"transpose: axes {axes} are not a permutation of {x.ndim} axes")
-    inverse = np.argsort([a % x.ndim for a in axes])
+    _check_permutation(axes, x.ndim)
+    inverse = np.argsort([a % x.ndim for a in axes])  # the permutation that undoes `axes`
     return Tensor.from_op(x.data.transpose(axes), (x,),
                           lambda g: (g.transpose(inverse),), "transpose")
 
@@ -239,11 +194,8 @@ def swapaxes(x: Tensor, axis1: int, axis2: int) -> Tensor:
 
 
 def broadcast_to(x: Tensor, shape: tuple) -> Tensor:
-    x = _float_tensor(x, "broadcast_to")
-    try:
-        out = np.broadcast_to(x.data, shape)
-    except ValueError:
-        raise ValueError(f"broadcast_to: shape {x.shape} cannot broadcast to {shape}") from None
+    x = _check_broadcast_to(x, shape)
+    out = np.broadcast_to(x.data, shape)
     return Tensor.from_op(out, (x,), lambda g: (unbroadcast(g, x.shape),), "broadcast_to")
 
 
@@ -263,13 +215,7 @@ def getitem(x: Tensor, index) -> Tensor:
 
 def embedding(weight: Tensor, ids) -> Tensor:
     """Rows of weight (V, C) picked by integer ids (...) -> (..., C)."""
-    weight = _float_tensor(weight, "embedding", "weight")
-    ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
-        raise ValueError(f"embedding: ids must lie in [0, {weight.shape[0]}), "
-                         f"got values from {ids.min()} to {ids.max()}")
+    weight, ids = _check_embedding(weight, ids)
     out = weight.data[ids]  # (..., C)
 
     def backward(g):  # each row of weight gets the sum of gradients of the positions that used it
@@ -281,12 +227,7 @@ def embedding(weight: Tensor, ids) -> Tensor:
 
 
 def concat(tensors, axis: int = 0) -> Tensor:
-    tensors = list(tensors)
-    if not tensors:
-        raise ValueError("concat: need at least one tensor")
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        raise TypeError(f"concat: all tensors must share one dtype, got {sorted(map(str, dtypes))}")
+    tensors = _check_concat(list(tensors))
     out = np.concatenate([t.data for t in tensors], axis=axis)
     bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
 
@@ -297,16 +238,10 @@ def concat(tensors, axis: int = 0) -> Tensor:
 
 
 def split(x: Tensor, sizes, axis: int = -1) -> list:
-    """Split along axis into pieces of the given sizes (a list) or into `sizes` equal parts."""
-    n = x.shape[axis]
-    if isinstance(sizes, int):
-        if sizes <= 0 or n % sizes:
-            raise ValueError(f"split: cannot cut length {n} into {sizes} equal parts")
-        sizes = [n // sizes] * sizes
-    if any(size < 0 for size in sizes):
-        raise ValueError(f"split: sizes {list(sizes)} must not be negative")
-    if builtins.sum(sizes) != n:
-        raise ValueError(f"split: sizes {list(sizes)} add to {builtins.sum(sizes)}, not {n}")
+    """Split along axis into pieces of the given sizes (a list) or into `sizes` equal parts.
+
+    A composition of getitem, so it needs no backward of its own."""
+    sizes = _check_split(x.shape[axis], sizes)
     pieces, start = [], 0
     axis = axis % x.ndim
     for size in sizes:
@@ -316,22 +251,19 @@ def split(x: Tensor, sizes, axis: int = -1) -> list:
     return pieces
 
 
-# ---- matmul (C core) ----------------------------------------------------------------------
+# Matmul, on the C core.
 
 
 def matmul(a, b) -> Tensor:
     """a @ b for a (..., M, K) and b (..., K, N); batch dims broadcast as in NumPy.
 
-    The product itself runs in kernels.matmul (C or NumPy twin); the backward uses the
-    same kernel with transposed operands, so no transposed copy is ever made.
+    The product runs in kernels.matmul (C or NumPy twin); the backward calls the same kernel
+    with a transpose flag instead of transposing an operand. Copies still happen: folding
+    broadcast batch dims into one copies that operand (under GQA, each key and value head once
+    per query head of its group), and the C core copies an operand whose matrices are stored
+    neither row- nor column-major.
     """
-    a, b = _pair(a, b, "matmul", broadcast=False)
-    if a.ndim < 2 or b.ndim < 2:
-        raise ValueError(f"matmul: both operands need at least 2 dimensions, got shapes "
-                         f"{a.shape} and {b.shape}; reshape vectors to (1, K) or (K, 1)")
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}; "
-                         f"inner dimensions {a.shape[-1]} and {b.shape[-2]} must match")
+    a, b = _check_matmul(a, b)
     if b.ndim == 2:
         return _matmul_weight(a, b)
     return _matmul_batched(a, b)
@@ -372,7 +304,7 @@ def _matmul_batched(a: Tensor, b: Tensor) -> Tensor:
     return Tensor.from_op(out, (a, b), backward, "matmul")
 
 
-# ---- softmax family -----------------------------------------------------------------------
+# The softmax family: attention's softmax and the loss.
 
 
 def softmax(x: Tensor, causal: bool = False) -> Tensor:
@@ -383,11 +315,16 @@ def softmax(x: Tensor, causal: bool = False) -> Tensor:
     return Tensor.from_op(out, (x,), lambda g: (kernels.softmax_backward(out, g),), "softmax")
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    # log softmax over the last axis, stable: x - max - log(sum(exp(x - max)))
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def log_softmax(x: Tensor) -> Tensor:
     """log softmax over the last axis, stable: x - max - log(sum(exp(x - max)))."""
     x = _float_tensor(x, "log_softmax")
-    shifted = x.data - x.data.max(axis=-1, keepdims=True)
-    out = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    out = _log_softmax(x.data)
 
     def backward(g):  # g - softmax * sum(g)
         return (g - np.exp(out) * g.sum(axis=-1, keepdims=True),)
@@ -401,26 +338,12 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
     logits (..., V), targets (...) ints. Positions whose target is ignore_index do not count;
     if every position is ignored the loss is 0 with zero gradient.
     """
-    logits = _float_tensor(logits, "cross_entropy", "logits")
-    targets = targets.data if isinstance(targets, Tensor) else np.asarray(targets)
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integers, got {targets.dtype}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"cross_entropy: targets have shape {targets.shape} but logits "
-                         f"{logits.shape} need targets of shape {logits.shape[:-1]}")
-    V = logits.shape[-1]
-    flat_logits = logits.data.reshape(-1, V)  # (N, V)
+    logits, targets = _check_cross_entropy(logits, targets, ignore_index)
     flat_targets = targets.reshape(-1)  # (N,)
     keep = flat_targets != ignore_index
-    bad = keep & ((flat_targets < 0) | (flat_targets >= V))
-    if bad.any():
-        raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or equal "
-                         f"ignore_index={ignore_index}; found {flat_targets[bad][0]}")
-    count = max(int(keep.sum()), 1)
     rows = np.nonzero(keep)[0]
-
-    shifted = flat_logits - flat_logits.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (N, V)
+    count = max(len(rows), 1)
+    log_probs = _log_softmax(logits.data.reshape(-1, logits.shape[-1]))  # (N, V)
     loss = -log_probs[rows, flat_targets[rows]].sum() / count
 
     def backward(g):  # (softmax - onehot(target)) / count on counted rows, 0 elsewhere
@@ -432,19 +355,12 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
     return Tensor.from_op(np.asarray(loss, dtype=logits.dtype), (logits,), backward, "cross_entropy")
 
 
-# ---- normalisation, dropout, masking ------------------------------------------------------
+# Normalisation, dropout and masking.
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Normalise the last axis to zero mean, unit variance, then scale and shift (fused)."""
-    x = _float_tensor(x, "layer_norm")
-    C = x.shape[-1]
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and param.dtype != x.dtype:
-            raise TypeError(f"layer_norm: {name} is {param.dtype} but x is {x.dtype}; "
-                            "dtypes never change silently, convert one explicitly")
-    if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
-        raise ValueError(f"layer_norm: weight and bias must have shape ({C},) for input {x.shape}")
+    x = _check_layer_norm(x, weight, bias)
     mu = x.data.mean(axis=-1, keepdims=True)
     centered = x.data - mu
     rstd = 1.0 / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
@@ -465,20 +381,17 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
 
 def dropout(x: Tensor, p: float, rng: np.random.Generator, training: bool = True) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p) (identity when not training)."""
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    _check_dropout_p(p, "dropout")
     if not training or p == 0:
         return x
     keep = (rng.random(x.shape) >= p).astype(x.dtype) * (1.0 / (1.0 - p))
-    return Tensor.from_op(x.data * keep, (x,), lambda g: (g * keep,), "dropout")
+    return Tensor.from_op(x.data * keep, (x,), lambda g: (g * keep,), "dropout")  # g * keep
 
 
 def masked_fill(x: Tensor, mask, value: float) -> Tensor:
     """x with `value` where the boolean mask (broadcast to x) is True; no gradient flows there."""
     x = _float_tensor(x, "masked_fill")
-    mask = np.asarray(mask)
-    if mask.dtype != np.bool_:
-        raise TypeError(f"masked_fill: mask must be boolean, got {mask.dtype}")
+    mask = _boolean(np.asarray(mask), "masked_fill", "mask")
     out = np.where(mask, np.asarray(value, dtype=x.dtype), x.data)
     return Tensor.from_op(out, (x,), lambda g: (unbroadcast(np.where(mask, 0, g), x.shape),),
                           "masked_fill")
@@ -492,9 +405,8 @@ def causal_mask(Tq: int, Tk: int) -> np.ndarray:
 def where(condition, a, b) -> Tensor:
     """Elementwise choice: a where condition is True, else b."""
     a, b = _pair(a, b, "where")
-    condition = np.asarray(condition.data if isinstance(condition, Tensor) else condition)
-    if condition.dtype != np.bool_:
-        raise TypeError(f"where: condition must be boolean, got {condition.dtype}")
+    condition = _boolean(np.asarray(condition.data if isinstance(condition, Tensor) else condition),
+                         "where", "condition")
 
     def backward(g):  # the gradient goes to whichever side was chosen
         return (unbroadcast(np.where(condition, g, 0), a.shape),
@@ -503,16 +415,12 @@ def where(condition, a, b) -> Tensor:
     return Tensor.from_op(np.where(condition, a.data, b.data), (a, b), backward, "where")
 
 
-# ---- linear algebra (for the orthogonal rotation) -----------------------------------------
+# Linear algebra, for the orthogonal rotation (a Cayley transform).
 
 
 def solve(A: Tensor, B: Tensor) -> Tensor:
     """X with A X = B, for A (..., n, n) and B (..., n, k)."""
-    A, B = _pair(A, B, "solve", broadcast=False)
-    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"solve: A must be square (..., n, n), got {A.shape}")
-    if B.ndim < 2 or B.shape[-2] != A.shape[-1]:
-        raise ValueError(f"solve: B must have shape (..., {A.shape[-1]}, k), got {B.shape}")
+    A, B = _check_solve(A, B)
     X = np.linalg.solve(A.data, B.data)
 
     def backward(g):  # dB = A^-T g, dA = -dB X^T
@@ -525,9 +433,7 @@ def solve(A: Tensor, B: Tensor) -> Tensor:
 
 def inverse(A: Tensor) -> Tensor:
     """A^-1 for A (..., n, n)."""
-    A = _float_tensor(A, "inverse", "A")
-    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"inverse: A must be square (..., n, n), got {A.shape}")
+    A = _check_square(_float_tensor(A, "inverse", "A"), "inverse")
     Y = np.linalg.inv(A.data)
 
     def backward(g):  # dA = -Y^T g Y^T
@@ -535,3 +441,187 @@ def inverse(A: Tensor) -> Tensor:
         return (-(Yt @ g @ Yt),)
 
     return Tensor.from_op(Y, (A,), backward, "inverse")
+
+
+# Input checks. Each returns its (converted) inputs or raises an error that names the op
+# and says what was wrong; none of them computes anything an op's math uses.
+
+
+def _pair(a, b, op: str, broadcast: bool = True) -> tuple[Tensor, Tensor]:
+    """Turn the operands of a binary op into two Tensors of one float dtype."""
+    like = a if isinstance(a, Tensor) else b
+    a, b = _as_tensor(a, like, op, "a"), _as_tensor(b, like, op, "b")
+    if broadcast:
+        try:
+            np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise ValueError(f"{op}: shapes {a.shape} and {b.shape} do not broadcast "
+                             "(trailing dimensions must be equal or 1)") from None
+    return a, b
+
+
+def _as_tensor(x, like: Tensor, op: str, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        if x.dtype != like.dtype:
+            raise _dtype_mismatch(op, f"{name} is {x.dtype}", f"the other operand is {like.dtype}")
+        return x
+    array = np.asarray(x)
+    if array.dtype in FLOAT_DTYPES and array.ndim > 0 and array.dtype != like.dtype:
+        raise _dtype_mismatch(op, f"{name} is a {array.dtype} array", f"the tensor is {like.dtype}")
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{op}: {name} must be a number, a numeric array or a Tensor, "
+                        f"got {type(x).__name__}")
+    return Tensor(array.astype(like.dtype, copy=False))
+
+
+def _dtype_mismatch(op: str, this: str, other: str) -> TypeError:
+    return TypeError(f"{op}: {this} but {other}; dtypes never change silently, convert one explicitly")
+
+
+def _float_tensor(x, op: str, name: str = "x") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32 or float64, got {x.dtype}")
+    return x
+
+
+def _boolean(array: np.ndarray, op: str, name: str) -> np.ndarray:
+    if array.dtype != np.bool_:
+        raise TypeError(f"{op}: {name} must be boolean, got {array.dtype}")
+    return array
+
+
+def _check_pow(x, exponent) -> Tensor:
+    x = _float_tensor(x, "pow")
+    if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
+        raise TypeError(f"pow: exponent must be a Python number, got {type(exponent).__name__}")
+    return x
+
+
+def _check_reduction(x, axis, op: str, nonempty: bool = False) -> tuple[Tensor, tuple]:
+    """x and its reduced axes as a tuple of non-negative ints (all axes for axis=None)."""
+    x = _float_tensor(x, op)
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(range(x.ndim) if axis is None else axis)
+    for a in axes:
+        if not -x.ndim <= a < max(x.ndim, 1):
+            raise ValueError(f"{op}: axis {a} is out of range for a tensor with {x.ndim} dimensions")
+    axes = tuple(a % max(x.ndim, 1) for a in axes)
+    if nonempty and any(x.shape[a] == 0 for a in axes):
+        raise ValueError(f"{op}: cannot average over an empty axis (shape {x.shape})")
+    return x, axes
+
+
+def _check_reshape(x: Tensor, shape: tuple) -> None:
+    stand_in = np.broadcast_to(np.empty((), np.int8), x.shape)  # x's shape, no memory
+    try:
+        stand_in.reshape(shape)  # NumPy's own rules decide; a view of a view copies nothing
+    except ValueError:
+        raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} "
+                         f"({x.size} elements) into {shape}") from None
+
+
+def _check_permutation(axes: tuple, ndim: int) -> None:
+    in_range = all(-ndim <= a < ndim for a in axes)
+    if not in_range or sorted(a % ndim for a in axes) != list(range(ndim)):
+        raise ValueError(f"transpose: axes {axes} are not a permutation of {ndim} axes")
+
+
+def _check_broadcast_to(x, shape: tuple) -> Tensor:
+    x = _float_tensor(x, "broadcast_to")
+    try:
+        np.broadcast_to(x.data, shape)  # a view: costs nothing
+    except ValueError:
+        raise ValueError(f"broadcast_to: shape {x.shape} cannot broadcast to {shape}") from None
+    return x
+
+
+def _check_embedding(weight, ids) -> tuple[Tensor, np.ndarray]:
+    weight = _float_tensor(weight, "embedding", "weight")
+    ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
+        raise ValueError(f"embedding: ids must lie in [0, {weight.shape[0]}), "
+                         f"got values from {ids.min()} to {ids.max()}")
+    return weight, ids
+
+
+def _check_concat(tensors: list) -> list:
+    if not tensors:
+        raise ValueError("concat: need at least one tensor")
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        raise TypeError(f"concat: all tensors must share one dtype, got {sorted(map(str, dtypes))}")
+    return tensors
+
+
+def _check_split(n: int, sizes) -> list:
+    """The piece sizes as a list: `sizes` itself, or n cut into `sizes` equal parts."""
+    if isinstance(sizes, int):
+        if sizes <= 0 or n % sizes:
+            raise ValueError(f"split: cannot cut length {n} into {sizes} equal parts")
+        sizes = [n // sizes] * sizes
+    if any(size < 0 for size in sizes):
+        raise ValueError(f"split: sizes {list(sizes)} must not be negative")
+    if builtins.sum(sizes) != n:
+        raise ValueError(f"split: sizes {list(sizes)} add to {builtins.sum(sizes)}, not {n}")
+    return sizes
+
+
+def _check_matmul(a, b) -> tuple[Tensor, Tensor]:
+    a, b = _pair(a, b, "matmul", broadcast=False)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul: both operands need at least 2 dimensions, got shapes "
+                         f"{a.shape} and {b.shape}; reshape vectors to (1, K) or (K, 1)")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}; "
+                         f"inner dimensions {a.shape[-1]} and {b.shape[-2]} must match")
+    return a, b
+
+
+def _check_cross_entropy(logits, targets, ignore_index: int) -> tuple[Tensor, np.ndarray]:
+    logits = _float_tensor(logits, "cross_entropy", "logits")
+    targets = targets.data if isinstance(targets, Tensor) else np.asarray(targets)
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integers, got {targets.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets have shape {targets.shape} but logits "
+                         f"{logits.shape} need targets of shape {logits.shape[:-1]}")
+    V, flat = logits.shape[-1], targets.reshape(-1)
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= V))
+    if bad.any():
+        raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or equal "
+                         f"ignore_index={ignore_index}; found {flat[bad][0]}")
+    return logits, targets
+
+
+def _check_layer_norm(x, weight: Tensor, bias: Tensor | None) -> Tensor:
+    x = _float_tensor(x, "layer_norm")
+    C = x.shape[-1]
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and param.dtype != x.dtype:
+            raise _dtype_mismatch("layer_norm", f"{name} is {param.dtype}", f"x is {x.dtype}")
+    if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
+        raise ValueError(f"layer_norm: weight and bias must have shape ({C},) for input {x.shape}")
+    return x
+
+
+def _check_dropout_p(p: float, who: str) -> None:
+    """A dropout probability must lie in [0, 1) (also used by nn.Dropout, naming itself)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"{who}: p must be in [0, 1), got {p}")
+
+
+def _check_square(A: Tensor, op: str) -> Tensor:
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"{op}: A must be square (..., n, n), got {A.shape}")
+    return A
+
+
+def _check_solve(A, B) -> tuple[Tensor, Tensor]:
+    A, B = _pair(A, B, "solve", broadcast=False)
+    _check_square(A, "solve")
+    if B.ndim < 2 or B.shape[-2] != A.shape[-1]:
+        raise ValueError(f"solve: B must have shape (..., {A.shape[-1]}, k), got {B.shape}")
+    return A, B
