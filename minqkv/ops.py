@@ -502,7 +502,8 @@ def _check_pow(x, exponent) -> Tensor:
 def _check_reduction(x, axis, op: str, nonempty: bool = False) -> tuple[Tensor, tuple]:
     """x and its reduced axes as a tuple of non-negative ints (all axes for axis=None)."""
     x = _float_tensor(x, op)
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(range(x.ndim) if axis is None else axis)
+    every_axis = tuple(range(x.ndim))
+    axes = every_axis if axis is None else (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     for a in axes:
         if not -x.ndim <= a < max(x.ndim, 1):
             raise ValueError(f"{op}: axis {a} is out of range for a tensor with {x.ndim} dimensions")

@@ -1,11 +1,13 @@
 """gradcheck.py: the finite-difference referee must catch wrong backwards and refuse bad inputs."""
 
 import json
+import runpy
+import sys
 
 import numpy as np
 import pytest
 
-from minqkv import ops
+from minqkv import cli, ops
 from minqkv.gradcheck import CheckResult, check, format_table, gradcheck
 from minqkv.tensor import Tensor
 
@@ -135,3 +137,60 @@ def test_format_table_marks_failures_and_counts_passes():
     table = format_table(results)
     assert "FAIL" in table.splitlines()[3]
     assert table.endswith("1/2 checks passed")
+
+
+# ---- the `minqkv gradcheck` command fails loudly on a wrong gradient -----------------------
+
+
+def tanh_with_doubled_backward(x):
+    """tanh whose backward is twice the true derivative 1 - tanh^2."""
+    out = np.tanh(x.data)
+    return Tensor.from_op(out, (x,), lambda g: (2 * g * (1 - out * out),), "tanh")
+
+
+real_gelu = ops.gelu
+
+
+def gelu_with_halved_backward(x):
+    """The real gelu forward, exactly (y/2 + y/2), but only one half carries a gradient."""
+    y = real_gelu(x)
+    return 0.5 * y + 0.5 * y.detach()
+
+
+def failing_rows(table: str) -> list:
+    return [line.split()[0] for line in table.splitlines() if line.rstrip().endswith("FAIL")]
+
+
+def test_gradcheck_command_exits_1_and_names_the_op_with_a_wrong_backward(monkeypatch, capsys):
+    monkeypatch.setattr(ops, "tanh", tanh_with_doubled_backward)
+    assert cli.main(["gradcheck"]) == 1
+    table = capsys.readouterr().out
+    assert failing_rows(table) == ["tanh"]
+    assert "checks passed" in table.splitlines()[-1]
+
+
+def test_gradcheck_command_json_marks_only_the_wrong_op_as_failed(monkeypatch, capsys):
+    monkeypatch.setattr(ops, "tanh", tanh_with_doubled_backward)
+    assert cli.main(["gradcheck", "--json"]) == 1
+    records = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in records if not r["passed"]] == ["tanh"]
+
+
+def test_python_dash_m_minqkv_gradcheck_exits_with_status_1_on_a_wrong_backward(monkeypatch, capsys):
+    monkeypatch.setattr(ops, "tanh", tanh_with_doubled_backward)
+    monkeypatch.setattr(sys, "argv", ["minqkv", "gradcheck"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("minqkv", run_name="__main__")
+    assert exit_info.value.code == 1
+    assert failing_rows(capsys.readouterr().out) == ["tanh"]
+
+
+def test_gradcheck_command_passes_with_the_real_ops(capsys):
+    assert cli.main(["gradcheck"]) == 0
+    assert failing_rows(capsys.readouterr().out) == []
+
+
+def test_variant_gradcheck_command_exits_1_and_names_the_variant_with_a_wrong_backward(monkeypatch, capsys):
+    monkeypatch.setattr(ops, "gelu", gelu_with_halved_backward)
+    assert cli.main(["gradcheck", "--variant", "abc+no-out-proj"]) == 1
+    assert failing_rows(capsys.readouterr().out) == ["abc+no-out-proj"]

@@ -3,16 +3,8 @@ import math
 import numpy as np
 import pytest
 
+from minqkv.nn import Parameter
 from minqkv.optim import AdamW, clip_grad_norm, cosine_lr, decays
-
-try:
-    from minqkv.nn import Parameter
-except ImportError:  # nn.py not written yet: anything with .data and .grad will do
-
-    class Parameter:
-        def __init__(self, data):
-            self.data = np.asarray(data)
-            self.grad = None
 
 
 def make_params(dtype=np.float64, seed=0):
