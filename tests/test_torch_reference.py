@@ -53,7 +53,10 @@ def dropout_mask(shape, seed=1):
 
 
 def torch_causal(x):
-    hidden = torch.from_numpy(ops.causal_mask(x.shape[-2], x.shape[-1]))
+    """Softmax where query i sees key j only when j <= i + (Tk - Tq); the mask is built here,
+    not by ops.causal_mask, so a wrong causal_mask cannot agree with itself."""
+    Tq, Tk = x.shape[-2:]
+    hidden = torch.arange(Tk)[None, :] > torch.arange(Tq)[:, None] + (Tk - Tq)
     return torch.softmax(x.masked_fill(hidden, float("-inf")), dim=-1)
 
 
