@@ -2,7 +2,7 @@
 kernels.py) and, right beside it, a closure `backward(g)` that maps the gradient of the
 output to a tuple of gradients for its inputs, with the math in one comment line.
 
-Read top to bottom, the ops come in the order a model meets them:
+Read top to bottom: from the simplest ops up to the ones a Transformer is built from.
   arithmetic        add, sub, mul, div, neg, pow (and unbroadcast, which undoes broadcasting)
   elementwise       exp, log, tanh, sigmoid, relu, gelu
   reductions        sum, mean
@@ -11,8 +11,8 @@ Read top to bottom, the ops come in the order a model meets them:
   softmax family    softmax, log_softmax, cross_entropy
   normalisation     layer_norm, dropout, masked_fill, causal_mask, where
   linear algebra    solve, inverse (for the orthogonal rotation)
-Input checks sit at the bottom of the file; an op calls them in its first line and says
-nothing more about them.
+Input checks sit at the bottom of the file; an op calls them in one line at its top and
+says nothing more about them.
 
 dtype rule: float32 stays float32 and float64 stays float64. Mixing the two is an error;
 Python numbers and int/bool arrays are converted to the tensor's dtype.
@@ -173,7 +173,7 @@ def reshape(x: Tensor, *shape) -> Tensor:
         shape = tuple(shape[0])
     _check_reshape(x, shape)
     out = x.data.reshape(shape)
-    return Tensor.from_op(out, (x,), lambda g: (g.reshape(x.shape),), "reshape")
+    return Tensor.from_op(out, (x,), lambda g: (g.reshape(x.shape),), "reshape")  # g in x's shape
 
 
 def transpose(x: Tensor, *axes) -> Tensor:
@@ -196,6 +196,7 @@ def swapaxes(x: Tensor, axis1: int, axis2: int) -> Tensor:
 def broadcast_to(x: Tensor, shape: tuple) -> Tensor:
     x = _check_broadcast_to(x, shape)
     out = np.broadcast_to(x.data, shape)
+    # d broadcast_to: sum g over the copies
     return Tensor.from_op(out, (x,), lambda g: (unbroadcast(g, x.shape),), "broadcast_to")
 
 
@@ -393,6 +394,7 @@ def masked_fill(x: Tensor, mask, value: float) -> Tensor:
     x = _float_tensor(x, "masked_fill")
     mask = _boolean(np.asarray(mask), "masked_fill", "mask")
     out = np.where(mask, np.asarray(value, dtype=x.dtype), x.data)
+    # d masked_fill: g where kept, 0 where filled (summed back if the mask broadcast x)
     return Tensor.from_op(out, (x,), lambda g: (unbroadcast(np.where(mask, 0, g), x.shape),),
                           "masked_fill")
 
@@ -443,8 +445,8 @@ def inverse(A: Tensor) -> Tensor:
     return Tensor.from_op(Y, (A,), backward, "inverse")
 
 
-# Input checks. Each returns its (converted) inputs or raises an error that names the op
-# and says what was wrong; none of them computes anything an op's math uses.
+# Input checks. Each returns its inputs in the form the op uses (Tensors of one dtype, a tuple
+# of axes, a list of sizes) or raises an error that names the op and says what was wrong.
 
 
 def _pair(a, b, op: str, broadcast: bool = True) -> tuple[Tensor, Tensor]:
@@ -486,6 +488,14 @@ def _float_tensor(x, op: str, name: str = "x") -> Tensor:
     return x
 
 
+def _integers(x, op: str, name: str) -> np.ndarray:
+    """The integer array in x (a Tensor, an array or a list)."""
+    array = x.data if isinstance(x, Tensor) else np.asarray(x)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{op}: {name} must be integers, got {array.dtype}")
+    return array
+
+
 def _boolean(array: np.ndarray, op: str, name: str) -> np.ndarray:
     if array.dtype != np.bool_:
         raise TypeError(f"{op}: {name} must be boolean, got {array.dtype}")
@@ -516,7 +526,7 @@ def _check_reduction(x, axis, op: str, nonempty: bool = False) -> tuple[Tensor, 
 def _check_reshape(x: Tensor, shape: tuple) -> None:
     stand_in = np.broadcast_to(np.empty((), np.int8), x.shape)  # x's shape, no memory
     try:
-        stand_in.reshape(shape)  # NumPy's own rules decide; a view of a view copies nothing
+        stand_in.reshape(shape)  # NumPy's own rules decide; with every stride 0 nothing is copied
     except ValueError:
         raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} "
                          f"({x.size} elements) into {shape}") from None
@@ -539,9 +549,7 @@ def _check_broadcast_to(x, shape: tuple) -> Tensor:
 
 def _check_embedding(weight, ids) -> tuple[Tensor, np.ndarray]:
     weight = _float_tensor(weight, "embedding", "weight")
-    ids = ids.data if isinstance(ids, Tensor) else np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
+    ids = _integers(ids, "embedding", "ids")
     if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
         raise ValueError(f"embedding: ids must lie in [0, {weight.shape[0]}), "
                          f"got values from {ids.min()} to {ids.max()}")
@@ -583,9 +591,7 @@ def _check_matmul(a, b) -> tuple[Tensor, Tensor]:
 
 def _check_cross_entropy(logits, targets, ignore_index: int) -> tuple[Tensor, np.ndarray]:
     logits = _float_tensor(logits, "cross_entropy", "logits")
-    targets = targets.data if isinstance(targets, Tensor) else np.asarray(targets)
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integers, got {targets.dtype}")
+    targets = _integers(targets, "cross_entropy", "targets")
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: targets have shape {targets.shape} but logits "
                          f"{logits.shape} need targets of shape {logits.shape[:-1]}")

@@ -15,7 +15,7 @@ def decays(name: str, param) -> bool:
     """Whether AdamW applies weight decay to this parameter.
 
     Decayed: matrices (ndim 2), i.e. the weights of Linear layers and attention projections.
-    Not decayed: biases and LayerNorm gains (ndim 1), embeddings (any name containing 'emb'),
+    Not decayed: biases, LayerNorm gains and gates (ndim 1), embeddings (any name containing 'emb'),
     and the per-head tables of attention (ndim 3: rotation generators, 2-D position biases):
     pulling them towards zero only fights what they are for.
     """

@@ -190,7 +190,7 @@ def test_gradcheck_command_passes_with_the_real_ops(capsys):
     assert failing_rows(capsys.readouterr().out) == []
 
 
-def test_variant_gradcheck_command_exits_1_and_names_the_variant_with_a_wrong_backward(monkeypatch, capsys):
+def test_variant_gradcheck_command_exits_1_and_names_the_broken_variant(monkeypatch, capsys):
     monkeypatch.setattr(ops, "gelu", gelu_with_halved_backward)
     assert cli.main(["gradcheck", "--variant", "abc+no-out-proj"]) == 1
     assert failing_rows(capsys.readouterr().out) == ["abc+no-out-proj"]
