@@ -102,6 +102,13 @@ def op_cases() -> list:
     ]
 
 
+def differentiable_ops() -> set:
+    """Names of the public functions in ops.py that carry a gradient: what a catalogue must cover."""
+    not_differentiable = {"unbroadcast", "causal_mask"}
+    return {name for name, value in vars(ops).items() if callable(value) and not name.startswith("_")
+            and getattr(value, "__module__", None) == ops.__name__} - not_differentiable
+
+
 def run_op_checks(seed: int = 0) -> list:
     """Check every case in float64; returns a list of CheckResult."""
     rng = np.random.default_rng(seed)
