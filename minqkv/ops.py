@@ -323,7 +323,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def log_softmax(x: Tensor) -> Tensor:
-    """log softmax over the last axis, stable: x - max - log(sum(exp(x - max)))."""
+    """log softmax over the last axis; cross_entropy computes its forward with the same _log_softmax."""
     x = _float_tensor(x, "log_softmax")
     out = _log_softmax(x.data)
 

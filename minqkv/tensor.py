@@ -66,7 +66,7 @@ class Tensor:
             out._op = op
         return out
 
-    # ---- array-like facts -------------------------------------------------------------
+    # Array-like facts.
     @property
     def shape(self) -> tuple:
         return self.data.shape
@@ -100,7 +100,7 @@ class Tensor:
         grad = ", requires_grad=True" if self.requires_grad else ""
         return f"Tensor({self.data!r}{grad})"
 
-    # ---- reverse mode -----------------------------------------------------------------
+    # Reverse mode.
     def backward(self, grad=None) -> None:
         """Accumulate d(self)/d(leaf) into .grad of every leaf that requires a gradient.
 
@@ -135,7 +135,7 @@ class Tensor:
     def zero_grad(self) -> None:
         self.grad = None
 
-    # ---- operators: thin aliases for ops.py ---------------------------------------------
+    # Operators: thin aliases for ops.py.
     def __add__(self, other):
         return _ops().add(self, other)
 
