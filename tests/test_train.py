@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+import minqkv.atomic as atomic_module
 import minqkv.checkpoint as checkpoint_module
 import minqkv.train as train_module
 from minqkv.checkpoint import load_checkpoint, load_model
@@ -126,7 +127,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(text_file, tmp_path, monkey
     def disk_full(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", disk_full)
+    monkeypatch.setattr(atomic_module.os, "replace", disk_full)
     with pytest.raises(OSError, match="disk full"):
         run(text_file, out, resume=True, steps=8)
     monkeypatch.undo()
