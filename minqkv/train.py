@@ -152,7 +152,9 @@ def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on
     out.mkdir(parents=True, exist_ok=True)  # only now: every check above has passed
     _truncate_metrics(out / "metrics.jsonl", start)
     params = model.parameters()
-    step_ms, last_eval, train_loss = [], {}, float("nan")
+    step_ms, last_eval = [], {}
+    # a run resumed after its last step still reports the loss of that step
+    train_loss = state[0].get("train_loss", math.nan) if state is not None else math.nan
     wall_start = time.perf_counter()
     bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
                disable=not progress, desc=cfg.describe(), dynamic_ncols=True)
@@ -187,7 +189,7 @@ def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on
             if cfg.gate:
                 record["gates"] = {f"{layer}.{role}": g for (layer, role), g in model.gates().items()}
             _append_jsonl(out / "metrics.jsonl", record)
-            meta = _meta(model, corpus, train_config, done, batch_rng)
+            meta = {**_meta(model, corpus, train_config, done, batch_rng), "train_loss": train_loss}
             save_checkpoint(out, model, opt, meta)
         if on_step is not None:
             on_step(done, train_loss)
