@@ -17,30 +17,6 @@ from . import __version__
 SAMPLE_PROMPT = "ROMEO:\n"
 
 
-# ---- numbers that flags accept (argparse turns a ValueError into a usage error, exit code 2)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -69,37 +45,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---- numbers that flags accept (argparse turns a ValueError into a usage error, exit code 2)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
 # ---- train -------------------------------------------------------------------------------
 
 
-# Every flag that sets a run's configuration, in one list: (flag, type, help). A flag sets the
-# GPTConfig or TrainConfig field of its name (--seed sets both); --no-X sets field X to False.
+# Every flag that sets a run's configuration, in one list: (flag, field, type, help). The flag sets
+# that field of GPTConfig or TrainConfig, or of both (seed); a --no-X switch sets its field to False.
 # Defaults are None, so a resumed run knows which flags were actually given.
 RUN_FLAGS = [
-    ("--variant", str, "code such as abb, or a name such as shared-kv (codes starting with '-' "
-                       "need the = form: --variant=-ab)"),
-    ("--data", str, "shakespeare | PATH to a UTF-8 text | synthetic:TASK"),
-    ("--steps", int, "training steps; with --resume, extends the run to this many"),
-    ("--seed", int, "seed of the weights, the batches and dropout"),
-    ("--n-layer", int, None), ("--n-head", int, None),
-    ("--n-kv-head", int, "key/value heads (grouped-query attention; 1: multi-query)"),
-    ("--n-embd", int, "width of the model"), ("--block-size", int, "context length"),
-    ("--dropout", float, None), ("--dtype", str, "float32 | float64"),
-    ("--batch-size", int, None), ("--lr", float, "peak learning rate"),
-    ("--min-lr", float, "learning rate at the end of the cosine decay"),
-    ("--warmup-steps", int, None), ("--weight-decay", float, None), ("--grad-clip", float, None),
-    ("--eval-interval", int, "evaluate and save a checkpoint every this many steps"),
-    ("--eval-iters", int, "validation batches per evaluation"),
-    ("--beta1", float, None), ("--beta2", float, None),
-    ("--gate-penalty", float, "gated models: weight of the sum of the gates in the objective"),
-    ("--prune-threshold", float, "gated models: a gate below this becomes the identity"),
-    ("--rotate", bool, "learned orthogonal rotation of K per head"),
-    ("--pos2d", bool, "learned 2-D positional bias on the scores"),
-    ("--gate", bool, "gated projections, pruned after training"),
-    ("--no-out-proj", bool, "drop the output projection"),
-    ("--no-tie", bool, "separate output head (no weight tying)"),
+    ("--variant", "variant", str, "code such as abb, or a name such as shared-kv (codes starting "
+                                  "with '-' need the = form: --variant=-ab)"),
+    ("--data", "data", str, "shakespeare | PATH to a UTF-8 text | synthetic:TASK"),
+    ("--steps", "steps", int, "training steps; with --resume, extends the run to this many"),
+    ("--seed", "seed", int, "seed of the weights, the batches and dropout"),
+    ("--n-layer", "n_layer", int, None),
+    ("--n-head", "n_head", int, None),
+    ("--n-kv-head", "n_kv_head", int, "key/value heads (grouped-query attention; 1: multi-query)"),
+    ("--n-embd", "n_embd", int, "width of the model"),
+    ("--block-size", "block_size", int, "context length"),
+    ("--dropout", "dropout", float, None),
+    ("--dtype", "dtype", str, "float32 | float64"),
+    ("--batch-size", "batch_size", int, None),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--min-lr", "min_lr", float, "learning rate at the end of the cosine decay"),
+    ("--warmup-steps", "warmup_steps", int, None),
+    ("--weight-decay", "weight_decay", float, None),
+    ("--grad-clip", "grad_clip", float, None),
+    ("--eval-interval", "eval_interval", int, "evaluate and save a checkpoint every this many steps"),
+    ("--eval-iters", "eval_iters", int, "validation batches per evaluation"),
+    ("--beta1", "beta1", float, None),
+    ("--beta2", "beta2", float, None),
+    ("--gate-penalty", "gate_penalty", float, "gated models: weight of the sum of the gates in the objective"),
+    ("--prune-threshold", "prune_threshold", float, "gated models: a gate below this becomes the identity"),
+    ("--rotate", "rotate", bool, "learned orthogonal rotation of K per head"),
+    ("--pos2d", "pos2d", bool, "learned 2-D positional bias on the scores"),
+    ("--gate", "gate", bool, "gated projections, pruned after training"),
+    ("--no-out-proj", "out_proj", bool, "drop the output projection"),
+    ("--no-tie", "tie_weights", bool, "separate output head (no weight tying)"),
 ]
-NEGATED_FIELDS = {"no_out_proj": "out_proj", "no_tie": "tie_weights"}
 
 
 def _add_train(sub) -> None:
@@ -109,11 +115,12 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default="out", help="folder for checkpoint and metrics")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out (other flags must match it; --steps may extend it)")
-    for flag, kind, help_text in RUN_FLAGS:
-        help_text = f"{help_text or ''} (default: {_default_of(flag)})".strip()
+    for flag, field, kind, help_text in RUN_FLAGS:
         if kind is bool:
             p.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
+            default = getattr(_configs_with(field)[0](), field)
+            help_text = f"{help_text or ''} (default: {default})".strip()
             p.add_argument(flag, type=kind, default=None, help=help_text)
     p.add_argument("--sample-tokens", type=non_negative_int, default=300,
                    help="characters to sample at the end (0: none)")
@@ -121,32 +128,20 @@ def _add_train(sub) -> None:
     p.set_defaults(run=cmd_train)
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")  # argparse's attribute name: --n-layer -> n_layer
-
-
-def _config_fields(flag: str) -> list:
-    """The (config class, field) pairs that a run flag sets."""
+def _configs_with(field: str) -> list:
     from .model import GPTConfig
     from .train import TrainConfig
 
-    name = NEGATED_FIELDS.get(_dest(flag), _dest(flag))
-    return [(c, name) for c in (GPTConfig, TrainConfig) if name in c.__dataclass_fields__]
-
-
-def _default_of(flag: str):
-    config, name = _config_fields(flag)[0]
-    return getattr(config(), name)
+    return [c for c in (GPTConfig, TrainConfig) if field in c.__dataclass_fields__]
 
 
 def _given_settings(args, config) -> dict:
     """{field: value} of `config` for the run flags the user gave."""
     settings = {}
-    for flag, _, _ in RUN_FLAGS:
-        value = getattr(args, _dest(flag))
-        for owner, name in _config_fields(flag):
-            if owner is config and value is not None:
-                settings[name] = not value if flag.startswith("--no-") else value
+    for flag, field, _, _ in RUN_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))  # argparse's name: --n-layer -> n_layer
+        if value is not None and config in _configs_with(field):
+            settings[field] = not value if flag.startswith("--no-") else value
     return settings
 
 

@@ -3,8 +3,9 @@
 train(model_config, train_config) builds the corpus and the model, then for each step:
 draw a batch, forward, loss (+ gate penalty), backward, clip, AdamW step. Every
 eval_interval steps it scores the validation split on fixed batches, appends a JSON line to
-OUT/metrics.jsonl and saves OUT/ckpt.npz atomically. A resumed run reloads weights,
-optimiser, step and both random generators, so it continues exactly as if never stopped.
+OUT/metrics.jsonl and saves OUT/ckpt.npz atomically. A resumed run (resume_training)
+reloads weights, optimiser, step and both random generators, so it continues exactly as if
+never stopped; it refuses settings other than the saved run's and data with another vocabulary.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def build(model_config: GPTConfig, train_config: TrainConfig, corpus):
     model = GPT(model_config)
     opt = AdamW(model.named_parameters(), lr=train_config.lr, betas=(train_config.beta1, train_config.beta2),
                 weight_decay=train_config.weight_decay)
-    return corpus, model, opt
+    return model, opt
 
 
 def train(model_config: GPTConfig, train_config: TrainConfig, resume: bool = False,
@@ -143,7 +144,7 @@ def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on
     corpus = corpus if corpus is not None else load_corpus(train_config.data, seed=train_config.seed)
     if state is not None:
         _check_vocabulary(corpus, state[0], out)
-    corpus, model, opt = build(model_config, train_config, corpus)
+    model, opt = build(model_config, train_config, corpus)
     batch_rng = np.random.default_rng(train_config.seed)
     start = _restore(state, model, opt, batch_rng) if state is not None else 0
     cfg = model.config
@@ -194,9 +195,19 @@ def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on
         if on_step is not None:
             on_step(done, train_loss)
     bar.close()
+    final = _summary(model, train_config, train_loss, last_eval or
+                     evaluate(model, eval_batches, corpus.metric), step_ms, wall_start)
+    if cfg.gate:
+        final.update(_prune_and_report(model, corpus, train_config, eval_batches, out, batch_rng))
+    _write_json(out / "final.json", final)
+    return final
 
+
+def _summary(model, train_config, train_loss, last_eval, step_ms, wall_start) -> dict:
+    """What a run reports at its end (OUT/final.json): model, losses, speed and memory."""
+    cfg = model.config
     median_ms = float(np.median(step_ms)) if step_ms else float("nan")
-    final = {
+    return {
         "variant": cfg.describe(),
         "code": cfg.variant if cfg.layer_variants is None else ",".join(cfg.layer_variants),
         "data": train_config.data,
@@ -204,17 +215,13 @@ def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on
         "attention_params": sum(b.attn.num_parameters() for b in model.blocks),
         "steps": train_config.steps,
         "train_loss": train_loss,
-        **(last_eval or evaluate(model, eval_batches, corpus.metric)),
+        **last_eval,
         "ms_per_step": median_ms,
         "tokens_per_s": train_config.batch_size * cfg.block_size / (median_ms / 1000),
         "peak_rss_mb": peak_rss_mb(),
         "wall_s": time.perf_counter() - wall_start,
         "seed": train_config.seed,
     }
-    if cfg.gate:
-        final.update(_prune_and_report(model, corpus, train_config, eval_batches, out, batch_rng))
-    _write_json(out / "final.json", final)
-    return final
 
 
 def _prune_and_report(model, corpus, train_config, eval_batches, out: Path, batch_rng) -> dict:
@@ -255,6 +262,7 @@ def _resumed_configs(out: Path, meta: dict, model_settings: dict, train_settings
     train_config = replace(saved_train, **train_settings, out=str(out))
     differences = _differences(saved_model, model_config, ignore=())
     differences += _differences(saved_train, train_config, ignore=("steps", "out"))
+    differences = list(dict.fromkeys(differences))  # a seed that differs is in both configs
     if differences:
         raise ValueError(f"{out} holds a run with other settings, and a resumed run keeps its "
                          f"settings (only steps may change): " + "; ".join(differences))

@@ -239,9 +239,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(text_file, 
     real_build = train_module.build
 
     def build_and_keep_the_model(*args):
-        corpus, model, opt = real_build(*args)
+        model, opt = real_build(*args)
         models.append(model)
-        return corpus, model, opt
+        return model, opt
 
     monkeypatch.setattr(train_module, "build", build_and_keep_the_model)
 
