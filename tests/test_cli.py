@@ -339,16 +339,12 @@ def test_train_resume_on_data_rewritten_with_other_characters_fails(capsys, tmp_
 
 
 @pytest.mark.parametrize("command", ["sample", "analyze", "train"])
-@pytest.mark.parametrize("damage", ["truncated", "empty", "flipped-byte", "random-bytes"])
-def test_a_damaged_checkpoint_is_a_one_line_error_with_exit_code_2(capsys, tmp_path, text_file, command, damage):
+@pytest.mark.parametrize("damaged", [b"", bytes(range(256)) * 8], ids=["empty", "random-bytes"])
+def test_a_damaged_checkpoint_is_a_one_line_error_with_exit_code_2(capsys, tmp_path, text_file, command, damaged):
+    """Every way of damaging a file is covered in test_checkpoint.py; here: each command reports it."""
     out_dir = trained(capsys, tmp_path, text_file)
     path = Path(out_dir) / "ckpt.npz"
-    good = path.read_bytes()
-    middle = len(good) // 2
-    path.write_bytes({"truncated": good[:middle],
-                      "empty": b"",
-                      "flipped-byte": good[:middle] + bytes([good[middle] ^ 0xFF]) + good[middle + 1:],
-                      "random-bytes": bytes(range(256)) * 8}[damage])
+    path.write_bytes(damaged)
     argv = ["train", "--resume", "--out", out_dir] if command == "train" else [command, "--ckpt", out_dir]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2

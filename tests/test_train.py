@@ -225,6 +225,13 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(text_file, tmp_path):
     assert [r["step"] for r in metric_lines(out)] == [4, 8, 12]
 
 
+def test_resuming_a_finished_run_reports_its_last_train_loss(text_file, tmp_path):
+    """A crash between the last checkpoint and final.json leaves nothing to train on resume."""
+    first = run(text_file, tmp_path / "run", steps=8)
+    again = run(text_file, tmp_path / "run", steps=8, resume=True)
+    assert again["train_loss"] == first["train_loss"] and again["val_loss"] == first["val_loss"]
+
+
 def test_resume_cannot_shorten_a_run_below_its_finished_steps(text_file, tmp_path):
     run(text_file, tmp_path / "run", steps=8)
     with pytest.raises(ValueError, match="fewer than the 8 steps"):
