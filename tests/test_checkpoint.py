@@ -83,8 +83,10 @@ def test_every_flipped_bit_either_changes_nothing_or_is_reported(saved):
     good = (folder / "ckpt.npz").read_bytes()
     want_meta, want_arrays, _ = load_checkpoint(folder)
     rng = np.random.default_rng(0)
-    headers = list(range(200)) + list(range(len(good) - 2000, len(good)))  # zip and npy headers
-    for position in headers + list(rng.integers(0, len(good), size=300)):
+    first_header = range(100)  # the first zip entry and its .npy header
+    directory = rng.integers(len(good) - 2000, len(good), size=300)  # the zip's table of contents
+    anywhere = rng.integers(0, len(good), size=200)
+    for position in [*first_header, *directory, *anywhere]:
         data = bytearray(good)
         data[position] ^= 1 << int(rng.integers(8))
         damage(folder, bytes(data))
