@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import write_atomically
 from .attention import ALL_CODES
 from .model import GPTConfig
 from .train import TrainConfig
 
-# The study's selection: what the literature compares (see DESIGN.md for the sources).
+# The study's selection: what the literature compares (the README's variants table names the sources).
 STUDY_VARIANTS = ["canonical", "shared-qk", "shared-kv", "single", "single+rotate", "value-only",
                   "none", "no-query", "no-value", "canonical+gate", "canonical+gqa2",
                   "canonical+mqa", "shared-kv+gqa2", "shared-kv+mqa"]
@@ -95,7 +96,7 @@ def _check_sweep_file(out: Path, plan: dict) -> None:
                              "or delete that folder")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(plan, indent=2) + "\n")
+        write_atomically(path, json.dumps(plan, indent=2) + "\n")
 
 
 # ---- one run, in its own process ----------------------------------------------------------
@@ -133,9 +134,7 @@ def run_one(job: dict, progress_queue=None) -> dict:
         result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     result.update(label=job["label"], variant=job["variant"], seed=job["seed"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, run_dir / "result.json")
+    write_atomically(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -144,14 +143,13 @@ def measure_decoding(ckpt_dir) -> dict:
     from .checkpoint import load_model
     from .tensor import no_grad
 
-    model, tokenizer, _ = load_model(ckpt_dir)
-    model.eval()
+    model, _, _ = load_model(ckpt_dir)
     prompt_len = max(1, min(8, model.config.block_size - DECODE_TOKENS))
     steps = min(DECODE_TOKENS, model.config.block_size - prompt_len)
     ids = np.zeros((1, prompt_len), dtype=np.int64)
     caches = model.new_caches()
     timings = []
-    with no_grad():
+    with model.evaluating(), no_grad():
         logits, _ = model(ids, caches=caches)
         for _ in range(steps):
             next_id = logits.data[:, -1:].argmax(-1)  # (1, 1)

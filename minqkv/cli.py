@@ -45,68 +45,120 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---- numbers that flags accept (argparse turns a ValueError into a usage error, exit code 2)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
 # ---- train -------------------------------------------------------------------------------
 
 
-def _add_train(sub) -> None:
-    from .model import GPTConfig
-    from .train import TrainConfig
+# Every flag that sets a run's configuration, in one list: (flag, field, type, help). The flag sets
+# that field of GPTConfig or TrainConfig, or of both (seed); a --no-X switch sets its field to False.
+# Defaults are None, so a resumed run knows which flags were actually given.
+RUN_FLAGS = [
+    ("--variant", "variant", str, "code such as abb, or a name such as shared-kv (codes starting "
+                                  "with '-' need the = form: --variant=-ab)"),
+    ("--data", "data", str, "shakespeare | PATH to a UTF-8 text | synthetic:TASK"),
+    ("--steps", "steps", int, "training steps; with --resume, extends the run to this many"),
+    ("--seed", "seed", int, "seed of the weights, the batches and dropout"),
+    ("--n-layer", "n_layer", int, None),
+    ("--n-head", "n_head", int, None),
+    ("--n-kv-head", "n_kv_head", int, "key/value heads (grouped-query attention; 1: multi-query)"),
+    ("--n-embd", "n_embd", int, "width of the model"),
+    ("--block-size", "block_size", int, "context length"),
+    ("--dropout", "dropout", float, None),
+    ("--dtype", "dtype", str, "float32 | float64"),
+    ("--batch-size", "batch_size", int, None),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--min-lr", "min_lr", float, "learning rate at the end of the cosine decay"),
+    ("--warmup-steps", "warmup_steps", int, None),
+    ("--weight-decay", "weight_decay", float, None),
+    ("--grad-clip", "grad_clip", float, None),
+    ("--eval-interval", "eval_interval", int, "evaluate and save a checkpoint every this many steps"),
+    ("--eval-iters", "eval_iters", int, "validation batches per evaluation"),
+    ("--beta1", "beta1", float, None),
+    ("--beta2", "beta2", float, None),
+    ("--gate-penalty", "gate_penalty", float, "gated models: weight of the sum of the gates in the objective"),
+    ("--prune-threshold", "prune_threshold", float, "gated models: a gate below this becomes the identity"),
+    ("--rotate", "rotate", bool, "learned orthogonal rotation of K per head"),
+    ("--pos2d", "pos2d", bool, "learned 2-D positional bias on the scores"),
+    ("--gate", "gate", bool, "gated projections, pruned after training"),
+    ("--no-out-proj", "out_proj", bool, "drop the output projection"),
+    ("--no-tie", "tie_weights", bool, "separate output head (no weight tying)"),
+]
 
-    m, t = GPTConfig(), TrainConfig()
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a char GPT with one attention variant",
                        description="Train a character-level GPT. With no arguments: the canonical "
                        "variant on Shakespeare, then a sample.")
-    p.add_argument("--variant", default=m.variant,
-                   help="code such as abb, or a name such as shared-kv (codes starting with '-' "
-                   "need the = form: --variant=-ab)")
-    p.add_argument("--data", default=t.data, help="shakespeare | PATH to a UTF-8 text | synthetic:TASK")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {t.steps})")
-    p.add_argument("--out", default=t.out, help="folder for checkpoint and metrics")
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    for flag, default, kind in [("n-layer", m.n_layer, int), ("n-head", m.n_head, int),
-                                ("n-kv-head", None, int), ("n-embd", m.n_embd, int),
-                                ("block-size", m.block_size, int), ("dropout", m.dropout, float)]:
-        p.add_argument(f"--{flag}", type=kind, default=default)
-    for flag in ("batch-size", "lr", "min-lr", "warmup-steps", "weight-decay", "grad-clip",
-                 "eval-interval", "eval-iters", "beta1", "beta2", "gate-penalty", "prune-threshold"):
-        default = getattr(t, flag.replace("-", "_"))
-        p.add_argument(f"--{flag}", type=type(default), default=default)
-    p.add_argument("--dtype", choices=["float32", "float64"], default=m.dtype)
-    p.add_argument("--rotate", action="store_true", help="learned orthogonal rotation of K per head")
-    p.add_argument("--pos2d", action="store_true", help="learned 2-D positional bias on the scores")
-    p.add_argument("--gate", action="store_true", help="gated projections, pruned after training")
-    p.add_argument("--no-out-proj", action="store_true", help="drop the output projection")
-    p.add_argument("--no-tie", action="store_true", help="separate output head (no weight tying)")
-    p.add_argument("--sample-tokens", type=int, default=300, help="characters to sample at the end (0: none)")
+    p.add_argument("--out", default="out", help="folder for checkpoint and metrics")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out (other flags must match it; --steps may extend it)")
+    for flag, field, kind, help_text in RUN_FLAGS:
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            default = getattr(_configs_with(field)[0](), field)
+            help_text = f"{help_text or ''} (default: {default})".strip()
+            p.add_argument(flag, type=kind, default=None, help=help_text)
+    p.add_argument("--sample-tokens", type=non_negative_int, default=300,
+                   help="characters to sample at the end (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
 
 
-def cmd_train(args) -> int:
-    from .checkpoint import load_checkpoint
+def _configs_with(field: str) -> list:
     from .model import GPTConfig
-    from .train import TrainConfig, train
+    from .train import TrainConfig
 
-    steps = args.steps
-    if args.resume and steps is None:
-        steps = load_checkpoint(args.out)[0]["train_config"]["steps"]
-    train_config = TrainConfig(
-        data=args.data, out=args.out, steps=steps or TrainConfig.steps, batch_size=args.batch_size,
-        lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        beta1=args.beta1, beta2=args.beta2, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
-        eval_iters=args.eval_iters, gate_penalty=args.gate_penalty,
-        prune_threshold=args.prune_threshold, seed=args.seed)
-    model_config = GPTConfig(
-        variant=args.variant, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head,
-        n_embd=args.n_embd, block_size=args.block_size, dropout=args.dropout, rotate=args.rotate,
-        pos2d=args.pos2d, gate=args.gate, out_proj=not args.no_out_proj, tie_weights=not args.no_tie,
-        dtype=args.dtype, seed=args.seed)
-    final = train(model_config, train_config, resume=args.resume, progress=not args.quiet)
+    return [c for c in (GPTConfig, TrainConfig) if field in c.__dataclass_fields__]
+
+
+def _given_settings(args, config) -> dict:
+    """{field: value} of `config` for the run flags the user gave."""
+    settings = {}
+    for flag, field, _, _ in RUN_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))  # argparse's name: --n-layer -> n_layer
+        if value is not None and config in _configs_with(field):
+            settings[field] = not value if flag.startswith("--no-") else value
+    return settings
+
+
+def cmd_train(args) -> int:
+    from .model import GPTConfig
+    from .train import TrainConfig, resume_training, train
+
+    model_settings, train_settings = _given_settings(args, GPTConfig), _given_settings(args, TrainConfig)
+    if args.resume:
+        final = resume_training(args.out, model_settings, train_settings, progress=not args.quiet)
+    else:
+        final = train(GPTConfig(**model_settings), TrainConfig(**train_settings, out=args.out),
+                      progress=not args.quiet)
     print(_summary(final))
     if args.sample_tokens > 0 and "val_bpc" in final:
         print(f"\n--- sample ({args.sample_tokens} characters, temperature 0.8) ---")
-        print(_sample_text(args.out, SAMPLE_PROMPT, args.sample_tokens, 0.8, None, args.seed))
+        print(_sample_text(args.out, SAMPLE_PROMPT, args.sample_tokens, 0.8, None, final["seed"]))
     return 0
 
 
@@ -129,16 +181,14 @@ def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a trained checkpoint")
     p.add_argument("--ckpt", required=True, help="the --out folder of a training run")
     p.add_argument("--prompt", default=SAMPLE_PROMPT)
-    p.add_argument("--tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=non_negative_int, default=300)
+    p.add_argument("--temperature", type=positive_float, default=0.8)
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(run=cmd_sample)
 
 
 def cmd_sample(args) -> int:
-    if args.tokens < 0:
-        raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
     print(_sample_text(args.ckpt, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
     return 0
 
@@ -163,12 +213,12 @@ def _add_variants(sub) -> None:
     from .variants import PRESETS
 
     p = sub.add_parser("variants", help="parameters, FLOPs and KV cache of every variant")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-kv-head", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=128, help="context length for FLOPs")
+    p.add_argument("--n-embd", type=positive_int, default=128, help="width of the model")
+    p.add_argument("--n-head", type=positive_int, default=4)
+    p.add_argument("--n-kv-head", type=positive_int, default=None)
+    p.add_argument("--block-size", type=positive_int, default=128, help="context length for FLOPs")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="sizes of a known model (overrides --d-model, --n-head, --block-size)")
+                   help="sizes of a known model (overrides --n-embd, --n-head, --block-size)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_variants)
 
@@ -179,7 +229,7 @@ def cmd_variants(args) -> int:
     if args.preset:
         rows = preset_rows(args.preset, n_kv_head=args.n_kv_head)
     else:
-        rows = variant_rows(n_embd=args.d_model, n_head=args.n_head, n_kv_head=args.n_kv_head,
+        rows = variant_rows(n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
                             block_size=args.block_size)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
@@ -237,8 +287,8 @@ def _add_ablate(sub) -> None:
     p.add_argument("--out", default="ablate-out", help="folder for runs and result tables")
     p.add_argument("--variants", default="study",
                    help="'study' (default), 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa'")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the preset's)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (default: the preset's)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_ablate)
@@ -268,7 +318,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--ckpt", required=True, help="the --out folder of a training run")
     p.add_argument("--data", default=None, help="held-out text (default: the run's own data)")
     p.add_argument("--heatmaps", default=None, help="folder for attention heat-map PNGs")
-    p.add_argument("--subspace-dim", type=int, default=None,
+    p.add_argument("--subspace-dim", type=positive_int, default=None,
                    help="dimension r of the subspaces compared (default: the smaller effective rank)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_analyze)

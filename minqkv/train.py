@@ -3,15 +3,15 @@
 train(model_config, train_config) builds the corpus and the model, then for each step:
 draw a batch, forward, loss (+ gate penalty), backward, clip, AdamW step. Every
 eval_interval steps it scores the validation split on fixed batches, appends a JSON line to
-OUT/metrics.jsonl and saves OUT/ckpt.npz atomically. A resumed run reloads weights,
-optimiser, step and both random generators, so it continues exactly as if never stopped.
+OUT/metrics.jsonl and saves OUT/ckpt.npz atomically. A resumed run (resume_training)
+reloads weights, optimiser, step and both random generators, so it continues exactly as if
+never stopped; it refuses settings other than the saved run's and data with another vocabulary.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass, replace
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import write_atomically
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .data import IGNORE, load_corpus
+from .data import IGNORE, CharTokenizer, load_corpus
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm, cosine_lr
 from .tensor import no_grad
@@ -50,14 +51,25 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_interval", "eval_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "gate_penalty"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
-        if self.gate_penalty < 0:
-            raise ValueError(f"gate_penalty must be >= 0, got {self.gate_penalty}")
+        if not 0 <= self.prune_threshold <= 1:
+            raise ValueError(f"prune_threshold must be in [0, 1] (it is compared with gate "
+                             f"values), got {self.prune_threshold}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,17 +78,14 @@ class TrainingDiverged(RuntimeError):
 
 def evaluate(model: GPT, batches: list, metric: str) -> dict:
     """Mean loss over fixed batches; bits per character for text, answer accuracy for tasks."""
-    was_training = model.training
-    model.eval()
     losses, correct, counted = [], 0, 0
-    with no_grad():
+    with model.evaluating(), no_grad():
         for x, y in batches:
             logits, loss = model(x, y)
             losses.append(float(loss.data))
             answer = y != IGNORE
             correct += int((logits.data.argmax(-1) == y)[answer].sum())
             counted += int(answer.sum())
-    model.train(was_training)
     result = {"val_loss": float(np.mean(losses))}
     if metric == "accuracy":
         result["accuracy"] = correct / max(counted, 1)
@@ -89,41 +98,64 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build(model_config: GPTConfig, train_config: TrainConfig, corpus=None):
-    corpus = corpus if corpus is not None else load_corpus(train_config.data, seed=train_config.seed)
+def build(model_config: GPTConfig, train_config: TrainConfig, corpus):
+    """The model (sized to the corpus's vocabulary) and its optimiser."""
     model_config = replace(model_config, vocab_size=corpus.tokenizer.vocab_size)
     model = GPT(model_config)
     opt = AdamW(model.named_parameters(), lr=train_config.lr, betas=(train_config.beta1, train_config.beta2),
                 weight_decay=train_config.weight_decay)
-    return corpus, model, opt
+    return model, opt
 
 
 def train(model_config: GPTConfig, train_config: TrainConfig, resume: bool = False,
           progress: bool = True, on_step=None, corpus=None) -> dict:
     """Train (or resume) and return the final summary also written to OUT/final.json.
 
-    on_step(step, loss) is called after every step (progress displays, tests).
+    With resume=True the configs must describe the run saved in train_config.out; only
+    train_config.steps may differ, to extend it. on_step(step, loss) is called after every
+    step (progress displays, tests).
     """
-    out = Path(train_config.out)
     if resume:
-        # train_config.steps may extend the run; None keeps the saved length
-        model_config, train_config, state = _resume_state(out, train_config)
-    corpus, model, opt = build(model_config, train_config, corpus)
-    batch_rng = np.random.default_rng(train_config.seed)
-    start = 0
-    if resume:
-        start = _restore(state, model, opt, batch_rng)
-    elif checkpoint_path(out).exists():
-        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, "
-                              "or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    _truncate_metrics(out / "metrics.jsonl", start)
+        model_settings = {k: v for k, v in asdict(model_config).items() if k != "vocab_size"}
+        train_settings = {k: v for k, v in asdict(train_config).items() if k != "out"}
+        return resume_training(train_config.out, model_settings, train_settings, progress, on_step, corpus)
+    if checkpoint_path(train_config.out).exists():
+        raise FileExistsError(f"{train_config.out} already holds a checkpoint: pass --resume to "
+                              "continue it, or choose another --out")
+    return _run(model_config, train_config, None, progress, on_step, corpus)
 
+
+def resume_training(out, model_settings: dict | None = None, train_settings: dict | None = None,
+                    progress: bool = True, on_step=None, corpus=None) -> dict:
+    """Continue the run saved in `out` exactly where it stopped.
+
+    model_settings and train_settings name GPTConfig and TrainConfig fields the caller asked
+    for; each must equal the saved run's value, except 'steps', which may extend the run.
+    """
+    state = load_checkpoint(out)
+    model_config, train_config = _resumed_configs(Path(out), state[0], model_settings or {},
+                                                  train_settings or {})
+    return _run(model_config, train_config, state, progress, on_step, corpus)
+
+
+def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on_step, corpus) -> dict:
+    """The loop itself; `state` is a loaded checkpoint to continue, or None for a fresh run."""
+    out = Path(train_config.out)
+    corpus = corpus if corpus is not None else load_corpus(train_config.data, seed=train_config.seed)
+    if state is not None:
+        _check_vocabulary(corpus, state[0], out)
+    model, opt = build(model_config, train_config, corpus)
+    batch_rng = np.random.default_rng(train_config.seed)
+    start = _restore(state, model, opt, batch_rng) if state is not None else 0
     cfg = model.config
     eval_batches = corpus.eval_batches("val", train_config.batch_size, cfg.block_size,
                                        train_config.eval_iters, seed=train_config.seed)
+    out.mkdir(parents=True, exist_ok=True)  # only now: every check above has passed
+    _truncate_metrics(out / "metrics.jsonl", start)
     params = model.parameters()
-    step_ms, last_eval, train_loss = [], {}, float("nan")
+    step_ms, last_eval = [], {}
+    # a run resumed after its last step still reports the loss of that step
+    train_loss = state[0].get("train_loss", math.nan) if state is not None else math.nan
     wall_start = time.perf_counter()
     bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
                disable=not progress, desc=cfg.describe(), dynamic_ncols=True)
@@ -158,14 +190,24 @@ def train(model_config: GPTConfig, train_config: TrainConfig, resume: bool = Fal
             if cfg.gate:
                 record["gates"] = {f"{layer}.{role}": g for (layer, role), g in model.gates().items()}
             _append_jsonl(out / "metrics.jsonl", record)
-            meta = _meta(model, corpus, train_config, done, batch_rng)
+            meta = {**_meta(model, corpus, train_config, done, batch_rng), "train_loss": train_loss}
             save_checkpoint(out, model, opt, meta)
         if on_step is not None:
             on_step(done, train_loss)
     bar.close()
+    final = _summary(model, train_config, train_loss, last_eval or
+                     evaluate(model, eval_batches, corpus.metric), step_ms, wall_start)
+    if cfg.gate:
+        final.update(_prune_and_report(model, corpus, train_config, eval_batches, out, batch_rng))
+    _write_json(out / "final.json", final)
+    return final
 
+
+def _summary(model, train_config, train_loss, last_eval, step_ms, wall_start) -> dict:
+    """What a run reports at its end (OUT/final.json): model, losses, speed and memory."""
+    cfg = model.config
     median_ms = float(np.median(step_ms)) if step_ms else float("nan")
-    final = {
+    return {
         "variant": cfg.describe(),
         "code": cfg.variant if cfg.layer_variants is None else ",".join(cfg.layer_variants),
         "data": train_config.data,
@@ -173,17 +215,13 @@ def train(model_config: GPTConfig, train_config: TrainConfig, resume: bool = Fal
         "attention_params": sum(b.attn.num_parameters() for b in model.blocks),
         "steps": train_config.steps,
         "train_loss": train_loss,
-        **(last_eval or evaluate(model, eval_batches, corpus.metric)),
+        **last_eval,
         "ms_per_step": median_ms,
         "tokens_per_s": train_config.batch_size * cfg.block_size / (median_ms / 1000),
         "peak_rss_mb": peak_rss_mb(),
         "wall_s": time.perf_counter() - wall_start,
         "seed": train_config.seed,
     }
-    if cfg.gate:
-        final.update(_prune_and_report(model, corpus, train_config, eval_batches, out, batch_rng))
-    _write_json(out / "final.json", final)
-    return final
 
 
 def _prune_and_report(model, corpus, train_config, eval_batches, out: Path, batch_rng) -> dict:
@@ -215,19 +253,47 @@ def _meta(model, corpus, train_config, step, batch_rng) -> dict:
     }
 
 
-def _resume_state(out: Path, requested: TrainConfig | None):
-    meta, model_state, optim_state = load_checkpoint(out)
-    saved = TrainConfig(**meta["train_config"])
-    # only the length of the run may change on resume; everything else is the saved run's
-    steps = requested.steps if requested is not None else saved.steps
-    train_config = replace(saved, steps=steps, out=str(out))
+def _resumed_configs(out: Path, meta: dict, model_settings: dict, train_settings: dict):
+    """The saved run's configs, refusing any requested setting that differs (but steps)."""
+    saved_model = GPTConfig.from_dict(meta["model_config"])
+    saved_train = TrainConfig(**meta["train_config"])
+    # replace() re-runs the checks and turns a name such as 'shared-kv' into its code 'abb'
+    model_config = replace(saved_model, **model_settings)
+    train_config = replace(saved_train, **train_settings, out=str(out))
+    differences = _differences(saved_model, model_config, ignore=())
+    differences += _differences(saved_train, train_config, ignore=("steps", "out"))
+    differences = list(dict.fromkeys(differences))  # a seed that differs is in both configs
+    if differences:
+        raise ValueError(f"{out} holds a run with other settings, and a resumed run keeps its "
+                         f"settings (only steps may change): " + "; ".join(differences))
     if train_config.steps < meta["step"]:
         raise ValueError(f"--steps {train_config.steps} is fewer than the {meta['step']} steps "
                          f"already done in {out}")
-    return GPTConfig.from_dict(meta["model_config"]), train_config, (meta, model_state, optim_state)
+    return model_config, train_config
+
+
+def _differences(saved, requested, ignore: tuple) -> list:
+    saved, requested = asdict(saved), asdict(requested)
+    return [f"{name} {requested[name]!r} (saved run: {saved[name]!r})"
+            for name in saved if name not in ignore and requested[name] != saved[name]]
+
+
+def _check_vocabulary(corpus, meta: dict, out: Path) -> None:
+    """A checkpoint's ids mean the characters of its own vocabulary; the data must have the same."""
+    saved = CharTokenizer.from_dict(meta["tokenizer"])
+    if corpus.tokenizer == saved:
+        return
+    only_data = sorted(set(corpus.tokenizer.chars) - set(saved.chars))
+    only_saved = sorted(set(saved.chars) - set(corpus.tokenizer.chars))
+    raise ValueError(
+        f"data {corpus.name!r} has another vocabulary than the checkpoint in {out} "
+        f"({corpus.tokenizer.vocab_size} characters against {saved.vocab_size}; only in the data: "
+        f"{''.join(only_data)!r}, only in the checkpoint: {''.join(only_saved)!r}), so every "
+        f"id would mean another character: resume with the data the run was trained on")
 
 
 def _restore(state, model, opt, batch_rng) -> int:
+    """Load weights, optimiser and both random generators; -> the number of steps done."""
     meta, model_state, optim_state = state
     model.load_state_dict(model_state)
     opt.load_state_dict(optim_state)
@@ -242,15 +308,16 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only metric lines up to `step` (a resumed run rewrites what came after)."""
+    """Keep only metric lines up to `step` (a resumed run rewrites what came after).
+
+    A line without its newline was cut short by a crash; it is dropped with the rest.
+    """
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    whole_lines = path.read_text().split("\n")[:-1]
+    kept = [line for line in whole_lines if line.strip() and json.loads(line)["step"] <= step]
+    write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(obj, indent=2) + "\n")

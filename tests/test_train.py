@@ -8,9 +8,11 @@ import math
 import numpy as np
 import pytest
 
+import minqkv.atomic as atomic_module
 import minqkv.checkpoint as checkpoint_module
 import minqkv.train as train_module
 from minqkv.checkpoint import load_checkpoint, load_model
+from minqkv.data import TASK_TOKENIZER
 from minqkv.model import GPTConfig
 from minqkv.train import TrainConfig, TrainingDiverged, train
 
@@ -76,12 +78,14 @@ def test_a_tiny_run_lowers_the_loss(text_file, tmp_path):
     assert final["val_loss"] < math.log(vocab) - 0.5
 
 
-def test_a_tiny_run_on_a_synthetic_task_reports_accuracy(tmp_path):
-    final = train(GPTConfig(**MODEL), TrainConfig(data="synthetic:copy", out=str(tmp_path / "run"), **RUN),
-                  progress=False)
-    assert SUMMARY_KEYS | {"accuracy"} <= final.keys()
-    assert 0.0 <= final["accuracy"] <= 1.0
-    assert "val_bpc" not in final
+def test_a_short_run_learns_the_copy_task_far_above_chance(tmp_path):
+    model = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+    run_config = TrainConfig(data="synthetic:copy", out=str(tmp_path / "run"), steps=250, batch_size=16,
+                             lr=1e-2, min_lr=1e-3, warmup_steps=10, eval_interval=250, eval_iters=4)
+    final = train(model, run_config, progress=False)
+    chance = 1 / TASK_TOKENIZER.vocab_size  # guessing any character of the vocabulary
+    assert final["accuracy"] > 20 * chance
+    assert SUMMARY_KEYS | {"accuracy"} <= final.keys() and "val_bpc" not in final
 
 
 # ---- the files a run writes ----------------------------------------------------------------------
@@ -126,7 +130,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(text_file, tmp_path, monkey
     def disk_full(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", disk_full)
+    monkeypatch.setattr(atomic_module.os, "replace", disk_full)
     with pytest.raises(OSError, match="disk full"):
         run(text_file, out, resume=True, steps=8)
     monkeypatch.undo()
@@ -152,6 +156,12 @@ def test_a_fresh_run_into_a_folder_with_a_checkpoint_raises(text_file, tmp_path)
     run(text_file, tmp_path / "run", steps=4)
     with pytest.raises(FileExistsError, match="resume"):
         run(text_file, tmp_path / "run", steps=4)
+
+
+def test_a_run_refused_by_a_later_check_leaves_no_output_folder(text_file, tmp_path):
+    with pytest.raises(ValueError, match="too large for the 'val' split"):
+        run(text_file, tmp_path / "run", model=dict(block_size=400))
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_without_a_checkpoint_raises(text_file, tmp_path):
@@ -181,6 +191,47 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(text_file, tmp_path
         assert resumed[key] == whole[key], key
 
 
+def test_resume_with_other_settings_lists_every_difference(text_file, tmp_path):
+    run(text_file, tmp_path / "run", steps=4)
+    with pytest.raises(ValueError, match="only steps may change") as info:
+        run(text_file, tmp_path / "run", resume=True, model=dict(variant="abb", n_layer=2), lr=0.5)
+    for difference in ("variant 'abb' (saved run: 'abc')", "n_layer 2 (saved run: 1)",
+                       "lr 0.5 (saved run: 0.01)"):
+        assert difference in str(info.value)
+
+
+def test_resume_accepts_a_variant_name_that_means_the_saved_code(text_file, tmp_path):
+    run(text_file, tmp_path / "run", steps=4, model=dict(variant="abb"))
+    final = run(text_file, tmp_path / "run", steps=8, resume=True, model=dict(variant="shared-kv"))
+    assert final["code"] == "abb" and final["steps"] == 8
+
+
+def test_resume_on_a_text_rewritten_with_other_characters_is_refused(text_file, tmp_path):
+    run(text_file, tmp_path / "run", steps=4)
+    with open(text_file) as f:
+        text = f.read()
+    with open(text_file, "w") as f:
+        f.write(text.replace("g", "z"))  # same number of characters, so the same vocabulary size
+    with pytest.raises(ValueError, match="another vocabulary .*only in the data: 'z', only in the checkpoint: 'g'"):
+        run(text_file, tmp_path / "run", steps=8, resume=True)
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_crash(text_file, tmp_path):
+    out = tmp_path / "run"
+    run(text_file, out, steps=8)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 12, "train_lo')  # a crash in the middle of writing a line
+    run(text_file, out, steps=12, resume=True)
+    assert [r["step"] for r in metric_lines(out)] == [4, 8, 12]
+
+
+def test_resuming_a_finished_run_reports_its_last_train_loss(text_file, tmp_path):
+    """A crash between the last checkpoint and final.json leaves nothing to train on resume."""
+    first = run(text_file, tmp_path / "run", steps=8)
+    again = run(text_file, tmp_path / "run", steps=8, resume=True)
+    assert again["train_loss"] == first["train_loss"] and again["val_loss"] == first["val_loss"]
+
+
 def test_resume_cannot_shorten_a_run_below_its_finished_steps(text_file, tmp_path):
     run(text_file, tmp_path / "run", steps=8)
     with pytest.raises(ValueError, match="fewer than the 8 steps"):
@@ -195,9 +246,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(text_file, 
     real_build = train_module.build
 
     def build_and_keep_the_model(*args):
-        corpus, model, opt = real_build(*args)
+        model, opt = real_build(*args)
         models.append(model)
-        return corpus, model, opt
+        return model, opt
 
     monkeypatch.setattr(train_module, "build", build_and_keep_the_model)
 
@@ -264,6 +315,12 @@ def test_pruning_a_gated_run_with_every_gate_kept_does_not_change_its_loss(text_
     (dict(min_lr=-1e-3), "min_lr <= lr"),
     (dict(grad_clip=0.0), "grad_clip must be positive"),
     (dict(gate_penalty=-0.1), "gate_penalty must be >= 0"),
+    (dict(lr=0.0, min_lr=0.0), "lr must be positive"),
+    (dict(beta1=1.0), r"beta1 must be in \[0, 1\)"),
+    (dict(beta2=-0.5), r"beta2 must be in \[0, 1\)"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+    (dict(prune_threshold=1.5), r"prune_threshold must be in \[0, 1\]"),
+    (dict(seed=-1), "seed must be >= 0"),
 ])
 def test_invalid_train_config_raises_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
