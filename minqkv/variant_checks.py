@@ -33,8 +33,9 @@ def variant_cases(selection: str = "all") -> list:
 
 
 def tiny_model(overrides: dict, seed: int = 0) -> GPT:
-    """A 2-layer, 8-wide float64 GPT whose parameters are all moved off their initial values
-    (zeros and ones at init would hide mistakes: a zero rotation generator is a special point)."""
+    """A GPT of TINY's sizes (2 layers, 8 wide, float64) unless overrides say otherwise, whose parameters
+    are all moved off their initial values (zeros and ones at init would hide mistakes: a zero
+    rotation generator is a special point)."""
     model = GPT(GPTConfig(**{**TINY, **overrides}))
     rng = np.random.default_rng(seed)
     for _, p in model.named_parameters():

@@ -210,8 +210,11 @@ def test_flops_drop_by_one_projection_for_each_matrix_saved(code, matrices_saved
 # ---- attend: the attention every variant shares ----------------------------------------------
 
 
-def random_heads(*shape, seed=0) -> Tensor:
-    return Tensor(np.random.default_rng(seed).standard_normal(shape))
+def random_qkv(T: int, Tk: int, Hkv: int = H, B: int = 2, hd: int = 3) -> tuple:
+    """q (B, H, T, hd), k and v (B, Hkv, Tk, hd) of random numbers."""
+    rng = np.random.default_rng(0)
+    return (Tensor(rng.standard_normal((B, H, T, hd))), Tensor(rng.standard_normal((B, Hkv, Tk, hd))),
+            Tensor(rng.standard_normal((B, Hkv, Tk, hd))))
 
 
 def loop_attention(q, k, v) -> np.ndarray:
@@ -227,23 +230,16 @@ def loop_attention(q, k, v) -> np.ndarray:
     return y.reshape(B, T, Hq * hd)
 
 
-def test_attend_equals_causal_attention_written_one_query_at_a_time():
-    q, k, v = random_heads(2, H, 5, 3, seed=0), random_heads(2, H, 5, 3, seed=1), random_heads(2, H, 5, 3, seed=2)
+@pytest.mark.parametrize("T, Tk", [(5, 5), (2, 5), (1, 4)], ids=["full", "2-new-after-3-cached", "1-new"])
+def test_attend_equals_causal_attention_written_one_query_at_a_time(T, Tk):
+    q, k, v = random_qkv(T, Tk)  # the T queries are the last T of Tk positions
     y, _, _ = attend(q, k, v)
     np.testing.assert_allclose(y.data, loop_attention(q.data, k.data, v.data), rtol=1e-12, atol=1e-12)
 
 
-def test_attend_places_fewer_queries_than_keys_at_the_end():
-    q, k, v = random_heads(1, H, 2, 3, seed=0), random_heads(1, H, 5, 3, seed=1), random_heads(1, H, 5, 3, seed=2)
-    y, _, weights = attend(q, k, v)
-    np.testing.assert_allclose(y.data, loop_attention(q.data, k.data, v.data), rtol=1e-12, atol=1e-12)
-    assert weights.shape == (1, H, 2, 5) and np.all(weights.data[:, :, 0, 4] == 0)
-
-
 def test_grouped_key_heads_attend_like_each_key_head_repeated_for_its_group():
     Hkv = 2
-    q = random_heads(2, H, 5, 3, seed=0)
-    k, v = random_heads(2, Hkv, 5, 3, seed=1), random_heads(2, Hkv, 5, 3, seed=2)
+    q, k, v = random_qkv(5, 5, Hkv)
     repeated = [Tensor(np.repeat(t.data, H // Hkv, axis=1)) for t in (k, v)]  # query head h reads key head h // 2
     grouped, scores, _ = attend(q, k, v)
     full, full_scores, _ = attend(q, *repeated)
@@ -252,7 +248,7 @@ def test_grouped_key_heads_attend_like_each_key_head_repeated_for_its_group():
 
 
 def test_attend_returns_scores_before_the_mask_and_causal_weights_after_the_softmax():
-    q, k, v = random_heads(2, H, 4, 3, seed=0), random_heads(2, H, 4, 3, seed=1), random_heads(2, H, 4, 3, seed=2)
+    q, k, v = random_qkv(4, 4)
     _, scores, weights = attend(q, k, v)
     expected = q.data @ np.swapaxes(k.data, -1, -2) / math.sqrt(3)  # (B, H, T, T), nothing masked
     np.testing.assert_allclose(scores.data, expected, rtol=1e-12, atol=1e-12)

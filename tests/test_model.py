@@ -8,6 +8,7 @@ import minqkv.model as model_module
 from minqkv.attention import ALL_CODES
 from minqkv.model import GPT, GPTConfig
 from minqkv.tensor import Tensor, no_grad
+from minqkv.variant_checks import tiny_model
 
 VOCAB, BLOCK, WIDTH = 7, 8, 8
 TINY = dict(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, n_embd=WIDTH, dtype="float64")
@@ -15,11 +16,7 @@ TINY = dict(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, n_embd=WIDT
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     """A 2-layer float64 GPT with every parameter moved off its initial value."""
-    model = GPT(GPTConfig(**{**TINY, **overrides}))
-    rng = np.random.default_rng(seed)
-    for _, p in model.named_parameters():
-        p.data += 0.3 * rng.standard_normal(p.shape)
-    return model
+    return tiny_model({**TINY, **overrides}, seed)
 
 
 def labelled(label: str) -> dict:
@@ -45,24 +42,15 @@ DECODE_CASES = ([pytest.param(labelled(code), id=code) for code in ALL_CODES]
 # ---- incremental decoding through the KV cache ------------------------------------------------
 
 
+@pytest.mark.parametrize("prompt", [1, 3], ids=["from-one-token", "after-a-3-token-prompt"])
 @pytest.mark.parametrize("overrides", DECODE_CASES)
-def test_kv_cache_decoding_one_token_at_a_time_equals_full_recomputation(overrides):
+def test_kv_cache_decoding_one_token_at_a_time_equals_full_recomputation(overrides, prompt):
     model = tiny_gpt(**overrides)
     ids = random_ids()
     caches = model.new_caches()
     with no_grad():
-        steps = [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(BLOCK)]
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full_logits(model, ids), rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("overrides", DECODE_CASES)
-def test_kv_cache_decoding_after_a_prompt_prefill_equals_full_recomputation(overrides):
-    model = tiny_gpt(**overrides)
-    ids = random_ids()
-    caches = model.new_caches()
-    with no_grad():
-        chunks = [model(ids[:, :3], caches=caches)[0].data]  # prefill 3 tokens at once
-        chunks += [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(3, BLOCK)]
+        chunks = [model(ids[:, :prompt], caches=caches)[0].data]  # the prompt in one call
+        chunks += [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(prompt, BLOCK)]
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), full_logits(model, ids), rtol=0, atol=1e-12)
 
 
