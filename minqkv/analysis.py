@@ -134,8 +134,8 @@ def role_overlaps(attn: CausalSelfAttention, subspace_dim: int | None = None) ->
         if wa.shape == wb.shape:
             cos = wa.ravel() @ wb.ravel() / (np.linalg.norm(wa) * np.linalg.norm(wb))
             flat_cos = float(np.clip(cos, -1.0, 1.0))  # a cosine; rounding may step just past 1
-        overlaps.append({"a": a, "b": b, "tied": tied, "weight": attn.spec.weight_name(letter) if tied else None,
-                         "dim": r, "mean_cos": float(cosines.mean()),
+        overlaps.append({"a": a, "b": b, "tied": tied,
+                         "weight": attn.spec.weight_name(letter) if tied else None, "dim": r, "mean_cos": float(cosines.mean()),
                          "random_baseline_mean_cos": random_subspace_cosine(wa.shape[0], r, r),
                          "flat_cos": flat_cos})
     return overlaps

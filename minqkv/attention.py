@@ -127,7 +127,8 @@ class AttentionSpec:
         """Roles that get a gate: projected ones whose width equals the input's (so identity is possible)."""
         if not self.config.gate:
             return ""
-        return "".join(r for r, ch in zip(ROLES, self.code) if ch != "-" and self.width(r) == self.config.n_embd)
+        full_width = self.config.n_embd
+        return "".join(r for r, ch in zip(ROLES, self.code) if ch != "-" and self.width(r) == full_width)
 
     def k_and_v_share_cache(self) -> bool:
         """K and V are the same tensor before rotation, so a KV cache stores it once."""
@@ -274,11 +275,13 @@ class CausalSelfAttention(Module):
     def project(self, x: Tensor, cache: KVCache | None = None) -> tuple:
         """x (B, T, C) -> q (B, H, T, hd), k and v (B, Hkv, Tk, hd).
 
-        With a cache, x holds only the new tokens and k, v also cover the cached ones (Tk = past + T).
+        Roles with one letter share one weight, applied once; '-' passes x through; a gate mixes
+        x W with x; the rotation turns each key head. With a cache, x holds only the new tokens and k, v also cover the cached ones (Tk = past + T).
         """
         s = self.spec
         proj = {letter: x @ self.weight(letter) for letter in s.letters()}  # (B, T, width): a tied weight once
-        q, k, v = (x if letter == "-" else self.gated(role, proj[letter], x) for role, letter in zip(ROLES, s.code))
+        q, k, v = (x if letter == "-" else self.gated(role, proj[letter], x)
+                   for role, letter in zip(ROLES, s.code))
         if cache is not None:
             k, v = self._extend_cache(cache, k, v)  # (B, past + T, width)
         q = self.split_heads(q, s.config.n_head)  # (B, H, T, hd)

@@ -74,7 +74,8 @@ class GPTConfig:
         return AttentionSpec(self.code_of(layer), self)
 
     def variant_label(self) -> str:
-        """The variant: the code (distinct per-layer codes joined by '/') and its modifiers, e.g. 'abb+rotate+gqa2'."""
+        """The variant: the code (or the distinct per-layer codes joined by '/') and its modifiers,
+        e.g. 'abb+rotate+gqa2'."""
         codes = sorted(set(self.code_of(i) for i in range(self.n_layer)))
         name = "/".join(codes) if self.layer_codes is not None else self.code
         kv = self.n_kv_head if self.n_kv_head is not None else self.n_head
@@ -90,7 +91,8 @@ class GPTConfig:
 
     @staticmethod
     def overrides_from_label(label: str) -> dict:
-        """The inverse of variant_label(): 'shared-kv+rotate+gqa2' -> {code: 'abb', rotate: True, n_kv_head: 2}."""
+        """The inverse of variant_label(): 'shared-kv+rotate+gqa2' -> {code: 'abb', rotate: True,
+        n_kv_head: 2}."""
         name, *mods = label.strip().split("+")
         overrides: dict = {"code": parse_code(name)}
         for mod in mods:

@@ -22,7 +22,7 @@ TINY = dict(vocab_size=5, block_size=4, n_layer=2, n_head=4, n_embd=8, dtype="fl
 
 
 def variant_cases(selection: str = "all") -> list:
-    """[(label, overrides)] for 'all', for one code or name (with its modifier cases), or one variant label."""
+    """[(label, overrides)] for 'all', for one code or name (with its modifier cases), or one label."""
     plain = [(code, dict(code=code)) for code in ALL_CODES]
     if selection == "all":
         return plain + MODIFIER_CASES

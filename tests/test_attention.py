@@ -59,7 +59,8 @@ def heads(x: np.ndarray, n: int = H) -> np.ndarray:
 
 
 def test_there_are_exactly_the_15_codes_of_the_design_table():
-    table = {"abc", "aab", "abb", "aba", "aaa", "-ab", "a-b", "ab-", "-aa", "a-a", "aa-", "--a", "-a-", "a--", "---"}
+    table = {"abc", "aab", "abb", "aba", "aaa", "-ab", "a-b", "ab-",
+             "-aa", "a-a", "aa-", "--a", "-a-", "a--", "---"}
     assert len(ALL_CODES) == 15
     assert set(ALL_CODES) == table
 
@@ -218,7 +219,7 @@ def random_qkv(T: int, Tk: int, Hkv: int = H, B: int = 2, hd: int = 3) -> tuple:
 
 
 def loop_attention(q, k, v) -> np.ndarray:
-    """Causal attention one query at a time, H == Hkv: q (B, H, T, hd), k, v (B, H, Tk, hd) -> (B, T, H*hd)."""
+    """Causal attention one query at a time: q (B, H, T, hd), k and v (B, H, Tk, hd) -> (B, T, H*hd)."""
     B, Hq, T, hd = q.shape
     offset = k.shape[2] - T
     y = np.zeros((B, T, Hq, hd))
@@ -240,7 +241,8 @@ def test_attend_equals_causal_attention_written_one_query_at_a_time(T, Tk):
 def test_grouped_key_heads_attend_like_each_key_head_repeated_for_its_group():
     Hkv = 2
     q, k, v = random_qkv(5, 5, Hkv)
-    repeated = [Tensor(np.repeat(t.data, H // Hkv, axis=1)) for t in (k, v)]  # query head h reads key head h // 2
+    # query head h reads key head h // 2
+    repeated = [Tensor(np.repeat(t.data, H // Hkv, axis=1)) for t in (k, v)]
     grouped, scores, _ = attend(q, k, v)
     full, full_scores, _ = attend(q, *repeated)
     np.testing.assert_allclose(grouped.data, full.data, rtol=1e-13, atol=1e-13)

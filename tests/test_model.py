@@ -358,7 +358,8 @@ def test_an_unknown_modifier_in_a_label_raises():
 
 
 def test_a_label_gives_the_code_and_modifier_overrides():
-    assert GPTConfig.overrides_from_label("shared-kv+rotate+gqa2") == {"code": "abb", "rotate": True, "n_kv_head": 2}
+    overrides = GPTConfig.overrides_from_label("shared-kv+rotate+gqa2")
+    assert overrides == {"code": "abb", "rotate": True, "n_kv_head": 2}
 
 
 def test_config_round_trips_through_a_dict():
