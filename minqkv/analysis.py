@@ -16,17 +16,15 @@ Everything returned is plain JSON (dicts, lists, floats, strings).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from . import ops
 from .attention import ROLES, CausalSelfAttention
 from .checkpoint import load_model
 from .data import load_corpus
-from .tensor import Tensor, no_grad
+from .tensor import no_grad
 
 RANDOM_BASELINE_DRAWS = 16  # random subspace pairs averaged for the baseline
 TOP_SINGULAR_VALUES_SHOWN = 6  # in the text report
@@ -91,19 +89,17 @@ def score_asymmetry(scores) -> float:
 
 def role_weight(attn: CausalSelfAttention, role: str):
     """The learned weight (C, width) that produces role 'q', 'k' or 'v'; None for an identity role."""
-    letter = attn.shape.code[ROLES.index(role)]
-    return None if letter == "-" else getattr(attn, attn.shape.weight_name(letter)).data
+    letter = attn.spec.code[ROLES.index(role)]
+    return None if letter == "-" else attn.weight(letter).data
 
 
 def projection_matrices(attn: CausalSelfAttention) -> dict:
     """{name: (C, width) matrix}: each weight once ('w_kv' serves K and V), and for every gated
     role the matrix it effectively applies, g W + (1 - g) I (named 'effective_q', ...)."""
-    shape = attn.shape
-    matrices = {shape.weight_name(letter): getattr(attn, shape.weight_name(letter)).data
-                for letter in shape.letters()}
-    for role in shape.gated_roles():
-        g = float(attn.gate(role).data[0])
-        matrices[f"effective_{role}"] = g * role_weight(attn, role) + (1 - g) * np.eye(shape.n_embd)
+    spec = attn.spec
+    matrices = {spec.weight_name(letter): attn.weight(letter).data for letter in spec.letters()}
+    for role in spec.gated_roles():
+        matrices[f"effective_{role}"] = attn.folded_weight(role)
     return matrices
 
 
@@ -118,32 +114,29 @@ def role_overlaps(attn: CausalSelfAttention, subspace_dim: int | None = None) ->
 
     The subspace of a role is spanned by the top-r left-singular vectors of its W (C, width):
     the input directions that the projection reads. r is subspace_dim, or else the smaller of
-    the two effective ranks, rounded. Roles that share one weight are 'tied' (overlap 1 by
-    construction); identity roles read the whole input space and are left out.
+    the two effective ranks, rounded. Roles that share one weight are 'tied' (their overlap
+    comes out 1); identity roles read the whole input space and are left out.
     """
-    code = attn.shape.code
+    code = attn.spec.code
     overlaps = []
     for a, b in (("q", "k"), ("q", "v"), ("k", "v")):
         wa, wb = role_weight(attn, a), role_weight(attn, b)
         if wa is None or wb is None:
             continue
         letter = code[ROLES.index(a)]
-        if letter == code[ROLES.index(b)]:
-            overlaps.append({"a": a, "b": b, "tied": True, "weight": attn.shape.weight_name(letter), "dim": None,
-                             "mean_cos": 1.0, "random_baseline_mean_cos": None, "flat_cos": 1.0})
-            continue
+        tied = letter == code[ROLES.index(b)]
         Ua, sa, _ = np.linalg.svd(wa.astype(np.float64), full_matrices=False)  # Ua (C, min(C, width))
         Ub, sb, _ = np.linalg.svd(wb.astype(np.float64), full_matrices=False)
         r = subspace_dim if subspace_dim is not None else round(min(effective_rank(sa), effective_rank(sb)))
         r = max(1, min(r, Ua.shape[1], Ub.shape[1]))
         cosines = principal_cosines(Ua[:, :r], Ub[:, :r])
-        n = wa.shape[0]
         flat_cos = None
         if wa.shape == wb.shape:
-            flat_cos = float(wa.ravel() @ wb.ravel() / (np.linalg.norm(wa) * np.linalg.norm(wb)))
-        overlaps.append({"a": a, "b": b, "tied": False, "weight": None, "dim": r,
-                         "mean_cos": float(cosines.mean()),
-                         "random_baseline_mean_cos": random_subspace_cosine(n, r, r),
+            cos = wa.ravel() @ wb.ravel() / (np.linalg.norm(wa) * np.linalg.norm(wb))
+            flat_cos = float(np.clip(cos, -1.0, 1.0))  # a cosine; rounding may step just past 1
+        overlaps.append({"a": a, "b": b, "tied": tied,
+                         "weight": attn.spec.weight_name(letter) if tied else None, "dim": r, "mean_cos": float(cosines.mean()),
+                         "random_baseline_mean_cos": random_subspace_cosine(wa.shape[0], r, r),
                          "flat_cos": flat_cos})
     return overlaps
 
@@ -151,23 +144,20 @@ def role_overlaps(attn: CausalSelfAttention, subspace_dim: int | None = None) ->
 # ---- the whole model -------------------------------------------------------------------
 
 
-def attention_inputs(model, ids) -> list:
-    """The input of every layer's attention, ln_1(x) (B, T, C), for ids (B, T); mirrors GPT.forward."""
-    ids = np.asarray(ids)
-    T = ids.shape[1]
-    x = model.token_embedding(ids) + model.position_embedding(np.arange(T))  # (B, T, C) + (T, C)
-    inputs = []
-    for block in model.blocks:
-        inputs.append(block.ln_1(x))
-        x = block(x)
-    return inputs
+def attention_maps(model, ids) -> list:
+    """One (scores, weights) pair of (B, H, T, T) arrays per layer for ids (B, T), from one forward pass.
+
+    scores are before the causal mask and the softmax, weights after; dropout is off.
+    """
+    maps: list = []
+    with no_grad(), model.evaluating():
+        model(np.asarray(ids), maps=maps)
+    return maps
 
 
 def attention_weights(model, ids) -> list:
     """Softmax attention weights with the causal mask, one (B, H, T, T) array per layer."""
-    with no_grad(), _eval_mode(model):
-        return [ops.softmax(Tensor(block.attn.attention_scores(x)), causal=True).data
-                for block, x in zip(model.blocks, attention_inputs(model, ids))]
+    return [weights for _, weights in attention_maps(model, ids)]
 
 
 def analyze_model(model, batches, subspace_dim: int | None = None,
@@ -176,46 +166,34 @@ def analyze_model(model, batches, subspace_dim: int | None = None,
     if not batches:
         raise ValueError("analyze_model needs at least one (x, y) batch of token ids to measure "
                          "score symmetry, e.g. corpus.eval_batches('val', 8, block_size, 2)")
-    with no_grad(), _eval_mode(model):
-        asymmetry = [[] for _ in model.blocks]
-        for x, _ in batches:
-            for layer, (block, h) in enumerate(zip(model.blocks, attention_inputs(model, x))):
-                asymmetry[layer].append(score_asymmetry(block.attn.attention_scores(h)))  # (B, H, T, T)
-        layers = [_analyze_layer(i, block.attn, float(np.mean(asymmetry[i])), subspace_dim)
-                  for i, block in enumerate(model.blocks)]
-    result = {"variant": model.config.describe(), "n_layer": len(layers), "n_embd": model.config.n_embd,
+    asymmetry = [[] for _ in model.blocks]
+    for x, _ in batches:
+        for layer, (scores, _) in enumerate(attention_maps(model, x)):
+            asymmetry[layer].append(score_asymmetry(scores))  # scores (B, H, T, T)
+    layers = [_analyze_layer(i, block.attn, float(np.mean(asymmetry[i])), subspace_dim)
+              for i, block in enumerate(model.blocks)]
+    result = {"variant": model.config.variant_label(), "n_layer": len(layers), "n_embd": model.config.n_embd,
               "n_head": model.config.n_head, "layers": layers}
     if model.config.gate:
         result["prune_threshold"] = prune_threshold
-        result["pruned_codes"] = model.prune(prune_threshold).config.layer_variants
+        result["pruned_codes"] = model.prune(prune_threshold).config.layer_codes
     return result
 
 
 def _analyze_layer(layer: int, attn: CausalSelfAttention, asymmetry: float, subspace_dim) -> dict:
-    shape = attn.shape
+    spec = attn.spec
     report = {
         "layer": layer,
-        "code": shape.code,
-        "identity_roles": "".join(r for r, ch in zip(ROLES, shape.code) if ch == "-"),
+        "code": spec.code,
+        "identity_roles": "".join(r for r, ch in zip(ROLES, spec.code) if ch == "-"),
         "projections": {name: describe_matrix(w) for name, w in projection_matrices(attn).items()},
         "overlaps": role_overlaps(attn, subspace_dim),
         "asymmetry": asymmetry,
-        "symmetric_by_construction": shape.symmetric(),
+        "symmetric_by_construction": spec.symmetric(),
     }
-    if shape.gated_roles():
-        report["gates"] = {role: float(attn.gate(role).data[0]) for role in shape.gated_roles()}
+    if spec.gated_roles():
+        report["gates"] = {role: attn.gate_value(role) for role in spec.gated_roles()}
     return report
-
-
-@contextmanager
-def _eval_mode(model):
-    """Dropout off inside the block; the model's own mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 # ---- from a checkpoint -----------------------------------------------------------------
@@ -289,7 +267,8 @@ def _layer_lines(layer: dict) -> list:
     for o in layer["overlaps"]:
         pair = f"{o['a'].upper()}-{o['b'].upper()}"
         if o["tied"]:
-            lines.append(f"  overlap {pair}  tied: one weight {o['weight']}, overlap 1 by construction")
+            lines.append(f"  overlap {pair}  tied: one weight {o['weight']}, mean cos {o['mean_cos']:.3f} "
+                         "(1 by construction)")
             continue
         flat = f"  flattened cos {o['flat_cos']:+.3f}" if o["flat_cos"] is not None else ""
         lines.append(f"  overlap {pair}  r={o['dim']:<3} mean cos {o['mean_cos']:.3f}"
@@ -331,7 +310,7 @@ def save_heatmaps(model, x, out_dir, tokenizer=None) -> list:
                 ax.set_yticks(ticks, list(chars), fontsize=6)
         axes[0].set_ylabel("query position", fontsize=8)
         fig.colorbar(image, ax=list(axes), shrink=0.8)
-        fig.suptitle(f"layer {layer} ({model.blocks[layer].attn.shape.code}): attention weights", fontsize=10)
+        fig.suptitle(f"layer {layer} ({model.blocks[layer].attn.spec.code}): attention weights", fontsize=10)
         path = out_dir / f"attention_layer{layer}.png"
         fig.savefig(path, dpi=100)
         paths.append(path)

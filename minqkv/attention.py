@@ -1,14 +1,18 @@
 """Causal self-attention in every projection variant.
 
-A variant is a 3-character code for the roles (Q, K, V): equal letters share one weight
-matrix, '-' means the role is the input itself (no projection). 'abc' is the usual
-attention, 'abb' ties K and V, 'aaa' uses one matrix for all three, '--a' projects only
-the values, '---' projects nothing. There are exactly 15 codes (see ALL_CODES).
+A code is 3 characters for the roles (Q, K, V): equal letters share one weight matrix, '-'
+means the role is the input itself (no projection). 'abc' is the usual attention, 'abb' ties
+K and V, 'aaa' uses one matrix for all three, '--a' projects only the values, '---' projects
+nothing. There are exactly 15 codes (see ALL_CODES).
 
-Modifiers: n_kv_head (grouped-query attention; 1 = multi-query), rotate (a learned
-orthogonal rotation R per head, K <- K R), pos2d (a learned bias added to the scores for
-every (query position, key position)), gate (learned mixing of each projection with the
-identity, for pruning), out_proj (the output projection on or off).
+A variant is a code (or its name) with modifiers, written as a label such as 'abb+rotate+gqa2':
+n_kv_head (grouped-query attention; 1 = multi-query), rotate (a learned orthogonal rotation R
+per head, K <- K R), pos2d (a learned bias added to the scores for every (query position, key
+position)), gate (learned mixing of each projection with the identity, for pruning), out_proj
+(the output projection on or off).
+
+Attention is two functions: CausalSelfAttention.project(x) -> q, k, v is the variant, and
+attend(q, k, v) is the attention every variant shares. Everything else calls these two.
 """
 
 from __future__ import annotations
@@ -16,25 +20,33 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import ops
 from .nn import Dropout, Module, Parameter
-from .tensor import Tensor
+from .tensor import Tensor, no_grad
+
+if TYPE_CHECKING:
+    from .model import GPTConfig
 
 ROLES = "qkv"
 
-ALIASES = {
+# "no-X" and "identity-X" mean that role X is the identity (X = x)
+NAMES = {
     "canonical": "abc",
-    "shared-qk": "aab",
-    "no-key": "aab",
+    "shared-qk": "aab",  # the study's "no key": the Query used as Key
     "shared-kv": "abb",
     "shared-qv": "aba",
     "single": "aaa",
     "shared-qkv": "aaa",
     "no-query": "-ab",
+    "identity-query": "-ab",
+    "no-key": "a-b",
+    "identity-key": "a-b",
     "no-value": "ab-",
+    "identity-value": "ab-",
     "value-only": "--a",
     "none": "---",
 }
@@ -57,51 +69,49 @@ ALL_CODES = tuple(sorted({canonical_code("".join(c)) for c in itertools.product(
                          key=lambda c: (c.count("-"), c)))
 
 
-def parse_variant(spec: str) -> str:
-    """A code ('abb') or a name ('shared-kv') -> the canonical 3-character code."""
+def parse_code(spec: str) -> str:
+    """A code ('abb', 'bcc') or a name ('shared-kv') -> the canonical 3-character code."""
     if not isinstance(spec, str):
-        raise TypeError(f"variant must be a string such as 'abb' or 'shared-kv', got {type(spec).__name__}")
+        raise TypeError(f"a code must be a string such as 'abb' or 'shared-kv', got {type(spec).__name__}")
     key = spec.strip().lower()
-    if key in ALIASES:
-        return ALIASES[key]
+    if key in NAMES:
+        return NAMES[key]
     if len(key) == 3 and set(key) <= set("abc-"):
         return canonical_code(key)
-    names = ", ".join(f"{name}={code}" for name, code in ALIASES.items())
-    raise ValueError(f"variant {spec!r} is not valid: use three of a, b, c or '-' for (Q, K, V), "
-                     f"e.g. 'abb'; the 15 codes are {', '.join(ALL_CODES)}; names: {names}")
+    names = ", ".join(f"{name}={code}" for name, code in NAMES.items())
+    raise ValueError(f"variant {spec!r} is not valid: its code must be three of a, b, c or '-' for "
+                     f"(Q, K, V), e.g. 'abb'; the 15 codes are {', '.join(ALL_CODES)}; names: {names}")
 
 
 def names_of(code: str) -> list:
-    return [name for name, c in ALIASES.items() if c == code]
+    return [name for name, c in NAMES.items() if c == code]
 
 
 @dataclass(frozen=True)
-class AttentionShape:
-    """Everything that fixes the size and cost of one attention layer."""
+class AttentionSpec:
+    """One layer's attention: its code, read with the sizes and modifiers of the model's config.
 
-    code: str = "abc"
-    n_embd: int = 128
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: same as n_head
-    rotate: bool = False
-    pos2d: bool = False
-    gate: bool = False
-    out_proj: bool = True
-    block_size: int = 128
+    The config (a GPTConfig) is the one place sizes live; this adds only the layer's code and
+    what follows from the two: widths, tied weights, gates, and the layer's costs.
+    """
+
+    code: str
+    config: GPTConfig
 
     def __post_init__(self):
-        object.__setattr__(self, "code", parse_variant(self.code))
-        if self.n_kv_head is None:
-            object.__setattr__(self, "n_kv_head", self.n_head)
-        _validate_shape(self)
+        _check_code_fits_heads(self)
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.config.n_embd // self.config.n_head
+
+    @property
+    def n_kv_head(self) -> int:
+        return self.config.n_head if self.config.n_kv_head is None else self.config.n_kv_head
 
     def width(self, role: str) -> int:
         """Output width of a role: Q has all heads, K and V have n_kv_head heads."""
-        return self.n_embd if role == "q" else self.n_kv_head * self.head_dim
+        return self.config.n_embd if role == "q" else self.n_kv_head * self.head_dim
 
     def letters(self) -> list:
         """Distinct weight letters in order, e.g. 'abb' -> ['a', 'b']."""
@@ -115,9 +125,10 @@ class AttentionShape:
 
     def gated_roles(self) -> str:
         """Roles that get a gate: projected ones whose width equals the input's (so identity is possible)."""
-        if not self.gate:
+        if not self.config.gate:
             return ""
-        return "".join(r for r, ch in zip(ROLES, self.code) if ch != "-" and self.width(r) == self.n_embd)
+        full_width = self.config.n_embd
+        return "".join(r for r, ch in zip(ROLES, self.code) if ch != "-" and self.width(r) == full_width)
 
     def k_and_v_share_cache(self) -> bool:
         """K and V are the same tensor before rotation, so a KV cache stores it once."""
@@ -127,27 +138,29 @@ class AttentionShape:
     def symmetric(self) -> bool:
         """Are the scores Q K^T symmetric? Only when Q and K are the very same tensor."""
         same = self.code[0] == self.code[1] and not ({"q", "k"} & set(self.gated_roles()))
-        return same and not self.rotate and not self.pos2d
+        return same and not self.config.rotate and not self.config.pos2d
 
-    # ---- counts, computed from the code and sizes -----------------------------------------
+    # ---- costs, computed from the code and sizes ------------------------------------------
     def params(self) -> int:
         """Learned parameters of this layer's attention (a tied weight counts once, identity is free)."""
-        total = sum(self.n_embd * self.width(self.roles_of(L)[0]) for L in self.letters())
-        total += self.n_embd * self.n_embd if self.out_proj else 0
-        total += self.n_kv_head * self.head_dim ** 2 if self.rotate else 0
-        total += self.n_head * self.block_size ** 2 if self.pos2d else 0
+        c, hd = self.config, self.head_dim
+        total = sum(c.n_embd * self.width(self.roles_of(L)[0]) for L in self.letters())
+        total += c.n_embd * c.n_embd if c.out_proj else 0
+        total += self.n_kv_head * hd ** 2 if c.rotate else 0
+        total += c.n_head * c.block_size ** 2 if c.pos2d else 0
         total += len(self.gated_roles())
         return total
 
     def flops_per_token(self, context: int | None = None) -> int:
         """Forward multiply-adds x 2 for one token attending to `context` keys (default block_size)."""
-        context = self.block_size if context is None else context
-        flops = sum(2 * self.n_embd * self.width(self.roles_of(L)[0]) for L in self.letters())
-        flops += 3 * self.n_embd * len(self.gated_roles())  # g*p + (1-g)*x
-        flops += 2 * self.n_kv_head * self.head_dim ** 2 if self.rotate else 0
-        flops += 2 * 2 * context * self.n_embd  # scores q.k and the weighted sum of values
-        flops += self.n_head * context if self.pos2d else 0
-        flops += 2 * self.n_embd * self.n_embd if self.out_proj else 0
+        c, hd = self.config, self.head_dim
+        context = c.block_size if context is None else context
+        flops = sum(2 * c.n_embd * self.width(self.roles_of(L)[0]) for L in self.letters())
+        flops += 3 * c.n_embd * len(self.gated_roles())  # g*p + (1-g)*x
+        flops += 2 * self.n_kv_head * hd ** 2 if c.rotate else 0
+        flops += 2 * 2 * context * c.n_embd  # scores q.k and the weighted sum of values
+        flops += c.n_head * context if c.pos2d else 0
+        flops += 2 * c.n_embd * c.n_embd if c.out_proj else 0
         return flops
 
     def kv_cache_floats_per_token(self) -> int:
@@ -156,27 +169,48 @@ class AttentionShape:
         return k if self.k_and_v_share_cache() else k + v
 
 
-def _validate_shape(s: AttentionShape) -> None:
-    if s.n_embd <= 0 or s.n_head <= 0 or s.n_embd % s.n_head:
-        raise ValueError(f"n_embd={s.n_embd} must be a positive multiple of n_head={s.n_head}")
-    if s.n_kv_head <= 0 or s.n_head % s.n_kv_head:
-        raise ValueError(f"n_kv_head={s.n_kv_head} must divide n_head={s.n_head} "
-                         "(each group of query heads shares one key/value head)")
-    if s.block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {s.block_size}")
-    if s.n_kv_head == s.n_head:
+def _check_code_fits_heads(s: AttentionSpec) -> None:
+    """With fewer key/value heads than query heads, K and V are narrower than x and than Q."""
+    H, Hkv = s.config.n_head, s.n_kv_head
+    if Hkv == H:
         return
     q, k, v = s.code
     for role, ch in (("K", k), ("V", v)):
         if ch == "-":
-            raise ValueError(f"variant {s.code!r} with n_kv_head={s.n_kv_head} < n_head={s.n_head}: "
-                             f"identity {role} has n_head={s.n_head} heads of input, but "
-                             f"{role} must have n_kv_head={s.n_kv_head} heads; project {role} "
-                             "or use n_kv_head=n_head")
+            raise ValueError(f"code {s.code!r} with n_kv_head={Hkv} < n_head={H}: identity {role} has "
+                             f"n_head={H} heads of input, but {role} must have n_kv_head={Hkv} heads; "
+                             f"project {role} or use n_kv_head=n_head")
         if q != "-" and ch == q:
-            raise ValueError(f"variant {s.code!r} with n_kv_head={s.n_kv_head} < n_head={s.n_head}: "
-                             f"Q is {s.n_embd} wide but {role} is {s.width('k')} wide, so they "
-                             "cannot share one weight; untie them or use n_kv_head=n_head")
+            raise ValueError(f"code {s.code!r} with n_kv_head={Hkv} < n_head={H}: Q is {s.width('q')} "
+                             f"wide but {role} is {s.width('k')} wide, so they cannot share one weight; "
+                             "untie them or use n_kv_head=n_head")
+
+
+# ---- the attention every variant shares ---------------------------------------------------------
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout=None) -> tuple:
+    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, Tk, hd) -> y (B, T, H*hd), scores, weights.
+
+    Query i sits at position Tk - T + i: it sees keys 0 .. Tk - T + i. bias (H, T, Tk) is added
+    to the scores; dropout, a callable, acts on the weights. scores (before the mask) and
+    weights (after the softmax, before dropout) are (B, H, T, Tk), for analysis.
+    """
+    B, H, T, hd = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    q = q.reshape(B, Hkv, H // Hkv, T, hd)  # (B, Hkv, G, T, hd): a group of G query heads per key head
+    k = k.reshape(B, Hkv, 1, Tk, hd)  # (B, Hkv, 1, Tk, hd): broadcast over the G heads of its group
+    v = v.reshape(B, Hkv, 1, Tk, hd)  # (B, Hkv, 1, Tk, hd)
+    scores = (q @ ops.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))  # (B, Hkv, G, T, Tk)
+    if bias is not None:
+        scores = scores + bias.reshape(Hkv, H // Hkv, T, Tk)  # (H, T, Tk) -> (Hkv, G, T, Tk)
+    weights = ops.softmax(scores, causal=True)  # (B, Hkv, G, T, Tk), zero where key j > Tk - T + i
+    y = (dropout(weights) if dropout is not None else weights) @ v  # (B, Hkv, G, T, hd)
+    y = ops.transpose(y.reshape(B, H, T, hd), (0, 2, 1, 3)).reshape(B, T, H * hd)  # (B, T, H*hd)
+    return y, scores.reshape(B, H, T, Tk), weights.reshape(B, H, T, Tk)
+
+
+# ---- the KV cache -------------------------------------------------------------------------------
 
 
 class KVCache:
@@ -206,117 +240,130 @@ class KVCache:
         return per_token + (self.v_source.shape[2] if self.v_source is not None else 0)
 
 
-class CausalSelfAttention(Module):
-    """Multi-head causal self-attention whose Q, K, V projections follow a variant code."""
+# ---- the layer ----------------------------------------------------------------------------------
 
-    def __init__(self, shape: AttentionShape, dropout: float = 0.0, dtype=np.float32,
-                 rng: np.random.Generator | None = None, dropout_rng: np.random.Generator | None = None,
-                 n_layer: int = 1):
+
+class CausalSelfAttention(Module):
+    """Multi-head causal self-attention whose Q, K, V projections follow the layer's code."""
+
+    def __init__(self, spec: AttentionSpec, dtype=np.float32, rng: np.random.Generator | None = None,
+                 dropout_rng: np.random.Generator | None = None):
         rng = rng if rng is not None else np.random.default_rng(0)
-        self.shape = shape
-        C = shape.n_embd
-        for letter in shape.letters():
-            width = shape.width(shape.roles_of(letter)[0])
-            w = rng.standard_normal((C, width)) * 0.02  # (C, width)
-            setattr(self, shape.weight_name(letter), Parameter(w.astype(dtype)))
-        for role in shape.gated_roles():
+        self.spec = spec
+        c = spec.config
+        for letter in spec.letters():
+            width = spec.width(spec.roles_of(letter)[0])
+            w = rng.standard_normal((c.n_embd, width)) * 0.02  # (C, width)
+            setattr(self, spec.weight_name(letter), Parameter(w.astype(dtype)))
+        for role in spec.gated_roles():
             # logit 0 -> gate 0.5: undecided, so training (and the penalty) can move it either way
             setattr(self, f"gate_{role}", Parameter(np.zeros(1, dtype=dtype)))
-        if shape.rotate:
+        if c.rotate:
             # R = Cayley(S - S^T) is the identity at S = 0
-            self.rotation_param = Parameter(np.zeros((shape.n_kv_head, shape.head_dim, shape.head_dim), dtype))
-        if shape.pos2d:
-            self.pos_bias = Parameter(np.zeros((shape.n_head, shape.block_size, shape.block_size), dtype))
-        if shape.out_proj:
+            self.rotation_param = Parameter(np.zeros((spec.n_kv_head, spec.head_dim, spec.head_dim), dtype))
+        if c.pos2d:
+            self.pos_bias = Parameter(np.zeros((c.n_head, c.block_size, c.block_size), dtype))
+        if c.out_proj:
             # GPT-2's scaled init of residual projections
-            w_o = rng.standard_normal((C, C)) * (0.02 / math.sqrt(2 * n_layer))
+            w_o = rng.standard_normal((c.n_embd, c.n_embd)) * (0.02 / math.sqrt(2 * c.n_layer))
             self.w_o = Parameter(w_o.astype(dtype))
         drop_rng = dropout_rng if dropout_rng is not None else rng
-        self.attn_dropout = Dropout(dropout, drop_rng)
-        self.resid_dropout = Dropout(dropout, drop_rng)
+        self.attn_dropout = Dropout(c.dropout, drop_rng)
+        self.resid_dropout = Dropout(c.dropout, drop_rng)
 
-    # ---- the pieces ---------------------------------------------------------------------
-    def role(self, role: str, x: Tensor, projected: dict) -> Tensor:
-        """The Q, K or V input of attention for role in 'qkv' (B, T, C) -> (B, T, width)."""
-        letter = self.shape.code[ROLES.index(role)]
-        if letter == "-":
-            return x
-        if letter not in projected:  # a shared weight is applied once
-            projected[letter] = x @ getattr(self, self.shape.weight_name(letter))
-        out = projected[letter]
-        if role in self.shape.gated_roles():
-            g = self.gate(role)
-            out = g * out + (1.0 - g) * x  # out = g (x W) + (1 - g) x
-        return out
+    # ---- the variant: x -> q, k, v ----------------------------------------------------------
+    def project(self, x: Tensor, cache: KVCache | None = None) -> tuple:
+        """x (B, T, C) -> q (B, H, T, hd), k and v (B, Hkv, Tk, hd).
+
+        Roles with one letter share one weight, applied once; '-' passes x through; a gate mixes
+        x W with x; the rotation turns each key head. With a cache, x holds only the new tokens and k, v also cover the cached ones (Tk = past + T).
+        """
+        s = self.spec
+        proj = {letter: x @ self.weight(letter) for letter in s.letters()}  # (B, T, width): a tied weight once
+        q, k, v = (x if letter == "-" else self.gated(role, proj[letter], x)
+                   for role, letter in zip(ROLES, s.code))
+        if cache is not None:
+            k, v = self._extend_cache(cache, k, v)  # (B, past + T, width)
+        q = self.split_heads(q, s.config.n_head)  # (B, H, T, hd)
+        k = self.split_heads(k, s.n_kv_head)  # (B, Hkv, Tk, hd)
+        v = self.split_heads(v, s.n_kv_head)  # (B, Hkv, Tk, hd)
+        if s.config.rotate:
+            Hkv, hd = s.n_kv_head, s.head_dim
+            k = k @ self.rotation().reshape(1, Hkv, hd, hd)  # K R: (B, Hkv, Tk, hd) @ (1, Hkv, hd, hd)
+        return q, k, v
+
+    def weight(self, letter: str) -> Parameter:
+        """The weight (C, width) of one letter of the code, shared by every role with that letter."""
+        return getattr(self, self.spec.weight_name(letter))
+
+    def gated(self, role: str, projected: Tensor, x: Tensor) -> Tensor:
+        """g (x W) + (1 - g) x for a gated role, (x W) unchanged for the others."""
+        if role not in self.spec.gated_roles():
+            return projected
+        g = self.gate(role)
+        return g * projected + (1.0 - g) * x
 
     def gate(self, role: str) -> Tensor:
         return ops.sigmoid(getattr(self, f"gate_{role}"))
+
+    def gate_value(self, role: str) -> float:
+        """The gate of a role as a number, for reading (no graph)."""
+        with no_grad():
+            return float(self.gate(role).data[0])
+
+    def folded_weight(self, role: str) -> np.ndarray:
+        """The one matrix a gated role applies: g (x W) + (1 - g) x = x (g W + (1 - g) I), float64."""
+        g = self.gate_value(role)
+        w = self.weight(self.spec.code[ROLES.index(role)]).data
+        return g * w + (1 - g) * np.eye(self.spec.config.n_embd)
 
     def rotation(self) -> Tensor:
         """(n_kv_head, hd, hd) orthogonal matrices: R = (I + A)^-1 (I - A), A = S - S^T skew."""
         S = self.rotation_param
         A = S - ops.swapaxes(S, -1, -2)
-        eye = np.broadcast_to(np.eye(self.shape.head_dim, dtype=S.dtype), S.shape)
+        eye = np.broadcast_to(np.eye(self.spec.head_dim, dtype=S.dtype), S.shape)
         return ops.solve(A + eye, eye - A)
 
     def split_heads(self, t: Tensor, n: int) -> Tensor:
         B, T, _ = t.shape
-        return ops.transpose(t.reshape(B, T, n, self.shape.head_dim), (0, 2, 1, 3))  # (B, n, T, hd)
-
-    # ---- forward ------------------------------------------------------------------------
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        """x (B, T, C) -> (B, T, C). With a cache, x holds only the new tokens."""
-        s = self.shape
-        B, T, C = x.shape
-        H, Hkv, hd = s.n_head, s.n_kv_head, s.head_dim
-        past = cache.length if cache is not None else 0
-        if past + T > s.block_size and s.pos2d:
-            raise ValueError(f"pos2d attention covers {s.block_size} positions; got {past + T}")
-
-        projected: dict = {}
-        q = self.role("q", x, projected)  # (B, T, C)
-        k = self.role("k", x, projected)  # (B, T, Hkv*hd)
-        v = self.role("v", x, projected)  # (B, T, Hkv*hd)
-        if cache is not None:
-            k, v = self._extend_cache(cache, k, v)  # now (B, past + T, width)
-        Tk = k.shape[1]
-
-        q = self.split_heads(q, H).reshape(B, Hkv, H // Hkv, T, hd)  # (B, Hkv, G, T, hd)
-        k = self.split_heads(k, Hkv)  # (B, Hkv, Tk, hd)
-        v = self.split_heads(v, Hkv)  # (B, Hkv, Tk, hd)
-        if s.rotate:
-            k = k @ self.rotation().reshape(1, Hkv, hd, hd)  # (B, Hkv, Tk, hd) @ (1, Hkv, hd, hd)
-        k = k.reshape(B, Hkv, 1, Tk, hd)  # every query head of a group meets the same key head
-        v = v.reshape(B, Hkv, 1, Tk, hd)
-
-        scores = (q @ ops.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))  # (B, Hkv, G, T, Tk)
-        if s.pos2d:
-            bias = self.pos_bias[:, past:past + T, :Tk]  # (H, T, Tk)
-            scores = scores + bias.reshape(Hkv, H // Hkv, T, Tk)
-        weights = self.attn_dropout(ops.softmax(scores, causal=True))  # key j <= query i + past
-        y = weights @ v  # (B, Hkv, G, T, hd)
-        y = ops.transpose(y.reshape(B, H, T, hd), (0, 2, 1, 3)).reshape(B, T, C)  # (B, T, C)
-        if s.out_proj:
-            y = y @ self.w_o
-        return self.resid_dropout(y)
+        return ops.transpose(t.reshape(B, T, n, self.spec.head_dim), (0, 2, 1, 3))  # (B, n, T, hd)
 
     def _extend_cache(self, cache: KVCache, k: Tensor, v: Tensor) -> tuple:
-        shared = self.shape.k_and_v_share_cache()
+        shared = self.spec.k_and_v_share_cache()
         k_all, v_all = cache.append(k.data, None if shared else v.data)
         k_all = Tensor(k_all)
         return k_all, (k_all if shared else Tensor(v_all))
 
-    def attention_scores(self, x: Tensor) -> np.ndarray:
-        """Pre-mask, pre-softmax scores (B, H, T, T) for analysis (no graph)."""
-        s = self.shape
-        B, T, _ = x.shape
-        projected: dict = {}
-        q = self.split_heads(self.role("q", x, projected), s.n_head)
-        k = self.split_heads(self.role("k", x, projected), s.n_kv_head)
-        if s.rotate:
-            k = k @ self.rotation().reshape(1, s.n_kv_head, s.head_dim, s.head_dim)
-        k = np.repeat(k.data, s.n_head // s.n_kv_head, axis=1)  # (B, H, T, hd)
-        scores = q.data @ np.swapaxes(k, -1, -2) / math.sqrt(s.head_dim)
-        if s.pos2d:
-            scores = scores + self.pos_bias.data[:, :T, :T]
-        return scores
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x: Tensor, cache: KVCache | None = None, maps: list | None = None) -> Tensor:
+        """x (B, T, C) -> (B, T, C). With a cache, x holds only the new tokens.
+
+        maps, if a list, receives this layer's (scores, weights) arrays (B, H, T, Tk) for analysis.
+        """
+        c = self.spec.config
+        T = x.shape[1]
+        past = cache.length if cache is not None else 0
+        if past + T > c.block_size and c.pos2d:
+            raise ValueError(f"pos2d attention covers {c.block_size} positions; got {past + T}")
+        q, k, v = self.project(x, cache)
+        bias = self.pos_bias[:, past:past + T, :past + T] if c.pos2d else None  # (H, T, Tk)
+        y, scores, weights = attend(q, k, v, bias, self.attn_dropout)  # (B, T, C)
+        if maps is not None:
+            maps.append((scores.data, weights.data))
+        if c.out_proj:
+            y = y @ self.w_o
+        return self.resid_dropout(y)
+
+    def attention_scores(self, x: Tensor) -> np.ndarray:  # TEMP alias for merge: tutorials/02_variants.py:30
+        maps: list = []
+        with no_grad():
+            self(x, maps=maps)
+        return maps[0][0]
+
+
+parse_variant = parse_code  # TEMP alias for merge: tutorials/02_variants.py:12,16
+
+
+def AttentionShape(code: str = "abc", **sizes):  # TEMP alias for merge: tutorials/02_variants.py:12,19,26
+    from .model import GPTConfig
+    return GPTConfig(code=code, n_layer=1, **sizes).attention_spec(0)

@@ -3,18 +3,19 @@
 Pre-LayerNorm decoder: token + position embeddings, n_layer blocks of
 (LayerNorm -> attention -> +residual -> LayerNorm -> MLP -> +residual), a final LayerNorm and
 an output head that reuses the token embedding (weight tying, optional). Every block may use
-its own attention variant (a pruned gated model does).
+its own code (a pruned gated model does).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import InitVar, asdict, dataclass, replace
 
 import numpy as np
 
 from . import ops
-from .attention import AttentionShape, CausalSelfAttention, KVCache, canonical_code, parse_variant
+from .attention import ROLES, AttentionSpec, CausalSelfAttention, KVCache, parse_code
+from .kernels import softmax_numpy
 from .nn import MLP, Dropout, Embedding, LayerNorm, Module
 from .tensor import Tensor, no_grad
 
@@ -28,8 +29,8 @@ class GPTConfig:
     n_kv_head: int | None = None  # None: n_head (no grouping); 1: multi-query attention
     n_embd: int = 128
     dropout: float = 0.0
-    variant: str = "abc"  # a code or name for every layer ...
-    layer_variants: list | None = None  # ... or one code per layer (overrides variant)
+    code: str = "abc"  # every layer's code, or its name ('shared-kv') ...
+    layer_codes: list | None = None  # ... or one code per layer (overrides code)
     rotate: bool = False
     pos2d: bool = False
     gate: bool = False
@@ -37,36 +38,46 @@ class GPTConfig:
     tie_weights: bool = True
     dtype: str = "float32"
     seed: int = 0
+    variant: InitVar[str | None] = None  # TEMP alias for merge: the old name of code
+    layer_variants: InitVar[list | None] = None  # TEMP alias for merge: the old name of layer_codes
 
-    def __post_init__(self):
-        self.variant = parse_variant(self.variant)
-        if self.layer_variants is not None:
-            self.layer_variants = [parse_variant(v) for v in self.layer_variants]
-            if len(self.layer_variants) != self.n_layer:
-                raise ValueError(f"layer_variants has {len(self.layer_variants)} codes "
+    def __post_init__(self, variant=None, layer_variants=None):
+        if variant is not None:  # TEMP alias for merge
+            self.code = variant
+        if layer_variants is not None:  # TEMP alias for merge
+            self.layer_codes = layer_variants
+        self.code = parse_code(self.code)
+        if self.layer_codes is not None:
+            self.layer_codes = [parse_code(code) for code in self.layer_codes]
+            if len(self.layer_codes) != self.n_layer:
+                raise ValueError(f"layer_codes has {len(self.layer_codes)} codes "
                                  f"but n_layer={self.n_layer}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         for name in ("vocab_size", "block_size", "n_layer"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd <= 0 or self.n_head <= 0 or self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a positive multiple of n_head={self.n_head}")
+        if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} "
+                             "(each group of query heads shares one key/value head)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         for layer in range(self.n_layer):
-            self.attention_shape(layer)  # fails early, with the reason, on an impossible variant
+            self.attention_spec(layer)  # fails early, with the reason, on a code the heads cannot take
 
     def code_of(self, layer: int) -> str:
-        return self.layer_variants[layer] if self.layer_variants is not None else self.variant
+        return self.layer_codes[layer] if self.layer_codes is not None else self.code
 
-    def attention_shape(self, layer: int) -> AttentionShape:
-        return AttentionShape(code=self.code_of(layer), n_embd=self.n_embd, n_head=self.n_head,
-                              n_kv_head=self.n_kv_head, rotate=self.rotate, pos2d=self.pos2d,
-                              gate=self.gate, out_proj=self.out_proj, block_size=self.block_size)
+    def attention_spec(self, layer: int) -> AttentionSpec:
+        return AttentionSpec(self.code_of(layer), self)
 
-    def describe(self) -> str:
-        """The variant with its modifiers, e.g. 'abb+rotate+gqa2'."""
+    def variant_label(self) -> str:
+        """The variant: the code (or the distinct per-layer codes joined by '/') and its modifiers,
+        e.g. 'abb+rotate+gqa2'."""
         codes = sorted(set(self.code_of(i) for i in range(self.n_layer)))
-        name = "/".join(codes) if self.layer_variants is not None else self.variant
+        name = "/".join(codes) if self.layer_codes is not None else self.code
         kv = self.n_kv_head if self.n_kv_head is not None else self.n_head
         mods = [m for m in ("rotate", "pos2d", "gate") if getattr(self, m)]
         if kv != self.n_head:
@@ -80,9 +91,10 @@ class GPTConfig:
 
     @staticmethod
     def overrides_from_label(label: str) -> dict:
-        """The inverse of describe(): 'shared-kv+rotate+gqa2' -> {variant: 'abb', rotate: True, n_kv_head: 2}."""
+        """The inverse of variant_label(): 'shared-kv+rotate+gqa2' -> {code: 'abb', rotate: True,
+        n_kv_head: 2}."""
         name, *mods = label.strip().split("+")
-        overrides: dict = {"variant": parse_variant(name)}
+        overrides: dict = {"code": parse_code(name)}
         for mod in mods:
             if mod in ("rotate", "pos2d", "gate"):
                 overrides[mod] = True
@@ -99,21 +111,28 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        return cls(**d)
+        """The config saved by to_dict(), also from checkpoints written before 'code' was 'variant'."""
+        return cls(**{OLD_KEYS.get(key, key): value for key, value in d.items()})
+
+
+OLD_KEYS = {"variant": "code", "layer_variants": "layer_codes"}  # config keys before issue 8
+
+GPTConfig.variant = property(lambda self: self.code)  # TEMP alias for merge
+GPTConfig.layer_variants = property(lambda self: self.layer_codes)  # TEMP alias for merge
+GPTConfig.describe = GPTConfig.variant_label  # TEMP alias for merge
 
 
 class Block(Module):
     def __init__(self, config: GPTConfig, layer: int, dtype, rng, dropout_rng):
         C = config.n_embd
         self.ln_1 = LayerNorm(C, dtype=dtype)
-        self.attn = CausalSelfAttention(config.attention_shape(layer), config.dropout, dtype,
-                                        rng, dropout_rng, n_layer=config.n_layer)
+        self.attn = CausalSelfAttention(config.attention_spec(layer), dtype, rng, dropout_rng)
         self.ln_2 = LayerNorm(C, dtype=dtype)
         self.mlp = MLP(C, 4 * C, config.dropout, dtype, rng,
                        proj_std=0.02 / math.sqrt(2 * config.n_layer), dropout_rng=dropout_rng)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache)  # (B, T, C)
+    def forward(self, x: Tensor, cache: KVCache | None = None, maps: list | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, maps)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -132,10 +151,12 @@ class GPT(Module):
         if not config.tie_weights:
             self.output_embedding = Embedding(config.vocab_size, config.n_embd, dtype, rng)  # (V, C)
 
-    def forward(self, ids: np.ndarray, targets: np.ndarray | None = None, caches: list | None = None):
+    def forward(self, ids: np.ndarray, targets: np.ndarray | None = None, caches: list | None = None,
+                maps: list | None = None):
         """ids (B, T) ints -> logits (B, T, V), and the mean cross-entropy if targets are given.
 
         With caches (one KVCache per block), ids are only the new tokens after the cached ones.
+        maps, if a list, receives every layer's attention (scores, weights), for analysis.
         """
         ids = np.asarray(ids)
         if ids.ndim != 2:
@@ -148,7 +169,7 @@ class GPT(Module):
         positions = np.arange(past, past + T)
         x = self.drop(self.token_embedding(ids) + self.position_embedding(positions))  # (B, T, C) + (T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, maps)
         x = self.ln_f(x)
         head = self.token_embedding.weight if self.config.tie_weights else self.output_embedding.weight  # (V, C)
         logits = x @ ops.swapaxes(head, 0, 1)  # (B, T, C) @ (C, V) -> (B, T, V)
@@ -158,17 +179,17 @@ class GPT(Module):
     def flops_per_token(self) -> int:
         """Forward FLOPs per token at full context: attention layers, MLPs and the output head."""
         c = self.config
-        attention = sum(block.attn.shape.flops_per_token() for block in self.blocks)
+        attention = sum(block.attn.spec.flops_per_token() for block in self.blocks)
         return attention + c.n_layer * 2 * (2 * c.n_embd * 4 * c.n_embd) + 2 * c.n_embd * c.vocab_size
 
     def gates(self) -> dict:
         """{(layer, role): gate value in (0, 1)} for a gated model."""
-        return {(i, role): float(block.attn.gate(role).data[0])
-                for i, block in enumerate(self.blocks) for role in block.attn.shape.gated_roles()}
+        return {(i, role): block.attn.gate_value(role)
+                for i, block in enumerate(self.blocks) for role in block.attn.spec.gated_roles()}
 
     def gate_penalty(self) -> Tensor | None:
         """Sum of all gates: weighted into the loss, it pushes unneeded projections to the identity."""
-        gates = [b.attn.gate(r) for b in self.blocks for r in b.attn.shape.gated_roles()]
+        gates = [b.attn.gate(r) for b in self.blocks for r in b.attn.spec.gated_roles()]
         return ops.sum(ops.concat(gates)) if gates else None
 
     def new_caches(self) -> list:
@@ -176,34 +197,24 @@ class GPT(Module):
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Continue ids (B, T) by sampling, one token at a time through the KV cache."""
+        """Continue ids (B, T) by sampling, each token conditioned on the last block_size tokens."""
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if top_k is not None and top_k <= 0:
             raise ValueError(f"top_k must be a positive integer, got {top_k}")
         rng = rng if rng is not None else np.random.default_rng()
         ids = np.asarray(ids, dtype=np.int64)
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                return self._sample(ids, max_new_tokens, temperature, top_k, rng)
-        finally:
-            self.train(was_training)
-
-    def _sample(self, ids, max_new_tokens, temperature, top_k, rng):
-        window = self.config.block_size
-        caches, pending = None, ids
-        for _ in range(max_new_tokens):
-            if caches is None:  # first fill: as much of the prompt as fits
-                caches, pending = self.new_caches(), ids[:, -window:]
-            elif caches[0].length + pending.shape[1] > window:
-                # the window is full: refill the cache from the most recent half window
-                caches, pending = self.new_caches(), ids[:, -max(1, window // 2):]
-            logits, _ = self.forward(pending, caches=caches)
-            next_id = _sample_logits(logits.data[:, -1, :], temperature, top_k, rng)  # (B, 1)
-            ids = np.concatenate([ids, next_id], axis=1)
-            pending = next_id
+        with no_grad(), self.evaluating():
+            caches = self.new_caches()
+            for _ in range(max_new_tokens):
+                if ids.shape[1] <= self.config.block_size:  # it fits: feed only what the caches have not seen
+                    logits, _ = self.forward(ids[:, caches[0].length:], caches=caches)
+                else:
+                    # nanoGPT's crop: every position shifts as the window slides, so the cached keys and
+                    # values no longer apply; recompute the last block_size tokens in full
+                    logits, _ = self.forward(ids[:, -self.config.block_size:])
+                next_id = _sample_logits(logits.data[:, -1, :], temperature, top_k, rng)  # (B, 1)
+                ids = np.concatenate([ids, next_id], axis=1)
         return ids
 
     def prune(self, threshold: float = 0.5) -> "GPT":
@@ -220,8 +231,7 @@ class GPT(Module):
             code, w = _pruned_layer(block.attn, threshold)
             codes.append(code)
             weights.append(w)
-        config = replace(self.config, gate=False, layer_variants=codes)
-        pruned = GPT(config)
+        pruned = GPT(replace(self.config, gate=False, layer_codes=codes))
         own = dict(self.named_parameters())
         for name, param in pruned.named_parameters():
             layer_weight = _layer_weight(name, weights)
@@ -236,40 +246,30 @@ def _sample_logits(logits: np.ndarray, temperature: float, top_k, rng) -> np.nda
     if top_k is not None and top_k < z.shape[-1]:
         kth = np.sort(z, axis=-1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
+    p = softmax_numpy(z)  # (B, V) float64; the -inf of top-k become zeros
     return np.array([[rng.choice(len(row), p=row)] for row in p], dtype=np.int64)
 
 
 def _pruned_layer(attn: CausalSelfAttention, threshold: float) -> tuple:
-    """(new code, {role-group weight name: matrix}) for one gated attention layer."""
-    s = attn.shape
-    eye = np.eye(s.n_embd)
-    matrices, labels = {}, []
-    for role, letter in zip("qkv", s.code):
-        if letter == "-":
-            labels.append("-")
-            continue
-        w = getattr(attn, s.weight_name(letter)).data
-        if role in s.gated_roles():
-            g = float(attn.gate(role).data[0])
-            if g < threshold:
-                labels.append("-")
-                continue
-            w = (g * w + (1 - g) * eye).astype(w.dtype)  # fold: g xW + (1-g) x = x (gW + (1-g)I)
-            label = (letter, g)
-        else:
-            label = (letter, None)
-        labels.append(label)
-        matrices.setdefault(label, w)
-    letters = {label: "abc"[i] for i, label in enumerate(dict.fromkeys(l for l in labels if l != "-"))}
-    code = canonical_code("".join("-" if l == "-" else letters[l] for l in labels))
-    roles_for = {}
-    for role, label in zip("qkv", labels):
-        if label != "-":
-            roles_for.setdefault(label, "")
-            roles_for[label] += role
-    return code, {"w_" + roles: matrices[label] for label, roles in roles_for.items()}
+    """(new code, {weight name: matrix}) for one gated attention layer.
+
+    Each role reads a source: None (identity), or (letter, gate) - a weight and the gate folded
+    into it. Roles with equal sources keep one weight; the new code names the sources in order.
+    """
+    spec = attn.spec
+    sources = []
+    for role, letter in zip(ROLES, spec.code):
+        gate = attn.gate_value(role) if role in spec.gated_roles() else None
+        dropped = letter == "-" or (gate is not None and gate < threshold)
+        sources.append(None if dropped else (letter, gate))
+    distinct = list(dict.fromkeys(src for src in sources if src is not None))
+    code = "".join("-" if src is None else "abc"[distinct.index(src)] for src in sources)
+    weights = {}
+    for src in distinct:
+        roles = "".join(role for role, s in zip(ROLES, sources) if s == src)
+        w = attn.weight(src[0]).data
+        weights["w_" + roles] = w if src[1] is None else attn.folded_weight(roles[0]).astype(w.dtype)
+    return code, weights
 
 
 def _layer_weight(name: str, weights: list):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import ALL_CODES, parse_variant
+from .attention import ALL_CODES, parse_code
 from .gradcheck import CheckResult, check
 from .model import GPT, GPTConfig
 
@@ -16,25 +16,26 @@ from .model import GPT, GPTConfig
 MODIFIER_LABELS = ["aaa+rotate", "aab+rotate", "aaa+pos2d", "aab+pos2d", "abc+gate", "aaa+gate",
                    "abb+gqa2", "abc+gqa2", "abc+mqa", "abb+mqa", "abb+rotate+mqa", "abc+no-out-proj"]
 MODIFIER_CASES = [(label, GPTConfig.overrides_from_label(label)) for label in MODIFIER_LABELS]
-MODIFIER_CASES.append(("abc+per-layer", dict(layer_variants=["abb", "-a-"])))
+MODIFIER_CASES.append(("abc+per-layer", dict(layer_codes=["abb", "-a-"])))
 
 TINY = dict(vocab_size=5, block_size=4, n_layer=2, n_head=4, n_embd=8, dtype="float64")
 
 
 def variant_cases(selection: str = "all") -> list:
     """[(label, overrides)] for 'all', for one code or name (with its modifier cases), or one label."""
-    plain = [(code, dict(variant=code)) for code in ALL_CODES]
+    plain = [(code, dict(code=code)) for code in ALL_CODES]
     if selection == "all":
         return plain + MODIFIER_CASES
-    if "+" in selection:  # one labelled case such as 'aaa+rotate'
+    if "+" in selection:  # one variant with modifiers, such as 'aaa+rotate'
         return [(selection, GPTConfig.overrides_from_label(selection))]
-    code = parse_variant(selection)
-    return [(code, dict(variant=code))] + [c for c in MODIFIER_CASES if c[1].get("variant") == code]
+    code = parse_code(selection)
+    return [(code, dict(code=code))] + [c for c in MODIFIER_CASES if c[1].get("code") == code]
 
 
 def tiny_model(overrides: dict, seed: int = 0) -> GPT:
-    """A 2-layer, 8-wide float64 GPT whose parameters are all moved off their initial values
-    (zeros and ones at init would hide mistakes: a zero rotation generator is a special point)."""
+    """A GPT of TINY's sizes (2 layers, 8 wide, float64) unless overrides say otherwise, whose parameters
+    are all moved off their initial values (zeros and ones at init would hide mistakes: a zero
+    rotation generator is a special point)."""
     model = GPT(GPTConfig(**{**TINY, **overrides}))
     rng = np.random.default_rng(seed)
     for _, p in model.named_parameters():

@@ -1,13 +1,14 @@
 """The variant table: what each of the 15 codes costs at given sizes, with no training at all.
 
-Figures come from AttentionShape (attention.py), computed from the code and the sizes.
+Figures come from AttentionSpec (attention.py): one layer's code read with a GPTConfig's sizes.
 Presets give the shapes of well-known models so that published claims can be checked, e.g.
 what dropping W_k saves in a 125M-parameter GPT-2.
 """
 
 from __future__ import annotations
 
-from .attention import ALL_CODES, AttentionShape, names_of
+from .attention import ALL_CODES, names_of
+from .model import GPTConfig
 
 # n_embd, n_head, n_layer, block_size (context), vocab_size, MLP hidden width
 PRESETS = {
@@ -35,22 +36,22 @@ def variant_rows(n_embd: int = 128, n_head: int = 4, n_kv_head: int | None = Non
     rows, base = [], None
     for code in ["abc"] + [c for c in codes if c != "abc"]:
         try:
-            shape = AttentionShape(code=code, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
-                                   block_size=block_size, **modifiers)
+            spec = GPTConfig(code=code, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head,
+                             block_size=block_size, n_layer=1, **modifiers).attention_spec(0)
         except ValueError as e:
             rows.append({"code": code, "names": names_of(code), "error": str(e)})
             continue
         row = {
             "code": code,
             "names": names_of(code),
-            "params_per_layer": shape.params(),
-            "flops_per_token": shape.flops_per_token(),
-            "kv_cache_floats_per_token": shape.kv_cache_floats_per_token(),
-            "symmetric": shape.symmetric(),
+            "params_per_layer": spec.params(),
+            "flops_per_token": spec.flops_per_token(),
+            "kv_cache_floats_per_token": spec.kv_cache_floats_per_token(),
+            "symmetric": spec.symmetric(),
         }
         if vocab_size:
             rest = non_attention_params(n_embd, n_layer, block_size, vocab_size, mlp_hidden)
-            row["model_params"] = rest + n_layer * shape.params()
+            row["model_params"] = rest + n_layer * spec.params()
         base = base or row
         row["params_vs_canonical"] = row["params_per_layer"] / base["params_per_layer"] - 1
         if "model_params" in row:

@@ -12,9 +12,9 @@ from minqkv.train import TrainConfig, train
 VOCAB, BLOCK = 11, 16
 
 
-def tiny_model(variant="abc", **overrides) -> GPT:
+def tiny_model(code="abc", **overrides) -> GPT:
     config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16,
-                       variant=variant, **overrides)
+                       code=code, **overrides)
     return GPT(config)
 
 
@@ -23,8 +23,8 @@ def batches(n=2, batch_size=3, seed=0) -> list:
     return [(rng.integers(0, VOCAB, (batch_size, BLOCK)), None) for _ in range(n)]
 
 
-def layer_asymmetry(variant):
-    return [layer["asymmetry"] for layer in analyze_model(tiny_model(variant), batches())["layers"]]
+def layer_asymmetry(code):
+    return [layer["asymmetry"] for layer in analyze_model(tiny_model(code), batches())["layers"]]
 
 
 # ---- the math -------------------------------------------------------------------------
@@ -102,7 +102,8 @@ def test_shared_kv_reports_keys_and_values_tied_through_w_kv():
     layer = result["layers"][0]
     assert set(layer["projections"]) == {"w_q", "w_kv"}
     kv = [o for o in layer["overlaps"] if (o["a"], o["b"]) == ("k", "v")][0]
-    assert kv["tied"] and kv["weight"] == "w_kv" and kv["mean_cos"] == 1.0
+    assert kv["tied"] and kv["weight"] == "w_kv"
+    assert kv["mean_cos"] == pytest.approx(1.0, abs=1e-9) and kv["flat_cos"] == pytest.approx(1.0, abs=1e-6)
     assert "tied: one weight w_kv" in format_report(result)
 
 
@@ -155,7 +156,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
     text = root / "text.txt"
     text.write_text("the cat sat on the mat and the dog ate the hat. " * 60)  # 2880 characters
-    config = GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, variant="abb")
+    config = GPTConfig(block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, code="abb")
     train(config, TrainConfig(data=str(text), out=str(root / "run"), steps=5, eval_interval=5,
                               eval_iters=1, batch_size=4), progress=False)
     return root

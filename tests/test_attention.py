@@ -1,13 +1,15 @@
 """Specification of the attention variants: the code grammar, what each variant costs, when its
-scores are symmetric, the rotation and gate modifiers, and exact gradients for every variant."""
+scores are symmetric, project and attend, the rotation and gate modifiers, and exact gradients for
+every variant."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 
-from minqkv.attention import (ALL_CODES, AttentionShape, CausalSelfAttention, KVCache,
-                              canonical_code, parse_variant)
+from minqkv.attention import (ALL_CODES, AttentionSpec, CausalSelfAttention, KVCache, attend,
+                              names_of, parse_code)
 from minqkv.model import GPT, GPTConfig
 from minqkv.optim import AdamW
 from minqkv.tensor import Tensor, no_grad
@@ -17,9 +19,14 @@ C, H = 16, 4  # width and heads of the small layers below
 SYMMETRIC_CODES = {"aab", "aaa", "--a", "aa-", "---"}
 
 
-def perturbed_attention(shape: AttentionShape, seed: int = 0) -> CausalSelfAttention:
+def spec(code: str = "abc", **sizes) -> AttentionSpec:
+    """One layer's AttentionSpec, C wide with H heads unless sizes say otherwise."""
+    return GPTConfig(**{"n_embd": C, "n_head": H, "n_layer": 1, "code": code, **sizes}).attention_spec(0)
+
+
+def perturbed_attention(layer: AttentionSpec, seed: int = 0) -> CausalSelfAttention:
     """A float64 layer whose every parameter (rotation and position bias too) is random."""
-    attn = CausalSelfAttention(shape, dtype=np.float64, rng=np.random.default_rng(seed))
+    attn = CausalSelfAttention(layer, dtype=np.float64, rng=np.random.default_rng(seed))
     rng = np.random.default_rng(seed + 100)
     for _, p in attn.named_parameters():
         p.data += 0.3 * rng.standard_normal(p.shape)
@@ -34,43 +41,76 @@ def max_asymmetry(scores: np.ndarray) -> float:
     return float(np.abs(scores - np.swapaxes(scores, -1, -2)).max())
 
 
+def scores_of(attn: CausalSelfAttention, x: Tensor) -> np.ndarray:
+    """The layer's scores (B, H, T, T) before mask and softmax, as its forward computed them."""
+    maps = []
+    with no_grad():
+        attn(x, maps=maps)
+    return maps[0][0]
+
+
+def heads(x: np.ndarray, n: int = H) -> np.ndarray:
+    """(B, T, n*hd) -> (B, n, T, hd), written out independently of the layer."""
+    B, T, width = x.shape
+    return x.reshape(B, T, n, width // n).transpose(0, 2, 1, 3)
+
+
 # ---- the grammar of codes --------------------------------------------------------------------
 
 
-def test_there_are_exactly_15_codes():
-    every_spelling = {canonical_code("".join(c)) for c in itertools.product("abc-", repeat=3)}
+def test_there_are_exactly_the_15_codes_of_the_design_table():
+    table = {"abc", "aab", "abb", "aba", "aaa", "-ab", "a-b", "ab-",
+             "-aa", "a-a", "aa-", "--a", "-a-", "a--", "---"}
     assert len(ALL_CODES) == 15
-    assert set(ALL_CODES) == every_spelling
+    assert set(ALL_CODES) == table
+
+
+def test_every_spelling_of_three_letters_or_dashes_is_one_of_the_15_codes():
+    for spelling in itertools.product("abc-", repeat=3):
+        assert parse_code("".join(spelling)) in ALL_CODES
 
 
 @pytest.mark.parametrize("code", ALL_CODES)
 def test_every_code_parses_to_itself(code):
-    assert parse_variant(code) == code
+    assert parse_code(code) == code
 
 
 @pytest.mark.parametrize("name, code", [
-    ("canonical", "abc"), ("shared-qk", "aab"), ("no-key", "aab"), ("shared-kv", "abb"),
-    ("shared-qv", "aba"), ("single", "aaa"), ("shared-qkv", "aaa"), ("no-query", "-ab"),
-    ("no-value", "ab-"), ("value-only", "--a"), ("none", "---"),
+    ("canonical", "abc"), ("shared-qk", "aab"), ("shared-kv", "abb"), ("shared-qv", "aba"),
+    ("single", "aaa"), ("shared-qkv", "aaa"), ("no-query", "-ab"), ("identity-query", "-ab"),
+    ("no-key", "a-b"), ("identity-key", "a-b"), ("no-value", "ab-"), ("identity-value", "ab-"),
+    ("value-only", "--a"), ("none", "---"),
 ])
-def test_every_alias_resolves_to_its_code(name, code):
-    assert parse_variant(name) == code
+def test_every_name_resolves_to_its_code(name, code):
+    assert parse_code(name) == code
+
+
+@pytest.mark.parametrize("role", ["query", "key", "value"])
+def test_no_x_and_identity_x_name_the_code_whose_role_x_is_the_identity(role):
+    for prefix in ("no-", "identity-"):
+        code = parse_code(prefix + role)
+        assert code["qkv".index(role[0])] == "-"
+        assert code.count("-") == 1
+
+
+def test_shared_qk_is_not_called_no_key():
+    assert "no-key" not in names_of("aab")
 
 
 def test_aliases_ignore_case_and_surrounding_spaces():
-    assert parse_variant("  Shared-KV ") == "abb"
+    assert parse_code("  Shared-KV ") == "abb"
 
 
 @pytest.mark.parametrize("spelling, code", [("bab", "aba"), ("cc-", "aa-"), ("cba", "abc"),
                                             ("b-b", "a-a"), ("-cb", "-ab"), ("bbb", "aaa")])
 def test_letters_are_renamed_in_order_of_first_appearance(spelling, code):
-    assert parse_variant(spelling) == code
+    assert parse_code(spelling) == code
 
 
 @pytest.mark.parametrize("bad", ["abd", "ab", "abcd", "xyz", "", "shared", "a b"])
-def test_invalid_variant_raises_and_lists_the_valid_codes(bad):
+def test_invalid_code_raises_and_lists_the_valid_codes(bad):
     with pytest.raises(ValueError) as info:
-        parse_variant(bad)
+        parse_code(bad)
     message = str(info.value)
     assert repr(bad) in message
     for code in ALL_CODES:
@@ -78,65 +118,65 @@ def test_invalid_variant_raises_and_lists_the_valid_codes(bad):
     assert "shared-kv" in message
 
 
-def test_a_variant_that_is_not_a_string_raises_type_error():
+def test_a_code_that_is_not_a_string_raises_type_error():
     with pytest.raises(TypeError, match="string"):
-        parse_variant(3)
+        parse_code(3)
 
 
-# ---- shapes that cannot exist --------------------------------------------------------------
+# ---- codes the heads cannot take ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("code", ["aab", "aba", "aaa"])
 def test_query_cannot_share_a_weight_with_narrower_grouped_keys_or_values(code):
     with pytest.raises(ValueError, match="cannot share one weight"):
-        AttentionShape(code=code, n_embd=C, n_head=H, n_kv_head=2)
+        spec(code=code, n_embd=C, n_head=H, n_kv_head=2)
 
 
 @pytest.mark.parametrize("code, role", [("a-b", "K"), ("ab-", "V"), ("--a", "K"), ("---", "K")])
 def test_identity_key_or_value_needs_all_heads(code, role):
     with pytest.raises(ValueError, match=f"identity {role}"):
-        AttentionShape(code=code, n_embd=C, n_head=H, n_kv_head=1)
+        spec(code=code, n_embd=C, n_head=H, n_kv_head=1)
 
 
 @pytest.mark.parametrize("code", ["abc", "abb", "-ab", "-aa"])
 def test_grouped_query_attention_accepts_untied_query(code):
-    shape = AttentionShape(code=code, n_embd=C, n_head=H, n_kv_head=1)
-    assert shape.width("k") == shape.width("v") == C // H
+    layer = spec(code=code, n_embd=C, n_head=H, n_kv_head=1)
+    assert layer.width("k") == layer.width("v") == C // H
 
 
 def test_n_kv_head_must_divide_n_head():
     with pytest.raises(ValueError, match="must divide n_head"):
-        AttentionShape(code="abc", n_embd=C, n_head=H, n_kv_head=3)
+        spec(code="abc", n_embd=C, n_head=H, n_kv_head=3)
 
 
 def test_n_embd_must_be_a_multiple_of_n_head():
     with pytest.raises(ValueError, match="multiple of n_head"):
-        AttentionShape(code="abc", n_embd=10, n_head=4)
+        spec(code="abc", n_embd=10, n_head=4)
 
 
 # ---- parameter counts ------------------------------------------------------------------------
 
 
-def shapes_with_modifiers():
-    """Every code under every modifier it accepts, as AttentionShape keyword sets."""
+def specs_with_modifiers():
+    """Every code under every modifier it accepts, as GPTConfig keyword sets."""
     modifiers = [{}, dict(rotate=True), dict(pos2d=True), dict(gate=True), dict(out_proj=False),
                  dict(n_kv_head=2), dict(n_kv_head=1),
                  dict(rotate=True, pos2d=True, gate=True, n_kv_head=2, out_proj=False)]
     cases = []
     for code, mods in itertools.product(ALL_CODES, modifiers):
         try:
-            AttentionShape(code=code, n_embd=C, n_head=H, block_size=8, **mods)
+            spec(code=code, n_embd=C, n_head=H, block_size=8, **mods)
         except ValueError:
             continue
         cases.append(pytest.param(code, mods, id=code + "".join(f"+{k}={v}" for k, v in mods.items())))
     return cases
 
 
-@pytest.mark.parametrize("code, modifiers", shapes_with_modifiers())
+@pytest.mark.parametrize("code, modifiers", specs_with_modifiers())
 def test_params_counts_the_layers_actual_parameters(code, modifiers):
-    shape = AttentionShape(code=code, n_embd=C, n_head=H, block_size=8, **modifiers)
-    attn = CausalSelfAttention(shape)
-    assert shape.params() == attn.num_parameters()
+    layer = spec(code=code, n_embd=C, n_head=H, block_size=8, **modifiers)
+    attn = CausalSelfAttention(layer)
+    assert layer.params() == attn.num_parameters()
 
 
 @pytest.mark.parametrize("code, out_proj, squares", [
@@ -144,36 +184,108 @@ def test_params_counts_the_layers_actual_parameters(code, modifiers):
     ("-ab", True, 3), ("--a", True, 2), ("---", True, 1), ("---", False, 0),
 ])
 def test_params_is_a_tied_weight_once_and_identity_free(code, out_proj, squares):
-    assert AttentionShape(code=code, n_embd=C, n_head=H, out_proj=out_proj).params() == squares * C * C
+    assert spec(code=code, n_embd=C, n_head=H, out_proj=out_proj).params() == squares * C * C
 
 
 def test_params_of_multi_query_attention_has_one_narrow_key_and_value():
     hd = C // H
-    assert AttentionShape(code="abc", n_embd=C, n_head=H, n_kv_head=1).params() == 2 * C * C + 2 * C * hd
+    assert spec(code="abc", n_embd=C, n_head=H, n_kv_head=1).params() == 2 * C * C + 2 * C * hd
 
 
 def test_params_of_modifiers_rotation_position_bias_and_gates():
-    base = AttentionShape(code="abc", n_embd=C, n_head=H, block_size=8).params()
+    base = spec(code="abc", n_embd=C, n_head=H, block_size=8).params()
     hd = C // H
-    assert AttentionShape(code="abc", n_embd=C, n_head=H, block_size=8, rotate=True).params() == base + H * hd * hd
-    assert AttentionShape(code="abc", n_embd=C, n_head=H, block_size=8, pos2d=True).params() == base + H * 64
-    assert AttentionShape(code="abc", n_embd=C, n_head=H, block_size=8, gate=True).params() == base + 3
+    assert spec(code="abc", n_embd=C, n_head=H, block_size=8, rotate=True).params() == base + H * hd * hd
+    assert spec(code="abc", n_embd=C, n_head=H, block_size=8, pos2d=True).params() == base + H * 64
+    assert spec(code="abc", n_embd=C, n_head=H, block_size=8, gate=True).params() == base + 3
 
 
 @pytest.mark.parametrize("code, matrices_saved", [("abb", 1), ("aab", 1), ("-ab", 1), ("aaa", 2),
                                                    ("--a", 2), ("---", 3)])
 def test_flops_drop_by_one_projection_for_each_matrix_saved(code, matrices_saved):
-    canonical = AttentionShape(code="abc", n_embd=C, n_head=H).flops_per_token()
-    flops = AttentionShape(code=code, n_embd=C, n_head=H).flops_per_token()
+    canonical = spec(code="abc", n_embd=C, n_head=H).flops_per_token()
+    flops = spec(code=code, n_embd=C, n_head=H).flops_per_token()
     assert canonical - flops == matrices_saved * 2 * C * C
+
+
+# ---- attend: the attention every variant shares ----------------------------------------------
+
+
+def random_qkv(T: int, Tk: int, Hkv: int = H, B: int = 2, hd: int = 3) -> tuple:
+    """q (B, H, T, hd), k and v (B, Hkv, Tk, hd) of random numbers."""
+    rng = np.random.default_rng(0)
+    return (Tensor(rng.standard_normal((B, H, T, hd))), Tensor(rng.standard_normal((B, Hkv, Tk, hd))),
+            Tensor(rng.standard_normal((B, Hkv, Tk, hd))))
+
+
+def loop_attention(q, k, v) -> np.ndarray:
+    """Causal attention one query at a time: q (B, H, T, hd), k and v (B, H, Tk, hd) -> (B, T, H*hd)."""
+    B, Hq, T, hd = q.shape
+    offset = k.shape[2] - T
+    y = np.zeros((B, T, Hq, hd))
+    for b, h, i in itertools.product(range(B), range(Hq), range(T)):
+        seen = slice(0, offset + i + 1)
+        s = k[b, h, seen] @ q[b, h, i] / math.sqrt(hd)  # (offset + i + 1,)
+        w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        y[b, i, h] = w @ v[b, h, seen]
+    return y.reshape(B, T, Hq * hd)
+
+
+@pytest.mark.parametrize("T, Tk", [(5, 5), (2, 5), (1, 4)], ids=["full", "2-new-after-3-cached", "1-new"])
+def test_attend_equals_causal_attention_written_one_query_at_a_time(T, Tk):
+    q, k, v = random_qkv(T, Tk)  # the T queries are the last T of Tk positions
+    y, _, _ = attend(q, k, v)
+    np.testing.assert_allclose(y.data, loop_attention(q.data, k.data, v.data), rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_key_heads_attend_like_each_key_head_repeated_for_its_group():
+    Hkv = 2
+    q, k, v = random_qkv(5, 5, Hkv)
+    # query head h reads key head h // 2
+    repeated = [Tensor(np.repeat(t.data, H // Hkv, axis=1)) for t in (k, v)]
+    grouped, scores, _ = attend(q, k, v)
+    full, full_scores, _ = attend(q, *repeated)
+    np.testing.assert_allclose(grouped.data, full.data, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(scores.data, full_scores.data, rtol=1e-13, atol=1e-13)
+
+
+def test_attend_returns_scores_before_the_mask_and_causal_weights_after_the_softmax():
+    q, k, v = random_qkv(4, 4)
+    _, scores, weights = attend(q, k, v)
+    expected = q.data @ np.swapaxes(k.data, -1, -2) / math.sqrt(3)  # (B, H, T, T), nothing masked
+    np.testing.assert_allclose(scores.data, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(weights.data.sum(-1), 1.0, rtol=1e-12)
+    assert np.all(np.triu(weights.data, k=1) == 0)
+
+
+# ---- project: the variant --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code, same", [("abb", "kv"), ("aab", "qk"), ("aba", "qv"), ("aaa", "qkv")])
+def test_roles_with_one_letter_get_one_tensor(code, same):
+    q, k, v = perturbed_attention(spec(code)).project(random_input())
+    tensors = dict(zip("qkv", (q.data, k.data, v.data)))
+    for a, b in itertools.combinations(same, 2):
+        assert np.array_equal(tensors[a], tensors[b])
+    other = next(iter(set("qkv") - set(same)), None)
+    if other:
+        assert not np.allclose(tensors[other], tensors[same[0]])
+
+
+@pytest.mark.parametrize("code", ["-ab", "a-b", "ab-", "---"])
+def test_an_identity_role_is_the_input_split_into_heads(code):
+    x = random_input()
+    projected = dict(zip("qkv", perturbed_attention(spec(code)).project(x)))
+    for role, letter in zip("qkv", code):
+        assert np.array_equal(projected[role].data, heads(x.data)) == (letter == "-")
 
 
 # ---- KV cache size ---------------------------------------------------------------------------
 
 
 def test_shared_kv_caches_half_of_canonical():
-    abc = AttentionShape(code="abc", n_embd=C, n_head=H).kv_cache_floats_per_token()
-    abb = AttentionShape(code="abb", n_embd=C, n_head=H).kv_cache_floats_per_token()
+    abc = spec(code="abc", n_embd=C, n_head=H).kv_cache_floats_per_token()
+    abb = spec(code="abb", n_embd=C, n_head=H).kv_cache_floats_per_token()
     assert abc == 2 * C
     assert abb * 2 == abc
 
@@ -181,13 +293,13 @@ def test_shared_kv_caches_half_of_canonical():
 @pytest.mark.parametrize("code, floats", [("---", C), ("a--", C), ("-aa", C), ("--a", 2 * C),
                                           ("aaa", C), ("aab", 2 * C)])
 def test_a_tensor_serving_as_key_and_value_is_cached_once(code, floats):
-    assert AttentionShape(code=code, n_embd=C, n_head=H).kv_cache_floats_per_token() == floats
+    assert spec(code=code, n_embd=C, n_head=H).kv_cache_floats_per_token() == floats
 
 
 def test_multi_query_caches_one_head_of_keys_and_values():
     hd = C // H
-    assert AttentionShape(code="abc", n_embd=C, n_head=H, n_kv_head=1).kv_cache_floats_per_token() == 2 * hd
-    assert AttentionShape(code="abb", n_embd=C, n_head=H, n_kv_head=1).kv_cache_floats_per_token() == hd
+    assert spec(code="abc", n_embd=C, n_head=H, n_kv_head=1).kv_cache_floats_per_token() == 2 * hd
+    assert spec(code="abb", n_embd=C, n_head=H, n_kv_head=1).kv_cache_floats_per_token() == hd
 
 
 def test_an_empty_cache_stores_nothing():
@@ -204,26 +316,24 @@ def test_measured_cache_after_decoding_matches_the_formula(label):
         model(np.array([[1, 2, 3]]), caches=caches)
         model(np.array([[4]]), caches=caches)
     assert caches[0].length == 4
-    assert caches[0].floats_per_token() == model.blocks[0].attn.shape.kv_cache_floats_per_token()
+    assert caches[0].floats_per_token() == model.blocks[0].attn.spec.kv_cache_floats_per_token()
 
 
 # ---- symmetry of the scores ------------------------------------------------------------------
 
 
 def test_symmetric_codes_are_those_whose_query_and_key_are_one_tensor():
-    symmetric = {code for code in ALL_CODES if AttentionShape(code=code).symmetric()}
+    symmetric = {code for code in ALL_CODES if spec(code=code).symmetric()}
     assert symmetric == SYMMETRIC_CODES
 
 
 @pytest.mark.parametrize("label", list(ALL_CODES) + ["aaa+rotate", "aab+rotate", "--a+rotate",
                                                      "aaa+pos2d", "aab+pos2d", "---+pos2d"])
 def test_scores_are_symmetric_exactly_when_the_variant_says_so(label):
-    overrides = GPTConfig.overrides_from_label(label)
-    code = overrides.pop("variant")
-    shape = AttentionShape(code=code, n_embd=C, n_head=H, block_size=8, **overrides)
-    scores = perturbed_attention(shape).attention_scores(random_input())  # (B, H, T, T)
+    layer = spec(block_size=8, **GPTConfig.overrides_from_label(label))
+    scores = scores_of(perturbed_attention(layer), random_input())  # (B, H, T, T)
     assert scores.shape == (2, H, 6, 6)
-    if shape.symmetric():
+    if layer.symmetric():
         assert max_asymmetry(scores) < 1e-12
     else:
         assert max_asymmetry(scores) > 1e-3
@@ -233,7 +343,7 @@ def test_scores_are_symmetric_exactly_when_the_variant_says_so(label):
 
 
 def test_rotation_starts_at_the_identity():
-    attn = CausalSelfAttention(AttentionShape(code="aaa", n_embd=C, n_head=H, rotate=True), dtype=np.float64)
+    attn = CausalSelfAttention(spec(code="aaa", n_embd=C, n_head=H, rotate=True), dtype=np.float64)
     R = attn.rotation().data  # (H, hd, hd)
     assert R.shape == (H, C // H, C // H)
     assert np.array_equal(R, np.broadcast_to(np.eye(C // H), R.shape))
@@ -271,37 +381,46 @@ def test_rotation_stays_orthogonal_after_training(rotated_models, code):
 def test_trained_rotation_makes_shared_query_key_scores_asymmetric(rotated_models, code):
     attn = rotated_models[code].blocks[0].attn
     x = Tensor(np.random.default_rng(3).standard_normal((1, 5, 8)))
-    assert max_asymmetry(attn.attention_scores(x)) > 1e-4
+    assert max_asymmetry(scores_of(attn, x)) > 1e-4
 
 
 # ---- gates and the position bias -------------------------------------------------------------
 
 
 def test_gate_mixes_projection_with_identity():
-    attn = perturbed_attention(AttentionShape(code="abc", n_embd=C, n_head=H, gate=True))
+    attn = perturbed_attention(spec(code="abc", n_embd=C, n_head=H, gate=True))
     attn.gate_q.data[:] = 0.3
     x = random_input()
     g = 1 / (1 + np.exp(-0.3))
     expected = g * (x.data @ attn.w_q.data) + (1 - g) * x.data  # out = g xW + (1-g) x
-    np.testing.assert_allclose(attn.role("q", x, {}).data, expected, rtol=1e-13, atol=1e-13)
+    q, _, _ = attn.project(x)
+    np.testing.assert_allclose(q.data, heads(expected), rtol=1e-13, atol=1e-13)
+
+
+def test_a_gated_role_applies_its_folded_weight():
+    attn = perturbed_attention(spec(code="aab", gate=True))
+    attn.gate_k.data[:] = -0.7
+    x = random_input()
+    _, k, _ = attn.project(x)
+    np.testing.assert_allclose(k.data, heads(x.data @ attn.folded_weight("k")), rtol=1e-12, atol=1e-12)
 
 
 def test_gates_start_equal_and_strictly_between_identity_and_projection():
-    attn = CausalSelfAttention(AttentionShape(code="abc", n_embd=C, n_head=H, gate=True))
+    attn = CausalSelfAttention(spec(code="abc", n_embd=C, n_head=H, gate=True))
     gates = {float(attn.gate(role).data[0]) for role in "qkv"}
     assert len(gates) == 1
     assert 0 < gates.pop() < 1
 
 
 def test_only_full_width_projections_are_gated():
-    assert AttentionShape(code="abc", n_embd=C, n_head=H, gate=True).gated_roles() == "qkv"
-    assert AttentionShape(code="-ab", n_embd=C, n_head=H, gate=True).gated_roles() == "kv"
-    assert AttentionShape(code="abb", n_embd=C, n_head=H, n_kv_head=2, gate=True).gated_roles() == "q"
-    assert AttentionShape(code="abc", n_embd=C, n_head=H).gated_roles() == ""
+    assert spec(code="abc", n_embd=C, n_head=H, gate=True).gated_roles() == "qkv"
+    assert spec(code="-ab", n_embd=C, n_head=H, gate=True).gated_roles() == "kv"
+    assert spec(code="abb", n_embd=C, n_head=H, n_kv_head=2, gate=True).gated_roles() == "q"
+    assert spec(code="abc", n_embd=C, n_head=H).gated_roles() == ""
 
 
 def test_position_bias_starts_at_zero_for_every_head_and_position_pair():
-    attn = CausalSelfAttention(AttentionShape(code="aab", n_embd=C, n_head=H, block_size=8, pos2d=True))
+    attn = CausalSelfAttention(spec(code="aab", n_embd=C, n_head=H, block_size=8, pos2d=True))
     assert attn.pos_bias.shape == (H, 8, 8)
     assert not attn.pos_bias.data.any()
 

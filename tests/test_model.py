@@ -8,6 +8,7 @@ import minqkv.model as model_module
 from minqkv.attention import ALL_CODES
 from minqkv.model import GPT, GPTConfig
 from minqkv.tensor import Tensor, no_grad
+from minqkv.variant_checks import tiny_model
 
 VOCAB, BLOCK, WIDTH = 7, 8, 8
 TINY = dict(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, n_embd=WIDTH, dtype="float64")
@@ -15,11 +16,7 @@ TINY = dict(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, n_embd=WIDT
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
     """A 2-layer float64 GPT with every parameter moved off its initial value."""
-    model = GPT(GPTConfig(**{**TINY, **overrides}))
-    rng = np.random.default_rng(seed)
-    for _, p in model.named_parameters():
-        p.data += 0.3 * rng.standard_normal(p.shape)
-    return model
+    return tiny_model({**TINY, **overrides}, seed)
 
 
 def labelled(label: str) -> dict:
@@ -39,30 +36,21 @@ DECODE_CASES = ([pytest.param(labelled(code), id=code) for code in ALL_CODES]
                 + [pytest.param(labelled(label), id=label) for label in
                    ["aaa+rotate", "aab+pos2d", "abc+gate", "aaa+gate", "abb+gqa2", "abc+mqa",
                     "abb+rotate+mqa", "aab+rotate+pos2d+gate", "abc+no-out-proj"]]
-                + [pytest.param(dict(layer_variants=["abb", "-a-"]), id="per-layer")])
+                + [pytest.param(dict(layer_codes=["abb", "-a-"]), id="per-layer")])
 
 
 # ---- incremental decoding through the KV cache ------------------------------------------------
 
 
+@pytest.mark.parametrize("prompt", [1, 3], ids=["from-one-token", "after-a-3-token-prompt"])
 @pytest.mark.parametrize("overrides", DECODE_CASES)
-def test_kv_cache_decoding_one_token_at_a_time_equals_full_recomputation(overrides):
+def test_kv_cache_decoding_one_token_at_a_time_equals_full_recomputation(overrides, prompt):
     model = tiny_gpt(**overrides)
     ids = random_ids()
     caches = model.new_caches()
     with no_grad():
-        steps = [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(BLOCK)]
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full_logits(model, ids), rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("overrides", DECODE_CASES)
-def test_kv_cache_decoding_after_a_prompt_prefill_equals_full_recomputation(overrides):
-    model = tiny_gpt(**overrides)
-    ids = random_ids()
-    caches = model.new_caches()
-    with no_grad():
-        chunks = [model(ids[:, :3], caches=caches)[0].data]  # prefill 3 tokens at once
-        chunks += [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(3, BLOCK)]
+        chunks = [model(ids[:, :prompt], caches=caches)[0].data]  # the prompt in one call
+        chunks += [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(prompt, BLOCK)]
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), full_logits(model, ids), rtol=0, atol=1e-12)
 
 
@@ -162,6 +150,50 @@ def test_generate_samples_from_the_logits_of_the_whole_sequence(monkeypatch):
         np.testing.assert_allclose(logits, full_logits(model, out[:, :2 + step])[:, -1], atol=1e-12)
 
 
+def record_sampled_logits(monkeypatch) -> list:
+    """Make generate() keep a copy of the logits (B, V) it samples each token from."""
+    seen = []
+    real = model_module._sample_logits
+    monkeypatch.setattr(model_module, "_sample_logits",
+                        lambda logits, *a: seen.append(logits.copy()) or real(logits, *a))
+    return seen
+
+
+@pytest.mark.parametrize("overrides", [{}, labelled("aab+pos2d"), labelled("abb+rotate+mqa")],
+                         ids=["abc", "aab+pos2d", "abb+rotate+mqa"])
+def test_generate_past_block_size_conditions_each_token_on_the_last_block_size_tokens(monkeypatch, overrides):
+    model, prompt = tiny_gpt(**overrides), random_ids(T=3)
+    seen = record_sampled_logits(monkeypatch)
+    out = model.generate(prompt, 3 * BLOCK, rng=np.random.default_rng(0))
+    assert len(seen) == 3 * BLOCK
+    for step, logits in enumerate(seen):
+        context = out[:, :3 + step][:, -BLOCK:]  # nanoGPT's crop
+        np.testing.assert_allclose(logits, full_logits(model, context)[:, -1], rtol=0, atol=1e-12)
+
+
+def test_generate_from_a_prompt_longer_than_block_size_reads_its_last_block_size_tokens(monkeypatch):
+    model, prompt = tiny_gpt(), random_ids(T=BLOCK + 5)
+    seen = record_sampled_logits(monkeypatch)
+    model.generate(prompt, 1, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(seen[0], full_logits(model, prompt[:, -BLOCK:])[:, -1], rtol=0, atol=1e-12)
+
+
+def test_greedy_decoding_past_block_size_equals_greedy_on_the_cropped_context():
+    model, prompt = tiny_gpt(), random_ids(B=3, T=2)
+    out = model.generate(prompt, 2 * BLOCK, top_k=1, rng=np.random.default_rng(0))
+    greedy = prompt
+    for _ in range(2 * BLOCK):
+        next_id = full_logits(model, greedy[:, -BLOCK:])[:, -1:].argmax(-1)  # (B, 1)
+        greedy = np.concatenate([greedy, next_id], axis=1)
+    assert np.array_equal(out, greedy)
+
+
+def test_sampling_keeps_only_the_top_k_tokens():
+    logits = np.array([[0.0, 3.0, 1.0, 2.0, -1.0]] * 400)  # (B, V) float64
+    ids = model_module._sample_logits(logits, 1.0, 2, np.random.default_rng(0))
+    assert set(ids.ravel()) == {1, 3}
+
+
 def test_generate_reads_a_prompt_that_fits_in_block_size_whole(monkeypatch):
     model, prompt = tiny_gpt(), random_ids(T=BLOCK - 1)
     seen = []
@@ -184,20 +216,20 @@ def test_generate_leaves_the_training_mode_as_it_was():
 # ---- per-layer variants --------------------------------------------------------------------------
 
 
-def test_each_layer_uses_its_own_variant():
-    model = GPT(GPTConfig(**{**TINY, "n_layer": 3}, layer_variants=["canonical", "shared-kv", "---"]))
-    assert [b.attn.shape.code for b in model.blocks] == ["abc", "abb", "---"]
+def test_each_layer_uses_its_own_code():
+    model = GPT(GPTConfig(**{**TINY, "n_layer": 3}, layer_codes=["canonical", "shared-kv", "---"]))
+    assert [b.attn.spec.code for b in model.blocks] == ["abc", "abb", "---"]
     assert [b.attn.num_parameters() for b in model.blocks] == [4 * 64, 3 * 64, 64]
 
 
-def test_layer_variants_must_name_one_code_per_layer():
-    with pytest.raises(ValueError, match="layer_variants has 3 codes but n_layer=2"):
-        GPTConfig(**TINY, layer_variants=["abc", "abb", "aaa"])
+def test_layer_codes_must_name_one_code_per_layer():
+    with pytest.raises(ValueError, match="layer_codes has 3 codes but n_layer=2"):
+        GPTConfig(**TINY, layer_codes=["abc", "abb", "aaa"])
 
 
-def test_describe_lists_the_distinct_per_layer_codes():
-    config = GPTConfig(**{**TINY, "n_layer": 3}, layer_variants=["abc", "abb", "abc"])
-    assert config.describe() == "abb/abc"
+def test_variant_label_lists_the_distinct_per_layer_codes():
+    config = GPTConfig(**{**TINY, "n_layer": 3}, layer_codes=["abc", "abb", "abc"])
+    assert config.variant_label() == "abb/abc"
 
 
 # ---- gates and pruning ---------------------------------------------------------------------------
@@ -223,9 +255,9 @@ def test_prune_turns_low_gates_into_identity_and_keeps_high_ones():
     model = tiny_gpt(**labelled("abc+gate"))
     set_gates(model, {(0, "q"): 8, (0, "k"): -8, (0, "v"): 8, (1, "q"): -8, (1, "k"): -8, (1, "v"): -8})
     pruned = model.prune()
-    assert pruned.config.layer_variants == ["a-b", "---"]
+    assert pruned.config.layer_codes == ["a-b", "---"]
     assert not pruned.config.gate
-    assert [b.attn.shape.code for b in pruned.blocks] == ["a-b", "---"]
+    assert [b.attn.spec.code for b in pruned.blocks] == ["a-b", "---"]
 
 
 def test_prune_drops_the_weights_of_identity_roles():
@@ -237,8 +269,9 @@ def test_prune_drops_the_weights_of_identity_roles():
     dropped = 4 * WIDTH * WIDTH + 6  # w_k of layer 0, w_q, w_k, w_v of layer 1, six gates
     assert pruned.num_parameters() == model.num_parameters() - dropped
     x = Tensor(np.random.default_rng(2).standard_normal((1, 3, WIDTH)))
-    assert pruned.blocks[0].attn.role("k", x, {}) is x
-    assert all(pruned.blocks[1].attn.role(r, x, {}) is x for r in "qkv")
+    x_heads = x.data.reshape(1, 3, 4, WIDTH // 4).transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    assert np.array_equal(pruned.blocks[0].attn.project(x)[1].data, x_heads)  # K = x
+    assert all(np.array_equal(t.data, x_heads) for t in pruned.blocks[1].attn.project(x))
 
 
 def test_prune_folds_a_kept_gate_into_its_weight():
@@ -254,14 +287,14 @@ def test_prune_keeps_roles_tied_when_their_gates_are_equal():
     model = tiny_gpt(**labelled("aab+gate"))
     set_gates(model, {(i, r): 1.5 for i in range(2) for r in "qkv"})
     pruned = model.prune()
-    assert pruned.config.layer_variants == ["aab", "aab"]
+    assert pruned.config.layer_codes == ["aab", "aab"]
     assert "w_qk" in dict(pruned.blocks[0].attn.named_parameters())
 
 
 def test_prune_unties_roles_whose_gates_differ():
     model = tiny_gpt(**labelled("aab+gate"))
     set_gates(model, {(0, "q"): 1.0, (0, "k"): 3.0, (0, "v"): 3.0})
-    assert model.prune().config.layer_variants[0] == "abc"
+    assert model.prune().config.layer_codes[0] == "abc"
 
 
 @pytest.mark.parametrize("label", ["abc+gate", "aab+gate", "aaa+gate", "abb+gate+gqa2",
@@ -291,31 +324,32 @@ def test_prune_of_an_ungated_model_raises():
     (dict(dropout=-0.1), "dropout must be in"),
     (dict(n_embd=10, n_head=4), "multiple of n_head"),
     (dict(n_kv_head=3), "must divide n_head"),
-    (dict(variant="aab", n_kv_head=2), "cannot share one weight"),
-    (dict(variant="a-b", n_kv_head=1), "identity K"),
-    (dict(variant="abd"), "is not valid"),
+    (dict(code="aab", n_kv_head=2), "cannot share one weight"),
+    (dict(code="a-b", n_kv_head=1), "identity K"),
+    (dict(code="abd"), "is not valid"),
 ])
 def test_invalid_configurations_raise_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
         GPTConfig(**{**TINY, **overrides})
 
 
-def test_config_resolves_variant_names_to_codes():
-    assert GPTConfig(**TINY, variant="shared-kv").variant == "abb"
+def test_config_resolves_names_to_codes():
+    assert GPTConfig(**TINY, code="shared-kv").code == "abb"
+    assert GPTConfig(**TINY, layer_codes=["no-key", "bcc"]).layer_codes == ["a-b", "abb"]
 
 
 @pytest.mark.parametrize("overrides, label", [
-    (dict(variant="abb", rotate=True), "abb+rotate"),
-    (dict(variant="abc", n_kv_head=1), "abc+mqa"),
-    (dict(variant="abb", n_kv_head=2), "abb+gqa2"),
-    (dict(variant="abc", n_kv_head=4), "abc"),
-    (dict(variant="aab", pos2d=True, gate=True), "aab+pos2d+gate"),
-    (dict(variant="abc", out_proj=False), "abc+no-out-proj"),
+    (dict(code="abb", rotate=True), "abb+rotate"),
+    (dict(code="abc", n_kv_head=1), "abc+mqa"),
+    (dict(code="abb", n_kv_head=2), "abb+gqa2"),
+    (dict(code="abc", n_kv_head=4), "abc"),
+    (dict(code="aab", pos2d=True, gate=True), "aab+pos2d+gate"),
+    (dict(code="abc", out_proj=False), "abc+no-out-proj"),
 ])
-def test_describe_names_the_variant_and_its_modifiers(overrides, label):
+def test_variant_label_names_the_code_and_its_modifiers(overrides, label):
     config = GPTConfig(**{**TINY, **overrides})
-    assert config.describe() == label
-    assert GPTConfig(**{**TINY, **GPTConfig.overrides_from_label(label)}).describe() == label
+    assert config.variant_label() == label
+    assert GPTConfig(**{**TINY, **GPTConfig.overrides_from_label(label)}).variant_label() == label
 
 
 def test_an_unknown_modifier_in_a_label_raises():
@@ -323,9 +357,21 @@ def test_an_unknown_modifier_in_a_label_raises():
         GPTConfig.overrides_from_label("abb+spin")
 
 
+def test_a_label_gives_the_code_and_modifier_overrides():
+    overrides = GPTConfig.overrides_from_label("shared-kv+rotate+gqa2")
+    assert overrides == {"code": "abb", "rotate": True, "n_kv_head": 2}
+
+
 def test_config_round_trips_through_a_dict():
-    config = GPTConfig(**TINY, variant="abb", rotate=True, n_kv_head=2)
+    config = GPTConfig(**TINY, code="abb", rotate=True, n_kv_head=2)
     assert GPTConfig.from_dict(config.to_dict()) == config
+
+
+def test_config_reads_a_dict_saved_before_code_was_called_variant():
+    old = {**TINY, "variant": "abb", "layer_variants": ["abc", "aab"]}
+    config = GPTConfig.from_dict(old)
+    assert config.layer_codes == ["abc", "aab"] and config.code == "abb"
+    assert "variant" not in config.to_dict() and "layer_variants" not in config.to_dict()
 
 
 def test_untied_head_has_its_own_output_embedding():

@@ -1,6 +1,6 @@
 """The same tiny GPT, written independently in PyTorch, gives the same loss and gradients.
 
-The PyTorch model below reads only the weights (by name) and the variant code: it re-derives
+The PyTorch model below reads only the weights (by name) and each layer's code: it re-derives
 tying, identity roles, the Cayley rotation, the 2-D position bias, grouped heads and gates on
 its own, so agreement to float64 rounding checks minqkv's forward and backward end to end.
 """
@@ -74,12 +74,12 @@ def torch_loss(P: dict, config: GPTConfig, ids, targets):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(variant="abc"), dict(variant="abb"), dict(variant="aab"), dict(variant="aaa", rotate=True),
-    dict(variant="--a"), dict(variant="---"), dict(variant="abc", n_kv_head=1),
-    dict(variant="aab", pos2d=True), dict(variant="abb", n_kv_head=2, rotate=True),
-    dict(variant="abc", gate=True), dict(variant="-ab", out_proj=False, tie_weights=False),
-    dict(layer_variants=["aba", "a--"]),
-], ids=lambda o: GPTConfig(**{**TINY, **o}).describe() + ("+untied" if o.get("tie_weights") is False else ""))
+    dict(code="abc"), dict(code="abb"), dict(code="aab"), dict(code="aaa", rotate=True),
+    dict(code="--a"), dict(code="---"), dict(code="abc", n_kv_head=1),
+    dict(code="aab", pos2d=True), dict(code="abb", n_kv_head=2, rotate=True),
+    dict(code="abc", gate=True), dict(code="-ab", out_proj=False, tie_weights=False),
+    dict(layer_codes=["aba", "a--"]),
+], ids=lambda o: GPTConfig(**{**TINY, **o}).variant_label() + ("+untied" if o.get("tie_weights") is False else ""))
 def test_loss_and_every_gradient_match_pytorch(overrides):
     config = GPTConfig(**{**TINY, **overrides})
     model = GPT(config)
