@@ -77,7 +77,7 @@ def plan_sweep(preset: str, data: str, variants=None, seeds: int | None = None) 
             raise ValueError(f"{label!r}: n_kv_head={overrides['n_kv_head']} does not divide "
                              f"n_head={spec['model']['n_head']} of preset {preset!r}")
         config = GPTConfig(**{**spec["model"], **overrides})  # raises on impossible variants
-        runs.append({"label": label, "variant": config.describe(), "overrides": overrides})
+        runs.append({"label": label, "variant": config.variant_label(), "overrides": overrides})
     return {"preset": preset, "data": data, "seeds": seeds, "runs": runs,
             "model": spec["model"], "train": spec["train"]}
 

@@ -353,17 +353,3 @@ class CausalSelfAttention(Module):
         if c.out_proj:
             y = y @ self.w_o
         return self.resid_dropout(y)
-
-    def attention_scores(self, x: Tensor) -> np.ndarray:  # TEMP alias for merge: tutorials/02_variants.py:30
-        maps: list = []
-        with no_grad():
-            self(x, maps=maps)
-        return maps[0][0]
-
-
-parse_variant = parse_code  # TEMP alias for merge: tutorials/02_variants.py:12,16
-
-
-def AttentionShape(code: str = "abc", **sizes):  # TEMP alias for merge: tutorials/02_variants.py:12,19,26
-    from .model import GPTConfig
-    return GPTConfig(code=code, n_layer=1, **sizes).attention_spec(0)

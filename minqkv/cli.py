@@ -76,8 +76,9 @@ def positive_float(text: str) -> float:
 # that field of GPTConfig or TrainConfig, or of both (seed); a --no-X switch sets its field to False.
 # Defaults are None, so a resumed run knows which flags were actually given.
 RUN_FLAGS = [
-    ("--variant", "variant", str, "code such as abb, or a name such as shared-kv (codes starting "
-                                  "with '-' need the = form: --variant=-ab)"),
+    ("--variant", "code", str, "a code such as abb, a name such as shared-kv, or either with "
+                               "modifiers, e.g. abb+rotate+gqa2 (codes starting with '-' need "
+                               "the = form: --variant=-ab)"),
     ("--data", "data", str, "shakespeare | PATH to a UTF-8 text | synthetic:TASK"),
     ("--steps", "steps", int, "training steps; with --resume, extends the run to this many"),
     ("--seed", "seed", int, "seed of the weights, the batches and dropout"),
@@ -142,6 +143,20 @@ def _given_settings(args, config) -> dict:
         value = getattr(args, flag[2:].replace("-", "_"))  # argparse's name: --n-layer -> n_layer
         if value is not None and config in _configs_with(field):
             settings[field] = not value if flag.startswith("--no-") else value
+    if "code" in settings:
+        settings.update(_variant_settings(settings.pop("code"), settings))
+    return settings
+
+
+def _variant_settings(label: str, flags: dict) -> dict:
+    """--variant 'abb+rotate+gqa2' -> {code: 'abb', rotate: True, n_kv_head: 2}; a modifier flag
+    given as well must agree with the label."""
+    from .model import GPTConfig
+
+    settings = GPTConfig.overrides_from_label(label)
+    clashes = [f"{field}={flags[field]!r}" for field in settings if field in flags and flags[field] != settings[field]]
+    if clashes:
+        raise ValueError(f"--variant {label} disagrees with the flags {', '.join(clashes)}: give each setting once")
     return settings
 
 

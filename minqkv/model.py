@@ -9,7 +9,7 @@ its own code (a pruned gated model does).
 from __future__ import annotations
 
 import math
-from dataclasses import InitVar, asdict, dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -38,14 +38,8 @@ class GPTConfig:
     tie_weights: bool = True
     dtype: str = "float32"
     seed: int = 0
-    variant: InitVar[str | None] = None  # TEMP alias for merge: the old name of code
-    layer_variants: InitVar[list | None] = None  # TEMP alias for merge: the old name of layer_codes
 
-    def __post_init__(self, variant=None, layer_variants=None):
-        if variant is not None:  # TEMP alias for merge
-            self.code = variant
-        if layer_variants is not None:  # TEMP alias for merge
-            self.layer_codes = layer_variants
+    def __post_init__(self):
         self.code = parse_code(self.code)
         if self.layer_codes is not None:
             self.layer_codes = [parse_code(code) for code in self.layer_codes]
@@ -116,10 +110,6 @@ class GPTConfig:
 
 
 OLD_KEYS = {"variant": "code", "layer_variants": "layer_codes"}  # config keys before issue 8
-
-GPTConfig.variant = property(lambda self: self.code)  # TEMP alias for merge
-GPTConfig.layer_variants = property(lambda self: self.layer_codes)  # TEMP alias for merge
-GPTConfig.describe = GPTConfig.variant_label  # TEMP alias for merge
 
 
 class Block(Module):

@@ -158,7 +158,7 @@ def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on
     train_loss = state[0].get("train_loss", math.nan) if state is not None else math.nan
     wall_start = time.perf_counter()
     bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
-               disable=not progress, desc=cfg.describe(), dynamic_ncols=True)
+               disable=not progress, desc=cfg.variant_label(), dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         lr = cosine_lr(step, train_config.lr, train_config.min_lr,
@@ -208,8 +208,8 @@ def _summary(model, train_config, train_loss, last_eval, step_ms, wall_start) ->
     cfg = model.config
     median_ms = float(np.median(step_ms)) if step_ms else float("nan")
     return {
-        "variant": cfg.describe(),
-        "code": cfg.variant if cfg.layer_variants is None else ",".join(cfg.layer_variants),
+        "variant": cfg.variant_label(),
+        "code": cfg.code if cfg.layer_codes is None else ",".join(cfg.layer_codes),
         "data": train_config.data,
         "params": model.num_parameters(),
         "attention_params": sum(b.attn.num_parameters() for b in model.blocks),
@@ -233,7 +233,7 @@ def _prune_and_report(model, corpus, train_config, eval_batches, out: Path, batc
                                                          train_config.steps, batch_rng))
     return {
         "gates": {f"{layer}.{role}": g for (layer, role), g in model.gates().items()},
-        "pruned_codes": pruned.config.layer_variants,
+        "pruned_codes": pruned.config.layer_codes,
         "pruned_params": pruned.num_parameters(),
         "val_loss_before_pruning": before["val_loss"],
         "val_loss_after_pruning": after["val_loss"],

@@ -357,7 +357,7 @@ def rotated_models():
     ids = rng.integers(0, 6, (4, 8))
     targets = np.roll(ids, -1, axis=1)
     for code in ("aaa", "aab"):
-        model = GPT(GPTConfig(vocab_size=6, block_size=8, n_layer=1, n_head=2, n_embd=8, variant=code,
+        model = GPT(GPTConfig(vocab_size=6, block_size=8, n_layer=1, n_head=2, n_embd=8, code=code,
                               rotate=True, dtype="float64"))
         opt = AdamW(model.named_parameters(), lr=3e-2)
         for _ in range(5):

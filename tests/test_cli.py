@@ -296,6 +296,24 @@ def test_train_switches_reach_the_saved_model_config(capsys, tmp_path, text_file
         True, False, False, "float64")
 
 
+def test_train_variant_takes_a_label_with_modifiers(capsys, tmp_path, text_file):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--data", text_file, "--out", str(out_dir), *TINY_TRAIN,
+                             "--sample-tokens", "0", "--variant", "shared-kv+rotate+mqa")
+    assert code == 0, err
+    config = load_checkpoint(out_dir)[0]["model_config"]
+    assert (config["code"], config["rotate"], config["n_kv_head"]) == ("abb", True, 1)
+    assert out.startswith("abb+rotate+mqa:")
+
+
+def test_train_variant_label_that_contradicts_a_flag_is_refused(capsys, tmp_path, text_file):
+    code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", str(tmp_path / "run"), *TINY_TRAIN,
+                           "--variant", "abc+gqa2", "--n-kv-head", "1")
+    assert code == 2
+    assert "--variant abc+gqa2 disagrees with the flags n_kv_head=1" in err
+    assert not (tmp_path / "run").exists()
+
+
 # ---- resume ------------------------------------------------------------------------------------
 
 
@@ -312,7 +330,7 @@ def test_train_resume_with_changed_flags_fails_and_lists_them(capsys, tmp_path, 
     code, _, err = run_cli(capsys, "train", "--resume", "--out", out_dir, "--steps", "30", "--quiet",
                            "--variant", "abb", "--n-layer", "3", "--lr", "0.5", "--data", text_file + ".other")
     assert code == 2
-    for difference in ("variant 'abb' (saved run: 'abc')", "n_layer 3 (saved run: 1)",
+    for difference in ("code 'abb' (saved run: 'abc')", "n_layer 3 (saved run: 1)",
                        "lr 0.5 (saved run: 0.01)", "data '" + text_file + ".other'"):
         assert difference in err
     assert load_checkpoint(out_dir)[0]["step"] == 20

@@ -101,7 +101,7 @@ def test_final_json_holds_the_summary_of_a_text_run(text_file, tmp_path):
 
 
 def test_final_json_params_count_the_model(text_file, tmp_path):
-    final = run(text_file, tmp_path / "run", model=dict(variant="shared-kv"))
+    final = run(text_file, tmp_path / "run", model=dict(code="shared-kv"))
     model, _, _ = load_model(tmp_path / "run")
     assert final["params"] == model.num_parameters()
     assert final["code"] == "abb"
@@ -194,15 +194,15 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(text_file, tmp_path
 def test_resume_with_other_settings_lists_every_difference(text_file, tmp_path):
     run(text_file, tmp_path / "run", steps=4)
     with pytest.raises(ValueError, match="only steps may change") as info:
-        run(text_file, tmp_path / "run", resume=True, model=dict(variant="abb", n_layer=2), lr=0.5)
-    for difference in ("variant 'abb' (saved run: 'abc')", "n_layer 2 (saved run: 1)",
+        run(text_file, tmp_path / "run", resume=True, model=dict(code="abb", n_layer=2), lr=0.5)
+    for difference in ("code 'abb' (saved run: 'abc')", "n_layer 2 (saved run: 1)",
                        "lr 0.5 (saved run: 0.01)"):
         assert difference in str(info.value)
 
 
 def test_resume_accepts_a_variant_name_that_means_the_saved_code(text_file, tmp_path):
-    run(text_file, tmp_path / "run", steps=4, model=dict(variant="abb"))
-    final = run(text_file, tmp_path / "run", steps=8, resume=True, model=dict(variant="shared-kv"))
+    run(text_file, tmp_path / "run", steps=4, model=dict(code="abb"))
+    final = run(text_file, tmp_path / "run", steps=8, resume=True, model=dict(code="shared-kv"))
     assert final["code"] == "abb" and final["steps"] == 8
 
 
@@ -284,19 +284,19 @@ def test_non_finite_gradients_never_reach_a_checkpoint(text_file, tmp_path, monk
 
 
 def test_a_gated_run_writes_a_pruned_checkpoint_and_reports_both_losses(text_file, tmp_path):
-    final = run(text_file, tmp_path / "run", model=dict(variant="abc", gate=True), gate_penalty=0.01)
+    final = run(text_file, tmp_path / "run", model=dict(code="abc", gate=True), gate_penalty=0.01)
     assert set(final["gates"]) == {"0.q", "0.k", "0.v"}
     assert final["val_loss_before_pruning"] == final["val_loss"]
     assert np.isfinite(final["val_loss_after_pruning"]) and np.isfinite(final["val_bpc_after_pruning"])
     pruned, _, _ = load_model(tmp_path / "run" / "pruned")
     assert not pruned.config.gate
-    assert pruned.config.layer_variants == final["pruned_codes"]
+    assert pruned.config.layer_codes == final["pruned_codes"]
     assert pruned.num_parameters() == final["pruned_params"]
     assert "gates" in metric_lines(tmp_path / "run")[-1]
 
 
 def test_pruning_a_gated_run_with_every_gate_kept_does_not_change_its_loss(text_file, tmp_path):
-    final = run(text_file, tmp_path / "run", model=dict(variant="aab", gate=True, dtype="float64"),
+    final = run(text_file, tmp_path / "run", model=dict(code="aab", gate=True, dtype="float64"),
                 prune_threshold=0.0)
     assert final["pruned_codes"] in (["aab"], ["abc"])
     assert final["val_loss_after_pruning"] == pytest.approx(final["val_loss_before_pruning"], abs=1e-10)
