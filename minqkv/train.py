@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import write_atomically
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .atomic import remove_leftovers, write_atomically
+from .checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint, save_checkpoint
 from .data import IGNORE, CharTokenizer, load_corpus
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm, cosine_lr
@@ -151,6 +151,9 @@ def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on
     eval_batches = corpus.eval_batches("val", train_config.batch_size, cfg.block_size,
                                        train_config.eval_iters, seed=train_config.seed)
     out.mkdir(parents=True, exist_ok=True)  # only now: every check above has passed
+    if state is not None:
+        for name in (CHECKPOINT_NAME, "metrics.jsonl", "final.json"):
+            remove_leftovers(out / name)  # temporary files of writes a crash cut short
     _truncate_metrics(out / "metrics.jsonl", start)
     params = model.parameters()
     step_ms, last_eval = [], {}

@@ -80,6 +80,7 @@ def test_killed_runs_leave_a_loadable_checkpoint_and_resume_to_the_same_losses(t
 
     killed = tmp_path / "killed"
     rng = np.random.default_rng(0)
+    cut_writes = set()  # temporary files left by kills inside a write
     for kill in range(KILLS):
         process = start_training(text_file, killed)
         wait_for_a_new_checkpoint(process, killed)
@@ -89,11 +90,13 @@ def test_killed_runs_leave_a_loadable_checkpoint_and_resume_to_the_same_losses(t
             time.sleep(rng.uniform(0, 0.05))  # anywhere in a step
         process.send_signal(signal.SIGKILL)
         process.wait()
+        cut_writes |= temporary_files(killed)
         if checkpoint_path(killed).exists():
             load_checkpoint(killed)  # raises CheckpointError if a kill left a broken file
     finish(start_training(text_file, killed))
 
-    assert temporary_files(killed), "no kill landed inside a checkpoint write"
+    assert cut_writes, "no kill landed inside a checkpoint write"
+    assert not temporary_files(killed), "the resumed run left the cut writes' temporary files"
     assert records(killed) == records(whole)
     meta_whole, arrays_whole, optim_whole = load_checkpoint(whole)
     meta_killed, arrays_killed, optim_killed = load_checkpoint(killed)
