@@ -137,28 +137,15 @@ def matmul_cases(draw):
 
 @SPECIAL_VALUES_WARN
 @needs_c
+@pytest.mark.parametrize("matmul_c", [kernels.matmul_c, kernels.matmul_naive_c], ids=["blocked", "naive"])
 @THOROUGH
-@given(matmul_cases())
-def test_matmul_c_matches_numpy_twin(case):
+@given(case=matmul_cases())
+def test_matmul_c_matches_numpy_twin(matmul_c, case):
     a, b, trans_a, trans_b = case
-    got = kernels.matmul_c(a, b, trans_a, trans_b)
+    got = matmul_c(a, b, trans_a, trans_b)
     want = kernels.matmul_numpy(a, b, trans_a, trans_b)
     assert got.shape == want.shape and got.dtype == a.dtype
     assert got.flags.c_contiguous
-    op_a = np.swapaxes(a, -1, -2) if trans_a else a
-    op_b = np.swapaxes(b, -1, -2) if trans_b else b
-    assert_same_product(got, want, op_a, op_b)
-
-
-@SPECIAL_VALUES_WARN
-@needs_c
-@FAST
-@given(matmul_cases())
-def test_matmul_naive_c_matches_numpy_twin(case):
-    a, b, trans_a, trans_b = case
-    got = kernels.matmul_naive_c(a, b, trans_a, trans_b)
-    want = kernels.matmul_numpy(a, b, trans_a, trans_b)
-    assert got.shape == want.shape and got.dtype == a.dtype and got.flags.c_contiguous
     op_a = np.swapaxes(a, -1, -2) if trans_a else a
     op_b = np.swapaxes(b, -1, -2) if trans_b else b
     assert_same_product(got, want, op_a, op_b)
