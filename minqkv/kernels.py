@@ -241,10 +241,10 @@ def softmax_backward_numpy(y, dy):
 # ---- the C core ---------------------------------------------------------------------------
 
 
-def _require_c(op):
+def _require_c(op, twin=None):
     if not HAVE_C:
         raise RuntimeError(f"{op}_c: the C core is not available (minqkv._ccore could not be imported: "
-                           f"{_IMPORT_ERROR}). To get it, {_BUILD_HINT}; or use {op}_numpy.")
+                           f"{_IMPORT_ERROR}). To get it, {_BUILD_HINT}; or use {twin or op + '_numpy'}.")
 
 
 # The C functions of one dtype, and ctype, the cffi array type of its elements.
@@ -297,7 +297,7 @@ def _matrix_operand(x, trans):
 
 def _gemm_c(op, a, b, trans_a, trans_b, naive):
     """The body of matmul_c and matmul_naive_c: check, hand the operands over, call C."""
-    _require_c(op)
+    _require_c(op, twin="matmul_numpy")
     trans_a, trans_b = bool(trans_a), bool(trans_b)
     batch, M, N, K = _matmul_sizes(a, b, trans_a, trans_b, op)
     stacked = batch is not None

@@ -477,8 +477,10 @@ def test_asking_for_c_without_the_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("no module"), raising=False)
     with pytest.raises(RuntimeError, match=r"backend 'c' is not available.*pip install -e"):
         kernels.set_backend("c")
-    with pytest.raises(RuntimeError, match=r"matmul_c: the C core is not available"):
+    with pytest.raises(RuntimeError, match=r"matmul_c: the C core is not available.*or use matmul_numpy"):
         kernels.matmul_c(np.ones((2, 2)), np.ones((2, 2)))
+    with pytest.raises(RuntimeError, match=r"matmul_naive_c: the C core is not available.*or use matmul_numpy"):
+        kernels.matmul_naive_c(np.ones((2, 2)), np.ones((2, 2)))
 
 
 def test_missing_extension_falls_back_to_numpy_with_one_loud_warning():
