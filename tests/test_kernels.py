@@ -190,6 +190,24 @@ def test_matmul_c_gives_the_same_bits_on_any_thread_count(dtype, batch, M, K, N,
 
 
 @needs_c
+def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
+    from minqkv._ccore import ffi, lib
+
+    a = np.ones((330, 330), np.float32)  # big enough to be shared by threads
+    out = np.zeros_like(a)
+    size_for_one = lib.minqkv_gemm_workspace_f32(1, 330, 330, 330, 1)
+    assert size_for_one < lib.minqkv_gemm_workspace_f32(1, 330, 330, 330, 2)  # a slice per thread
+    workspace = np.empty(size_for_one, np.float32)
+    pointer = lambda x: ffi.from_buffer("float[]", x)  # noqa: E731
+    arguments = (0, 0, 1, 330, 330, 330, pointer(a), 330, 0, pointer(a), 330, 0, pointer(out), 330, 0,
+                 pointer(workspace), workspace.size)
+    assert lib.minqkv_gemm_f32(*arguments, 2) == lib.MINQKV_BAD_ARGUMENT
+    assert np.all(out == 0)  # refused before touching memory
+    assert lib.minqkv_gemm_f32(*arguments, 1) == lib.MINQKV_OK
+    np.testing.assert_array_equal(out, 330)
+
+
+@needs_c
 def test_matmul_c_crosses_every_cache_block():
     rng = np.random.default_rng(2)
     a = rng.standard_normal((130, 600)).astype(np.float32)  # > MC rows, > 2 KC slices
