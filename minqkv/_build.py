@@ -28,6 +28,7 @@ process may use). OpenMP's thread pool does not survive fork(): code that runs k
 several processes must start them with multiprocessing's 'spawn' method, as minqkv does.
 """
 
+import hashlib
 import os
 import re
 import sys
@@ -107,6 +108,17 @@ def build_flags():
     return compile_args, link_args, macros
 
 
+def csrc_sha256(csrc_dir=CSRC):
+    """sha256 over the names and bytes of every file in csrc/: what the extension was built from."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(csrc_dir)):
+        if name.endswith((".c", ".h")):
+            digest.update(name.encode() + b"\0")
+            with open(os.path.join(csrc_dir, name), "rb") as f:
+                digest.update(f.read() + b"\0")
+    return digest.hexdigest()
+
+
 with open(os.path.join(CSRC, "minqkv.h")) as _header:
     _cdef = cdef_from_header(_header.read())
 
@@ -114,10 +126,14 @@ _compile_args, _link_args, _macros = build_flags()
 
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef)
+# The sources' hash travels inside the binary, so an installed minqkv (which ships no csrc/) can
+# tell whether another machine runs the same C core (Dask workers are checked with it).
+ffibuilder.cdef("const char *minqkv_csrc_sha256(void);")
 ffibuilder.set_source(
     "minqkv._ccore",
     # the flags are written into the generated source so that changing them forces a rebuild
-    f'#include "minqkv.h"\n/* compiled with {" ".join(_compile_args)} {_macros} */',
+    f'#include "minqkv.h"\n/* compiled with {" ".join(_compile_args)} {_macros} */\n'
+    f'static const char *minqkv_csrc_sha256(void) {{ return "{csrc_sha256()}"; }}\n',
     sources=[_path("csrc", name) for name in sorted(os.listdir(CSRC)) if name.endswith(".c")],
     depends=[_path("csrc", name) for name in sorted(os.listdir(CSRC)) if name.endswith(".h")],
     include_dirs=[_path("csrc")],

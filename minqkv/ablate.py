@@ -168,7 +168,7 @@ def measure_decoding(ckpt_dir) -> dict:
 
 
 def run_sweep(preset: str, data: str, out, variants=None, seeds: int | None = None,
-              jobs: int = 1, progress: bool = True) -> list:
+              jobs: int = 1, progress: bool = True, dask=None) -> list:
     """Run (or finish) a sweep and write its tables; returns the aggregated rows."""
     if jobs <= 0:
         raise ValueError(f"--jobs must be a positive integer, got {jobs}")
@@ -188,7 +188,11 @@ def run_sweep(preset: str, data: str, out, variants=None, seeds: int | None = No
                 continue
             jobs_todo.append({**run, "seed": seed, "run_dir": str(run_dir), "data": data,
                               "model": plan["model"], "train": plan["train"]})
-    results += _execute(jobs_todo, jobs, plan["train"]["steps"], progress)
+    if dask is not None:  # a Dask scheduler's address, or 'local' (see cluster.py)
+        from .cluster import run_on_cluster
+        results += run_on_cluster(dask, jobs_todo, jobs, plan["train"]["steps"], progress)
+    else:
+        results += _execute(jobs_todo, jobs, plan["train"]["steps"], progress)
     rows = aggregate(results, plan)
     write_results(out, rows, plan)
     return rows

@@ -304,6 +304,9 @@ def _add_ablate(sub) -> None:
                    help="'study' (default), 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa'")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (default: the preset's)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
+    p.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="run each run as a task on a Dask cluster: tcp://HOST:8786, or 'local' for "
+                        "a LocalCluster of --jobs workers (needs pip install 'minqkv[dask]')")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_ablate)
@@ -313,7 +316,7 @@ def cmd_ablate(args) -> int:
     from .ablate import format_markdown, plan_sweep, run_sweep, write_plots
 
     rows = run_sweep(args.preset, args.data, args.out, args.variants, args.seeds, args.jobs,
-                     progress=not args.quiet)
+                     progress=not args.quiet, dask=args.dask)
     print(format_markdown(rows, plan_sweep(args.preset, args.data, args.variants, args.seeds)))
     print(f"tables: {args.out}/results.md, results.csv, results.json")
     if not args.no_plots:
