@@ -238,29 +238,27 @@ def run_on_cluster(address: str, jobs_todo: list, n_jobs: int, steps: int, progr
         with distributed.Client(cluster or address) as client:
             client_print = fingerprint()
             _check_workers(client, client_print)
-            tasks = [_task(job, client_print, threads, checkpoints) for job in jobs_todo]
-            return _submit_and_collect(client, tasks, steps, progress)
+            topic = f"minqkv-sweep-{uuid.uuid4().hex}"  # this sweep's progress events
+            tasks = [_task(job, client_print, threads, checkpoints, topic) for job in jobs_todo]
+            return _submit_and_collect(client, tasks, topic, steps, progress)
     finally:
         if cluster is not None:
             cluster.close()
 
 
-def _task(job: dict, client_print: dict, threads, checkpoints: bool) -> dict:
+def _task(job: dict, client_print: dict, threads, checkpoints: bool, topic: str) -> dict:
     from .data import read_text_file
 
     is_file = job["data"] != "shakespeare" and not job["data"].startswith("synthetic:")
     return {"job": {k: v for k, v in job.items() if k != "run_dir"}, "run_dir": job["run_dir"],
             "text": read_text_file(job["data"]) if is_file else None,
             "fingerprint": client_print, "threads": threads, "checkpoints": checkpoints,
-            "backend": os.environ.get("MINQKV_BACKEND"), "topic": f"minqkv-sweep-{uuid.uuid4().hex}"}
+            "backend": os.environ.get("MINQKV_BACKEND"), "topic": topic}
 
 
-def _submit_and_collect(client, tasks: list, steps: int, progress: bool) -> list:
+def _submit_and_collect(client, tasks: list, topic: str, steps: int, progress: bool) -> list:
     from tqdm import tqdm
 
-    topic = tasks[0]["topic"]
-    for task in tasks:
-        task["topic"] = topic  # one sweep, one topic
     events = queue_module.Queue()
     client.subscribe_topic(topic, lambda event: events.put(event[1]))
     bar = tqdm(total=len(tasks) * steps, disable=not progress, unit="step",

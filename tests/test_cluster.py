@@ -95,7 +95,15 @@ class DaskProcesses:
 
 @pytest.fixture
 def dask_processes(tmp_path):
+    """A cluster of its own, for tests that change or kill its workers."""
     processes = DaskProcesses(tmp_path, n_workers=2)
+    yield processes
+    processes.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_dask_processes(tmp_path_factory):
+    processes = DaskProcesses(tmp_path_factory.mktemp("dask"), n_workers=2)
     yield processes
     processes.stop()
 
@@ -111,9 +119,22 @@ def test_a_sweep_on_a_local_cluster_matches_one_local_job(local_sweep, tmp_path)
     assert (out / "runs" / "abb-seed1" / "ckpt.npz").exists()
 
 
-def test_a_sweep_on_a_scheduler_and_two_worker_processes_matches_one_local_job(local_sweep, dask_processes, tmp_path):
-    sweep(tmp_path / "dask", dask=dask_processes.address)
+def test_a_sweep_on_a_scheduler_and_two_worker_processes_matches_one_local_job(
+        local_sweep, shared_dask_processes, tmp_path):
+    sweep(tmp_path / "dask", dask=shared_dask_processes.address)
     assert_same_sweep(local_sweep, tmp_path / "dask")
+
+
+def test_rerunning_a_dask_sweep_skips_finished_runs_and_redoes_missing_ones(
+        local_sweep, shared_dask_processes, tmp_path):
+    out = tmp_path / "dask"
+    sweep(out, dask=shared_dask_processes.address)
+    kept = out / "runs" / "abc-seed0" / "result.json"
+    kept_time = kept.stat().st_mtime_ns
+    (out / "runs" / "abb-seed1" / "result.json").unlink()
+    sweep(out, dask=shared_dask_processes.address)
+    assert kept.stat().st_mtime_ns == kept_time
+    assert_same_sweep(local_sweep, out)
 
 
 def test_a_worker_running_another_minqkv_is_refused_before_any_training(dask_processes, tmp_path):
@@ -142,6 +163,17 @@ def test_killing_a_worker_mid_sweep_loses_no_run(local_sweep, dask_processes, tm
     assert finished.is_set(), "the sweep did not finish after a worker was killed"
     assert victim, "w0 was killed while it held a run"
     assert_same_sweep(local_sweep, out)
+
+
+def test_a_run_that_fails_on_its_worker_is_tried_twice_then_recorded_with_its_error(dask_processes, tmp_path):
+    with distributed.Client(dask_processes.address) as client:  # every training process now fails
+        client.run(exec, "import os; os.environ['MINQKV_NUM_THREADS'] = 'zero'")
+    out = tmp_path / "dask"
+    rows = ablate.run_sweep("tiny", DATA, out, "abc", seeds=1, progress=False, dask=dask_processes.address)
+    assert rows[0]["failed"] == 1 and "MINQKV_NUM_THREADS='zero'" in rows[0]["errors"][0]
+    result = json.loads((out / "runs" / "abc-seed0" / "result.json").read_text())
+    assert result["status"] == "failed" and result["attempts"] == 2
+    assert "MINQKV_NUM_THREADS='zero'" in (out / "results.md").read_text()
 
 
 def _wait_until_busy(client, name: str, timeout: float = 60) -> list:
