@@ -71,18 +71,22 @@ def _c_core_hash() -> str:
     return _ccore.ffi.string(_ccore.lib.minqkv_csrc_sha256()).decode()
 
 
-def _describe(print_: dict) -> str:
-    return (f"minqkv {print_['version']} (C core {print_['c_core'][:12]}, "
-            f"Python sources {print_['python'][:12]})")
+def _describe(install: dict) -> str:
+    return (f"minqkv {install['version']} (C core {install['c_core'][:12]}, "
+            f"Python sources {install['python'][:12]})")
 
 
-def check_fingerprint(client_print: dict, worker: str = "this worker") -> None:
+def _refusal(worker: str, theirs: dict, ours: dict) -> RuntimeError:
+    return RuntimeError(f"{worker} runs {_describe(theirs)} but the client runs {_describe(ours)}: "
+                        f"install the same minqkv on every worker and the client, then start the "
+                        f"workers again")
+
+
+def check_fingerprint(client_print: dict) -> None:
     """Refuse to train for a client that runs another minqkv: the results would not compare."""
     mine = fingerprint()
     if mine != client_print:
-        raise RuntimeError(f"{worker} runs {_describe(mine)} but the client runs "
-                           f"{_describe(client_print)}: install the same minqkv on every worker "
-                           f"and the client, then start the workers again")
+        raise _refusal("this worker", mine, client_print)
 
 
 def _check_workers(client, client_print: dict) -> None:
@@ -93,22 +97,34 @@ def _check_workers(client, client_print: dict) -> None:
                            f"on every worker") from None
     for address, worker_print in sorted(prints.items()):
         if worker_print != client_print:
-            raise RuntimeError(f"worker {address} runs {_describe(worker_print)} but this client "
-                               f"runs {_describe(client_print)}: install the same minqkv on every "
-                               f"worker and the client, then start the workers again")
+            raise _refusal(f"worker {address}", worker_print, client_print)
 
 
 # ---- on the worker: one run in a temporary folder ----------------------------------------------
 
 
 def run_task(task: dict) -> dict:
-    """Train one run on this worker; -> {'result': record, 'files': {relative path: bytes}}."""
+    """Train one run on this worker; -> {'result': record, 'files': {relative path: bytes}}.
+
+    Its steps reach the client's progress bar as Dask events on the sweep's own topic.
+    """
+    from distributed import get_worker
+
     check_fingerprint(task["fingerprint"])
-    report = _progress_reporter(task["topic"], f"{task['job']['variant']} seed {task['job']['seed']}")
+    worker = get_worker()
+    key = f"{task['job']['variant']} seed {task['job']['seed']}"
+    # the worker's own MINQKV_NUM_THREADS wins; a worker that joined after the sweep started
+    # shares its cores among its own threads
+    threads = (os.environ.get("MINQKV_NUM_THREADS") or task["threads"].get(worker.address)
+               or max(1, usable_cores() // worker.state.nthreads))
+
+    def report(step):
+        worker.log_event(task["topic"], [key, step])
+
     with tempfile.TemporaryDirectory(prefix="minqkv-run-") as tmp:
         run_dir = Path(tmp) / "run"
         job = {**task["job"], "run_dir": str(run_dir)}
-        result = train_in_fresh_process(job, task["text"], task["threads"], task["backend"], report)
+        result = train_in_fresh_process(job, task["text"], threads, task["backend"], report)
         return {"result": result, "files": _run_files(run_dir, task["checkpoints"])}
 
 
@@ -118,13 +134,13 @@ def train_in_fresh_process(job: dict, text, threads, backend, report=None) -> di
     A fresh process keeps each run's peak memory its own and gets its thread count from the
     environment; `text` is the corpus file's content when the job's data is a file path.
     """
-    threads = str(threads or os.environ.get("MINQKV_NUM_THREADS") or _cores_per_run())
+    threads = str(threads)
     env = {**os.environ, "MINQKV_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
            "OMP_NUM_THREADS": threads}
     if backend:
         env["MINQKV_BACKEND"] = backend
     run_dir = Path(job["run_dir"])
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / "stderr.txt", "w+") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "minqkv.cluster"], env=env, text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
@@ -140,25 +156,6 @@ def train_in_fresh_process(job: dict, text, threads, backend, report=None) -> di
             last_lines = "".join(stderr.readlines()[-5:]).strip()
             raise RuntimeError(f"the training process exited with code {code}: {last_lines}")
     return json.loads(done.read_text())
-
-
-def _cores_per_run() -> int:
-    """A worker's cores shared among the runs it trains at once (its Dask threads)."""
-    from distributed import get_worker
-
-    try:
-        slots = get_worker().state.nthreads
-    except ValueError:  # not inside a Dask worker
-        slots = 1
-    return max(1, (os.cpu_count() or 1) // slots)
-
-
-def _progress_reporter(topic: str, key: str):
-    """Steps reach the client's progress bar as Dask events on the sweep's own topic."""
-    from distributed import get_worker
-
-    worker = get_worker()
-    return lambda step: worker.log_event(topic, [key, step])
 
 
 def _run_files(run_dir: Path, checkpoints: bool) -> dict:
@@ -226,24 +223,48 @@ def run_on_cluster(address: str, jobs_todo: list, n_jobs: int, steps: int, progr
     distributed = require_distributed()
     if not jobs_todo:
         return []
-    threads = None
-    if address == "local":
-        # one run per worker, the machine's cores split between them as the local path does
-        cluster = distributed.LocalCluster(n_workers=n_jobs, threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
-        threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    else:
-        cluster = None
+    # --dask local: one run per worker process, as --jobs runs one per process
+    cluster = distributed.LocalCluster(n_workers=n_jobs, threads_per_worker=1, processes=True,
+                                       dashboard_address=None) if address == "local" else None
     try:
-        with distributed.Client(cluster or address) as client:
+        with _connect(distributed, cluster or address) as client:
             client_print = fingerprint()
             _check_workers(client, client_print)
             topic = f"minqkv-sweep-{uuid.uuid4().hex}"  # this sweep's progress events
+            threads = threads_per_run(client)
             tasks = [_task(job, client_print, threads, checkpoints, topic) for job in jobs_todo]
             return _submit_and_collect(client, tasks, topic, steps, progress)
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _connect(distributed, address):
+    try:
+        return distributed.Client(address)
+    except OSError as e:
+        raise RuntimeError(f"could not reach a Dask scheduler at {address} ({e}): start one with "
+                           f"'dask scheduler' and pass the address it prints, e.g. --dask "
+                           f"tcp://HOST:8786, or use --dask local") from None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what a batch system (Slurm, ...) gave this process
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_run(client) -> dict:
+    """{worker address: threads per run}: a machine's cores shared among all the Dask threads
+    (runs trained at once) of the workers on it, since several workers may share one machine."""
+    workers = client.scheduler_info()["workers"]
+    cores = client.run(usable_cores)
+    slots_on_host = {}
+    for worker in workers.values():
+        slots_on_host[worker["host"]] = slots_on_host.get(worker["host"], 0) + worker["nthreads"]
+    return {address: max(1, cores[address] // slots_on_host[worker["host"]])
+            for address, worker in workers.items()}
 
 
 def _task(job: dict, client_print: dict, threads, checkpoints: bool, topic: str) -> dict:

@@ -137,6 +137,13 @@ def test_rerunning_a_dask_sweep_skips_finished_runs_and_redoes_missing_ones(
     assert_same_sweep(local_sweep, out)
 
 
+def test_two_workers_on_one_machine_share_its_cores_between_their_runs(shared_dask_processes):
+    with distributed.Client(shared_dask_processes.address) as client:
+        threads = cluster.threads_per_run(client)
+    assert len(threads) == 2
+    assert set(threads.values()) == {max(1, cluster.usable_cores() // 2)}
+
+
 def test_a_worker_running_another_minqkv_is_refused_before_any_training(dask_processes, tmp_path):
     with distributed.Client(dask_processes.address) as client:
         client.run(exec, "import minqkv; minqkv.__version__ = '0.0.1'")
