@@ -13,6 +13,8 @@ start as processes to Dask's distributed scheduler instead. Workers share no fol
       result.json as each task ends           (metrics, final.json and, optionally, checkpoints)
     aggregate and write the tables as the local path does
 
+Each run trains with MINQKV_NUM_THREADS threads: the worker's own setting if its environment has
+one, else its machine's cores shared among all the Dask threads of the workers on that machine.
 A run that fails, or whose worker is lost for good, is tried once more; Dask itself already moves
 the tasks of a worker that dies to the others. Ctrl-C cancels the tasks that have not finished.
 """
@@ -232,7 +234,8 @@ def run_on_cluster(address: str, jobs_todo: list, n_jobs: int, steps: int, progr
             _check_workers(client, client_print)
             topic = f"minqkv-sweep-{uuid.uuid4().hex}"  # this sweep's progress events
             threads = threads_per_run(client)
-            tasks = [_task(job, client_print, threads, checkpoints, topic) for job in jobs_todo]
+            text = _text_to_ship(jobs_todo[0]["data"])  # a sweep trains every run on one corpus
+            tasks = [_task(job, text, client_print, threads, checkpoints, topic) for job in jobs_todo]
             return _submit_and_collect(client, tasks, topic, steps, progress)
     finally:
         if cluster is not None:
@@ -267,13 +270,16 @@ def threads_per_run(client) -> dict:
             for address, worker in workers.items()}
 
 
-def _task(job: dict, client_print: dict, threads, checkpoints: bool, topic: str) -> dict:
+def _text_to_ship(data: str):
+    """A file's text travels with each task; Shakespeare and the synthetic tasks are made on the worker."""
     from .data import read_text_file
 
-    is_file = job["data"] != "shakespeare" and not job["data"].startswith("synthetic:")
+    return None if data == "shakespeare" or data.startswith("synthetic:") else read_text_file(data)
+
+
+def _task(job: dict, text, client_print: dict, threads: dict, checkpoints: bool, topic: str) -> dict:
     return {"job": {k: v for k, v in job.items() if k != "run_dir"}, "run_dir": job["run_dir"],
-            "text": read_text_file(job["data"]) if is_file else None,
-            "fingerprint": client_print, "threads": threads, "checkpoints": checkpoints,
+            "text": text, "fingerprint": client_print, "threads": threads, "checkpoints": checkpoints,
             "backend": os.environ.get("MINQKV_BACKEND"), "topic": topic}
 
 
@@ -334,7 +340,7 @@ def _save(task: dict, result: dict, files: dict) -> dict:
     for name, content in files.items():
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(run_dir / name, content)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # a failed run may have sent no files
     write_atomically(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
 
