@@ -95,6 +95,7 @@ if header.exists():
 # printed and drawn, never asserted.
 
 # %%
+threads_before = kernels.get_num_threads()
 kernels.set_num_threads(1)
 
 
@@ -122,7 +123,7 @@ for n in sizes:
     print(f"n={n:4}: naive {1e3 * naive_s:8.2f} ms   blocked {1e3 * blocked_s:7.2f} ms   "
           f"NumPy {1e3 * numpy_s:7.2f} ms   naive/blocked = {naive_s / blocked_s:5.1f}x   "
           f"(blocked: {2 * n ** 3 / blocked_s / 1e9:.1f} GFLOP/s)")
-kernels.set_num_threads(os.cpu_count() or 1)
+kernels.set_num_threads(threads_before)
 
 # %%
 import matplotlib  # noqa: E402
@@ -184,11 +185,12 @@ assert np.allclose(kernels.softmax_c(x, causal=True), kernels.softmax_numpy(x, c
 model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32))
 ids = rng.integers(0, 20, (2, 16))
 logits_by_backend = {}
+backend_before = kernels.get_backend()  # "c", unless MINQKV_BACKEND said otherwise
 for backend in ("c", "numpy"):
     kernels.set_backend(backend)
     with no_grad():
         logits_by_backend[backend] = model(ids)[0].data
-kernels.set_backend("c")
+kernels.set_backend(backend_before)
 gap = np.abs(logits_by_backend["c"] - logits_by_backend["numpy"]).max()
 print(f"GPT logits, C core against NumPy twins: max difference {gap:.1e} (float32 rounding)")
 assert gap < 1e-4

@@ -3,8 +3,10 @@
 #
 # Run: `python tutorials/08_ablation.py` (about a minute on 2 cores). Draws `08_seeds.png`, and
 # the bench's own `curves.png`, `final.png` and `tradeoff.png` in the `ablation/` subfolder.
-# `--steps 1000 --seeds 3` trains 12 runs five times longer (about 10 minutes), which gives
-# the differences between the variants room to grow past the seed-to-seed spread.
+# `--steps 1000 --seeds 3` (12 runs, about 3 minutes) gives the differences room to grow: there
+# `abc` ends about 0.08 bits per character ahead of `abb` and 0.22 ahead of `aaa` and `---`, and
+# the paired differences are 7 to 35 times their noise, although the spread of each variant over
+# seeds (about 0.05) is not much smaller than the `abb` gap: pairing is what makes it clear.
 #
 # An **ablation** removes one part of a system, keeps everything else fixed, and measures what
 # is lost. Here the part is a projection: does the model get worse when K and V share a weight
