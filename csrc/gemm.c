@@ -55,12 +55,13 @@ static struct gemm_plan make_gemm_plan(int64_t batch, int64_t M, int64_t N, int6
     return plan;
 }
 
-/* Shapes and strides that could make the kernel read or write out of bounds are refused. */
+/* Sizes and strides that contradict each other (a negative size, a row stride shorter than a
+ * row, matrices of the batch that overlap in C) are refused. Whether the buffers really are that
+ * long C cannot know: a pointer carries no length, so minqkv/kernels.py checks the arrays. */
 static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N,
                                 int64_t K, const void *A, int64_t lda, int64_t batch_stride_a,
                                 const void *B, int64_t ldb, int64_t batch_stride_b,
-                                const void *C, int64_t ldc, int64_t batch_stride_c,
-                                const void *workspace)
+                                const void *C, int64_t ldc, int64_t batch_stride_c)
 {
     if (batch < 0 || M < 0 || N < 0 || K < 0)
         return 0;
@@ -70,16 +71,23 @@ static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t
         return 0;
     if (K == 0)
         return 1;
-    if (!A || !B || !workspace || batch_stride_a < 0 || batch_stride_b < 0)
+    if (!A || !B || batch_stride_a < 0 || batch_stride_b < 0)
         return 0;
     if (lda < (trans_a ? M : K) || ldb < (trans_b ? K : N))
         return 0;
     return 1;
 }
 
+/* gemm_template.h is compiled twice below. GEMM, GEMM_NAIVE and GEMM_WORKSPACE are the names
+ * it gives its three API functions (declared in minqkv.h); SUFFIX ends its private helpers.
+ * The template #undefs all of these at its end, ready for the next dtype. */
+
 /* float32: a 6 x 16 tile is 12 AVX2 registers (of 16) or 6 AVX-512 registers.
  * KC x NR x 4 bytes = 16 KiB of packed B per panel (L1), MC x KC x 4 = 120 KiB of packed A (L2). */
 #define REAL float
+#define GEMM minqkv_gemm_f32
+#define GEMM_NAIVE minqkv_gemm_naive_f32
+#define GEMM_WORKSPACE minqkv_gemm_workspace_f32
 #define SUFFIX f32
 #define MR 6
 #define NR 16
@@ -87,16 +95,12 @@ static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t
 #define MC 120
 #define NC 2048
 #include "gemm_template.h"
-#undef REAL
-#undef SUFFIX
-#undef MR
-#undef NR
-#undef KC
-#undef MC
-#undef NC
 
 /* float64: the same tile in bytes, 6 x 8 doubles. */
 #define REAL double
+#define GEMM minqkv_gemm_f64
+#define GEMM_NAIVE minqkv_gemm_naive_f64
+#define GEMM_WORKSPACE minqkv_gemm_workspace_f64
 #define SUFFIX f64
 #define MR 6
 #define NR 8
@@ -104,10 +108,3 @@ static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t
 #define MC 120
 #define NC 1024
 #include "gemm_template.h"
-#undef REAL
-#undef SUFFIX
-#undef MR
-#undef NR
-#undef KC
-#undef MC
-#undef NC

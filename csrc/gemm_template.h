@@ -1,13 +1,50 @@
-/* gemm_template.h: the GEMM of gemm.c, written once for an element type.
+/* gemm_template.h: the GEMMs of gemm.c, written once for an element type.
  *
  * Not a header of the API. gemm.c includes this file twice, after defining
  *   REAL      the element type (float or double)
- *   SUFFIX    f32 or f64, appended to every name defined here
+ *   GEMM, GEMM_NAIVE, GEMM_WORKSPACE   the API names of the three functions defined here,
+ *             e.g. minqkv_gemm_f32, minqkv_gemm_naive_f32, minqkv_gemm_workspace_f32
+ *   SUFFIX    f32 or f64, appended to the name of every private helper defined here
  *   MR, NR    the register tile: the micro-kernel keeps an MR x NR block of C in registers
  *   KC, MC, NC  the cache blocks (see gemm.c for why these sizes)
+ * and #undefs them all at its end.
+ *
+ * First the naive GEMM, the definition written as loops; then the fast one, which computes the
+ * same sums in another order.
  */
 
 #define NAME(x) PASTE(x, SUFFIX)
+
+/* Naive GEMM, one batch matrix at a time: C (M, N) = op(A) (M, K) @ op(B) (K, N).
+ *
+ * Loop order z, i, j, p: each element of C is one dot product, a row of op(A) with a column of
+ * op(B), summed in a register and written once. The p loop walks a column of B (stride ldb) when
+ * B is not transposed, which is why this is slow: every step is a new cache line. */
+int GEMM_NAIVE(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
+               const REAL *A, int64_t lda, int64_t batch_stride_a,
+               const REAL *B, int64_t ldb, int64_t batch_stride_b,
+               REAL *C, int64_t ldc, int64_t batch_stride_c)
+{
+    if (!gemm_arguments_valid(trans_a, trans_b, batch, M, N, K, A, lda, batch_stride_a,
+                              B, ldb, batch_stride_b, C, ldc, batch_stride_c))
+        return MINQKV_BAD_ARGUMENT;
+    for (int64_t z = 0; z < batch; z++) {
+        const REAL *Az = A + z * batch_stride_a, *Bz = B + z * batch_stride_b;
+        REAL *Cz = C + z * batch_stride_c;
+        for (int64_t i = 0; i < M; i++) {
+            for (int64_t j = 0; j < N; j++) {
+                REAL sum = 0;
+                for (int64_t p = 0; p < K; p++) {
+                    REAL a_ip = trans_a ? Az[p * lda + i] : Az[i * lda + p]; /* op(A)[i][p] */
+                    REAL b_pj = trans_b ? Bz[j * ldb + p] : Bz[p * ldb + j]; /* op(B)[p][j] */
+                    sum += a_ip * b_pj;
+                }
+                Cz[i * ldc + j] = sum;
+            }
+        }
+    }
+    return MINQKV_OK;
+}
 
 /* Pack an (mc, kc) block of op(A) into panels of MR rows. Inside a panel the MR values of
  * one column p sit next to each other, in the order the micro-kernel reads them:
@@ -136,7 +173,7 @@ static int64_t NAME(workspace_per_thread)(int64_t M, int64_t N, int64_t K)
     return round_up(packed, 64 / (int64_t)sizeof(REAL));
 }
 
-int64_t NAME(minqkv_gemm_workspace)(int64_t batch, int64_t M, int64_t N, int64_t K, int num_threads)
+int64_t GEMM_WORKSPACE(int64_t batch, int64_t M, int64_t N, int64_t K, int num_threads)
 {
     if (batch < 0 || M < 0 || N < 0 || K < 0)
         return 0;
@@ -169,17 +206,20 @@ static void NAME(gemm_unit)(int64_t unit, struct gemm_plan plan, int trans_a, in
                      C_piece, ldc, workspace);
 }
 
-int NAME(minqkv_gemm)(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
-                      const REAL *A, int64_t lda, int64_t batch_stride_a,
-                      const REAL *B, int64_t ldb, int64_t batch_stride_b,
-                      REAL *C, int64_t ldc, int64_t batch_stride_c,
-                      REAL *workspace, int num_threads)
+int GEMM(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
+         const REAL *A, int64_t lda, int64_t batch_stride_a,
+         const REAL *B, int64_t ldb, int64_t batch_stride_b,
+         REAL *C, int64_t ldc, int64_t batch_stride_c,
+         REAL *workspace, int64_t workspace_size, int num_threads)
 {
     if (!gemm_arguments_valid(trans_a, trans_b, batch, M, N, K, A, lda, batch_stride_a,
-                              B, ldb, batch_stride_b, C, ldc, batch_stride_c, workspace))
+                              B, ldb, batch_stride_b, C, ldc, batch_stride_c))
         return MINQKV_BAD_ARGUMENT;
     if (batch == 0 || M == 0 || N == 0)
         return MINQKV_OK;
+    /* each thread packs into its own slice: a workspace sized for fewer threads would overlap */
+    if (K > 0 && (!workspace || workspace_size < GEMM_WORKSPACE(batch, M, N, K, num_threads)))
+        return MINQKV_BAD_ARGUMENT;
     if (K == 0) { /* an empty sum: C is zero */
         for (int64_t z = 0; z < batch; z++)
             for (int64_t i = 0; i < M; i++)
@@ -208,3 +248,13 @@ int NAME(minqkv_gemm)(int trans_a, int trans_b, int64_t batch, int64_t M, int64_
 }
 
 #undef NAME
+#undef REAL
+#undef GEMM
+#undef GEMM_NAIVE
+#undef GEMM_WORKSPACE
+#undef SUFFIX
+#undef MR
+#undef NR
+#undef KC
+#undef MC
+#undef NC

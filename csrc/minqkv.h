@@ -1,10 +1,11 @@
 /* minqkv.h: the whole C API of minqkv's core.
  *
  * Every kernel works on raw row-major arrays described by a pointer, sizes and strides
- * (strides count elements, not bytes). Kernels never allocate, never call Python, keep no
- * global state and validate their sizes: an inconsistent call returns MINQKV_BAD_ARGUMENT
- * without touching memory. minqkv/kernels.py checks everything again, with readable errors,
- * before it calls here.
+ * (strides count elements, not bytes). Kernels never allocate, never call Python and keep no
+ * global state, so several threads may call them at once on different arrays. They check that
+ * sizes and strides agree with each other (an inconsistent call returns MINQKV_BAD_ARGUMENT
+ * without touching memory), but C cannot know how long a buffer really is: minqkv/kernels.py
+ * checks the arrays themselves, with readable errors, before it calls here.
  *
  * num_threads: how many OpenMP threads a kernel may use (1 = serial). Small problems run
  * serially whatever is asked, because starting threads would cost more than it saves.
@@ -28,8 +29,9 @@
  * row stride (at least the stored width), batch_stride_x the distance between matrices
  * (0 is allowed for A and B: one matrix shared by the whole batch).
  *
- * workspace: scratch for the packed blocks, at least minqkv_gemm_workspace_f32(...) floats
- * (resp. _f64 doubles) for the same sizes and num_threads. Any alignment.
+ * workspace: scratch for the packed blocks, workspace_size floats (resp. doubles), any alignment.
+ * It must hold at least minqkv_gemm_workspace_f32(...) (resp. _f64) for the same sizes and the
+ * same num_threads; a smaller one is refused, since each thread packs into its own slice of it.
  * Returns MINQKV_OK or MINQKV_BAD_ARGUMENT.
  */
 int64_t minqkv_gemm_workspace_f32(int64_t batch, int64_t M, int64_t N, int64_t K, int num_threads);
@@ -39,12 +41,28 @@ int minqkv_gemm_f32(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t 
                     const float *A, int64_t lda, int64_t batch_stride_a,
                     const float *B, int64_t ldb, int64_t batch_stride_b,
                     float *C, int64_t ldc, int64_t batch_stride_c,
-                    float *workspace, int num_threads);
+                    float *workspace, int64_t workspace_size, int num_threads);
 int minqkv_gemm_f64(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
                     const double *A, int64_t lda, int64_t batch_stride_a,
                     const double *B, int64_t ldb, int64_t batch_stride_b,
                     double *C, int64_t ldc, int64_t batch_stride_c,
-                    double *workspace, int num_threads);
+                    double *workspace, int64_t workspace_size, int num_threads);
+
+/* ---- Naive GEMM: the same product as minqkv_gemm, written as three plain loops ----
+ *
+ * Same arguments and result as minqkv_gemm_f32/_f64 above, without workspace or threads:
+ *   C[z][i][j] = sum over p of op(A[z])[i][p] * op(B[z])[p][j]     (M, N) = (M, K) @ (K, N)
+ * The readable reference for the fast kernel (same numbers up to rounding, far slower).
+ * Returns MINQKV_OK or MINQKV_BAD_ARGUMENT.
+ */
+int minqkv_gemm_naive_f32(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
+                          const float *A, int64_t lda, int64_t batch_stride_a,
+                          const float *B, int64_t ldb, int64_t batch_stride_b,
+                          float *C, int64_t ldc, int64_t batch_stride_c);
+int minqkv_gemm_naive_f64(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
+                          const double *A, int64_t lda, int64_t batch_stride_a,
+                          const double *B, int64_t ldb, int64_t batch_stride_b,
+                          double *C, int64_t ldc, int64_t batch_stride_c);
 
 /* ---- Softmax over the last axis ----
  *

@@ -64,18 +64,20 @@ static ALWAYS_INLINE double exp_f64(double t)
     return t < -708.0 ? 0.0 : p * scale;
 }
 
+/* softmax_template.h is compiled twice below. SOFTMAX and SOFTMAX_BACKWARD are the names it
+ * gives its two API functions (declared in minqkv.h); SUFFIX ends its private helpers. The
+ * template #undefs all of these at its end, ready for the next dtype. */
+
 #define REAL float
+#define SOFTMAX minqkv_softmax_f32
+#define SOFTMAX_BACKWARD minqkv_softmax_backward_f32
 #define SUFFIX f32
 #define EXP exp_f32
 #include "softmax_template.h"
-#undef REAL
-#undef SUFFIX
-#undef EXP
 
 #define REAL double
+#define SOFTMAX minqkv_softmax_f64
+#define SOFTMAX_BACKWARD minqkv_softmax_backward_f64
 #define SUFFIX f64
 #define EXP exp_f64
 #include "softmax_template.h"
-#undef REAL
-#undef SUFFIX
-#undef EXP

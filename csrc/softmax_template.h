@@ -2,8 +2,11 @@
  *
  * Not a header of the API. softmax.c includes this file twice, after defining
  *   REAL     the element type (float or double)
- *   SUFFIX   f32 or f64, appended to every name defined here
+ *   SOFTMAX, SOFTMAX_BACKWARD   the API names of the two functions defined here,
+ *            e.g. minqkv_softmax_f32 and minqkv_softmax_backward_f32
+ *   SUFFIX   f32 or f64, appended to the name of every private helper defined here
  *   EXP      the vectorisable e^t for t <= 0 of that type
+ * and #undefs them all at its end.
  */
 
 #define NAME(x) PASTE(x, SUFFIX)
@@ -58,8 +61,8 @@ static HOT_KERNEL void NAME(softmax_rows)(const REAL *x, REAL *y, int64_t row_be
     }
 }
 
-int NAME(minqkv_softmax)(const REAL *x, REAL *y, int64_t batch, int64_t Tq, int64_t Tk,
-                         int causal, int num_threads)
+int SOFTMAX(const REAL *x, REAL *y, int64_t batch, int64_t Tq, int64_t Tk, int causal,
+            int num_threads)
 {
     if (batch < 0 || Tq < 0 || Tk < 0)
         return MINQKV_BAD_ARGUMENT;
@@ -102,8 +105,7 @@ static HOT_KERNEL void NAME(softmax_backward_rows)(const REAL *y, const REAL *dy
     }
 }
 
-int NAME(minqkv_softmax_backward)(const REAL *y, const REAL *dy, REAL *dx, int64_t rows, int64_t n,
-                                  int num_threads)
+int SOFTMAX_BACKWARD(const REAL *y, const REAL *dy, REAL *dx, int64_t rows, int64_t n, int num_threads)
 {
     if (rows < 0 || n < 0)
         return MINQKV_BAD_ARGUMENT;
@@ -128,3 +130,8 @@ int NAME(minqkv_softmax_backward)(const REAL *y, const REAL *dy, REAL *dx, int64
 }
 
 #undef NAME
+#undef REAL
+#undef SOFTMAX
+#undef SOFTMAX_BACKWARD
+#undef SUFFIX
+#undef EXP

@@ -14,6 +14,14 @@ when the module loads (see csrc/internal.h). Build-time environment variables:
   MINQKV_NATIVE=1   also pass -march=native: fastest here, but the result may crash with
                     "illegal instruction" on an older CPU, so never for wheels you share.
   MINQKV_OPENMP=0   build without OpenMP: every kernel runs on one thread.
+  MINQKV_SANITIZE=1 a debugging build with AddressSanitizer and UndefinedBehaviorSanitizer
+                    (-O1 -g): an out-of-bounds access, a use after free or undefined behaviour
+                    in the C core stops the process with a report. Python itself is not built
+                    with ASan, so the runtime must be loaded first and CPython's deliberate
+                    leaks ignored:
+                      LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+                      ASAN_OPTIONS=detect_leaks=0 python -m pytest -q tests/test_kernels.py
+                    (.ci/run does this on a copy of the checkout).
 
 With OpenMP, kernels use MINQKV_NUM_THREADS threads at run time (default: every core this
 process may use). OpenMP's thread pool does not survive fork(): code that runs kernels in
@@ -90,6 +98,12 @@ def build_flags():
     if os.environ.get("MINQKV_NATIVE") == "1":
         compile_args.append("-march=native")
         macros.append(("MINQKV_NATIVE", "1"))
+    if os.environ.get("MINQKV_SANITIZE") == "1":
+        # -O1 keeps the reports' line numbers honest; any undefined behaviour aborts at once
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        compile_args = [arg for arg in compile_args if arg != "-O3"]
+        compile_args += ["-O1", "-g", "-fno-omit-frame-pointer"] + sanitize
+        link_args += sanitize
     return compile_args, link_args, macros
 
 

@@ -15,13 +15,19 @@ and the result is always a new C-contiguous array allocated here, by NumPy.
 If the extension minqkv._ccore was not built (no C compiler at install time), everything runs
 on the NumPy twins and a warning says so once.
 
+matmul_naive_c is a third GEMM: the C core's plain three-loop version (csrc/gemm_template.h),
+the readable reference for the fast one. Same numbers up to rounding, much slower; nothing
+calls it but tests and lessons.
+
 Threads: the C kernels use MINQKV_NUM_THREADS threads (default: every core this process may
-use); change it with set_num_threads(n). The OpenMP thread pool does not survive fork(), so a
-fork()ed child runs the kernels on one thread; workers that should use threads are started
-with multiprocessing's 'spawn' method, and processes that run side by side are best given
-MINQKV_NUM_THREADS=1 each.
+use, at most MAX_NUM_THREADS); change it with set_num_threads(n). Each call reads the count
+once, so Python threads may run kernels while another one changes it. The OpenMP thread pool
+does not survive fork(), so a fork()ed child runs the kernels on one thread; workers that should
+use threads are started with multiprocessing's 'spawn' method, and processes that run side by
+side are best given MINQKV_NUM_THREADS=1 each.
 """
 
+import collections
 import os
 import sys
 import warnings
@@ -49,6 +55,7 @@ BACKENDS = ("c", "numpy")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT32, _FLOAT64 = FLOAT_DTYPES
 _MAX_ELEMENTS = np.iinfo(np.int64).max // 16  # so that byte offsets in C cannot overflow
+MAX_NUM_THREADS = 1024  # larger requests are capped: far beyond any useful count, and a C int
 
 _BUILD_HINT = "build it with `pip install -e .` in the minqkv checkout (this needs a C compiler)"
 
@@ -76,15 +83,19 @@ def _initial_backend():
 
 
 def _initial_num_threads():
-    value = os.environ.get("MINQKV_NUM_THREADS", "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"MINQKV_NUM_THREADS={value!r} is not a thread count: use a whole number >= 1")
-        return int(value)
+    """MINQKV_NUM_THREADS, checked when minqkv is imported, or every core this process may use."""
+    text = os.environ.get("MINQKV_NUM_THREADS", "").strip()
+    if text:
+        # isascii: str.isdigit also accepts digits like '²' that int() refuses
+        if not (text.isascii() and text.isdigit()) or int(text) < 1:
+            raise ValueError(f"MINQKV_NUM_THREADS={text!r} is not a thread count: use a whole number "
+                             f">= 1, e.g. MINQKV_NUM_THREADS=4 (counts above {MAX_NUM_THREADS} are capped)")
+        return min(int(text), MAX_NUM_THREADS)
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return min(cores, MAX_NUM_THREADS)
 
 
 _backend = _initial_backend()
@@ -118,11 +129,12 @@ def get_backend():
 
 
 def set_num_threads(n):
-    """How many threads each C kernel may use (small problems use one whatever this says)."""
+    """How many threads each C kernel may use (small problems use one whatever this says);
+    counts above MAX_NUM_THREADS are capped."""
     global _num_threads
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"set_num_threads: n must be a whole number >= 1, got {n!r}")
-    _num_threads = int(min(n, 1024))
+    _num_threads = int(min(n, MAX_NUM_THREADS))
 
 
 def get_num_threads():
@@ -148,26 +160,26 @@ def _check_same_dtype(op, name_a, a, name_b, b):
                         f"the same dtype (minqkv never casts silently), convert one with .astype()")
 
 
-def _matmul_sizes(a, b, trans_a, trans_b):
-    """Check matmul's arguments; return (batch or None, M, N, K)."""
-    _check_float_array("matmul", "a", a)
-    _check_float_array("matmul", "b", b)
-    _check_same_dtype("matmul", "a", a, "b", b)
+def _matmul_sizes(a, b, trans_a, trans_b, op="matmul"):
+    """Check the arguments of matmul (or of op, a variant of it); return (batch or None, M, N, K)."""
+    _check_float_array(op, "a", a)
+    _check_float_array(op, "b", b)
+    _check_same_dtype(op, "a", a, "b", b)
     if not ((a.ndim == 2 and b.ndim == 2) or (a.ndim == 3 and b.ndim == 3)):
-        raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}; they must be both "
+        raise ValueError(f"{op}: a has shape {a.shape} and b has shape {b.shape}; they must be both "
                          "2-D, (M, K) @ (K, N), or both 3-D, (batch, M, K) @ (batch, K, N)")
     if a.ndim == 3 and a.shape[0] != b.shape[0]:
-        raise ValueError(f"matmul: a has shape {a.shape} but b has shape {b.shape}; batch sizes "
+        raise ValueError(f"{op}: a has shape {a.shape} but b has shape {b.shape}; batch sizes "
                          f"{a.shape[0]} and {b.shape[0]} must match")
     M, K = (a.shape[-1], a.shape[-2]) if trans_a else (a.shape[-2], a.shape[-1])
     K_b, N = (b.shape[-1], b.shape[-2]) if trans_b else (b.shape[-2], b.shape[-1])
     if K != K_b:
         flags = "".join(f", {flag}=True" for flag, on in (("trans_a", trans_a), ("trans_b", trans_b)) if on)
-        raise ValueError(f"matmul: a has shape {a.shape} but b has shape {b.shape}{flags}; "
+        raise ValueError(f"{op}: a has shape {a.shape} but b has shape {b.shape}{flags}; "
                          f"inner dimensions {K} and {K_b} must match")
     batch = a.shape[0] if a.ndim == 3 else None
     if (batch or 1) * M * N > _MAX_ELEMENTS:
-        raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}; the product would "
+        raise ValueError(f"{op}: a has shape {a.shape} and b has shape {b.shape}; the product would "
                          f"have {(batch or 1) * M * N} elements, more than minqkv can address")
     return batch, M, N, K
 
@@ -229,20 +241,29 @@ def softmax_backward_numpy(y, dy):
 # ---- the C core ---------------------------------------------------------------------------
 
 
-def _require_c(op):
+def _require_c(op, twin=None):
     if not HAVE_C:
         raise RuntimeError(f"{op}_c: the C core is not available (minqkv._ccore could not be imported: "
-                           f"{_IMPORT_ERROR}). To get it, {_BUILD_HINT}; or use {op}_numpy.")
+                           f"{_IMPORT_ERROR}). To get it, {_BUILD_HINT}; or use {twin or op + '_numpy'}.")
 
 
-def _c_functions(dtype):
-    """(C element type, gemm, gemm workspace size, softmax, softmax backward) for a checked
-    float dtype: 'f' is float32, 'd' float64."""
+# The C functions of one dtype, and ctype, the cffi array type of its elements.
+_CKernels = collections.namedtuple("_CKernels", "ctype gemm gemm_workspace gemm_naive softmax softmax_backward")
+
+
+def _c_kernels(dtype):
+    """The C functions for a checked float dtype: 'f' is float32, 'd' float64."""
     if dtype.char == "f":
-        return ("float[]", _lib.minqkv_gemm_f32, _lib.minqkv_gemm_workspace_f32,
-                _lib.minqkv_softmax_f32, _lib.minqkv_softmax_backward_f32)
-    return ("double[]", _lib.minqkv_gemm_f64, _lib.minqkv_gemm_workspace_f64,
-            _lib.minqkv_softmax_f64, _lib.minqkv_softmax_backward_f64)
+        return _CKernels("float[]", _lib.minqkv_gemm_f32, _lib.minqkv_gemm_workspace_f32, _lib.minqkv_gemm_naive_f32,
+                         _lib.minqkv_softmax_f32, _lib.minqkv_softmax_backward_f32)
+    return _CKernels("double[]", _lib.minqkv_gemm_f64, _lib.minqkv_gemm_workspace_f64, _lib.minqkv_gemm_naive_f64,
+                     _lib.minqkv_softmax_f64, _lib.minqkv_softmax_backward_f64)
+
+
+def _check_status(op, status):
+    if status != _lib.MINQKV_OK:
+        raise RuntimeError(f"{op}: the C core refused its arguments (status {status}); "
+                           "this is a bug in minqkv/kernels.py")
 
 
 def _contiguous(x):
@@ -274,11 +295,11 @@ def _matrix_operand(x, trans):
     return np.array(x, order="C", copy=True), trans, x.shape[1] * x.shape[2]
 
 
-def matmul_c(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b) on the C core; same contract as matmul."""
-    _require_c("matmul")
+def _gemm_c(op, a, b, trans_a, trans_b, naive):
+    """The body of matmul_c and matmul_naive_c: check, hand the operands over, call C."""
+    _require_c(op, twin="matmul_numpy")
     trans_a, trans_b = bool(trans_a), bool(trans_b)
-    batch, M, N, K = _matmul_sizes(a, b, trans_a, trans_b)
+    batch, M, N, K = _matmul_sizes(a, b, trans_a, trans_b, op)
     stacked = batch is not None
     batch = batch if stacked else 1
     out = np.empty((batch, M, N) if stacked else (M, N), a.dtype)
@@ -289,18 +310,33 @@ def matmul_c(a, b, trans_a=False, trans_b=False):
         return out
     a3, trans_a, stride_a = _matrix_operand(a if stacked else a[None], trans_a)
     b3, trans_b, stride_b = _matrix_operand(b if stacked else b[None], trans_b)
-    ctype, gemm, workspace_size, _, _ = _c_functions(a.dtype)
-    workspace = np.empty(workspace_size(batch, M, N, K, _num_threads), a.dtype)
+    c = _c_kernels(a.dtype)
     pointer = _ffi.from_buffer  # a C view of an array's memory, valid while the array lives
-    status = gemm(trans_a, trans_b, batch, M, N, K,
-                  pointer(ctype, a3), a3.shape[2], stride_a,
-                  pointer(ctype, b3), b3.shape[2], stride_b,
-                  pointer(ctype, out), N, M * N,
-                  pointer(ctype, workspace), _num_threads)
-    if status != _lib.MINQKV_OK:
-        raise RuntimeError(f"matmul: the C core refused its arguments (status {status}); "
-                           "this is a bug in minqkv/kernels.py")
+    operands = (trans_a, trans_b, batch, M, N, K,
+                pointer(c.ctype, a3), a3.shape[2], stride_a,
+                pointer(c.ctype, b3), b3.shape[2], stride_b,
+                pointer(c.ctype, out), N, M * N)
+    if naive:
+        status = c.gemm_naive(*operands)
+    else:
+        # read once: the workspace must be sized for the very count C is given, even if
+        # another Python thread calls set_num_threads meanwhile
+        num_threads = _num_threads
+        workspace = np.empty(c.gemm_workspace(batch, M, N, K, num_threads), a.dtype)
+        status = c.gemm(*operands, pointer(c.ctype, workspace), workspace.size, num_threads)
+    _check_status(op, status)
     return out
+
+
+def matmul_c(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) on the C core's fast GEMM; same contract as matmul."""
+    return _gemm_c("matmul", a, b, trans_a, trans_b, naive=False)
+
+
+def matmul_naive_c(a, b, trans_a=False, trans_b=False):
+    """op(a) @ op(b) on the C core's naive three-loop GEMM, the readable reference for the fast
+    one (minqkv_gemm_naive_f32/_f64); same contract as matmul, on one thread, slow."""
+    return _gemm_c("matmul_naive", a, b, trans_a, trans_b, naive=True)
 
 
 def softmax_c(x, causal=False):
@@ -314,12 +350,10 @@ def softmax_c(x, causal=False):
     Tk = x.shape[-1]
     Tq = x.shape[-2] if causal else 1
     batch = x.size // (Tq * Tk)
-    ctype, _, _, kernel, _ = _c_functions(x.dtype)
-    status = kernel(_ffi.from_buffer(ctype, x), _ffi.from_buffer(ctype, out), batch, Tq, Tk,
-                    bool(causal), _num_threads)
-    if status != _lib.MINQKV_OK:
-        raise RuntimeError(f"softmax: the C core refused its arguments (status {status}); "
-                           "this is a bug in minqkv/kernels.py")
+    c = _c_kernels(x.dtype)
+    status = c.softmax(_ffi.from_buffer(c.ctype, x), _ffi.from_buffer(c.ctype, out), batch, Tq, Tk,
+                       bool(causal), _num_threads)
+    _check_status("softmax", status)
     return out
 
 
@@ -332,12 +366,10 @@ def softmax_backward_c(y, dy):
         return dx
     y, dy = _contiguous(y), _contiguous(dy)
     n = y.shape[-1]
-    ctype, _, _, _, kernel = _c_functions(y.dtype)
-    status = kernel(_ffi.from_buffer(ctype, y), _ffi.from_buffer(ctype, dy), _ffi.from_buffer(ctype, dx),
-                    y.size // n, n, _num_threads)
-    if status != _lib.MINQKV_OK:
-        raise RuntimeError(f"softmax_backward: the C core refused its arguments (status {status}); "
-                           "this is a bug in minqkv/kernels.py")
+    c = _c_kernels(y.dtype)
+    status = c.softmax_backward(_ffi.from_buffer(c.ctype, y), _ffi.from_buffer(c.ctype, dy),
+                                _ffi.from_buffer(c.ctype, dx), y.size // n, n, _num_threads)
+    _check_status("softmax_backward", status)
     return dx
 
 

@@ -1,8 +1,10 @@
 """minqkv.kernels: the C core against its NumPy twins, the softmax contract, and the errors.
 
-Tests marked `needs_c` compare the C kernels with the NumPy twins and are skipped when the
-extension is not built. The behaviour tests run on every available backend, so the file also
-passes with MINQKV_BACKEND=numpy and without a compiler.
+Tests marked `needs_c` compare the C kernels with the NumPy twins, calling both by name
+(matmul_c against matmul_numpy), and are skipped when the extension is not built. The behaviour
+tests run on every available backend (conftest's `backend` fixture) and check values worked out
+independently of the code, so the file also passes with MINQKV_BACKEND=numpy and without a
+compiler. The threads test is in test_kernels_threads.py.
 """
 
 import os
@@ -18,19 +20,11 @@ from minqkv import kernels
 
 needs_c = pytest.mark.skipif(not kernels.HAVE_C,
                              reason="the C extension minqkv._ccore is not built (pip install -e .)")
-BACKENDS = [pytest.param("c", marks=needs_c), "numpy"]
 DTYPES = [np.float32, np.float64]
+# NaN and inf inputs are part of the property tests: NumPy's warnings about them are expected
+SPECIAL_VALUES_WARN = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 THOROUGH = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    """Run the test on one backend, then restore the one that was active."""
-    before = kernels.get_backend()
-    kernels.set_backend(request.param)
-    yield request.param
-    kernels.set_backend(before)
 
 
 @pytest.fixture
@@ -74,11 +68,39 @@ def in_layout(x, layout):
     raise AssertionError(layout)
 
 
+def with_specials(x, special, rng):
+    """x with a few entries set to `special` (None, nan, inf or -inf) at random places."""
+    if special is None or x.size == 0:
+        return x
+    x = x.copy()
+    x.flat[rng.integers(0, x.size, size=max(1, x.size // 50))] = special
+    return x
+
+
 def gemm_error_bound(a, b, K):
     """Each entry of a float GEMM is within 2 K eps (|op(a)| @ |op(b)|) of the exact product,
-    for any summation order; two implementations are within twice that of each other."""
+    for any summation order; two implementations are within twice that of each other.
+    (Entries that NaN or inf reach are not finite and are compared apart; they count as 0 here.)"""
     eps = np.finfo(a.dtype).eps
-    return 4 * max(K, 1) * eps * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)) + 1e-30
+    magnitude_a = np.nan_to_num(np.abs(a).astype(np.float64), nan=0, posinf=0)
+    magnitude_b = np.nan_to_num(np.abs(b).astype(np.float64), nan=0, posinf=0)
+    return 4 * max(K, 1) * eps * (magnitude_a @ magnitude_b) + 1e-30
+
+
+def assert_same_product(got, want, op_a, op_b):
+    """got and want agree: NaN and infinities in the same places, the rest within the bound."""
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.where(np.isinf(want), want, 0), np.where(np.isinf(got), got, 0))
+    finite = np.isfinite(want)
+    bound = gemm_error_bound(op_a, op_b, op_a.shape[-1])
+    assert np.all(np.abs(got.astype(np.float64) - want)[finite] <= bound[finite])
+
+
+def _run_python(code, **environment):
+    """Run code in a fresh interpreter that imports this minqkv; return the finished process."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
+    env = dict(os.environ, **environment)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=package_root)
 
 
 # ---- matmul -------------------------------------------------------------------------------
@@ -102,29 +124,48 @@ def matmul_cases(draw):
 
     def operand(shape):
         layout = draw(st.sampled_from(layouts))
+        special = draw(st.sampled_from([None] * 4 + [np.nan, np.inf, -np.inf]))
         if layout == "broadcast":
-            matrix = in_layout(rng.standard_normal(shape).astype(dtype), draw(st.sampled_from(layouts[:2])))
-            return np.broadcast_to(matrix, lead + shape)
-        return in_layout(rng.standard_normal(lead + shape).astype(dtype), layout)
+            matrix = with_specials(rng.standard_normal(shape).astype(dtype), special, rng)
+            return np.broadcast_to(in_layout(matrix, draw(st.sampled_from(layouts[:2]))), lead + shape)
+        return in_layout(with_specials(rng.standard_normal(lead + shape).astype(dtype), special, rng), layout)
 
     a = operand((K, M) if trans_a else (M, K))
     b = operand((N, K) if trans_b else (K, N))
     return a, b, trans_a, trans_b
 
 
+@SPECIAL_VALUES_WARN
 @needs_c
+@pytest.mark.parametrize("matmul_c", [kernels.matmul_c, kernels.matmul_naive_c], ids=["blocked", "naive"])
 @THOROUGH
-@given(matmul_cases())
-def test_matmul_c_matches_numpy_twin(case):
+@given(case=matmul_cases())
+def test_matmul_c_matches_numpy_twin(matmul_c, case):
     a, b, trans_a, trans_b = case
-    got = kernels.matmul_c(a, b, trans_a, trans_b)
+    got = matmul_c(a, b, trans_a, trans_b)
     want = kernels.matmul_numpy(a, b, trans_a, trans_b)
     assert got.shape == want.shape and got.dtype == a.dtype
     assert got.flags.c_contiguous
     op_a = np.swapaxes(a, -1, -2) if trans_a else a
     op_b = np.swapaxes(b, -1, -2) if trans_b else b
-    K = op_a.shape[-1]
-    assert np.all(np.abs(got.astype(np.float64) - want) <= gemm_error_bound(op_a, op_b, K))
+    assert_same_product(got, want, op_a, op_b)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_naive_and_blocked_gemm_compute_the_same_product(dtype, trans_a, trans_b):
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((2, 300, 130) if trans_a else (2, 130, 300)).astype(dtype)  # K = 300 > KC
+    b = rng.standard_normal((2, 70, 300) if trans_b else (2, 300, 70)).astype(dtype)
+    naive = kernels.matmul_naive_c(a, b, trans_a, trans_b)
+    blocked = kernels.matmul_c(a, b, trans_a, trans_b)
+    op_a = np.swapaxes(a, -1, -2) if trans_a else a
+    op_b = np.swapaxes(b, -1, -2) if trans_b else b
+    assert naive.shape == blocked.shape == (2, 130, 70)
+    bound = gemm_error_bound(op_a, op_b, 300)
+    assert np.all(np.abs(naive.astype(np.float64) - blocked) <= bound)
+    assert np.all(np.abs(naive.astype(np.float64) - op_a.astype(np.float64) @ op_b) <= bound)
 
 
 @needs_c
@@ -146,6 +187,24 @@ def test_matmul_c_gives_the_same_bits_on_any_thread_count(dtype, batch, M, K, N,
         results.append(kernels.matmul_c(a, b))
     assert all(np.array_equal(results[0], r) for r in results[1:])
     assert np.all(np.abs(results[0] - a @ b) <= gemm_error_bound(a, b, K))
+
+
+@needs_c
+def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
+    from minqkv._ccore import ffi, lib
+
+    a = np.ones((330, 330), np.float32)  # big enough to be shared by threads
+    out = np.zeros_like(a)
+    size_for_one = lib.minqkv_gemm_workspace_f32(1, 330, 330, 330, 1)
+    assert size_for_one < lib.minqkv_gemm_workspace_f32(1, 330, 330, 330, 2)  # a slice per thread
+    workspace = np.empty(size_for_one, np.float32)
+    pointer = lambda x: ffi.from_buffer("float[]", x)  # noqa: E731
+    arguments = (0, 0, 1, 330, 330, 330, pointer(a), 330, 0, pointer(a), 330, 0, pointer(out), 330, 0,
+                 pointer(workspace), workspace.size)
+    assert lib.minqkv_gemm_f32(*arguments, 2) == lib.MINQKV_BAD_ARGUMENT
+    assert np.all(out == 0)  # refused before touching memory
+    assert lib.minqkv_gemm_f32(*arguments, 1) == lib.MINQKV_OK
+    np.testing.assert_array_equal(out, 330)
 
 
 @needs_c
@@ -201,8 +260,9 @@ def softmax_cases(draw):
     scale = draw(st.sampled_from([1.0, 30.0, 1e4]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = (scale * rng.standard_normal(shape)).astype(dtype)
-    layout = draw(st.sampled_from(["contiguous", "transposed", "misaligned"]))
-    if layout == "transposed" and ndim < 2:
+    x = with_specials(x, draw(st.sampled_from([None] * 4 + [np.nan, np.inf, -np.inf])), rng)
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided", "misaligned", "reversed", "readonly"]))
+    if layout in ("transposed", "reversed") and ndim < 2:
         layout = "contiguous"
     return in_layout(x, layout), causal
 
@@ -210,6 +270,7 @@ def softmax_cases(draw):
 TOLERANCE = {np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6), np.dtype(np.float64): dict(rtol=1e-12, atol=1e-14)}
 
 
+@SPECIAL_VALUES_WARN
 @needs_c
 @FAST
 @given(softmax_cases())
@@ -221,13 +282,15 @@ def test_softmax_c_matches_numpy_twin(case):
     np.testing.assert_allclose(got, want, **TOLERANCE[x.dtype])
 
 
+@SPECIAL_VALUES_WARN
 @needs_c
 @FAST
 @given(softmax_cases())
 def test_softmax_backward_c_matches_numpy_twin(case):
     x, _ = case
     y = kernels.softmax_numpy(x)
-    dy = np.random.default_rng(x.size).standard_normal(x.shape).astype(x.dtype)
+    rng = np.random.default_rng(x.size)
+    dy = with_specials(rng.standard_normal(x.shape).astype(x.dtype), rng.choice([None, np.nan, np.inf]), rng)
     got = kernels.softmax_backward_c(y, dy)
     np.testing.assert_allclose(got, kernels.softmax_backward_numpy(y, dy), **TOLERANCE[x.dtype])
 
@@ -287,7 +350,8 @@ def test_softmax_propagates_nan_to_its_row_only(backend, dtype):
     x = np.array([[0, np.nan, 1], [0, 1, 2], [np.inf, 0, 1]], dtype)
     y = kernels.softmax(x)
     assert np.all(np.isnan(y[0])) and np.all(np.isnan(y[2]))  # as NumPy's formula gives
-    np.testing.assert_allclose(y[1], kernels.softmax_numpy(x[1]), rtol=1e-6)
+    np.testing.assert_allclose(y[1], [0.09003057317038046, 0.24472847105479764, 0.6652409557748219],
+                               rtol=1e-6)  # e^j / (1 + e + e^2)
 
 
 def test_softmax_nan_in_a_hidden_position_does_not_leak(backend):
@@ -414,9 +478,16 @@ def test_bad_backend_environment_variable(monkeypatch):
         kernels._initial_backend()
 
 
-def test_initial_backend_follows_the_environment():
-    wanted = os.environ.get("MINQKV_BACKEND", "c").strip().lower() or "c"
-    assert kernels._initial_backend() == (wanted if kernels.HAVE_C else "numpy")
+@pytest.mark.parametrize("value, chosen", [(None, "c"), ("", "c"), ("numpy", "numpy"), (" NumPy ", "numpy"),
+                                           ("C", "c")])
+def test_initial_backend_follows_the_environment(monkeypatch, value, chosen):
+    if value is None:
+        monkeypatch.delenv("MINQKV_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("MINQKV_BACKEND", value)
+    if chosen == "c" and not kernels.HAVE_C:
+        chosen = "numpy"  # and a loud warning, tested below
+    assert kernels._initial_backend() == chosen
 
 
 def test_asking_for_c_without_the_extension_is_a_clear_error(monkeypatch):
@@ -424,8 +495,10 @@ def test_asking_for_c_without_the_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("no module"), raising=False)
     with pytest.raises(RuntimeError, match=r"backend 'c' is not available.*pip install -e"):
         kernels.set_backend("c")
-    with pytest.raises(RuntimeError, match=r"matmul_c: the C core is not available"):
+    with pytest.raises(RuntimeError, match=r"matmul_c: the C core is not available.*or use matmul_numpy"):
         kernels.matmul_c(np.ones((2, 2)), np.ones((2, 2)))
+    with pytest.raises(RuntimeError, match=r"matmul_naive_c: the C core is not available.*or use matmul_numpy"):
+        kernels.matmul_naive_c(np.ones((2, 2)), np.ones((2, 2)))
 
 
 def test_missing_extension_falls_back_to_numpy_with_one_loud_warning():
@@ -433,9 +506,7 @@ def test_missing_extension_falls_back_to_numpy_with_one_loud_warning():
             "warnings.simplefilter('always')\n"
             "import numpy as np, minqkv.kernels as k\n"
             "print(k.HAVE_C, k.get_backend(), k.matmul(np.eye(2), np.eye(2)).sum())\n")
-    env = {key: value for key, value in os.environ.items() if key != "MINQKV_BACKEND"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__))))
+    done = _run_python(code, MINQKV_BACKEND="")  # "" means the default, 'c'
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "numpy", "2.0"]
     assert done.stderr.count("the C core (minqkv._ccore) is not built") == 2  # the print and the warning
@@ -468,11 +539,52 @@ def test_a_forked_child_runs_kernels_on_one_thread_instead_of_hanging(backend, t
     np.testing.assert_array_equal(product, kernels.matmul(a, a))
 
 
-def test_thread_count_must_be_positive(threads):
-    with pytest.raises(ValueError, match=r"set_num_threads: n must be a whole number >= 1"):
-        threads(0)
-    threads(3)
-    assert kernels.get_num_threads() == 3
+@pytest.mark.parametrize("n", [0, -2, 2.0, "4", True, None])
+def test_thread_count_must_be_a_whole_number_of_at_least_one(threads, n):
+    with pytest.raises(ValueError, match=r"set_num_threads: n must be a whole number >= 1, got"):
+        threads(n)
+
+
+def test_set_num_threads_keeps_the_count_it_is_given(threads):
+    threads(np.int64(3))
+    assert kernels.get_num_threads() == 3 and type(kernels.get_num_threads()) is int
+
+
+@needs_c
+def test_a_huge_thread_count_is_capped_and_the_kernels_still_run(threads):
+    threads(10**30)
+    assert kernels.get_num_threads() == kernels.MAX_NUM_THREADS
+    a = np.random.default_rng(10).standard_normal((330, 330)).astype(np.float32)  # big enough to thread
+    assert np.all(np.abs(kernels.matmul_c(a, a) - a @ a) <= gemm_error_bound(a, a, 330))
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "four", "2.5", "1e3", "\u00b2", "4 threads"])
+def test_bad_num_threads_environment_variable_names_it(monkeypatch, value):
+    monkeypatch.setenv("MINQKV_NUM_THREADS", value)
+    with pytest.raises(ValueError, match=rf"MINQKV_NUM_THREADS='{value}' is not a thread count: use a whole number"):
+        kernels._initial_num_threads()
+
+
+@pytest.mark.parametrize("value, count", [("3", 3), (" 2 ", 2), ("1", 1)])
+def test_num_threads_environment_variable_sets_the_count(monkeypatch, value, count):
+    monkeypatch.setenv("MINQKV_NUM_THREADS", value)
+    assert kernels._initial_num_threads() == count
+
+
+@needs_c
+def test_a_huge_num_threads_environment_variable_is_capped_before_the_first_matmul():
+    code = ("import numpy as np, minqkv.kernels as k\n"
+            "a = np.ones((330, 330), np.float32)\n"
+            "print(k.get_num_threads() == k.MAX_NUM_THREADS, k.matmul_c(a, a)[0, 0])\n")
+    done = _run_python(code, MINQKV_NUM_THREADS="99999999999")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "330.0"]
+
+
+def test_a_bad_num_threads_environment_variable_stops_the_import_with_its_name():
+    done = _run_python("import minqkv.kernels", MINQKV_NUM_THREADS="two")
+    assert done.returncode != 0
+    assert "ValueError: MINQKV_NUM_THREADS='two' is not a thread count" in done.stderr
 
 
 def test_bench_rows_and_table_have_the_documented_fields():

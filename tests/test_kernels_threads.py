@@ -1,0 +1,94 @@
+"""minqkv.kernels under Python threads: every C entry point called from several threads at once,
+while yet another thread keeps changing the thread count.
+
+cffi releases the GIL during a C call, so these calls really overlap. A kernel that shares
+state between calls, or a Python wrapper that reads a setting twice (once to size a buffer,
+once for the C call), corrupts memory here. A crash would take pytest down with it, so the
+threads run in a child process (this file run as a script) and the test reads its exit status.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from minqkv import kernels
+
+SECONDS = 4.0  # of hammering; reading the count twice (issue 7) crashed within a second
+
+
+def cases():
+    """(name, call, want): each C entry point on arrays big enough to run on several OpenMP
+    threads, and the NumPy twin's answer."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((330, 330)).astype(np.float32)  # 72 Mflop: above the parallel threshold
+    stack = rng.standard_normal((3, 130, 140))  # a batch that threads cannot share evenly
+    small = rng.standard_normal((40, 50)).astype(np.float32)  # the naive GEMM is slow: keep it small
+    scores = rng.standard_normal((32, 130, 128)).astype(np.float32)
+    y = kernels.softmax_numpy(scores, causal=True)
+    dy = rng.standard_normal(scores.shape).astype(np.float32)
+    return [
+        ("matmul_c", lambda: kernels.matmul_c(a, a), kernels.matmul_numpy(a, a)),
+        ("matmul_c batched, a^T", lambda: kernels.matmul_c(stack, stack, trans_a=True),
+         kernels.matmul_numpy(stack, stack, trans_a=True)),
+        ("matmul_naive_c", lambda: kernels.matmul_naive_c(small, small, trans_b=True),
+         kernels.matmul_numpy(small, small, trans_b=True)),
+        ("softmax_c", lambda: kernels.softmax_c(scores, causal=True), y),
+        ("softmax_backward_c", lambda: kernels.softmax_backward_c(y, dy), kernels.softmax_backward_numpy(y, dy)),
+    ]
+
+
+def hammer(seconds=SECONDS):
+    """Call each case in a loop, each in its own thread, for `seconds`, while another thread
+    flips the thread count between 1 and 2; return the names of the cases that gave a wrong
+    result (empty when all is well)."""
+    sys.setswitchinterval(1e-6)  # switch Python threads as often as possible
+    stop = threading.Event()
+    wrong = []
+
+    def flip():
+        i = 0
+        while not stop.is_set():
+            kernels.set_num_threads(1 + i % 2)
+            i += 1
+
+    def work(name, call, want):
+        while not stop.is_set():
+            if not np.array_equal(call(), want):
+                wrong.append(name)
+
+    # Each result must match the NumPy twin; then, inside the threads, the bits of the result
+    # computed here, alone (results do not depend on the thread count, and comparing bits is
+    # quick, which keeps the threads busy in C rather than in the checks).
+    threads = [threading.Thread(target=flip)]
+    for name, call, twin in cases():
+        alone = call()
+        if alone.shape != twin.shape or not np.allclose(alone, twin, rtol=1e-4, atol=1e-4):
+            wrong.append(name)
+        threads.append(threading.Thread(target=work, args=(name, call, alone)))
+    for thread in threads:
+        thread.start()
+    stop.wait(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return wrong
+
+
+@pytest.mark.skipif(not kernels.HAVE_C, reason="the C extension minqkv._ccore is not built (pip install -e .)")
+def test_c_kernels_give_numpy_results_from_many_threads_while_the_thread_count_changes():
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True,
+                          env=env, timeout=120)  # the child imports the minqkv under test; a hang fails too
+    assert done.returncode == 0, f"exit status {done.returncode}\n{done.stdout}\n{done.stderr}"
+    assert done.stdout.split() == ["no", "wrong", "results"], done.stdout + done.stderr
+
+
+if __name__ == "__main__":
+    wrong = hammer()
+    print(f"wrong results: {sorted(set(wrong))}" if wrong else "no wrong results")
+    sys.exit(1 if wrong else 0)
