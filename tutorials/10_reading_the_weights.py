@@ -1,10 +1,10 @@
 # %% [markdown]
 # # Lesson 10: reading the weights
 #
-# Run: `python tutorials/10_reading_the_weights.py` (about 45 seconds on 2 cores). Draws
+# Run: `python tutorials/10_reading_the_weights.py` (about 35 seconds on 2 cores). Draws
 # `10_spectra.png`, `10_overlaps.png` and one attention heat map per layer. `--steps 2000`
 # trains longer (about 3 minutes): the largest singular values of W_q and W_k grow to about 4,
-# their effective ranks fall to half the width (32 of 64, from 38 after 300 steps), and every
+# their effective ranks fall to half the width (32 of 64, from 41 after 200 steps), and every
 # overlap stays well above the random baseline.
 #
 # Lessons 5 and 8 asked whether attention *needs* three projections. The weights of a trained
@@ -32,7 +32,7 @@ from minqkv.train import TrainConfig, train
 
 parser = argparse.ArgumentParser(description="Lesson 10: reading the weights")
 parser.add_argument("--out", default=None, help="folder for the run and the PNGs (default: a temporary folder)")
-parser.add_argument("--steps", type=int, default=300, help="training steps (default 300: about 30 s)")
+parser.add_argument("--steps", type=int, default=200, help="training steps (default 200: about 25 s)")
 args, _ = parser.parse_known_args()
 out = Path(args.out or tempfile.mkdtemp(prefix="minqkv-lesson10-"))
 out.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ assert random_subspace_cosine(64, 4, 4) < random_subspace_cosine(64, 48, 48)
 # %% [markdown]
 # ## 2. Train a small canonical model
 #
-# The setting of lesson 7: two layers, C = 64, on Shakespeare. We keep an untrained copy (same
+# The model of lesson 7 (two layers, C = 64, on Shakespeare), trained for 200 steps by default. We keep an untrained copy (same
 # seed, so the very weights training started from) to see what training changed.
 
 # %%
