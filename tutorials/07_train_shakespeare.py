@@ -172,7 +172,8 @@ print("--- greedy (top_k 1), the same for any seed ---\n" + greedy[0])
 # %% [markdown]
 # After a few hundred steps the samples have the look of the text (line lengths, capitals after
 # line breaks, common short words) without much sense; run with `--steps 3000` to watch words and
-# speaker names ("MORTIO:", "FERDICUS OBELLO:") appear. Greedy decoding tends to fall into a loop: the likeliest path is a cycle.
+# invented speaker names ("MORTIO:", "FERDICUS OBELLO:") appear. Greedy decoding tends to fall
+# into a loop: the likeliest path is a cycle.
 #
 # **What you learned:** a character model predicts the next character, its loss starts at log V
 # and the curve in `metrics.jsonl` shows how far below it training gets; temperature and top-k

@@ -82,8 +82,9 @@ assert random_subspace_cosine(64, 4, 4) < random_subspace_cosine(64, 48, 48)
 # %% [markdown]
 # ## 2. Train a small canonical model
 #
-# The model of lesson 7 (two layers, C = 64, on Shakespeare), trained for 200 steps by default. We keep an untrained copy (same
-# seed, so the very weights training started from) to see what training changed.
+# The model of lesson 7 (two layers, C = 64, on Shakespeare), trained for 200 steps by
+# default. We keep an untrained copy (same seed, so the very weights training started from) to
+# see what training changed.
 
 # %%
 model_config = GPTConfig(code="abc", n_layer=2, n_head=4, n_embd=64, block_size=64)
