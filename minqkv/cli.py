@@ -99,11 +99,14 @@ RUN_FLAGS = [
     ("--eval-iters", "eval_iters", int, "validation batches per evaluation"),
     ("--beta1", "beta1", float, None),
     ("--beta2", "beta2", float, None),
-    ("--gate-penalty", "gate_penalty", float, "gated models: weight of the sum of the gates in the objective"),
-    ("--prune-threshold", "prune_threshold", float, "gated models: a gate below this becomes the identity"),
+    ("--gate-penalty", "gate_penalty", float, "gated models: weight L of the expected number of open gates "
+                                              "in the objective (larger L shuts more projections)"),
+    ("--gate-lr", "gate_lr", float, "gated models: peak learning rate of the gates (same schedule, no decay)"),
+    ("--prune-threshold", "prune_threshold", float, "gated models: a deterministic gate at or below this "
+                                                    "becomes the identity (0: only shut gates)"),
     ("--rotate", "rotate", bool, "learned orthogonal rotation of K per head"),
     ("--pos2d", "pos2d", bool, "learned 2-D positional bias on the scores"),
-    ("--gate", "gate", bool, "gated projections, pruned after training"),
+    ("--gate", "gate", bool, "hard-concrete gates on the projections, pruned after training"),
     ("--no-out-proj", "out_proj", bool, "drop the output projection"),
     ("--no-tie", "tie_weights", bool, "separate output head (no weight tying)"),
 ]
