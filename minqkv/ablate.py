@@ -360,6 +360,13 @@ def format_markdown(rows: list, plan: dict) -> str:
     lines.append(f"preset `{plan['preset']}`, data `{plan['data']}`, {seeds} seed(s) per variant"
                  + (" (mean ± std)" if seeds > 1 else "") + f"; model {plan['model']}; "
                  f"{plan['train']['steps']} steps of batch {plan['train']['batch_size']}.")
+    if any("steps_to_target" in r for r in rows):
+        lines.append(f"Steps to canonical's final loss x {CONVERGED}: the first evaluation (every "
+                     f"{plan['train']['eval_interval']} steps) whose validation loss is at most {CONVERGED} x the "
+                     "canonical run's final one, mean over seeds; '-': never reached (gated runs: before pruning).")
+    if any("(L=" in r["variant"] for r in rows):
+        lines.append("Gated runs (L = weight of the expected number of open gates) report the pruned model; "
+                     "their code is the per-layer codes it kept (seeds separated by |).")
     for r in rows:
         for error in r.get("errors", []):
             lines.append(f"- {r['variant']} failed: {error}")
@@ -381,7 +388,8 @@ def write_results(out: Path, rows: list, plan: dict) -> None:
 
 
 def write_plots(out, rows: list) -> list:
-    """Validation curves, final metric with seed spread, parameters against the metric."""
+    """Validation curves, final metric with seed spread, parameters against the metric, and for a
+    sweep of the gate penalty the metric against the Q/K/V matrices kept."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -416,8 +424,33 @@ def write_plots(out, rows: list) -> list:
         ax.annotate(row["variant"], (row["attention_params"], row[metric]), fontsize=7)
     ax.set(xlabel="attention parameters", ylabel=metric, title="parameters against quality")
     fig.savefig(paths[2], dpi=120, bbox_inches="tight")
+    swept = [r for r in done if "(L=" in r["variant"] and "projections_kept" in r]
+    if swept:
+        paths.append(_plot_pruning(plt, out / "pruning.png", done, swept, metric))
     plt.close("all")
     return paths
+
+
+def _plot_pruning(plt, path: Path, done: list, swept: list, metric: str) -> Path:
+    """Static variants as points, the gated sweep (pruned models) as a curve, against matrices kept."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    static = [r for r in done if r not in swept and "projections_kept" in r]
+    for row in static:
+        ax.scatter(row["projections_kept"], row[metric], color="tab:gray")
+        ax.annotate(row["variant"], (row["projections_kept"], row[metric]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    swept = sorted(swept, key=lambda r: r["projections_kept"])
+    ax.errorbar([r["projections_kept"] for r in swept], [r[metric] for r in swept],
+                yerr=[r.get(metric + "_std", 0) for r in swept], marker="o", capsize=3, color="tab:blue",
+                label="gated, pruned (one point per L)")
+    for row in swept:
+        ax.annotate(row["variant"].split("(")[1].rstrip(")"), (row["projections_kept"], row[metric]),
+                    fontsize=8, xytext=(4, -10), textcoords="offset points", color="tab:blue")
+    ax.set(xlabel="attention Q/K/V projection matrices kept", ylabel=metric,
+           title="pruning by hard-concrete gates against static variants")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
 
 def _curve(out: Path, variant: str, metric: str) -> tuple:

@@ -303,8 +303,9 @@ def _add_ablate(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--data", default="shakespeare", help="shakespeare | PATH | synthetic:TASK")
     p.add_argument("--out", default="ablate-out", help="folder for runs and result tables")
-    p.add_argument("--variants", default="study",
-                   help="'study' (default), 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa'")
+    p.add_argument("--variants", default=None,
+                   help="'study', 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa' "
+                        "(default: the preset's own list, else 'study')"),
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (default: the preset's)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
     p.add_argument("--no-plots", action="store_true")
