@@ -187,7 +187,8 @@ def _summary(final: dict) -> str:
              f"{final['params']:,} params, {final['tokens_per_s']:,.0f} tokens/s, "
              f"{final['wall_s']:.0f} s"]
     if "pruned_codes" in final:
-        lines.append(f"pruned to per-layer codes {final['pruned_codes']}: val loss "
+        lines.append(f"pruned to per-layer codes {final['pruned_codes']} ({final['projections_kept']} of "
+                     f"{final['projections_total']} projection matrices kept): val loss "
                      f"{final['val_loss_before_pruning']:.4f} -> {final['val_loss_after_pruning']:.4f}")
     return "\n".join(lines)
 
