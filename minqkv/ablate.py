@@ -363,7 +363,8 @@ def format_markdown(rows: list, plan: dict) -> str:
     if any("steps_to_target" in r for r in rows):
         lines.append(f"Steps to canonical's final loss x {CONVERGED}: the first evaluation (every "
                      f"{plan['train']['eval_interval']} steps) whose validation loss is at most {CONVERGED} x the "
-                     "canonical run's final one, mean over seeds; '-': never reached (gated runs: before pruning).")
+                     "canonical run's final one, mean over seeds; '-': never reached "
+                     "(gated runs: before pruning).")
     if any("(L=" in r["variant"] for r in rows):
         lines.append("Gated runs (L = weight of the expected number of open gates) report the pruned model; "
                      "their code is the per-layer codes it kept (seeds separated by |).")

@@ -4,8 +4,9 @@ train(model_config, train_config) builds the corpus and the model, then for each
 draw a batch, forward, loss (+ gate penalty), backward, clip, AdamW step. Every
 eval_interval steps it scores the validation split on fixed batches, appends a JSON line to
 OUT/metrics.jsonl and saves OUT/ckpt.npz atomically. A resumed run (resume_training)
-reloads weights, optimiser, step and the random generators (batches, dropout, gate noise), so it continues exactly as if
-never stopped; it refuses settings other than the saved run's and data with another vocabulary.
+reloads weights, optimiser, step and the random generators (batches, dropout, gate noise), so
+it continues exactly as if never stopped; it refuses settings other than the saved run's and
+data with another vocabulary.
 """
 
 from __future__ import annotations
