@@ -4,6 +4,11 @@ run_sweep() trains every (variant, seed) pair in a fresh process (so each run's 
 is its own and runs can go in parallel), saves each finished run as it finishes, and then
 writes OUT/results.csv, OUT/results.json and OUT/results.md (and plots when matplotlib is
 installed). Re-running the same command skips finished runs and resumes interrupted ones.
+
+A preset may sweep the gate penalty L: every gated variant then runs once per L, named
+'abc+gate(L=0.01)', and is compared with static variants by the projection matrices it keeps.
+Every table reports how fast each run converges: the first evaluated step whose validation
+loss is within 5% of canonical's final loss.
 """
 
 from __future__ import annotations
@@ -41,10 +46,19 @@ PRESETS = {
     "standard": dict(model=dict(n_layer=3, n_head=4, n_embd=96, block_size=96),
                      train=dict(steps=800, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=80,
                                 eval_interval=100, eval_iters=16), seeds=2),
+    # nanoGPT's CPU shape: gated runs for a sweep of L against static variants with the same
+    # budget of projection matrices (8/12: aab, abb; 4/12: aaa, --a); measured on an idle 2-core
+    # machine with --jobs 2: about 80 ms a step, 4 minutes a run, so about 20 minutes per seed
+    "prune": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
+                  train=dict(steps=2000, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                             eval_interval=100, eval_iters=20),
+                  seeds=2, variants="abc,aab,abb,aaa,--a,abc+gate",
+                  gate_penalties=[0.003, 0.01, 0.03, 0.1]),
     # seconds: for tests of the bench itself
     "tiny": dict(model=dict(n_layer=1, n_head=2, n_embd=16, block_size=16),
                  train=dict(steps=10, batch_size=4, eval_interval=5, eval_iters=2), seeds=1),
 }
+CONVERGED = 1.05  # a run has converged at the first step whose val loss <= CONVERGED x canonical's final
 DECODE_TOKENS = 32  # tokens generated to time decoding with the KV cache
 
 
@@ -64,6 +78,7 @@ def selected_labels(variants) -> list:
 
 
 def plan_sweep(preset: str, data: str, variants=None, seeds: int | None = None) -> dict:
+    """Every run of a sweep; variants=None takes the preset's own list (else the study's)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
@@ -71,13 +86,18 @@ def plan_sweep(preset: str, data: str, variants=None, seeds: int | None = None) 
     if seeds <= 0:
         raise ValueError(f"--seeds must be a positive integer, got {seeds}")
     runs = []
-    for label in selected_labels(variants):
+    for label in selected_labels(spec.get("variants") if variants is None else variants):
         overrides = GPTConfig.overrides_from_label(label)
         if overrides.get("n_kv_head") and spec["model"]["n_head"] % overrides["n_kv_head"]:
             raise ValueError(f"{label!r}: n_kv_head={overrides['n_kv_head']} does not divide "
                              f"n_head={spec['model']['n_head']} of preset {preset!r}")
         config = GPTConfig(**{**spec["model"], **overrides})  # raises on impossible variants
-        runs.append({"label": label, "variant": config.variant_label(), "overrides": overrides})
+        run = {"label": label, "variant": config.variant_label(), "overrides": overrides}
+        if config.gate and spec.get("gate_penalties"):
+            runs += [{**run, "variant": f"{run['variant']}(L={L:g})", "train_overrides": {"gate_penalty": L}}
+                     for L in spec["gate_penalties"]]
+        else:
+            runs.append(run)
     return {"preset": preset, "data": data, "seeds": seeds, "runs": runs,
             "model": spec["model"], "train": spec["train"]}
 
@@ -111,8 +131,8 @@ def run_one(job: dict, progress_queue=None) -> dict:
         from .train import train
 
         model_config = GPTConfig(**{**job["model"], **job["overrides"], "seed": job["seed"]})
-        train_config = TrainConfig(**{**job["train"], "data": job["data"], "out": str(run_dir),
-                                      "seed": job["seed"]})
+        train_config = TrainConfig(**{**job["train"], **job.get("train_overrides", {}), "data": job["data"],
+                                      "out": str(run_dir), "seed": job["seed"]})
 
         def report(step, loss):
             if progress_queue is not None:
@@ -122,7 +142,8 @@ def run_one(job: dict, progress_queue=None) -> dict:
         final = train(model_config, train_config, resume=resume, progress=False, on_step=report)
         measured_dir = run_dir / "pruned" if model_config.gate else run_dir
         # sizes, FLOPs and decoding are measured on the model as deployed (pruned if gated)
-        result = {**final, **measure_decoding(measured_dir), "status": "ok"}
+        result = {**final, **measure_decoding(measured_dir), "eval_curve": _eval_curve(run_dir),
+                  "status": "ok"}
         if model_config.gate:  # the row reports the pruned model
             result["unpruned_val_loss"] = final["val_loss"]
             result["val_loss"] = final["val_loss_after_pruning"]
@@ -136,6 +157,12 @@ def run_one(job: dict, progress_queue=None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _eval_curve(run_dir: Path) -> list:
+    """[[step, val_loss], ...] of a finished run, from its metrics (a gated run: before pruning)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [[record["step"], record["val_loss"]] for record in map(json.loads, filter(str.strip, lines))]
 
 
 def measure_decoding(ckpt_dir) -> dict:
@@ -157,7 +184,7 @@ def measure_decoding(ckpt_dir) -> dict:
             logits, _ = model(next_id, caches=caches)
             timings.append(time.perf_counter() - t0)
     itemsize = np.dtype(model.config.dtype).itemsize
-    return {"params": model.num_parameters(),
+    return {"params": model.num_parameters(), "projections_kept": model.projections_kept(),
             "attention_params": sum(block.attn.num_parameters() for block in model.blocks),
             "flops_per_token": model.flops_per_token(),
             "decode_ms_per_token": 1000 * float(np.median(timings)),
@@ -261,6 +288,8 @@ def aggregate(results: list, plan: dict) -> list:
                "errors": sorted({r["error"] for r in mine if r["status"] != "ok"})}
         if ok:
             row.update(_summarise(ok))
+            if "projections" in row:  # out of the 3 per layer of canonical attention
+                row["projections"] += f"/{3 * plan['model']['n_layer']}"
         rows.append(row)
     canonical = next((r for r in rows if r["variant"] == "abc" and "val_loss" in r), None)
     for row in rows:
@@ -268,14 +297,31 @@ def aggregate(results: list, plan: dict) -> list:
             metric = "val_bpc" if "val_bpc" in row else "accuracy"
             row["delta_vs_canonical"] = row[metric] - canonical[metric]
             row["delta_pct"] = 100 * row["delta_vs_canonical"] / canonical[metric]
+            mine = [r for r in results if r["variant"] == row["variant"] and r["status"] == "ok"]
+            row["steps_to_target"] = steps_to_reach(mine, CONVERGED * canonical["val_loss"])
     return rows
+
+
+def steps_to_reach(results: list, target: float):
+    """Mean over seeds of the first evaluated step whose val loss <= target; None when a seed never does."""
+    steps = []
+    for result in results:
+        reached = [step for step, loss in result.get("eval_curve", []) if loss <= target]
+        if not reached:
+            return None
+        steps.append(reached[0])
+    return float(np.mean(steps)) if steps else None
 
 
 def _summarise(ok: list) -> dict:
     first = ok[0]
     summary = {key: first[key] for key in ("code", "attention_params", "params", "flops_per_token")}
-    for metric in ("val_loss", "val_bpc", "accuracy", "tokens_per_s", "decode_ms_per_token",
-                   "kv_cache_bytes_per_token", "peak_rss_mb"):
+    summary["code"] = " | ".join(dict.fromkeys(r["code"] for r in ok))  # gated seeds may prune differently
+    if all("projections_kept" in r for r in ok):
+        summary["projections_kept"] = float(np.mean([r["projections_kept"] for r in ok]))
+        summary["projections"] = " | ".join(dict.fromkeys(str(r["projections_kept"]) for r in ok))
+    for metric in ("val_loss", "unpruned_val_loss", "val_bpc", "accuracy", "tokens_per_s",
+                   "decode_ms_per_token", "kv_cache_bytes_per_token", "peak_rss_mb"):
         values = [r[metric] for r in ok if metric in r]
         if values:
             summary[metric] = float(np.mean(values))
@@ -284,17 +330,22 @@ def _summarise(ok: list) -> dict:
 
 
 COLUMNS = [  # (key, header, format)
-    ("variant", "variant", "{}"), ("code", "code", "{}"), ("attention_params", "attn params", "{:,}"),
+    ("variant", "variant", "{}"), ("code", "code", "{}"), ("projections", "Q/K/V matrices", "{}"),
+    ("attention_params", "attn params", "{:,}"),
     ("params", "params", "{:,}"), ("flops_per_token", "FLOPs/token", "{:,}"),
-    ("val_loss", "val loss", "{:.4f}"), ("val_bpc", "val bpc", "{:.4f}"), ("accuracy", "accuracy", "{:.4f}"),
+    ("val_loss", "val loss", "{:.4f}"), ("unpruned_val_loss", "val loss before pruning", "{:.4f}"),
+    ("val_bpc", "val bpc", "{:.4f}"), ("accuracy", "accuracy", "{:.4f}"),
     ("delta_vs_canonical", "Δ vs abc", "{:+.4f}"), ("delta_pct", "Δ %", "{:+.2f}%"),
+    ("steps_to_target", f"steps to canonical's final loss x {CONVERGED}", "{:,.0f}"),
     ("tokens_per_s", "train tokens/s", "{:,.0f}"), ("decode_ms_per_token", "decode ms/token", "{:.2f}"),
     ("kv_cache_bytes_per_token", "KV bytes/token", "{:,.0f}"), ("peak_rss_mb", "peak MB", "{:.0f}"),
 ]
-WITH_SPREAD = {"val_loss", "val_bpc", "accuracy"}
+WITH_SPREAD = {"val_loss", "unpruned_val_loss", "val_bpc", "accuracy"}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
+    if key == "steps_to_target" and key in row and row[key] is None:
+        return "-"  # never reached
     if key not in row:
         return "failed" if key == "val_loss" and row.get("failed") else ""
     text = fmt.format(row[key])
@@ -313,6 +364,14 @@ def format_markdown(rows: list, plan: dict) -> str:
     lines.append(f"preset `{plan['preset']}`, data `{plan['data']}`, {seeds} seed(s) per variant"
                  + (" (mean ± std)" if seeds > 1 else "") + f"; model {plan['model']}; "
                  f"{plan['train']['steps']} steps of batch {plan['train']['batch_size']}.")
+    if any("steps_to_target" in r for r in rows):
+        lines.append(f"Steps to canonical's final loss x {CONVERGED}: the first evaluation (every "
+                     f"{plan['train']['eval_interval']} steps) whose validation loss is at most {CONVERGED} x the "
+                     "canonical run's final one, mean over seeds; '-': never reached "
+                     "(gated runs: before pruning).")
+    if any("(L=" in r["variant"] for r in rows):
+        lines.append("Gated runs (L = weight of the expected number of open gates) report the pruned model; "
+                     "their code is the per-layer codes it kept (seeds separated by |).")
     for r in rows:
         for error in r.get("errors", []):
             lines.append(f"- {r['variant']} failed: {error}")
@@ -334,7 +393,8 @@ def write_results(out: Path, rows: list, plan: dict) -> None:
 
 
 def write_plots(out, rows: list) -> list:
-    """Validation curves, final metric with seed spread, parameters against the metric."""
+    """Validation curves, final metric with seed spread, parameters against the metric, and for a
+    sweep of the gate penalty the metric against the Q/K/V matrices kept."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -369,8 +429,33 @@ def write_plots(out, rows: list) -> list:
         ax.annotate(row["variant"], (row["attention_params"], row[metric]), fontsize=7)
     ax.set(xlabel="attention parameters", ylabel=metric, title="parameters against quality")
     fig.savefig(paths[2], dpi=120, bbox_inches="tight")
+    swept = [r for r in done if "(L=" in r["variant"] and "projections_kept" in r]
+    if swept:
+        paths.append(_plot_pruning(plt, out / "pruning.png", done, swept, metric))
     plt.close("all")
     return paths
+
+
+def _plot_pruning(plt, path: Path, done: list, swept: list, metric: str) -> Path:
+    """Static variants as points, the gated sweep (pruned models) as a curve, against matrices kept."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    static = [r for r in done if r not in swept and "projections_kept" in r]
+    for row in static:
+        ax.scatter(row["projections_kept"], row[metric], color="tab:gray")
+        ax.annotate(row["variant"], (row["projections_kept"], row[metric]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    swept = sorted(swept, key=lambda r: r["projections_kept"])
+    ax.errorbar([r["projections_kept"] for r in swept], [r[metric] for r in swept],
+                yerr=[r.get(metric + "_std", 0) for r in swept], marker="o", capsize=3, color="tab:blue",
+                label="gated, pruned (one point per L)")
+    for row in swept:
+        ax.annotate(row["variant"].split("(")[1].rstrip(")"), (row["projections_kept"], row[metric]),
+                    fontsize=8, xytext=(4, -10), textcoords="offset points", color="tab:blue")
+    ax.set(xlabel="attention Q/K/V projection matrices kept", ylabel=metric,
+           title="pruning by hard-concrete gates against static variants")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
 
 def _curve(out: Path, variant: str, metric: str) -> tuple:

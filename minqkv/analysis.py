@@ -161,7 +161,7 @@ def attention_weights(model, ids) -> list:
 
 
 def analyze_model(model, batches, subspace_dim: int | None = None,
-                  prune_threshold: float = 0.5) -> dict:
+                  prune_threshold: float = 0.0) -> dict:
     """Rank, subspace overlap and score symmetry of every layer; batches: [(x, y), ...] ids (B, T)."""
     if not batches:
         raise ValueError("analyze_model needs at least one (x, y) batch of token ids to measure "

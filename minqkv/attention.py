@@ -11,6 +11,12 @@ per head, K <- K R), pos2d (a learned bias added to the scores for every (query 
 position)), gate (learned mixing of each projection with the identity, for pruning), out_proj
 (the output projection on or off).
 
+A gate is a hard-concrete gate (Louizos, Welling & Kingma 2018): a stretched, clipped sigmoid of
+a learned log-odds log_alpha plus logistic noise in training, and without noise at evaluation,
+where it is exactly 0 (the role is x) or exactly 1 (the role is x W) once log_alpha has moved
+past +-2.4. The expected number of open gates is a differentiable penalty that closes unneeded
+projections.
+
 Attention is two functions: CausalSelfAttention.project(x) -> q, k, v is the variant, and
 attend(q, k, v) is the attention every variant shares. Everything else calls these two.
 """
@@ -50,6 +56,32 @@ NAMES = {
     "value-only": "--a",
     "none": "---",
 }
+
+
+# hard-concrete constants of Louizos et al. (2018): temperature, and the stretch to (GAMMA, ZETA)
+GATE_BETA, GATE_GAMMA, GATE_ZETA = 2 / 3, -0.1, 1.1
+# gates start open (deterministic z = 1, open in 9 of 10 noisy draws): a gated model first learns
+# as the plain one, and the penalty closes what it does not need
+GATE_INIT_LOG_ALPHA = 3.0
+
+
+def hard_concrete(log_alpha: Tensor, noise: np.ndarray | None = None) -> Tensor:
+    """Gate z in [0, 1]: sampled with uniform noise u in (0, 1), deterministic when noise is None.
+
+    s = sigmoid((log u - log(1 - u) + log_alpha) / beta)   sampled, or s = sigmoid(log_alpha)
+    z = clip(s (zeta - gamma) + gamma, 0, 1)                 exactly 0 or 1 beyond the stretch
+    """
+    if noise is None:
+        s = ops.sigmoid(log_alpha)
+    else:
+        logistic = np.log(noise) - np.log1p(-noise)  # a logistic sample from a uniform one
+        s = ops.sigmoid((log_alpha + logistic.astype(log_alpha.dtype)) * (1.0 / GATE_BETA))
+    return ops.clip(s * (GATE_ZETA - GATE_GAMMA) + GATE_GAMMA, 0.0, 1.0)
+
+
+def probability_open(log_alpha: Tensor) -> Tensor:
+    """P(z > 0) = sigmoid(log_alpha - beta log(-gamma / zeta)): the expected L0 of one gate."""
+    return ops.sigmoid(log_alpha - GATE_BETA * math.log(-GATE_GAMMA / GATE_ZETA))
 
 
 def canonical_code(code: str) -> str:
@@ -247,7 +279,7 @@ class CausalSelfAttention(Module):
     """Multi-head causal self-attention whose Q, K, V projections follow the layer's code."""
 
     def __init__(self, spec: AttentionSpec, dtype=np.float32, rng: np.random.Generator | None = None,
-                 dropout_rng: np.random.Generator | None = None):
+                 dropout_rng: np.random.Generator | None = None, gate_rng: np.random.Generator | None = None):
         rng = rng if rng is not None else np.random.default_rng(0)
         self.spec = spec
         c = spec.config
@@ -256,8 +288,9 @@ class CausalSelfAttention(Module):
             w = rng.standard_normal((c.n_embd, width)) * 0.02  # (C, width)
             setattr(self, spec.weight_name(letter), Parameter(w.astype(dtype)))
         for role in spec.gated_roles():
-            # logit 0 -> gate 0.5: undecided, so training (and the penalty) can move it either way
-            setattr(self, f"gate_{role}", Parameter(np.zeros(1, dtype=dtype)))
+            setattr(self, f"gate_{role}", Parameter(np.full(1, GATE_INIT_LOG_ALPHA, dtype=dtype)))  # log_alpha
+        # the gates' noise, drawn once per gate per training forward, from the model's saved generator
+        self.gate_rng = gate_rng if gate_rng is not None else np.random.default_rng(0)
         if c.rotate:
             # R = Cayley(S - S^T) is the identity at S = 0
             self.rotation_param = Parameter(np.zeros((spec.n_kv_head, spec.head_dim, spec.head_dim), dtype))
@@ -297,17 +330,22 @@ class CausalSelfAttention(Module):
         return getattr(self, self.spec.weight_name(letter))
 
     def gated(self, role: str, projected: Tensor, x: Tensor) -> Tensor:
-        """g (x W) + (1 - g) x for a gated role, (x W) unchanged for the others."""
+        """z (x W) + (1 - z) x for a gated role, (x W) unchanged for the others.
+
+        z is sampled in training (fresh noise each forward) and deterministic at evaluation.
+        """
         if role not in self.spec.gated_roles():
             return projected
-        g = self.gate(role)
-        return g * projected + (1.0 - g) * x
+        noise = self.gate_rng.uniform(np.finfo(np.float32).eps, 1.0, size=1) if self.training else None
+        z = self.gate(role, noise)
+        return z * projected + (1.0 - z) * x
 
-    def gate(self, role: str) -> Tensor:
-        return ops.sigmoid(getattr(self, f"gate_{role}"))
+    def gate(self, role: str, noise: np.ndarray | None = None) -> Tensor:
+        """The hard-concrete gate (1,) of a role: deterministic without noise."""
+        return hard_concrete(getattr(self, f"gate_{role}"), noise)
 
     def gate_value(self, role: str) -> float:
-        """The gate of a role as a number, for reading (no graph)."""
+        """The deterministic gate of a role as a number, for reading (no graph)."""
         with no_grad():
             return float(self.gate(role).data[0])
 

@@ -99,11 +99,14 @@ RUN_FLAGS = [
     ("--eval-iters", "eval_iters", int, "validation batches per evaluation"),
     ("--beta1", "beta1", float, None),
     ("--beta2", "beta2", float, None),
-    ("--gate-penalty", "gate_penalty", float, "gated models: weight of the sum of the gates in the objective"),
-    ("--prune-threshold", "prune_threshold", float, "gated models: a gate below this becomes the identity"),
+    ("--gate-penalty", "gate_penalty", float, "gated models: weight L of the expected number of open gates "
+                                              "in the objective (larger L shuts more projections)"),
+    ("--gate-lr", "gate_lr", float, "gated models: peak learning rate of the gates (same schedule, no decay)"),
+    ("--prune-threshold", "prune_threshold", float, "gated models: a deterministic gate at or below this "
+                                                    "becomes the identity (0: only shut gates)"),
     ("--rotate", "rotate", bool, "learned orthogonal rotation of K per head"),
     ("--pos2d", "pos2d", bool, "learned 2-D positional bias on the scores"),
-    ("--gate", "gate", bool, "gated projections, pruned after training"),
+    ("--gate", "gate", bool, "hard-concrete gates on the projections, pruned after training"),
     ("--no-out-proj", "out_proj", bool, "drop the output projection"),
     ("--no-tie", "tie_weights", bool, "separate output head (no weight tying)"),
 ]
@@ -184,7 +187,8 @@ def _summary(final: dict) -> str:
              f"{final['params']:,} params, {final['tokens_per_s']:,.0f} tokens/s, "
              f"{final['wall_s']:.0f} s"]
     if "pruned_codes" in final:
-        lines.append(f"pruned to per-layer codes {final['pruned_codes']}: val loss "
+        lines.append(f"pruned to per-layer codes {final['pruned_codes']} ({final['projections_kept']} of "
+                     f"{final['projections_total']} projection matrices kept): val loss "
                      f"{final['val_loss_before_pruning']:.4f} -> {final['val_loss_after_pruning']:.4f}")
     return "\n".join(lines)
 
@@ -300,8 +304,9 @@ def _add_ablate(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--data", default="shakespeare", help="shakespeare | PATH | synthetic:TASK")
     p.add_argument("--out", default="ablate-out", help="folder for runs and result tables")
-    p.add_argument("--variants", default="study",
-                   help="'study' (default), 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa'")
+    p.add_argument("--variants", default=None,
+                   help="'study', 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa' "
+                        "(default: the preset's own list, else 'study')"),
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (default: the preset's)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
     p.add_argument("--dask", metavar="ADDRESS", default=None,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from . import ops
-from .attention import ROLES, AttentionSpec, CausalSelfAttention, KVCache, parse_code
+from .attention import ROLES, AttentionSpec, CausalSelfAttention, KVCache, parse_code, probability_open
 from .kernels import softmax_numpy
 from .nn import MLP, Dropout, Embedding, LayerNorm, Module
 from .tensor import Tensor, no_grad
@@ -113,10 +113,10 @@ OLD_KEYS = {"variant": "code", "layer_variants": "layer_codes"}  # config keys b
 
 
 class Block(Module):
-    def __init__(self, config: GPTConfig, layer: int, dtype, rng, dropout_rng):
+    def __init__(self, config: GPTConfig, layer: int, dtype, rng, dropout_rng, gate_rng):
         C = config.n_embd
         self.ln_1 = LayerNorm(C, dtype=dtype)
-        self.attn = CausalSelfAttention(config.attention_spec(layer), dtype, rng, dropout_rng)
+        self.attn = CausalSelfAttention(config.attention_spec(layer), dtype, rng, dropout_rng, gate_rng)
         self.ln_2 = LayerNorm(C, dtype=dtype)
         self.mlp = MLP(C, 4 * C, config.dropout, dtype, rng,
                        proj_std=0.02 / math.sqrt(2 * config.n_layer), dropout_rng=dropout_rng)
@@ -133,10 +133,12 @@ class GPT(Module):
         rng = np.random.default_rng(config.seed)
         # dropout draws from its own generator, saved with checkpoints so resumes are exact
         self.dropout_rng = np.random.default_rng(config.seed + 1)
+        self.gate_rng = np.random.default_rng(config.seed + 2)  # the gates' noise, saved likewise
         self.token_embedding = Embedding(config.vocab_size, config.n_embd, dtype, rng)
         self.position_embedding = Embedding(config.block_size, config.n_embd, dtype, rng)
         self.drop = Dropout(config.dropout, self.dropout_rng)
-        self.blocks = [Block(config, i, dtype, rng, self.dropout_rng) for i in range(config.n_layer)]
+        self.blocks = [Block(config, i, dtype, rng, self.dropout_rng, self.gate_rng)
+                       for i in range(config.n_layer)]
         self.ln_f = LayerNorm(config.n_embd, dtype=dtype)
         if not config.tie_weights:
             self.output_embedding = Embedding(config.vocab_size, config.n_embd, dtype, rng)  # (V, C)
@@ -173,14 +175,20 @@ class GPT(Module):
         return attention + c.n_layer * 2 * (2 * c.n_embd * 4 * c.n_embd) + 2 * c.n_embd * c.vocab_size
 
     def gates(self) -> dict:
-        """{(layer, role): gate value in (0, 1)} for a gated model."""
+        """{(layer, role): deterministic gate in [0, 1]} for a gated model (0: shut, 1: open)."""
         return {(i, role): block.attn.gate_value(role)
                 for i, block in enumerate(self.blocks) for role in block.attn.spec.gated_roles()}
 
     def gate_penalty(self) -> Tensor | None:
-        """Sum of all gates: weighted into the loss, it pushes unneeded projections to the identity."""
-        gates = [b.attn.gate(r) for b in self.blocks for r in b.attn.spec.gated_roles()]
-        return ops.sum(ops.concat(gates)) if gates else None
+        """Expected number of open gates, sum of P(z > 0): weighted into the loss, it shuts unneeded
+        projections (the role becomes x)."""
+        opens = [probability_open(getattr(b.attn, f"gate_{r}")) for b in self.blocks
+                 for r in b.attn.spec.gated_roles()]
+        return ops.sum(ops.concat(opens)) if opens else None
+
+    def projections_kept(self) -> int:
+        """Q/K/V weight matrices the layers apply (a tied matrix once): a pruned model's budget."""
+        return sum(len(set(self.config.code_of(i)) - {"-"}) for i in range(self.config.n_layer))
 
     def new_caches(self) -> list:
         return [KVCache() for _ in self.blocks]
@@ -207,12 +215,13 @@ class GPT(Module):
                 ids = np.concatenate([ids, next_id], axis=1)
         return ids
 
-    def prune(self, threshold: float = 0.5) -> "GPT":
-        """A static model from a gated one: gate < threshold -> identity, else the folded projection.
+    def prune(self, threshold: float = 0.0) -> "GPT":
+        """A static model from a gated one, read from the deterministic gates z.
 
-        A kept role becomes x (g W + (1 - g) I), exactly what the gated model computed; a dropped
-        role becomes x. Each layer gets its own code; roles that shared a weight stay tied only if
-        their gates were equal.
+        z <= threshold (by default z == 0): the role becomes x; z == 1: the plain weight W;
+        in between: x (z W + (1 - z) I), the folded projection. With the default threshold the
+        pruned model computes what the gated one did at evaluation. Each layer gets its own code;
+        roles that shared a weight stay tied only if their gates were equal.
         """
         if not self.config.gate:
             raise ValueError("prune() needs a model trained with gate=True")
@@ -227,6 +236,7 @@ class GPT(Module):
             layer_weight = _layer_weight(name, weights)
             np.copyto(param.data, layer_weight if layer_weight is not None else own[name].data)
         pruned.dropout_rng.bit_generator.state = self.dropout_rng.bit_generator.state
+        pruned.gate_rng.bit_generator.state = self.gate_rng.bit_generator.state
         return pruned
 
 
@@ -250,8 +260,9 @@ def _pruned_layer(attn: CausalSelfAttention, threshold: float) -> tuple:
     sources = []
     for role, letter in zip(ROLES, spec.code):
         gate = attn.gate_value(role) if role in spec.gated_roles() else None
-        dropped = letter == "-" or (gate is not None and gate < threshold)
-        sources.append(None if dropped else (letter, gate))
+        dropped = letter == "-" or (gate is not None and gate <= threshold)
+        plain = gate is None or gate == 1.0  # an open gate leaves the weight as it is
+        sources.append(None if dropped else (letter, None if plain else gate))
     distinct = list(dict.fromkeys(src for src in sources if src is not None))
     code = "".join("-" if src is None else "abc"[distinct.index(src)] for src in sources)
     weights = {}

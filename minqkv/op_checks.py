@@ -81,6 +81,7 @@ def op_cases() -> list:
         C("tanh", ops.tanh, [(3, 4)]),
         C("sigmoid", ops.sigmoid, [(3, 4)]),
         C("relu", ops.relu, [(3, 4)], "away_from_zero"),
+        C("clip", lambda x: ops.clip(x, -0.5, 0.8), [(4, 5)]),
         C("gelu", ops.gelu, [(3, 4)]),
         C("softmax", ops.softmax, [(3, 5)]),
         C("softmax 4-D", ops.softmax, [(2, 2, 3, 3)]),

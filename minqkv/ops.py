@@ -121,6 +121,16 @@ def sigmoid(x: Tensor) -> Tensor:
     return Tensor.from_op(out, (x,), lambda g: (g * out * (1 - out),), "sigmoid")  # s(1-s)
 
 
+def clip(x: Tensor, low: float, high: float) -> Tensor:
+    """x limited to [low, high] elementwise (hard-concrete gates clip to exactly 0 or 1)."""
+    x = _float_tensor(x, "clip")
+    if not low <= high:
+        raise ValueError(f"clip needs low <= high, got low={low}, high={high}")
+    inside = (x.data >= low) & (x.data <= high)  # bounds count as inside, as in torch.clamp
+    out = np.clip(x.data, low, high)
+    return Tensor.from_op(out, (x,), lambda g: (g * inside,), "clip")  # g inside, 0 where clipped
+
+
 def relu(x: Tensor) -> Tensor:
     x = _float_tensor(x, "relu")
     positive = x.data > 0

@@ -43,17 +43,26 @@ class AdamW:
         p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
     m and v have the parameter's dtype, so float32 stays float32.
     A parameter whose grad is None is left alone and its t does not advance.
+    lr_scale {name: factor} gives some parameters their own learning rate, lr * factor
+    (gated models: the gates), following the same schedule.
     """
 
     decays = staticmethod(decays)
 
-    def __init__(self, named_params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    def __init__(self, named_params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                 lr_scale: dict | None = None):
         _check_hyperparameters(lr, betas, eps, weight_decay)
         self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
         self.betas = (float(betas[0]), float(betas[1]))
         self.params = {}  # name -> param, in the order given
         for name, param in named_params:
             self._add(name, param)
+        self.lr_scale = dict(lr_scale or {})
+        unknown = sorted(set(self.lr_scale) - set(self.params))
+        if unknown:
+            raise ValueError(f"AdamW: lr_scale names {unknown}, which are not parameters of this optimiser")
+        if not all(factor > 0 for factor in self.lr_scale.values()):
+            raise ValueError(f"AdamW: every lr_scale factor must be > 0, got {self.lr_scale}")
         self.step_count = 0  # calls to step()
         self.state = {}  # name -> {"step": int, "m": array, "v": array}, created at the first grad
 
@@ -81,7 +90,7 @@ class AdamW:
             raise ValueError(f"AdamW.step: lr must be >= 0, got {lr}")
         for name, param in self.params.items():
             if param.grad is not None:
-                self._update(name, param, lr)
+                self._update(name, param, lr * self.lr_scale[name] if name in self.lr_scale else lr)
         self.step_count += 1
 
     def _update(self, name, param, lr) -> None:

@@ -4,8 +4,9 @@ train(model_config, train_config) builds the corpus and the model, then for each
 draw a batch, forward, loss (+ gate penalty), backward, clip, AdamW step. Every
 eval_interval steps it scores the validation split on fixed batches, appends a JSON line to
 OUT/metrics.jsonl and saves OUT/ckpt.npz atomically. A resumed run (resume_training)
-reloads weights, optimiser, step and both random generators, so it continues exactly as if
-never stopped; it refuses settings other than the saved run's and data with another vocabulary.
+reloads weights, optimiser, step and the random generators (batches, dropout, gate noise), so
+it continues exactly as if never stopped; it refuses settings other than the saved run's and
+data with another vocabulary.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 100
     eval_iters: int = 10
-    gate_penalty: float = 0.003  # gated models only: weight of sum(gates) in the objective
-    prune_threshold: float = 0.5  # gated models: a gate below this becomes the identity
+    gate_penalty: float = 0.01  # gated models only: weight of the expected number of open gates
+    gate_lr: float = 0.05  # gated models: peak learning rate of the gates' log-odds (same schedule)
+    prune_threshold: float = 0.0  # gated models: a deterministic gate at or below this becomes the identity
     seed: int = 0
 
     def __post_init__(self):
@@ -55,8 +57,9 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("lr", "gate_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         for name in ("beta1", "beta2"):
@@ -99,12 +102,22 @@ def peak_rss_mb() -> float:
 
 
 def build(model_config: GPTConfig, train_config: TrainConfig, corpus):
-    """The model (sized to the corpus's vocabulary) and its optimiser."""
+    """The model (sized to the corpus's vocabulary) and its optimiser.
+
+    Gates get their own learning rate (they travel several units of log-odds), following the
+    same schedule, and no weight decay (they are vectors).
+    """
     model_config = replace(model_config, vocab_size=corpus.tokenizer.vocab_size)
     model = GPT(model_config)
-    opt = AdamW(model.named_parameters(), lr=train_config.lr, betas=(train_config.beta1, train_config.beta2),
-                weight_decay=train_config.weight_decay)
+    named = list(model.named_parameters())
+    gate_scale = {name: train_config.gate_lr / train_config.lr for name, _ in named if _is_gate(name)}
+    opt = AdamW(named, lr=train_config.lr, betas=(train_config.beta1, train_config.beta2),
+                weight_decay=train_config.weight_decay, lr_scale=gate_scale)
     return model, opt
+
+
+def _is_gate(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith("gate_")  # 'blocks.0.attn.gate_q'
 
 
 def train(model_config: GPTConfig, train_config: TrainConfig, resume: bool = False,
@@ -228,7 +241,11 @@ def _summary(model, train_config, train_loss, last_eval, step_ms, wall_start) ->
 
 
 def _prune_and_report(model, corpus, train_config, eval_batches, out: Path, batch_rng) -> dict:
-    """Prune a gated model to static per-layer codes, score it, save it in OUT/pruned."""
+    """Prune a gated model to static per-layer codes, score it, save it in OUT/pruned.
+
+    Both scores use the deterministic gates; with every gate at exactly 0 or 1 the two models
+    compute the same logits, so the losses agree up to rounding.
+    """
     pruned = model.prune(train_config.prune_threshold)
     before = evaluate(model, eval_batches, corpus.metric)
     after = evaluate(pruned, eval_batches, corpus.metric)
@@ -237,6 +254,8 @@ def _prune_and_report(model, corpus, train_config, eval_batches, out: Path, batc
     return {
         "gates": {f"{layer}.{role}": g for (layer, role), g in model.gates().items()},
         "pruned_codes": pruned.config.layer_codes,
+        "projections_kept": pruned.projections_kept(),
+        "projections_total": model.projections_kept(),
         "pruned_params": pruned.num_parameters(),
         "val_loss_before_pruning": before["val_loss"],
         "val_loss_after_pruning": after["val_loss"],
@@ -253,6 +272,7 @@ def _meta(model, corpus, train_config, step, batch_rng) -> dict:
         "step": step,
         "batch_rng": batch_rng.bit_generator.state,
         "dropout_rng": model.dropout_rng.bit_generator.state,
+        "gate_rng": model.gate_rng.bit_generator.state,
     }
 
 
@@ -296,12 +316,14 @@ def _check_vocabulary(corpus, meta: dict, out: Path) -> None:
 
 
 def _restore(state, model, opt, batch_rng) -> int:
-    """Load weights, optimiser and both random generators; -> the number of steps done."""
+    """Load weights, optimiser and the random generators; -> the number of steps done."""
     meta, model_state, optim_state = state
     model.load_state_dict(model_state)
     opt.load_state_dict(optim_state)
     batch_rng.bit_generator.state = meta["batch_rng"]
     model.dropout_rng.bit_generator.state = meta["dropout_rng"]
+    if "gate_rng" in meta:  # checkpoints before hard-concrete gates have none
+        model.gate_rng.bit_generator.state = meta["gate_rng"]
     return int(meta["step"])
 
 

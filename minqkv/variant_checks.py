@@ -1,7 +1,9 @@
 """Gradient checks of a whole tiny GPT in each attention variant (`minqkv gradcheck --variant`).
 
 Every parameter of the model is checked against central differences in float64: the
-projections however they are tied, the rotation, the 2-D position bias, the gates.
+projections however they are tied, the rotation, the 2-D position bias, the gates. A gated model
+is checked on both paths of its hard-concrete gates: sampled (training, with one fixed noise
+draw replayed at every evaluation of the loss) and deterministic (evaluation).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ MODIFIER_LABELS = ["aaa+rotate", "aab+rotate", "aaa+pos2d", "aab+pos2d", "abc+ga
                    "abb+gqa2", "abc+gqa2", "abc+mqa", "abb+mqa", "abb+rotate+mqa", "abc+no-out-proj"]
 MODIFIER_CASES = [(label, GPTConfig.overrides_from_label(label)) for label in MODIFIER_LABELS]
 MODIFIER_CASES.append(("abc+per-layer", dict(layer_codes=["abb", "-a-"])))
+# the gates' deterministic path: the model in evaluation mode (the labels above run in training)
+MODIFIER_CASES += [("abc+gate (evaluation)", dict(code="abc", gate=True, training=False)),
+                   ("aaa+gate (evaluation)", dict(code="aaa", gate=True, training=False))]
 
 TINY = dict(vocab_size=5, block_size=4, n_layer=2, n_head=4, n_embd=8, dtype="float64")
 
@@ -36,20 +41,27 @@ def tiny_model(overrides: dict, seed: int = 0) -> GPT:
     """A GPT of TINY's sizes (2 layers, 8 wide, float64) unless overrides say otherwise, whose parameters
     are all moved off their initial values (zeros and ones at init would hide mistakes: a zero
     rotation generator is a special point)."""
+    overrides = {key: value for key, value in overrides.items() if key != "training"}
     model = GPT(GPTConfig(**{**TINY, **overrides}))
     rng = np.random.default_rng(seed)
-    for _, p in model.named_parameters():
-        p.data += 0.3 * rng.standard_normal(p.shape)
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1].startswith("gate_"):
+            p.data[:] = rng.uniform(-2.0, 2.0, p.shape)  # log-odds where gates are neither shut nor open
+        else:
+            p.data += 0.3 * rng.standard_normal(p.shape)
     return model
 
 
 def check_variant(label: str, overrides: dict, seed: int = 0) -> CheckResult:
     model = tiny_model(overrides, seed)
+    model.train(overrides.get("training", True))
     rng = np.random.default_rng(seed + 1)
     ids = rng.integers(0, TINY["vocab_size"], (2, TINY["block_size"]))
     targets = rng.integers(0, TINY["vocab_size"], (2, TINY["block_size"]))
+    noise_state = model.gate_rng.bit_generator.state
 
     def loss(*_params):
+        model.gate_rng.bit_generator.state = noise_state  # the same gate noise at every evaluation
         _, value = model(ids, targets)
         penalty = model.gate_penalty()
         return value + 0.1 * penalty if penalty is not None else value

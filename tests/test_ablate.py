@@ -112,3 +112,50 @@ def test_the_command_prints_the_table(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| abc | abc |" in printed and "| --a | --a |" in printed
+
+
+# ---- convergence, and the sweep of the gate penalty ------------------------------------------------
+
+
+def test_every_row_reports_the_steps_to_reach_canonical_final_loss_times_1_05(finished):
+    out, rows = finished
+    canonical = next(r for r in rows if r["variant"] == "abc")
+    curve = json.loads((out / "runs" / "abc-seed0" / "result.json").read_text())["eval_curve"]
+    first = next(step for step, loss in curve if loss <= 1.05 * canonical["val_loss"])
+    assert canonical["steps_to_target"] == first
+    assert "steps to canonical's final loss x 1.05" in (out / "results.md").read_text()
+
+
+def test_steps_to_reach_is_the_first_evaluated_step_at_or_below_the_target_mean_over_seeds():
+    runs = [{"eval_curve": [[100, 3.0], [200, 2.0], [300, 1.0]]}, {"eval_curve": [[100, 1.5], [200, 1.0]]}]
+    assert ablate.steps_to_reach(runs, 2.0) == 150.0
+
+
+def test_a_run_that_never_reaches_the_target_shows_a_dash():
+    assert ablate.steps_to_reach([{"eval_curve": [[100, 3.0], [200, 2.5]]}], 2.0) is None
+    assert ablate._cell({"steps_to_target": None}, "steps_to_target", "{:,.0f}") == "-"
+
+
+def test_the_prune_preset_runs_each_gated_variant_once_per_penalty_next_to_static_variants():
+    plan = ablate.plan_sweep("prune", "synthetic:copy")
+    variants = [r["variant"] for r in plan["runs"]]
+    assert variants[:5] == ["abc", "aab", "abb", "aaa", "--a"]
+    gated = [r for r in plan["runs"] if r["overrides"].get("gate")]
+    assert len(gated) >= 4
+    assert sorted(r["train_overrides"]["gate_penalty"] for r in gated) == ablate.PRESETS["prune"]["gate_penalties"]
+    assert gated[0]["variant"] == "abc+gate(L=0.003)"
+    assert plan["model"] == dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
+    assert {k: plan["train"][k] for k in ("steps", "batch_size", "lr", "min_lr", "warmup_steps")} == dict(
+        steps=2000, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100)
+
+
+def test_a_penalty_sweep_trains_each_penalty_and_plots_quality_against_matrices_kept(tmp_path, monkeypatch):
+    tiny = {**ablate.PRESETS["tiny"], "variants": "abc,aab,abc+gate", "gate_penalties": [0.0, 10.0]}
+    tiny["train"] = {**tiny["train"], "steps": 20, "warmup_steps": 0, "gate_lr": 2.0}
+    monkeypatch.setitem(ablate.PRESETS, "tiny-prune", tiny)
+    rows = ablate.run_sweep("tiny-prune", "synthetic:copy", tmp_path, progress=False)
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["abc"]["projections"] == "3/3" and by_name["aab"]["projections"] == "2/3"
+    assert by_name["abc+gate(L=10)"]["projections_kept"] < by_name["abc+gate(L=0)"]["projections_kept"]
+    paths = ablate.write_plots(tmp_path, rows)
+    assert tmp_path / "pruning.png" in paths and (tmp_path / "pruning.png").stat().st_size > 0

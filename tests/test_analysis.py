@@ -117,15 +117,15 @@ def test_identity_roles_have_no_projection_and_no_overlap():
 def test_gated_model_reports_gates_effective_matrices_and_pruned_codes():
     model = tiny_model("abc", gate=True)
     for role in "qkv":
-        getattr(model.blocks[0].attn, f"gate_{role}").data[:] = 2.0  # gate 0.88: kept
-    model.blocks[1].attn.gate_q.data[:] = -4.0  # gate 0.018: prune() drops layer 1's query projection
+        getattr(model.blocks[0].attn, f"gate_{role}").data[:] = 2.0  # gate 0.96: kept, folded
+    model.blocks[1].attn.gate_q.data[:] = -4.0  # gate exactly 0: prune() drops layer 1's query projection
     result = analyze_model(model, batches())
     json.dumps(result)
     first = result["layers"][0]
-    assert first["gates"] == {role: pytest.approx(1 / (1 + np.exp(-2.0))) for role in "qkv"}
+    assert first["gates"] == {role: pytest.approx(1.2 / (1 + np.exp(-2.0)) - 0.1) for role in "qkv"}
     assert {"effective_q", "effective_k", "effective_v"} <= set(first["projections"])
     assert result["pruned_codes"] == ["abc", "-ab"]
-    assert "after prune(0.5): abc -ab" in format_report(result)
+    assert "after prune(0.0): abc -ab" in format_report(result)
 
 
 def test_gated_effective_matrix_at_gate_zero_is_the_identity():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minqkv.attention import (ALL_CODES, AttentionSpec, CausalSelfAttention, KVCache, attend,
-                              names_of, parse_code)
+                              hard_concrete, names_of, parse_code)
 from minqkv.model import GPT, GPTConfig
 from minqkv.optim import AdamW
 from minqkv.tensor import Tensor, no_grad
@@ -387,29 +387,59 @@ def test_trained_rotation_makes_shared_query_key_scores_asymmetric(rotated_model
 # ---- gates and the position bias -------------------------------------------------------------
 
 
+def deterministic_gate(log_alpha: float) -> float:
+    """clip(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1) with gamma = -0.1, zeta = 1.1."""
+    return min(1.0, max(0.0, 1.2 / (1 + np.exp(-log_alpha)) - 0.1))
+
+
 def test_gate_mixes_projection_with_identity():
-    attn = perturbed_attention(spec(code="abc", n_embd=C, n_head=H, gate=True))
+    attn = perturbed_attention(spec(code="abc", n_embd=C, n_head=H, gate=True)).eval()
     attn.gate_q.data[:] = 0.3
     x = random_input()
-    g = 1 / (1 + np.exp(-0.3))
+    g = deterministic_gate(0.3)
     expected = g * (x.data @ attn.w_q.data) + (1 - g) * x.data  # out = g xW + (1-g) x
     q, _, _ = attn.project(x)
     np.testing.assert_allclose(q.data, heads(expected), rtol=1e-13, atol=1e-13)
 
 
+def test_a_sampled_gate_follows_the_stretched_logistic_formula():
+    log_alpha, u = 0.7, np.array([0.3])
+    s = 1 / (1 + np.exp(-(np.log(u / (1 - u)) + log_alpha) / (2 / 3)))
+    z = hard_concrete(Tensor(np.array([log_alpha])), u)
+    np.testing.assert_allclose(z.data, np.clip(s * 1.2 - 0.1, 0, 1), rtol=1e-14)
+
+
+def test_a_training_layer_draws_fresh_gate_noise_and_an_evaluating_one_none():
+    attn = perturbed_attention(spec(code="abc", n_embd=C, n_head=H, gate=True))
+    attn.gate_rng = np.random.default_rng(5)
+    attn.gate_q.data[:] = 0.0  # undecided: every draw gives another z
+    x = random_input()
+    first, second = attn.project(x)[0].data, attn.project(x)[0].data
+    assert not np.allclose(first, second)
+    attn.eval()
+    state = attn.gate_rng.bit_generator.state
+    assert np.array_equal(attn.project(x)[0].data, attn.project(x)[0].data)
+    assert attn.gate_rng.bit_generator.state == state
+
+
+def test_hard_concrete_gates_are_exactly_zero_or_one_in_most_noisy_draws_far_from_zero():
+    noise = np.random.default_rng(0).uniform(1e-6, 1, size=1000)
+    z = hard_concrete(Tensor(np.full(1000, 3.0)), noise).data
+    assert 0.7 < np.mean(z == 1.0) < 1.0
+    assert np.all((z >= 0) & (z <= 1))
+
+
 def test_a_gated_role_applies_its_folded_weight():
-    attn = perturbed_attention(spec(code="aab", gate=True))
+    attn = perturbed_attention(spec(code="aab", gate=True)).eval()
     attn.gate_k.data[:] = -0.7
     x = random_input()
     _, k, _ = attn.project(x)
     np.testing.assert_allclose(k.data, heads(x.data @ attn.folded_weight("k")), rtol=1e-12, atol=1e-12)
 
 
-def test_gates_start_equal_and_strictly_between_identity_and_projection():
+def test_gates_start_open_and_equal_so_a_gated_model_first_learns_as_the_plain_one():
     attn = CausalSelfAttention(spec(code="abc", n_embd=C, n_head=H, gate=True))
-    gates = {float(attn.gate(role).data[0]) for role in "qkv"}
-    assert len(gates) == 1
-    assert 0 < gates.pop() < 1
+    assert {attn.gate_value(role) for role in "qkv"} == {1.0}
 
 
 def test_only_full_width_projections_are_gated():

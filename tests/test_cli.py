@@ -150,6 +150,17 @@ def test_train_writes_its_files_and_prints_a_summary_and_a_sample(capsys, tmp_pa
     assert len(sample) == len("ROMEO:\n") + 30 + 1  # prompt, 30 sampled characters, print's newline
 
 
+def test_train_with_gates_reports_the_decisions_and_the_matrices_kept(capsys, tmp_path, text_file):
+    out_dir = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "--data", text_file, "--out", str(out_dir), "--gate",
+                           "--gate-penalty", "1", "--gate-lr", "0.5", "--sample-tokens", "0", *TINY_TRAIN)
+    assert code == 0
+    final = json.loads((out_dir / "final.json").read_text())
+    assert {"gates", "pruned_codes", "projections_kept", "projections_total", "val_loss_before_pruning",
+            "val_loss_after_pruning"} <= set(final)
+    assert f"{final['projections_kept']} of 3 projection matrices kept" in out
+
+
 def test_train_on_a_text_without_the_sample_prompts_characters_succeeds(capsys, tmp_path):
     path = tmp_path / "lower.txt"
     path.write_text("the cat sat on the mat. the dog ate the log. " * 80)

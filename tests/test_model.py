@@ -15,8 +15,9 @@ TINY = dict(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, n_embd=WIDT
 
 
 def tiny_gpt(seed: int = 0, **overrides) -> GPT:
-    """A 2-layer float64 GPT with every parameter moved off its initial value."""
-    return tiny_model({**TINY, **overrides}, seed)
+    """A 2-layer float64 GPT with every parameter moved off its initial value, in evaluation mode
+    (deterministic gates)."""
+    return tiny_model({**TINY, **overrides}, seed).eval()
 
 
 def labelled(label: str) -> dict:
@@ -205,7 +206,7 @@ def test_generate_reads_a_prompt_that_fits_in_block_size_whole(monkeypatch):
 
 
 def test_generate_leaves_the_training_mode_as_it_was():
-    model = tiny_gpt()
+    model = tiny_gpt().train()
     model.generate(random_ids(T=2), 2, rng=np.random.default_rng(0))
     assert model.training
     model.eval()
@@ -236,15 +237,46 @@ def test_variant_label_lists_the_distinct_per_layer_codes():
 
 
 def set_gates(model: GPT, logits: dict) -> None:
-    """logits: {(layer, role): gate logit}; +8 is a gate of ~1, -8 a gate of ~0."""
+    """logits: {(layer, role): gate log-odds}; +8 is a gate of exactly 1, -8 a gate of exactly 0."""
     for (layer, role), value in logits.items():
         getattr(model.blocks[layer].attn, f"gate_{role}").data[:] = value
 
 
-def test_gate_penalty_is_the_sum_of_all_gates():
+def test_gate_penalty_is_the_expected_number_of_open_gates():
     model = tiny_gpt(**labelled("abc+gate"))
+    log_alphas = [float(getattr(b.attn, f"gate_{r}").data[0]) for b in model.blocks for r in "qkv"]
+    # P(z > 0) = sigmoid(log_alpha - beta log(-gamma / zeta)), beta = 2/3, gamma = -0.1, zeta = 1.1
+    expected = sum(1 / (1 + np.exp(-(a - 2 / 3 * np.log(0.1 / 1.1)))) for a in log_alphas)
     assert len(model.gates()) == 6
-    assert float(model.gate_penalty().data) == pytest.approx(sum(model.gates().values()), rel=1e-12)
+    assert float(model.gate_penalty().data) == pytest.approx(expected, rel=1e-12)
+
+
+def test_gates_far_past_the_stretch_are_exactly_shut_or_open():
+    model = tiny_gpt(**labelled("abc+gate"))
+    set_gates(model, {(0, "q"): -2.5, (0, "k"): 2.5, (0, "v"): 0.0})
+    gates = model.gates()
+    assert (gates[(0, "q")], gates[(0, "k")]) == (0.0, 1.0)
+    assert gates[(0, "v")] == pytest.approx(0.5)  # sigmoid(0) (zeta - gamma) + gamma
+
+
+def test_pruned_model_computes_the_gated_models_deterministic_logits_with_gates_shut_open_and_between():
+    model = tiny_gpt(**labelled("abc+gate"))
+    set_gates(model, {(0, "q"): -8, (0, "k"): 8, (0, "v"): 0.4, (1, "q"): 8, (1, "k"): 8, (1, "v"): -8})
+    ids = random_ids()
+    pruned = model.prune()
+    assert pruned.config.layer_codes == ["-ab", "ab-"]
+    np.testing.assert_allclose(full_logits(pruned, ids), full_logits(model, ids), rtol=0, atol=1e-12)
+
+
+def test_an_open_gate_leaves_its_weight_exactly_as_trained():
+    model = tiny_gpt(**labelled("abc+gate"))
+    set_gates(model, {(0, "q"): 8})
+    assert np.array_equal(model.prune().blocks[0].attn.w_q.data, model.blocks[0].attn.w_q.data)
+
+
+def test_projections_kept_counts_each_tied_matrix_once():
+    assert tiny_gpt(layer_codes=["abc", "aab"]).projections_kept() == 5
+    assert tiny_gpt(layer_codes=["---", "-a-"]).projections_kept() == 1
 
 
 def test_gate_penalty_of_an_ungated_model_is_none():

@@ -32,7 +32,8 @@ def torch_attention(P: dict, prefix: str, config: GPTConfig, code: str, x):
         roles = "".join(r for r, ch in zip("qkv", code) if ch == letter)
         out = x @ P[f"{prefix}w_{roles}"]
         if config.gate and out.shape[-1] == C:
-            g = torch.sigmoid(P[f"{prefix}gate_{role}"])
+            # the deterministic hard-concrete gate: clip(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)
+            g = torch.clamp(torch.sigmoid(P[f"{prefix}gate_{role}"]) * 1.2 - 0.1, 0, 1)
             out = g * out + (1 - g) * x
         return out
 
@@ -84,11 +85,14 @@ def test_loss_and_every_gradient_match_pytorch(overrides):
     config = GPTConfig(**{**TINY, **overrides})
     model = GPT(config)
     rng = np.random.default_rng(0)
-    for _, p in model.named_parameters():  # off the initial values: identity rotation, zero bias
+    for name, p in model.named_parameters():  # off the initial values: identity rotation, zero bias
         p.data += 0.3 * rng.standard_normal(p.shape)
+        if ".gate_" in name:
+            p.data[:] = rng.uniform(-2, 2, p.shape)  # undecided gates: not clipped, so they get a gradient
     ids = rng.integers(0, config.vocab_size, (3, config.block_size))
     targets = rng.integers(0, config.vocab_size, (3, config.block_size))
 
+    model.eval()  # gates: their deterministic path (the sampled one is gradient-checked)
     _, loss = model(ids, targets)
     model.zero_grad()
     loss.backward()

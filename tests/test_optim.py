@@ -281,3 +281,17 @@ def test_clip_returns_a_non_finite_norm_without_touching_grads(bad):
 def test_clip_needs_a_positive_max_norm():
     with pytest.raises(ValueError, match="max_norm must be > 0"):
         clip_grad_norm([], 0.0)
+
+
+def test_a_parameter_with_an_lr_scale_moves_that_many_times_further():
+    plain, scaled = Parameter(np.zeros(3)), Parameter(np.zeros(3))
+    opt = AdamW([("plain", plain), ("gate", scaled)], lr=0.01, weight_decay=0.0, lr_scale={"gate": 5.0})
+    plain.grad, scaled.grad = np.ones(3), np.ones(3)
+    opt.step()
+    np.testing.assert_allclose(scaled.data, 5.0 * plain.data, rtol=1e-12)
+    assert plain.data[0] == pytest.approx(-0.01)
+
+
+def test_lr_scale_of_an_unknown_parameter_is_refused():
+    with pytest.raises(ValueError, match="not parameters"):
+        AdamW([("w", Parameter(np.zeros(2)))], lr_scale={"gate_q": 2.0})

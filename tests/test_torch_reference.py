@@ -87,6 +87,7 @@ CASES = [
     Case("tanh", ops.tanh, torch.tanh, [normal(3, 4) * 3]),
     Case("sigmoid", ops.sigmoid, torch.sigmoid, [normal(3, 4) * 5]),
     Case("relu", ops.relu, torch.relu, [away_from_zero(3, 4)]),
+    Case("clip", lambda x: ops.clip(x, -0.5, 0.8), lambda x: torch.clamp(x, -0.5, 0.8), [normal(4, 5)]),
     Case("gelu", ops.gelu, lambda x: F.gelu(x, approximate="tanh"), [normal(3, 4) * 3]),
     Case("sum all", lambda x: ops.sum(x), torch.sum, [normal(3, 4)]),
     Case("sum axis", lambda x: ops.sum(x, axis=1), lambda x: x.sum(1), [normal(2, 3, 4)]),

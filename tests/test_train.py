@@ -191,6 +191,19 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(text_file, tmp_path
         assert resumed[key] == whole[key], key
 
 
+def test_a_resumed_gated_run_draws_the_same_gate_noise_as_the_uninterrupted_one(text_file, tmp_path):
+    model = dict(gate=True)
+    whole = run(text_file, tmp_path / "whole", model=model, gate_penalty=0.05)
+    with pytest.raises(Interrupt):
+        run(text_file, tmp_path / "split", model=model, gate_penalty=0.05, on_step=stop_at(6))
+    resumed = run(text_file, tmp_path / "split", model=model, gate_penalty=0.05, resume=True)
+    meta_whole, arrays_whole = saved_arrays(tmp_path / "whole")
+    meta_split, arrays_split = saved_arrays(tmp_path / "split")
+    assert_bitwise_equal(arrays_whole, arrays_split)
+    assert meta_whole["gate_rng"] == meta_split["gate_rng"]
+    assert resumed["gates"] == whole["gates"] and resumed["train_loss"] == whole["train_loss"]
+
+
 def test_resume_with_other_settings_lists_every_difference(text_file, tmp_path):
     run(text_file, tmp_path / "run", steps=4)
     with pytest.raises(ValueError, match="only steps may change") as info:
@@ -286,6 +299,8 @@ def test_non_finite_gradients_never_reach_a_checkpoint(text_file, tmp_path, monk
 def test_a_gated_run_writes_a_pruned_checkpoint_and_reports_both_losses(text_file, tmp_path):
     final = run(text_file, tmp_path / "run", model=dict(code="abc", gate=True), gate_penalty=0.01)
     assert set(final["gates"]) == {"0.q", "0.k", "0.v"}
+    assert final["projections_total"] == 3
+    assert final["projections_kept"] == 3 - sum(g == 0.0 for g in final["gates"].values())
     assert final["val_loss_before_pruning"] == final["val_loss"]
     assert np.isfinite(final["val_loss_after_pruning"]) and np.isfinite(final["val_bpc_after_pruning"])
     pruned, _, _ = load_model(tmp_path / "run" / "pruned")
@@ -293,6 +308,20 @@ def test_a_gated_run_writes_a_pruned_checkpoint_and_reports_both_losses(text_fil
     assert pruned.config.layer_codes == final["pruned_codes"]
     assert pruned.num_parameters() == final["pruned_params"]
     assert "gates" in metric_lines(tmp_path / "run")[-1]
+
+
+def test_a_strong_penalty_shuts_gates_exactly_and_pruning_keeps_the_loss(text_file, tmp_path):
+    final = run(text_file, tmp_path / "run", model=dict(code="abc", gate=True, dtype="float64"),
+                steps=40, gate_penalty=1.0, gate_lr=0.5)
+    assert 0.0 in final["gates"].values()
+    assert final["val_loss_after_pruning"] == pytest.approx(final["val_loss_before_pruning"], rel=1e-12)
+
+
+def test_gates_learn_at_their_own_rate_and_other_parameters_at_lr(text_file, tmp_path):
+    corpus = train_module.load_corpus(text_file)
+    model, opt = train_module.build(GPTConfig(**MODEL, gate=True), TrainConfig(lr=1e-3, gate_lr=0.05), corpus)
+    assert opt.lr_scale == {f"blocks.0.attn.gate_{r}": pytest.approx(50.0) for r in "qkv"}
+    assert not any(opt.decays(name, p) for name, p in model.named_parameters() if ".gate_" in name)
 
 
 def test_pruning_a_gated_run_with_every_gate_kept_does_not_change_its_loss(text_file, tmp_path):
@@ -320,6 +349,7 @@ def test_pruning_a_gated_run_with_every_gate_kept_does_not_change_its_loss(text_
     (dict(beta2=-0.5), r"beta2 must be in \[0, 1\)"),
     (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
     (dict(prune_threshold=1.5), r"prune_threshold must be in \[0, 1\]"),
+    (dict(gate_lr=0.0), "gate_lr must be positive"),
     (dict(seed=-1), "seed must be >= 0"),
 ])
 def test_invalid_train_config_raises_with_the_reason(overrides, message):
