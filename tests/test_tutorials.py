@@ -13,10 +13,8 @@ import pytest
 TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("[0-9][0-9]_*.py"))
 
 
-def test_there_are_tutorials():
-    # lessons 1-8 and 10 are here; lesson 9 (09_gates_and_pruning.py) lands on its own branch,
-    # and this becomes >= 10 once it has
-    assert len(TUTORIALS) >= 9
+def test_the_course_has_its_ten_lessons():
+    assert [path.name[:2] for path in TUTORIALS] == [f"{n:02d}" for n in range(1, 11)]
 
 
 def draws(path: Path) -> bool:
