@@ -122,8 +122,11 @@ def _check_sweep_file(out: Path, plan: dict) -> None:
 # ---- one run, in its own process ----------------------------------------------------------
 
 
-def run_one(job: dict, progress_queue=None) -> dict:
-    """Train one (variant, seed), measure decoding, save run_dir/result.json; never raises."""
+def run_one(job: dict, progress_queue=None, corpus=None) -> dict:
+    """Train one (variant, seed), measure decoding, save run_dir/result.json; never raises.
+
+    corpus, when given, is the already loaded data named job["data"] (a Dask worker gets the text, not the file).
+    """
     run_dir = Path(job["run_dir"])
     key = f"{job['variant']} seed {job['seed']}"
     try:
@@ -139,7 +142,8 @@ def run_one(job: dict, progress_queue=None) -> dict:
                 progress_queue.put((key, step))
 
         resume = checkpoint_path(run_dir).exists()  # an interrupted run continues
-        final = train(model_config, train_config, resume=resume, progress=False, on_step=report)
+        final = train(model_config, train_config, resume=resume, progress=False, on_step=report,
+                      corpus=corpus)
         measured_dir = run_dir / "pruned" if model_config.gate else run_dir
         # sizes, FLOPs and decoding are measured on the model as deployed (pruned if gated)
         result = {**final, **measure_decoding(measured_dir), "eval_curve": _eval_curve(run_dir),

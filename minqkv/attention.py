@@ -278,8 +278,9 @@ class KVCache:
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention whose Q, K, V projections follow the layer's code."""
 
-    def __init__(self, spec: AttentionSpec, dtype=np.float32, rng: np.random.Generator | None = None,
+    def __init__(self, spec: AttentionSpec, dtype=None, rng: np.random.Generator | None = None,
                  dropout_rng: np.random.Generator | None = None, gate_rng: np.random.Generator | None = None):
+        dtype = np.dtype(spec.config.dtype if dtype is None else dtype)  # default: the config's
         rng = rng if rng is not None else np.random.default_rng(0)
         self.spec = spec
         c = spec.config

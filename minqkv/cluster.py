@@ -190,29 +190,15 @@ class _StdoutProgress:
         print(PROGRESS_PREFIX + str(item[1]), flush=True)
 
 
-def _serve_text(spec: str, text: str) -> None:
-    """Make the trainer read the shipped text for `spec`, so the run records the user's path.
-
-    The worker has no such file; training from a copy under another name would write that
-    name into final.json and the checkpoint, and the results would differ from a local sweep.
-    """
-    from . import data, train
-
-    original = train.load_corpus
-
-    def load_corpus(name, cache_dir=None, seed=0):
-        return data._split_text(spec, text) if name == spec else original(name, cache_dir, seed)
-
-    train.load_corpus = load_corpus
-
-
 def _main() -> None:
     from .ablate import run_one
+    from .data import text_corpus
 
     message = json.load(sys.stdin)
-    if message["text"] is not None:
-        _serve_text(message["job"]["data"], message["text"])
-    run_one(message["job"], _StdoutProgress())
+    job, text = message["job"], message["text"]
+    # the worker has no such file: the shipped text under the user's name, so the run records that path
+    corpus = text_corpus(job["data"], text) if text is not None else None
+    run_one(job, _StdoutProgress(), corpus)
 
 
 # ---- on the client ---------------------------------------------------------------------------

@@ -160,7 +160,8 @@ class TextCorpus(Corpus):
         return ids[offsets], ids[offsets + 1]  # y is x shifted one character on
 
 
-def _split_text(name: str, text: str) -> TextCorpus:
+def text_corpus(name: str, text: str) -> TextCorpus:
+    """A text as a corpus: its characters are the vocabulary, the last 10% is held out for validation."""
     tokenizer = CharTokenizer.from_text(text)
     if tokenizer.vocab_size < 2:  # the next character is always known: the loss falls to 0
         raise ValueError(f"data {name!r} holds a single distinct character ({tokenizer.chars!r}); "
@@ -341,7 +342,7 @@ def load_corpus(spec: str, cache_dir=None, seed: int = 0) -> Corpus:
         raise TypeError(f"load_corpus: spec must be a string, got {type(spec).__name__}")
     spec = os.fspath(spec)
     if spec == "shakespeare":
-        return _split_text("shakespeare", shakespeare_text(cache_dir))
+        return text_corpus("shakespeare", shakespeare_text(cache_dir))
     if spec.startswith("synthetic:"):
         return _task_corpus(spec, seed)
     if not os.path.exists(spec):
@@ -350,4 +351,4 @@ def load_corpus(spec: str, cache_dir=None, seed: int = 0) -> Corpus:
             f"data spec {spec!r} is neither a known corpus nor an existing file: valid specs are "
             f"'shakespeare', 'synthetic:TASK' (TASK one of {tasks}), or a path to a UTF-8 text file"
         )
-    return _split_text(spec, read_text_file(spec))
+    return text_corpus(spec, read_text_file(spec))

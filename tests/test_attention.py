@@ -475,3 +475,9 @@ def test_variant_gradients_match_finite_differences(label, overrides):
     result = check_variant(label, overrides)
     assert result.passed, f"{label}: max relative error {result.max_rel_err:.2e}"
     assert result.max_rel_err < 1e-6
+
+
+def test_attention_takes_its_dtype_from_the_config_unless_told():
+    config = GPTConfig(code="abb", n_embd=8, n_head=2, n_layer=1, dtype="float64")
+    assert CausalSelfAttention(config.attention_spec(0)).w_q.dtype == np.float64
+    assert CausalSelfAttention(config.attention_spec(0), dtype=np.float32).w_q.dtype == np.float32
