@@ -279,7 +279,7 @@ class CausalSelfAttention(Module):
         x W with x; the rotation turns each key head. With a cache, x holds only the new tokens and k, v also cover the cached ones (Tk = past + T).
         """
         s = self.spec
-        proj = {letter: x @ self.weight(letter) for letter in s.letters()}  # (B, T, width): a tied weight once
+        proj = dict(zip(s.letters(), ops.matmul_each(x, [self.weight(L) for L in s.letters()])))  # one GEMM
         q, k, v = (x if letter == "-" else self.gated(role, proj[letter], x)
                    for role, letter in zip(ROLES, s.code))
         if cache is not None:
