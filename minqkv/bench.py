@@ -51,7 +51,8 @@ def _compare(ours, reference, repeats, warmup, rounds, settle):
 
 def _matmul_cases():
     """(name, a shape, b shape, dtype, trans_a, trans_b): square GEMMs, then a char-GPT's
-    products with B*T = 4096 tokens, C = 128 channels, 4 heads of 32, T = 128."""
+    products with B*T = 4096 tokens, C = 128 channels, 4 heads of 32, T = 128 (the default model),
+    then with B*T = 768 tokens, T = 64 (nanoGPT's CPU shape)."""
     f32, f64 = np.float32, np.float64
     return [
         ("gemm square", (128, 128), (128, 128), f32, False, False),
@@ -65,6 +66,12 @@ def _matmul_cases():
         ("gpt attention scores", (64, 128, 32), (64, 32, 128), f32, False, False),
         ("gpt attention scores, q k^T", (64, 128, 32), (64, 128, 32), f32, False, True),
         ("gpt attention @ values", (64, 128, 128), (64, 128, 32), f32, False, False),
+        ("nanogpt qkv projection", (768, 128), (128, 384), f32, False, False),
+        ("nanogpt out projection", (768, 128), (128, 128), f32, False, False),
+        ("nanogpt mlp down", (768, 512), (512, 128), f32, False, False),
+        ("nanogpt mlp up, grad weight", (768, 128), (768, 512), f32, True, False),
+        ("nanogpt attention scores, q k^T", (48, 64, 32), (48, 64, 32), f32, False, True),
+        ("nanogpt attention @ values", (48, 64, 64), (48, 64, 32), f32, False, False),
     ]
 
 
