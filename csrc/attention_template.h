@@ -18,7 +18,7 @@ static ALWAYS_INLINE REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n)
 
 /* One head, rows [i0, i1) of its queries: q, y (T, hd); k, v (Tk, hd); bias (T, Tk) or NULL;
  * lse (T,). Row i sees keys 0 .. i + Tk - T. */
-static void NAME(attention_rows)(const REAL *q, const REAL *k, const REAL *v, const REAL *bias,
+static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const REAL *v, const REAL *bias,
                                  REAL *y, REAL *lse, int64_t i0, int64_t i1, int64_t T, int64_t Tk,
                                  int64_t hd, REAL scale)
 {
@@ -97,7 +97,7 @@ int NAME(minqkv_attention)(const REAL *q, const REAL *k, const REAL *v, const RE
  *   p = e^(s - lse_i), dp = dy_i . v_j, ds = p (dp - D_i) with D_i = dy_i . y_i
  *   dv_j += p dy_i;  dk_j += scale ds q_i;  dq_i += scale ds k_j;  dbias[h, i, j] += ds
  * This call owns dk and dv of its head, dq of its query heads, and adds into their dbias rows. */
-static void NAME(attention_backward_head)(const REAL *q, const REAL *k, const REAL *v,
+static HOT_KERNEL void NAME(attention_backward_head)(const REAL *q, const REAL *k, const REAL *v,
                                           const REAL *bias, const REAL *y, const REAL *lse,
                                           const REAL *dy, REAL *dq, REAL *dk, REAL *dv,
                                           REAL *dbias, int64_t group, int64_t T, int64_t Tk,

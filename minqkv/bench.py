@@ -182,6 +182,8 @@ STEP_SHAPES = {
     "default": (4, 4, 128, 128, 32),  # minqkv's GPTConfig defaults and train's batch size
 }
 VOCAB_SIZE = 65  # the characters of Shakespeare
+LONG_SHAPE = (4, 32)  # --long: 4 heads of 32 (width 128), batch 1
+LONG_LENGTHS = (1024, 2048, 4096, 8192)
 
 
 def _step_minqkv(shape, seed):
@@ -285,7 +287,52 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def step_worker(side, shape_name, threads, warmup, seed=0):
+def _attention_minqkv(T, seed):
+    """Forward and backward of minqkv's fused causal attention (ops.causal_attention), batch 1."""
+    from . import ops
+    from .tensor import Tensor
+
+    rng = np.random.default_rng(seed)
+    n_head, head_dim = LONG_SHAPE
+    q, k, v = (Tensor(rng.standard_normal((1, n_head, T, head_dim)).astype(np.float32), requires_grad=True)
+               for _ in range(3))
+    dy = rng.standard_normal((1, n_head, T, head_dim)).astype(np.float32)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        ops.causal_attention(q, k, v).backward(dy)
+
+    return step
+
+
+def _attention_torch(T, seed):
+    """The same in PyTorch: scaled_dot_product_attention(is_causal=True), forward and backward."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    n_head, head_dim = LONG_SHAPE
+    q, k, v = (torch.randn(1, n_head, T, head_dim, requires_grad=True) for _ in range(3))
+    dy = torch.randn(1, n_head, T, head_dim)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dy)
+
+    return step
+
+
+def _workload(side, workload, seed):
+    """The step function of a workload name: a STEP_SHAPES name, or 'attention-T'."""
+    if workload.startswith("attention-"):
+        T = int(workload.split("-")[1])
+        return _attention_torch(T, seed) if side == "torch" else _attention_minqkv(T, seed)
+    return _step_torch(STEP_SHAPES[workload], seed) if side == "torch" else _step_minqkv(STEP_SHAPES[workload], seed)
+
+
+def step_worker(side, workload, threads, warmup, seed=0):
     """The child process of one side: build, warm up, then answer `run N` lines on stdin with the
     N step times (JSON) and `quit` with its memory; see run_step_bench."""
     import json
@@ -295,10 +342,9 @@ def step_worker(side, shape_name, threads, warmup, seed=0):
         import torch
 
         torch.set_num_threads(threads)
-        step = _step_torch(STEP_SHAPES[shape_name], seed)
     else:
         kernels.set_num_threads(threads)
-        step = _step_minqkv(STEP_SHAPES[shape_name], seed)
+    step = _workload(side, workload, seed)
     rss_before = _rss_mb()
     for _ in range(warmup):
         step()
@@ -321,7 +367,7 @@ def step_worker(side, shape_name, threads, warmup, seed=0):
 class _Side:
     """A step_worker child process and the pipe to it."""
 
-    def __init__(self, side, shape_name, threads, warmup):
+    def __init__(self, side, workload, threads, warmup):
         import json
         import subprocess
         import sys
@@ -330,7 +376,7 @@ class _Side:
         env = dict(os.environ, MINQKV_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                    OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         code = (f"from minqkv.bench import step_worker; "
-                f"step_worker({side!r}, {shape_name!r}, {threads}, {warmup})")
+                f"step_worker({side!r}, {workload!r}, {threads}, {warmup})")
         self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env)
         self._answer()  # ready
@@ -436,3 +482,53 @@ def profile_step(shape_name="nanogpt-cpu", steps=10, top=25):
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
     return out.getvalue()
+
+
+def run_long_bench(lengths=LONG_LENGTHS, threads=(1,), rounds=3, steps_per_round=1, with_torch=None):
+    """Causal attention forward + backward at long sequences (batch 1, 4 heads of 32): minqkv's
+    fused kernel next to PyTorch's scaled_dot_product_attention, each in its own process.
+    Returns one dict per (T, threads): ms, tokens/s and peak RSS of each side, and the ratio."""
+    with_torch = torch_available() if with_torch is None else with_torch
+    sides = ("minqkv", "torch") if with_torch else ("minqkv",)
+    rows = []
+    for T in lengths:
+        for n in threads:
+            workers = {side: _Side(side, f"attention-{T}", n, warmup=1) for side in sides}
+            seconds = {side: [] for side in sides}
+            for _ in range(rounds):
+                for side in sides:
+                    seconds[side] += workers[side].ask(f"run {steps_per_round}")["seconds"]
+            row = {"T": T, "threads": n, "n_head": LONG_SHAPE[0], "head_dim": LONG_SHAPE[1]}
+            for side in sides:
+                memory = workers[side].finish()
+                ms = statistics.median(seconds[side]) * 1e3
+                row[f"{side}_ms"] = round(ms, 2)
+                row[f"{side}_tokens_per_s"] = round(T / ms * 1e3)
+                row[f"{side}_peak_mb"] = round(memory["peak_mb"], 1)
+                row[f"{side}_step_mb"] = round(memory["step_mb"], 1)
+            if with_torch:
+                row["ratio"] = round(row["minqkv_ms"] / row["torch_ms"], 3)
+            rows.append(row)
+    return rows
+
+
+def format_long_table(rows):
+    """The rows of run_long_bench as a text table."""
+    with_torch = bool(rows) and "torch_ms" in rows[0]
+    header = ["T", "threads", "minqkv ms", "tok/s", "growth MB"]
+    if with_torch:
+        header += ["torch ms", "tok/s", "growth MB", "ratio"]
+    lines = []
+    for row in rows:
+        cells = [str(row["T"]), str(row["threads"]), f"{row['minqkv_ms']:.1f}", f"{row['minqkv_tokens_per_s']:,}",
+                 f"{row['minqkv_step_mb']:.1f}"]
+        if with_torch:
+            cells += [f"{row['torch_ms']:.1f}", f"{row['torch_tokens_per_s']:,}", f"{row['torch_step_mb']:.1f}",
+                      f"{row['ratio']:.2f}x"]
+        lines.append(cells)
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    render = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    footer = ("causal attention forward + backward, batch 1, 4 heads of 32; growth MB: peak RSS during the "
+              "timed calls minus RSS before them; " + ("ratio = minqkv ms / torch ms" if with_torch
+                                                       else "PyTorch is not installed: minqkv's side only"))
+    return "\n".join([render(header), "  ".join("-" * w for w in widths)] + [render(c) for c in lines] + [footer])

@@ -285,6 +285,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--threads", type=_thread_list, default=(1, 2),
                    help="thread counts for --step, comma-separated (default 1,2)")
     p.add_argument("--rounds", type=int, default=5, help="--step: alternating rounds per side")
+    p.add_argument("--long", action="store_true",
+                   help="causal attention forward + backward at T = 1k..8k (batch 1) next to PyTorch's SDPA")
     p.add_argument("--profile", action="store_true",
                    help="--step: print where minqkv's step spends its time (cProfile) instead")
     p.set_defaults(run=cmd_bench)
@@ -306,6 +308,10 @@ def cmd_bench(args) -> int:
 
     if args.step and args.profile:
         print(bench.profile_step())
+        return 0
+    if args.long:
+        rows = bench.run_long_bench(threads=args.threads)
+        print(json.dumps(rows, indent=2) if args.json else bench.format_long_table(rows))
         return 0
     if args.step:
         if not bench.torch_available() and not args.json:

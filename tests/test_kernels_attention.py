@@ -108,3 +108,11 @@ def test_attention_c_gives_the_same_bits_on_any_thread_count(with_bias):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+def test_long_bench_times_minqkv_attention_and_says_when_torch_is_absent():
+    from minqkv.bench import format_long_table, run_long_bench
+
+    rows = run_long_bench(lengths=(64,), rounds=1, with_torch=False)
+    assert [row["T"] for row in rows] == [64] and rows[0]["minqkv_ms"] > 0 and "ratio" not in rows[0]
+    assert "PyTorch is not installed" in format_long_table(rows)
