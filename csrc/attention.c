@@ -15,8 +15,9 @@
 #include "minqkv.h"
 #include "internal.h"
 
-#define QUERY_BLOCK 8
+#define QUERY_BLOCK 16
 #define KEY_BLOCK 64
+#define HEAD_CHUNK 64 /* the head dimension is read in chunks of this many (any hd works) */
 
 /* Below this many multiply-adds (~0.2 ms of work on one core) a call runs on one thread. */
 #define PARALLEL_MIN_WORK (1 << 21)

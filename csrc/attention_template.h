@@ -17,12 +17,19 @@ static ALWAYS_INLINE REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n)
 }
 
 /* One head, rows [i0, i1) of its queries: q, y (T, hd); k, v (Tk, hd); bias (T, Tk) or NULL;
- * lse (T,). Row i sees keys 0 .. i + Tk - T. */
-static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const REAL *v, const REAL *bias,
-                                 REAL *y, REAL *lse, int64_t i0, int64_t i1, int64_t T, int64_t Tk,
-                                 int64_t hd, REAL scale)
+ * lse (T,). Row i sees keys 0 .. i + Tk - T.
+ *
+ * Loop order, per block of keys [j0, j1): first the scores of every row of the block against
+ * every key of it, as outer products: a chunk of the key block is copied transposed into
+ * key_columns (head dimension by key), so that for each q[i][d] the inner loop runs along
+ * contiguous keys (vector registers hold consecutive keys, no horizontal sums). Then, row by
+ * row, the online softmax update and the weighted sum of the block's values into y[i]. */
+static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const REAL *v,
+                                            const REAL *bias, REAL *y, REAL *lse, int64_t i0,
+                                            int64_t i1, int64_t T, int64_t Tk, int64_t hd, REAL scale)
 {
     REAL scores[QUERY_BLOCK][KEY_BLOCK];
+    REAL key_columns[HEAD_CHUNK][KEY_BLOCK];
     REAL row_max[QUERY_BLOCK], row_sum[QUERY_BLOCK];
     int64_t rows = i1 - i0;
     for (int64_t r = 0; r < rows; r++) {
@@ -33,16 +40,33 @@ static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const 
     }
     int64_t last_visible = i1 - 1 + Tk - T; /* the last key the block's last row sees */
     for (int64_t j0 = 0; j0 <= last_visible; j0 += KEY_BLOCK) {
-        int64_t j1 = min_i64(j0 + KEY_BLOCK, last_visible + 1);
+        int64_t width = min_i64(KEY_BLOCK, last_visible + 1 - j0); /* keys [j0, j0 + width) */
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t jj = 0; jj < width; jj++)
+                scores[r][jj] = 0;
+        for (int64_t d0 = 0; d0 < hd; d0 += HEAD_CHUNK) {
+            int64_t chunk = min_i64(HEAD_CHUNK, hd - d0);
+            for (int64_t jj = 0; jj < width; jj++)
+                for (int64_t d = 0; d < chunk; d++)
+                    key_columns[d][jj] = k[(j0 + jj) * hd + d0 + d];
+            for (int64_t r = 0; r < rows; r++) {
+                const REAL *qi = q + (i0 + r) * hd + d0;
+                for (int64_t d = 0; d < chunk; d++) {
+                    REAL q_id = qi[d];
+#pragma omp simd
+                    for (int64_t jj = 0; jj < width; jj++)
+                        scores[r][jj] += q_id * key_columns[d][jj];
+                }
+            }
+        }
         for (int64_t r = 0; r < rows; r++) {
-            int64_t i = i0 + r, visible_end = min_i64(j1, i + Tk - T + 1); /* keys [j0, visible_end) */
-            if (visible_end <= j0)
+            int64_t i = i0 + r, visible = min_i64(width, i + Tk - T + 1 - j0); /* keys j0 .. j0 + visible - 1 */
+            if (visible <= 0)
                 continue;
-            const REAL *qi = q + i * hd;
             REAL block_max = -INFINITY;
-            for (int64_t j = j0; j < visible_end; j++) {
-                REAL s = NAME(dot)(qi, k + j * hd, hd) * scale + (bias ? bias[i * Tk + j] : 0);
-                scores[r][j - j0] = s;
+            for (int64_t jj = 0; jj < visible; jj++) {
+                REAL s = scores[r][jj] * scale + (bias ? bias[i * Tk + j0 + jj] : 0);
+                scores[r][jj] = s;
                 block_max = s > block_max ? s : block_max;
             }
             REAL new_max = block_max > row_max[r] ? block_max : row_max[r];
@@ -54,10 +78,17 @@ static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const 
                     yi[d] *= shrink;
             }
             row_max[r] = new_max;
-            for (int64_t j = j0; j < visible_end; j++) {
-                REAL p = EXP(scores[r][j - j0] - new_max);
-                const REAL *vj = v + j * hd;
-                row_sum[r] += p;
+            REAL block_sum = 0;
+#pragma omp simd reduction(+ : block_sum)
+            for (int64_t jj = 0; jj < visible; jj++) { /* scores become probabilities (unnormalised) */
+                REAL p = EXP(scores[r][jj] - new_max);
+                scores[r][jj] = p;
+                block_sum += p;
+            }
+            row_sum[r] += block_sum;
+            for (int64_t jj = 0; jj < visible; jj++) {
+                REAL p = scores[r][jj];
+                const REAL *vj = v + (j0 + jj) * hd;
 #pragma omp simd
                 for (int64_t d = 0; d < hd; d++)
                     yi[d] += p * vj[d];

@@ -119,9 +119,9 @@ def _row(name, dtype, shape, ours, reference, unit, ours_seconds, reference_seco
         "bench": name,
         "dtype": np.dtype(dtype).name,
         "shape": shape,
-        "minqkv": round(ours, 2),
-        "reference": round(reference, 2),
-        "ratio": round(ours / reference, 3),
+        "minqkv": float(f"{ours:.4g}"),  # significant digits: a stalled call still shows above 0
+        "reference": float(f"{reference:.4g}"),
+        "ratio": float(f"{ours / reference:.4g}"),
         "unit": unit,
         "minqkv_ms": round(ours_seconds * 1e3, 4),
         "reference_ms": round(reference_seconds * 1e3, 4),
