@@ -23,16 +23,39 @@ static ALWAYS_INLINE REAL NAME(tanh)(REAL u)
     return u < 0 ? -t : t;
 }
 
-/* x, y: (n,). y = 0.5 x (1 + tanh(c (x + a x^3))); y may be x. */
-int NAME(minqkv_gelu)(const REAL *x, REAL *y, int64_t n, int num_threads)
+/* The loops of GELU over one span of elements, each its own thread's share. */
+static HOT_KERNEL void NAME(gelu_span)(const REAL *x, REAL *y, int64_t n)
 {
-    if (n < 0 || (n > 0 && (!x || !y)))
-        return MINQKV_BAD_ARGUMENT;
-#pragma omp parallel for simd num_threads(layer_threads(n, num_threads)) schedule(static)
+#pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         REAL xi = x[i];
         REAL t = NAME(tanh)(GELU_C * xi * (1 + GELU_A * xi * xi));
         y[i] = (REAL)0.5 * xi * (1 + t);
+    }
+}
+
+static HOT_KERNEL void NAME(gelu_backward_span)(const REAL *x, const REAL *dy, REAL *dx, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        REAL xi = x[i], x2 = xi * xi;
+        REAL t = NAME(tanh)(GELU_C * xi * (1 + GELU_A * x2));
+        REAL d_inner = GELU_C * (1 + 3 * GELU_A * x2);
+        dx[i] = dy[i] * ((REAL)0.5 * (1 + t) + (REAL)0.5 * xi * (1 - t * t) * d_inner);
+    }
+}
+
+/* x, y: (n,). y = 0.5 x (1 + tanh(c (x + a x^3))); y may be x. Threads take equal spans. */
+int NAME(minqkv_gelu)(const REAL *x, REAL *y, int64_t n, int num_threads)
+{
+    if (n < 0 || (n > 0 && (!x || !y)))
+        return MINQKV_BAD_ARGUMENT;
+    int threads = layer_threads(n, num_threads);
+    int64_t span = (n + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t start = min_i64(n, t * span);
+        NAME(gelu_span)(x + start, y + start, min_i64(span, n - start));
     }
     return MINQKV_OK;
 }
@@ -42,12 +65,12 @@ int NAME(minqkv_gelu_backward)(const REAL *x, const REAL *dy, REAL *dx, int64_t 
 {
     if (n < 0 || (n > 0 && (!x || !dy || !dx)))
         return MINQKV_BAD_ARGUMENT;
-#pragma omp parallel for simd num_threads(layer_threads(n, num_threads)) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        REAL xi = x[i], x2 = xi * xi;
-        REAL t = NAME(tanh)(GELU_C * xi * (1 + GELU_A * x2));
-        REAL d_inner = GELU_C * (1 + 3 * GELU_A * x2);
-        dx[i] = dy[i] * ((REAL)0.5 * (1 + t) + (REAL)0.5 * xi * (1 - t * t) * d_inner);
+    int threads = layer_threads(n, num_threads);
+    int64_t span = (n + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t start = min_i64(n, t * span);
+        NAME(gelu_backward_span)(x + start, dy + start, dx + start, min_i64(span, n - start));
     }
     return MINQKV_OK;
 }
