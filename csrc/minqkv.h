@@ -89,4 +89,101 @@ int minqkv_softmax_backward_f32(const float *y, const float *dy, float *dx, int6
 int minqkv_softmax_backward_f64(const double *y, const double *dy, double *dx, int64_t rows, int64_t n,
                                 int num_threads);
 
+
+/* ---- GELU, tanh approximation (as GPT-2) ----
+ *
+ *   x, y, dy, dx : (n,), contiguous
+ *   forward:  y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))                (y may be x)
+ *   backward: dx = dy * d/dx of the same                                         (dx may be dy)
+ */
+int minqkv_gelu_f32(const float *x, float *y, int64_t n, int num_threads);
+int minqkv_gelu_f64(const double *x, double *y, int64_t n, int num_threads);
+int minqkv_gelu_backward_f32(const float *x, const float *dy, float *dx, int64_t n, int num_threads);
+int minqkv_gelu_backward_f64(const double *x, const double *dy, double *dx, int64_t n, int num_threads);
+
+/* ---- Layer norm over the last axis ----
+ *
+ *   x, y, dy, dx     : (rows, C), contiguous, C >= 1
+ *   weight, bias     : (C,); bias may be NULL (no shift)
+ *   mean, rstd       : (rows,), written by the forward pass for the backward pass
+ *   dweight, dbias   : (C,), overwritten; dbias may be NULL
+ *   forward:  mean = mean(x), rstd = 1 / sqrt(mean((x - mean)^2) + eps), xhat = (x - mean) * rstd,
+ *             y = xhat * weight + bias                                      (row by row)
+ *   backward: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * weight;
+ *             dweight = sum over rows of dy * xhat, dbias = sum over rows of dy
+ */
+int minqkv_layer_norm_f32(const float *x, const float *weight, const float *bias, float *y,
+                          float *mean, float *rstd, int64_t rows, int64_t C, double eps, int num_threads);
+int minqkv_layer_norm_f64(const double *x, const double *weight, const double *bias, double *y,
+                          double *mean, double *rstd, int64_t rows, int64_t C, double eps, int num_threads);
+int minqkv_layer_norm_backward_f32(const float *x, const float *weight, const float *mean,
+                                   const float *rstd, const float *dy, float *dx, float *dweight,
+                                   float *dbias, int64_t rows, int64_t C, int num_threads);
+int minqkv_layer_norm_backward_f64(const double *x, const double *weight, const double *mean,
+                                   const double *rstd, const double *dy, double *dx, double *dweight,
+                                   double *dbias, int64_t rows, int64_t C, int num_threads);
+
+/* ---- Cross-entropy of integer targets under softmax(logits), loss and gradient in one pass ----
+ *
+ *   logits, dlogits : (rows, V), contiguous, V >= 1
+ *   targets, losses : (rows,); a target is in [0, V) or equals ignore_index (else the call is refused)
+ *   losses[r]  = logsumexp(logits[r]) - logits[r][targets[r]]      (0 for an ignored row)
+ *   dlogits[r] = (softmax(logits[r]) - onehot(targets[r])) * scale (0 for an ignored row);
+ *   dlogits may be NULL when no gradient is wanted.
+ */
+int minqkv_cross_entropy_f32(const float *logits, const int64_t *targets, int64_t ignore_index,
+                             float *losses, float *dlogits, double scale, int64_t rows, int64_t V,
+                             int num_threads);
+int minqkv_cross_entropy_f64(const double *logits, const int64_t *targets, int64_t ignore_index,
+                             double *losses, double *dlogits, double scale, int64_t rows, int64_t V,
+                             int num_threads);
+
+/* ---- AdamW update, in place ----
+ *
+ *   param, grad, m, v : (n,), contiguous; param, m and v are updated in place
+ *   m = beta1 m + (1 - beta1) grad;  v = beta2 v + (1 - beta2) grad^2
+ *   param = param * decay_factor - step_size * m / (sqrt(v) / bias2_sqrt + eps)
+ * with decay_factor = 1 - lr * weight_decay (1: no decay), step_size = lr / (1 - beta1^t) and
+ * bias2_sqrt = sqrt(1 - beta2^t) > 0 at the parameter's t-th update. Scalars are rounded once to
+ * the element type.
+ */
+int minqkv_adamw_f32(float *param, const float *grad, float *m, float *v, int64_t n, double beta1,
+                     double beta2, double decay_factor, double step_size, double bias2_sqrt,
+                     double eps, int num_threads);
+int minqkv_adamw_f64(double *param, const double *grad, double *m, double *v, int64_t n, double beta1,
+                     double beta2, double decay_factor, double step_size, double bias2_sqrt,
+                     double eps, int num_threads);
+
+
+/* ---- Fused causal attention (flash-attention style: no (T, Tk) score matrix is stored) ----
+ *
+ *   q, y, dy, dq : (B, H, T, hd)      k, v, dk, dv : (B, Hkv, Tk, hd), Tk >= T, H a multiple of Hkv
+ *   bias, dbias  : (H, T, Tk) or NULL (no additive bias; dbias NULL: its gradient is not wanted)
+ *   lse          : (B, H, T), written by the forward pass for the backward pass
+ * all contiguous. Query head h reads key/value head h / (H / Hkv) (grouped-query attention).
+ * Query row i sits at position Tk - T + i and sees keys j <= i + (Tk - T).
+ *   forward:  s_ij = scale q_i . k_j + bias[h][i][j]; lse_i = log(sum_j e^(s_ij));
+ *             y_i = sum_j e^(s_ij - lse_i) v_j                          (over visible j)
+ *   backward: with p_ij = e^(s_ij - lse_i), dp_ij = dy_i . v_j, ds_ij = p_ij (dp_ij - dy_i . y_i):
+ *             dq_i = scale sum_j ds_ij k_j; dk_j = scale sum_i ds_ij q_i; dv_j = sum_i p_ij dy_i;
+ *             dbias[h][i][j] = sum over the batch of ds_ij          (dq, dk, dv, dbias overwritten)
+ * Threads share (batch row, head) pairs.
+ */
+int minqkv_attention_f32(const float *q, const float *k, const float *v, const float *bias, float *y,
+                         float *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
+                         int64_t hd, double scale, int num_threads);
+int minqkv_attention_f64(const double *q, const double *k, const double *v, const double *bias,
+                         double *y, double *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T,
+                         int64_t Tk, int64_t hd, double scale, int num_threads);
+int minqkv_attention_backward_f32(const float *q, const float *k, const float *v, const float *bias,
+                                  const float *y, const float *lse, const float *dy, float *dq,
+                                  float *dk, float *dv, float *dbias, int64_t B, int64_t H,
+                                  int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, double scale,
+                                  int num_threads);
+int minqkv_attention_backward_f64(const double *q, const double *k, const double *v,
+                                  const double *bias, const double *y, const double *lse,
+                                  const double *dy, double *dq, double *dk, double *dv,
+                                  double *dbias, int64_t B, int64_t H, int64_t Hkv, int64_t T,
+                                  int64_t Tk, int64_t hd, double scale, int num_threads);
+
 #endif

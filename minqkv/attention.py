@@ -221,14 +221,23 @@ def _check_code_fits_heads(s: AttentionSpec) -> None:
 # ---- the attention every variant shares ---------------------------------------------------------
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout=None) -> tuple:
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout=None,
+           maps: bool = True) -> tuple:
     """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, Tk, hd) -> y (B, T, H*hd), scores, weights.
 
     Query i sits at position Tk - T + i: it sees keys 0 .. Tk - T + i. bias (H, T, Tk) is added
     to the scores; dropout, a callable, acts on the weights. scores (before the mask) and
     weights (after the softmax, before dropout) are (B, H, T, Tk), for analysis.
+
+    maps=False says the scores and weights are not wanted: then, unless dropout is active, one
+    fused kernel (ops.causal_attention) computes y without ever storing a (T, Tk) matrix, and
+    scores and weights are None. The steps below are its reference.
     """
     B, H, T, hd = q.shape
+    dropout_active = dropout is not None and getattr(dropout, "p", 1) > 0 and getattr(dropout, "training", True)
+    if not maps and not dropout_active:
+        y = ops.causal_attention(q, k, v, bias)  # (B, H, T, hd)
+        return ops.transpose(y, (0, 2, 1, 3)).reshape(B, T, H * hd), None, None
     Hkv, Tk = k.shape[1], k.shape[2]
     q = q.reshape(B, Hkv, H // Hkv, T, hd)  # (B, Hkv, G, T, hd): a group of G query heads per key head
     k = k.reshape(B, Hkv, 1, Tk, hd)  # (B, Hkv, 1, Tk, hd): broadcast over the G heads of its group
@@ -313,7 +322,7 @@ class CausalSelfAttention(Module):
         x W with x; the rotation turns each key head. With a cache, x holds only the new tokens and k, v also cover the cached ones (Tk = past + T).
         """
         s = self.spec
-        proj = {letter: x @ self.weight(letter) for letter in s.letters()}  # (B, T, width): a tied weight once
+        proj = dict(zip(s.letters(), ops.matmul_each(x, [self.weight(L) for L in s.letters()])))  # one GEMM
         q, k, v = (x if letter == "-" else self.gated(role, proj[letter], x)
                    for role, letter in zip(ROLES, s.code))
         if cache is not None:

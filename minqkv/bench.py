@@ -18,6 +18,7 @@ the cores from the other library and make the comparison say more about the sche
 about the kernels.
 """
 
+import os
 import statistics
 import time
 
@@ -50,7 +51,8 @@ def _compare(ours, reference, repeats, warmup, rounds, settle):
 
 def _matmul_cases():
     """(name, a shape, b shape, dtype, trans_a, trans_b): square GEMMs, then a char-GPT's
-    products with B*T = 4096 tokens, C = 128 channels, 4 heads of 32, T = 128."""
+    products with B*T = 4096 tokens, C = 128 channels, 4 heads of 32, T = 128 (the default model),
+    then with B*T = 768 tokens, T = 64 (nanoGPT's CPU shape)."""
     f32, f64 = np.float32, np.float64
     return [
         ("gemm square", (128, 128), (128, 128), f32, False, False),
@@ -64,6 +66,12 @@ def _matmul_cases():
         ("gpt attention scores", (64, 128, 32), (64, 32, 128), f32, False, False),
         ("gpt attention scores, q k^T", (64, 128, 32), (64, 128, 32), f32, False, True),
         ("gpt attention @ values", (64, 128, 128), (64, 128, 32), f32, False, False),
+        ("nanogpt qkv projection", (768, 128), (128, 384), f32, False, False),
+        ("nanogpt out projection", (768, 128), (128, 128), f32, False, False),
+        ("nanogpt mlp down", (768, 512), (512, 128), f32, False, False),
+        ("nanogpt mlp up, grad weight", (768, 128), (768, 512), f32, True, False),
+        ("nanogpt attention scores, q k^T", (48, 64, 32), (48, 64, 32), f32, False, True),
+        ("nanogpt attention @ values", (48, 64, 64), (48, 64, 32), f32, False, False),
     ]
 
 
@@ -111,9 +119,9 @@ def _row(name, dtype, shape, ours, reference, unit, ours_seconds, reference_seco
         "bench": name,
         "dtype": np.dtype(dtype).name,
         "shape": shape,
-        "minqkv": round(ours, 2),
-        "reference": round(reference, 2),
-        "ratio": round(ours / reference, 3),
+        "minqkv": float(f"{ours:.4g}"),  # significant digits: a stalled call still shows above 0
+        "reference": float(f"{reference:.4g}"),
+        "ratio": float(f"{ours / reference:.4g}"),
         "unit": unit,
         "minqkv_ms": round(ours_seconds * 1e3, 4),
         "reference_ms": round(reference_seconds * 1e3, 4),
@@ -153,3 +161,374 @@ def format_table(rows):
     footer = (f"minqkv backend: {', '.join(backends)}, threads: {', '.join(threads)}; "
               "ratio = minqkv / numpy (above 1: minqkv faster)")
     return "\n".join([render(header), rule] + [render(cells) for cells in lines] + [footer])
+
+
+# ---- one training step, minqkv next to PyTorch -------------------------------------------------
+#
+# A step is forward, backward and an AdamW update of the same GPT: pre-LayerNorm blocks, one
+# fused attention per layer, a tanh-GELU MLP, tied output head, AdamW with betas (0.9, 0.95) and
+# weight decay 0.1 on the matrices. PyTorch's side is written below with
+# torch.nn.functional.scaled_dot_product_attention (what nanoGPT uses).
+#
+# Each side runs in its own fresh process, so that its peak memory (getrusage's maxrss, which
+# sees C and PyTorch allocations, unlike tracemalloc) is its own and the two libraries' thread
+# pools never compete. The parent asks the two processes in turn for `steps_per_round` timed
+# steps, `rounds` times, so a burst of load from elsewhere hits both sides alike; a side's time
+# is the median over all its timed steps.
+
+STEP_SHAPES = {
+    # name: (n_layer, n_head, n_embd, block_size, batch_size)
+    "nanogpt-cpu": (4, 4, 128, 64, 12),  # nanoGPT's shakespeare_char settings for a CPU
+    "default": (4, 4, 128, 128, 32),  # minqkv's GPTConfig defaults and train's batch size
+}
+VOCAB_SIZE = 65  # the characters of Shakespeare
+LONG_SHAPE = (4, 32)  # --long: 4 heads of 32 (width 128), batch 1
+LONG_LENGTHS = (1024, 2048, 4096, 8192)
+
+
+def _step_minqkv(shape, seed):
+    """A function that runs one training step of minqkv's GPT on a fixed random batch."""
+    from .model import GPT, GPTConfig
+    from .optim import AdamW
+
+    n_layer, n_head, n_embd, block_size, batch_size = shape
+    model = GPT(GPTConfig(vocab_size=VOCAB_SIZE, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                          block_size=block_size, seed=seed))
+    optimizer = AdamW(model.named_parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB_SIZE, (batch_size, block_size + 1))
+
+    def step():
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        model.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _step_torch(shape, seed):
+    """The same step in PyTorch: the same GPT, written with scaled_dot_product_attention."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    n_layer, n_head, n_embd, block_size, batch_size = shape
+    torch.manual_seed(seed)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+            self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)  # one GEMM for Q, K and V
+            self.out = nn.Linear(n_embd, n_embd, bias=False)
+            self.fc, self.proj = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, H, T, hd)
+                       for t in self.qkv(self.ln_1(x)).split(C, dim=2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+            x = x + self.out(y.transpose(1, 2).reshape(B, T, C))
+            return x + self.proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token_embedding = nn.Embedding(VOCAB_SIZE, n_embd)
+            self.position_embedding = nn.Embedding(block_size, n_embd)
+            self.blocks = nn.ModuleList(Block() for _ in range(n_layer))
+            self.ln_f = nn.LayerNorm(n_embd)
+
+        def forward(self, ids, targets):
+            x = self.token_embedding(ids) + self.position_embedding(torch.arange(ids.shape[1]))
+            for block in self.blocks:
+                x = block(x)
+            logits = self.ln_f(x) @ self.token_embedding.weight.T  # tied head: (B, T, V)
+            return F.cross_entropy(logits.view(-1, VOCAB_SIZE), targets.reshape(-1))
+
+    model = GPT()
+    decayed = [p for name, p in model.named_parameters() if p.dim() == 2 and "embedding" not in name]
+    others = [p for name, p in model.named_parameters() if not (p.dim() == 2 and "embedding" not in name)]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1},
+                                   {"params": others, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95))
+    ids = torch.randint(0, VOCAB_SIZE, (batch_size, block_size + 1))
+
+    def step():
+        loss = model(ids[:, :-1], ids[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def torch_available():
+    """Whether PyTorch can be imported (checked in a child, so this process never loads it)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
+    return done.returncode == 0
+
+
+def _rss_mb():
+    """This process's resident memory now, in MiB (Linux), or 0 where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _peak_rss_mb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _attention_minqkv(T, seed):
+    """Forward and backward of minqkv's fused causal attention (ops.causal_attention), batch 1."""
+    from . import ops
+    from .tensor import Tensor
+
+    rng = np.random.default_rng(seed)
+    n_head, head_dim = LONG_SHAPE
+    q, k, v = (Tensor(rng.standard_normal((1, n_head, T, head_dim)).astype(np.float32), requires_grad=True)
+               for _ in range(3))
+    dy = rng.standard_normal((1, n_head, T, head_dim)).astype(np.float32)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        ops.causal_attention(q, k, v).backward(dy)
+
+    return step
+
+
+def _attention_torch(T, seed):
+    """The same in PyTorch: scaled_dot_product_attention(is_causal=True), forward and backward."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    n_head, head_dim = LONG_SHAPE
+    q, k, v = (torch.randn(1, n_head, T, head_dim, requires_grad=True) for _ in range(3))
+    dy = torch.randn(1, n_head, T, head_dim)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dy)
+
+    return step
+
+
+def _workload(side, workload, seed):
+    """The step function of a workload name: a STEP_SHAPES name, or 'attention-T'."""
+    if workload.startswith("attention-"):
+        T = int(workload.split("-")[1])
+        return _attention_torch(T, seed) if side == "torch" else _attention_minqkv(T, seed)
+    return _step_torch(STEP_SHAPES[workload], seed) if side == "torch" else _step_minqkv(STEP_SHAPES[workload], seed)
+
+
+def step_worker(side, workload, threads, warmup, seed=0):
+    """The child process of one side: build, warm up, then answer `run N` lines on stdin with the
+    N step times (JSON) and `quit` with its memory; see run_step_bench."""
+    import json
+    import sys
+
+    if side == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    else:
+        kernels.set_num_threads(threads)
+    step = _workload(side, workload, seed)
+    rss_before = _rss_mb()
+    for _ in range(warmup):
+        step()
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        command = line.split()
+        if command[0] == "run":
+            times = []
+            for _ in range(int(command[1])):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            print(json.dumps({"seconds": times}), flush=True)
+        else:
+            print(json.dumps({"peak_mb": _peak_rss_mb(), "step_mb": _peak_rss_mb() - rss_before}),
+                  flush=True)
+            return
+
+
+class _Side:
+    """A step_worker child process and the pipe to it."""
+
+    def __init__(self, side, workload, threads, warmup):
+        import json
+        import subprocess
+        import sys
+
+        self._json = json
+        env = dict(os.environ, MINQKV_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                   OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        code = (f"from minqkv.bench import step_worker; "
+                f"step_worker({side!r}, {workload!r}, {threads}, {warmup})")
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=env)
+        self._answer()  # ready
+
+    def _answer(self):
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the benchmark process {self.process.args[-1]!r} died "
+                               f"(exit status {self.process.wait()}); its error is printed above")
+        return self._json.loads(line)
+
+    def ask(self, command):
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def finish(self):
+        memory = self.ask("quit")
+        self.process.wait()
+        return memory
+
+
+def run_step_bench(threads=(1, 2), shapes=tuple(STEP_SHAPES), rounds=5, steps_per_round=4,
+                   warmup=3, with_torch=None):
+    """Time a training step of minqkv and (when installed) PyTorch, per shape and thread count.
+
+    Returns one dict per (shape, threads) with ms per step, tokens per second and peak memory
+    of each side, and ratio = minqkv ms / PyTorch ms (below 1: minqkv is faster)."""
+    if rounds < 1 or steps_per_round < 1 or warmup < 0:
+        raise ValueError(f"run_step_bench: rounds and steps_per_round must be >= 1 and warmup >= 0, "
+                         f"got {rounds}, {steps_per_round}, {warmup}")
+    for name in shapes:
+        if name not in STEP_SHAPES:
+            raise ValueError(f"run_step_bench: unknown shape {name!r}; use one of {', '.join(STEP_SHAPES)}")
+    with_torch = torch_available() if with_torch is None else with_torch
+    sides = ("minqkv", "torch") if with_torch else ("minqkv",)
+    rows = []
+    for name in shapes:
+        n_layer, n_head, n_embd, block_size, batch_size = STEP_SHAPES[name]
+        for n in threads:
+            workers = {side: _Side(side, name, n, warmup) for side in sides}
+            seconds = {side: [] for side in sides}
+            for _ in range(rounds):
+                for side in sides:  # in turn: while one runs, the other waits on its pipe
+                    seconds[side] += workers[side].ask(f"run {steps_per_round}")["seconds"]
+            row = {"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
+                   "block_size": block_size, "batch_size": batch_size, "threads": n,
+                   "backend": kernels.get_backend()}
+            for side in sides:
+                memory = workers[side].finish()
+                ms = statistics.median(seconds[side]) * 1e3
+                row[f"{side}_ms"] = round(ms, 2)
+                row[f"{side}_tokens_per_s"] = round(batch_size * block_size / ms * 1e3)
+                row[f"{side}_peak_mb"] = round(memory["peak_mb"], 1)
+                row[f"{side}_step_mb"] = round(memory["step_mb"], 1)
+            if with_torch:
+                row["ratio"] = round(row["minqkv_ms"] / row["torch_ms"], 3)
+            rows.append(row)
+    return rows
+
+
+def format_step_table(rows):
+    """The rows of run_step_bench as a text table, with a line saying how to read it."""
+    with_torch = bool(rows) and "torch_ms" in rows[0]
+    header = ["shape", "(L,H,C,T,B)", "threads", "minqkv ms", "tok/s", "peak MB"]
+    if with_torch:
+        header += ["torch ms", "tok/s", "peak MB", "ratio"]
+    lines = []
+    for row in rows:
+        sizes = f"({row['n_layer']},{row['n_head']},{row['n_embd']},{row['block_size']},{row['batch_size']})"
+        cells = [row["shape"], sizes, str(row["threads"]), f"{row['minqkv_ms']:.1f}",
+                 f"{row['minqkv_tokens_per_s']:,}", f"{row['minqkv_peak_mb']:.0f}"]
+        if with_torch:
+            cells += [f"{row['torch_ms']:.1f}", f"{row['torch_tokens_per_s']:,}",
+                      f"{row['torch_peak_mb']:.0f}", f"{row['ratio']:.2f}x"]
+        lines.append(cells)
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
+
+    def render(cells):
+        return "  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
+                         for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
+
+    footer = ("one step = forward + backward + AdamW; ms: median; peak MB: the process's peak RSS; "
+              + ("ratio = minqkv ms / torch ms (below 1: minqkv faster)" if with_torch
+                 else "PyTorch is not installed: minqkv's side only"))
+    return "\n".join([render(header), "  ".join("-" * w for w in widths)]
+                     + [render(cells) for cells in lines] + [footer])
+
+
+def profile_step(shape_name="nanogpt-cpu", steps=10, top=25):
+    """cProfile of minqkv's training step: the `top` functions by own time, as text."""
+    import cProfile
+    import io
+    import pstats
+
+    step = _step_minqkv(STEP_SHAPES[shape_name], seed=0)
+    step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def run_long_bench(lengths=LONG_LENGTHS, threads=(1,), rounds=3, steps_per_round=1, with_torch=None):
+    """Causal attention forward + backward at long sequences (batch 1, 4 heads of 32): minqkv's
+    fused kernel next to PyTorch's scaled_dot_product_attention, each in its own process.
+    Returns one dict per (T, threads): ms, tokens/s and peak RSS of each side, and the ratio."""
+    with_torch = torch_available() if with_torch is None else with_torch
+    sides = ("minqkv", "torch") if with_torch else ("minqkv",)
+    rows = []
+    for T in lengths:
+        for n in threads:
+            workers = {side: _Side(side, f"attention-{T}", n, warmup=1) for side in sides}
+            seconds = {side: [] for side in sides}
+            for _ in range(rounds):
+                for side in sides:
+                    seconds[side] += workers[side].ask(f"run {steps_per_round}")["seconds"]
+            row = {"T": T, "threads": n, "n_head": LONG_SHAPE[0], "head_dim": LONG_SHAPE[1]}
+            for side in sides:
+                memory = workers[side].finish()
+                ms = statistics.median(seconds[side]) * 1e3
+                row[f"{side}_ms"] = round(ms, 2)
+                row[f"{side}_tokens_per_s"] = round(T / ms * 1e3)
+                row[f"{side}_peak_mb"] = round(memory["peak_mb"], 1)
+                row[f"{side}_step_mb"] = round(memory["step_mb"], 1)
+            if with_torch:
+                row["ratio"] = round(row["minqkv_ms"] / row["torch_ms"], 3)
+            rows.append(row)
+    return rows
+
+
+def format_long_table(rows):
+    """The rows of run_long_bench as a text table."""
+    with_torch = bool(rows) and "torch_ms" in rows[0]
+    header = ["T", "threads", "minqkv ms", "tok/s", "growth MB"]
+    if with_torch:
+        header += ["torch ms", "tok/s", "growth MB", "ratio"]
+    lines = []
+    for row in rows:
+        cells = [str(row["T"]), str(row["threads"]), f"{row['minqkv_ms']:.1f}", f"{row['minqkv_tokens_per_s']:,}",
+                 f"{row['minqkv_step_mb']:.1f}"]
+        if with_torch:
+            cells += [f"{row['torch_ms']:.1f}", f"{row['torch_tokens_per_s']:,}", f"{row['torch_step_mb']:.1f}",
+                      f"{row['ratio']:.2f}x"]
+        lines.append(cells)
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    render = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    footer = ("causal attention forward + backward, batch 1, 4 heads of 32; growth MB: peak RSS during the "
+              "timed calls minus RSS before them; " + ("ratio = minqkv ms / torch ms" if with_torch
+                                                       else "PyTorch is not installed: minqkv's side only"))
+    return "\n".join([render(header), "  ".join("-" * w for w in widths)] + [render(c) for c in lines] + [footer])

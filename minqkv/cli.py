@@ -281,16 +281,50 @@ def cmd_gradcheck(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="GFLOPS of the C core next to NumPy/OpenBLAS")
+    p = sub.add_parser("bench", help="GFLOPS of the C core next to NumPy/OpenBLAS; --step: a training "
+                                     "step next to PyTorch")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--step", action="store_true",
+                   help="time one training step (forward, backward, AdamW) of minqkv and PyTorch")
+    p.add_argument("--threads", type=_thread_list, default=(1, 2),
+                   help="thread counts for --step, comma-separated (default 1,2)")
+    p.add_argument("--rounds", type=int, default=5, help="--step: alternating rounds per side")
+    p.add_argument("--long", action="store_true",
+                   help="causal attention forward + backward at T = 1k..8k (batch 1) next to PyTorch's SDPA")
+    p.add_argument("--profile", action="store_true",
+                   help="--step: print where minqkv's step spends its time (cProfile) instead")
     p.set_defaults(run=cmd_bench)
 
 
-def cmd_bench(args) -> int:
-    from .bench import format_table, run_bench
+def _thread_list(text: str) -> tuple:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--threads {text!r}: give thread counts >= 1 separated by "
+                                         "commas, e.g. --threads 1,2")
+    return counts
 
-    rows = run_bench()
-    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    if args.step and args.profile:
+        print(bench.profile_step())
+        return 0
+    if args.long:
+        rows = bench.run_long_bench(threads=args.threads)
+        print(json.dumps(rows, indent=2) if args.json else bench.format_long_table(rows))
+        return 0
+    if args.step:
+        if not bench.torch_available() and not args.json:
+            print("PyTorch is not installed: timing minqkv's side only", file=sys.stderr)
+        rows = bench.run_step_bench(threads=args.threads, rounds=args.rounds)
+        print(json.dumps(rows, indent=2) if args.json else bench.format_step_table(rows))
+        return 0
+    rows = bench.run_bench()
+    print(json.dumps(rows, indent=2) if args.json else bench.format_table(rows))
     return 0
 
 

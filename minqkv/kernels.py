@@ -1,9 +1,11 @@
-"""The Python face of minqkv's C core: matmul, softmax and softmax_backward.
+"""The Python face of minqkv's C core: matmul, softmax, GELU, layer norm, cross-entropy, AdamW.
 
 Each kernel exists twice with the same signature and meaning:
   matmul_c, softmax_c, softmax_backward_c              the C core (csrc/, through cffi)
   matmul_numpy, softmax_numpy, softmax_backward_numpy  a few lines of NumPy: the reference
-and `matmul`, `softmax`, `softmax_backward` call one or the other according to the backend:
+(and so on for gelu, gelu_backward, layer_norm, layer_norm_backward, cross_entropy, adamw_update,
+attention, attention_backward),
+and `matmul`, `softmax`, ... call one or the other according to the backend:
 
   set_backend("numpy")   # or "c"; the first value comes from $MINQKV_BACKEND (default "c")
 
@@ -28,6 +30,7 @@ side are best given MINQKV_NUM_THREADS=1 each.
 """
 
 import collections
+import functools
 import os
 import sys
 import warnings
@@ -204,6 +207,104 @@ def _check_softmax_backward(y, dy):
         raise ValueError("softmax_backward: y and dy must have at least 1 dimension, got 0-d arrays")
 
 
+def _check_same_shape(op, name_a, a, name_b, b):
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: {name_a} has shape {a.shape} but {name_b} has shape {b.shape}; "
+                         "they must be the same")
+
+
+def _check_gelu_backward(x, dy):
+    for name, array in (("x", x), ("dy", dy)):
+        _check_float_array("gelu_backward", name, array)
+    _check_same_dtype("gelu_backward", "x", x, "dy", dy)
+    _check_same_shape("gelu_backward", "x", x, "dy", dy)
+
+
+def _check_layer_norm(x, weight, bias, eps):
+    _check_float_array("layer_norm", "x", x)
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"layer_norm: x must have a last axis of at least 1 element, got shape {x.shape}")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None and name == "bias":
+            continue
+        _check_float_array("layer_norm", name, param)
+        _check_same_dtype("layer_norm", "x", x, name, param)
+        if param.shape != x.shape[-1:]:
+            raise ValueError(f"layer_norm: {name} has shape {param.shape} but x {x.shape} needs "
+                             f"({x.shape[-1]},)")
+    if not eps >= 0:
+        raise ValueError(f"layer_norm: eps must be >= 0, got {eps}")
+
+
+def _check_layer_norm_backward(x, weight, mean, rstd, dy, has_bias):
+    _check_layer_norm(x, weight, None, 0.0)
+    for name, array in (("mean", mean), ("rstd", rstd), ("dy", dy)):
+        _check_float_array("layer_norm_backward", name, array)
+        _check_same_dtype("layer_norm_backward", "x", x, name, array)
+    _check_same_shape("layer_norm_backward", "x", x, "dy", dy)
+    for name, array in (("mean", mean), ("rstd", rstd)):
+        if array.shape != x.shape[:-1] + (1,):
+            raise ValueError(f"layer_norm_backward: {name} has shape {array.shape} but x {x.shape} "
+                             f"needs {x.shape[:-1] + (1,)} (as layer_norm returns it)")
+
+
+def _check_cross_entropy(logits, targets, ignore_index):
+    _check_float_array("cross_entropy", "logits", logits)
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"cross_entropy: logits must be 2-D (rows, V) with V >= 1, got shape {logits.shape}")
+    if not isinstance(targets, np.ndarray) or targets.dtype.kind not in "iu":
+        raise TypeError("cross_entropy: targets must be a numpy array of integers")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy: targets have shape {targets.shape} but logits {logits.shape} "
+                         f"need ({logits.shape[0]},)")
+    V = logits.shape[1]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bad.any():
+        raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or equal ignore_index="
+                         f"{ignore_index}; found {targets[bad][0]}")
+
+
+def _check_adamw(param, grad, m, v, bias2_sqrt):
+    for name, array in (("param", param), ("grad", grad), ("m", m), ("v", v)):
+        _check_float_array("adamw_update", name, array)
+        _check_same_dtype("adamw_update", "param", param, name, array)
+        _check_same_shape("adamw_update", "param", param, name, array)
+        if name != "grad" and not array.flags.writeable:
+            raise ValueError(f"adamw_update: {name} is updated in place but is read-only")
+    if not bias2_sqrt > 0:
+        raise ValueError(f"adamw_update: bias2_sqrt must be > 0, got {bias2_sqrt}")
+
+
+def _check_attention(op, q, k, v, bias, extra=()):
+    """q (B, H, T, hd), k and v (B, Hkv, Tk, hd), bias (H, T, Tk) or None; extra: (name, array,
+    shape) of further arrays that must have that shape and q's dtype."""
+    for name, array in (("q", q), ("k", k), ("v", v)) + tuple((n, a) for n, a, _ in extra):
+        _check_float_array(op, name, array)
+        _check_same_dtype(op, "q", q, name, array)
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"{op}: q, k and v must be 4-D (B, heads, T, hd), got shapes {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    B, H, T, hd = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != hd:
+        raise ValueError(f"{op}: k {k.shape} and v {v.shape} must both be (B={B}, Hkv, Tk, hd={hd}) "
+                         f"for q {q.shape}")
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"{op}: q has {H} heads but k and v have {Hkv}; the key/value heads must "
+                         "divide the query heads (grouped-query attention)")
+    if Tk < T or hd == 0:
+        raise ValueError(f"{op}: k and v have Tk={Tk} positions for T={T} queries and head width "
+                         f"{hd}; causal attention needs Tk >= T and hd >= 1")
+    if bias is not None:
+        _check_float_array(op, "bias", bias)
+        _check_same_dtype(op, "q", q, "bias", bias)
+        if bias.shape != (H, T, Tk):
+            raise ValueError(f"{op}: bias has shape {bias.shape} but must be (H, T, Tk) = {(H, T, Tk)}")
+    for name, array, shape in extra:
+        if array.shape != shape:
+            raise ValueError(f"{op}: {name} has shape {array.shape} but must be {shape}")
+
+
 # ---- the NumPy twins ------------------------------------------------------------------
 
 
@@ -238,6 +339,130 @@ def softmax_backward_numpy(y, dy):
     return y * (dy - (dy * y).sum(axis=-1, keepdims=True))
 
 
+_GELU_C = float(np.sqrt(2.0 / np.pi))
+
+
+def gelu_numpy(x):
+    """GELU, tanh approximation (as in GPT-2): 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
+    _check_float_array("gelu", "x", x)
+    t = np.tanh(_GELU_C * x * (1 + 0.044715 * (x * x)))  # x^3 as x * x * x: a float power is slow
+    return 0.5 * x * (1 + t)
+
+
+def gelu_backward_numpy(x, dy):
+    """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)), t as in gelu."""
+    _check_gelu_backward(x, dy)
+    x2 = x * x
+    t = np.tanh(_GELU_C * x * (1 + 0.044715 * x2))
+    d_inner = _GELU_C * (1 + 3 * 0.044715 * x2)
+    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * d_inner)
+
+
+def layer_norm_numpy(x, weight, bias=None, eps=1e-5):
+    """Normalise the last axis, then scale and shift: returns (y, mean, rstd), the last two
+    (..., 1) for the backward pass; rstd = 1 / sqrt(variance + eps)."""
+    _check_layer_norm(x, weight, bias, eps)
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    rstd = 1.0 / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
+    y = centered * rstd * weight
+    return (y + bias if bias is not None else y), mean, rstd
+
+
+def layer_norm_backward_numpy(x, weight, mean, rstd, dy, has_bias=True):
+    """(dx, dweight, dbias or None) through layer_norm; mean and rstd are what it returned.
+    dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) with dxhat = dy * weight."""
+    _check_layer_norm_backward(x, weight, mean, rstd, dy, has_bias)
+    xhat = (x - mean) * rstd
+    dxhat = dy * weight
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    lead = tuple(range(x.ndim - 1))
+    return dx, (dy * xhat).sum(axis=lead), (dy.sum(axis=lead) if has_bias else None)
+
+
+def cross_entropy_numpy(logits, targets, ignore_index=-1, scale=1.0, want_grad=True):
+    """Per-row loss and gradient of integer targets under softmax: logits (rows, V), targets (rows,).
+    Returns (losses (rows,), dlogits (rows, V) or None): loss = logsumexp(z) - z[t] and
+    dlogits = (softmax(z) - onehot(t)) * scale; both 0 on rows whose target is ignore_index."""
+    _check_cross_entropy(logits, targets, ignore_index)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (rows, V)
+    keep = targets != ignore_index
+    rows = np.nonzero(keep)[0]
+    losses = np.zeros(len(targets), logits.dtype)
+    losses[rows] = -log_probs[rows, targets[rows]]
+    if not want_grad:
+        return losses, None
+    dlogits = np.exp(log_probs)
+    dlogits[rows, targets[rows]] -= 1
+    dlogits[~keep] = 0
+    return losses, dlogits * np.asarray(scale, logits.dtype)
+
+
+def adamw_update_numpy(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2_sqrt, eps):
+    """One AdamW update of param, m and v in place (see minqkv_adamw in csrc/minqkv.h):
+    m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p = p decay - step m / (sqrt(v) / bias2 + eps)."""
+    _check_adamw(param, grad, m, v, bias2_sqrt)
+    m *= beta1  # Python floats keep float32 arrays float32 (NumPy 2 promotion rules)
+    m += (1.0 - beta1) * grad
+    v *= beta2
+    v += (1.0 - beta2) * grad * grad
+    if decay_factor != 1.0:
+        param *= decay_factor
+    param -= step_size * (m / (np.sqrt(v) / bias2_sqrt + eps))
+
+
+def attention_numpy(q, k, v, bias=None, scale=None):
+    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, Tk, hd), fused: returns
+    (y (B, H, T, hd), lse (B, H, T)), lse the log-sum-exp of each query's scores for the backward
+    pass. Scores are scale * q k^T (+ bias (H, T, Tk)); query i sees keys j <= i + Tk - T; query
+    head h reads key/value head h // (H // Hkv). scale defaults to 1 / sqrt(hd)."""
+    _check_attention("attention", q, k, v, bias)
+    scores, visible = _attention_scores(q, k, bias, scale)  # (B, Hkv, G, T, Tk)
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)  # initial: for Tk = 0
+    lse = row_max + np.log(np.exp(scores - row_max).sum(axis=-1, keepdims=True))
+    weights = np.where(visible, np.exp(scores - lse), 0)
+    B, H, T, hd = q.shape
+    y = weights @ v[:, :, None]  # (B, Hkv, G, T, Tk) @ (B, Hkv, 1, Tk, hd)
+    return y.reshape(B, H, T, hd), lse.reshape(B, H, T)
+
+
+def _attention_scores(q, k, bias, scale):
+    """scale q k^T + bias with hidden keys at -inf, grouped (B, Hkv, G, T, Tk); and the mask."""
+    B, H, T, hd = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / np.sqrt(hd) if scale is None else scale
+    grouped = q.reshape(B, Hkv, H // Hkv, T, hd)
+    scores = (grouped @ np.swapaxes(k, -1, -2)[:, :, None]) * np.asarray(scale, q.dtype)
+    if bias is not None:
+        scores = scores + bias.reshape(Hkv, H // Hkv, T, Tk)
+    visible = np.arange(Tk)[None, :] <= np.arange(T)[:, None] + (Tk - T)  # (T, Tk)
+    return np.where(visible, scores, -np.inf).astype(q.dtype, copy=False), visible
+
+
+def attention_backward_numpy(q, k, v, bias, y, lse, dy, scale=None, want_dbias=True):
+    """(dq, dk, dv, dbias or None) through attention: with p = e^(s - lse) and
+    ds = p (dy v^T - sum(dy * y)), dq = scale ds k, dk = scale ds^T q, dv = p^T dy,
+    dbias = ds summed over the batch (and over nothing else)."""
+    B, H, T, hd = q.shape
+    _check_attention("attention_backward", q, k, v, bias,
+                     (("y", y, q.shape), ("lse", lse, (B, H, T)), ("dy", dy, q.shape)))
+    Hkv, Tk, G = k.shape[1], k.shape[2], H // k.shape[1]
+    scale = 1.0 / np.sqrt(hd) if scale is None else scale
+    scores, visible = _attention_scores(q, k, bias, scale)
+    p = np.where(visible, np.exp(scores - lse.reshape(B, Hkv, G, T, 1)), 0)  # (B, Hkv, G, T, Tk)
+    dy5 = dy.reshape(B, Hkv, G, T, hd)
+    row_dot = (dy5 * y.reshape(B, Hkv, G, T, hd)).sum(axis=-1, keepdims=True)  # D_i
+    ds = p * (dy5 @ np.swapaxes(v, -1, -2)[:, :, None] - row_dot)
+    scale = np.asarray(scale, q.dtype)
+    dq = (ds @ k[:, :, None]) * scale
+    dk = (np.swapaxes(ds, -1, -2) @ q.reshape(B, Hkv, G, T, hd)).sum(axis=2) * scale
+    dv = (np.swapaxes(p, -1, -2) @ dy5).sum(axis=2)
+    dbias = ds.sum(axis=0).reshape(H, T, Tk) if bias is not None and want_dbias else None
+    return dq.reshape(q.shape), dk, dv, dbias
+
+
 # ---- the C core ---------------------------------------------------------------------------
 
 
@@ -248,16 +473,18 @@ def _require_c(op, twin=None):
 
 
 # The C functions of one dtype, and ctype, the cffi array type of its elements.
-_CKernels = collections.namedtuple("_CKernels", "ctype gemm gemm_workspace gemm_naive softmax softmax_backward")
+_KERNEL_NAMES = ("gemm", "gemm_workspace", "gemm_naive", "softmax", "softmax_backward", "gelu",
+                 "gelu_backward", "layer_norm", "layer_norm_backward", "cross_entropy", "adamw",
+                 "attention", "attention_backward")
+_CKernels = collections.namedtuple("_CKernels", ("ctype",) + _KERNEL_NAMES)
 
 
+@functools.cache
 def _c_kernels(dtype):
-    """The C functions for a checked float dtype: 'f' is float32, 'd' float64."""
-    if dtype.char == "f":
-        return _CKernels("float[]", _lib.minqkv_gemm_f32, _lib.minqkv_gemm_workspace_f32, _lib.minqkv_gemm_naive_f32,
-                         _lib.minqkv_softmax_f32, _lib.minqkv_softmax_backward_f32)
-    return _CKernels("double[]", _lib.minqkv_gemm_f64, _lib.minqkv_gemm_workspace_f64, _lib.minqkv_gemm_naive_f64,
-                     _lib.minqkv_softmax_f64, _lib.minqkv_softmax_backward_f64)
+    """The C functions for a checked float dtype: 'f' is float32, 'd' float64
+    (minqkv_<name>_f32 or minqkv_<name>_f64, except the GEMM workspace: minqkv_gemm_workspace_f32)."""
+    suffix, ctype = ("f32", "float[]") if dtype.char == "f" else ("f64", "double[]")
+    return _CKernels(ctype, *(getattr(_lib, f"minqkv_{name}_{suffix}") for name in _KERNEL_NAMES))
 
 
 def _check_status(op, status):
@@ -373,6 +600,142 @@ def softmax_backward_c(y, dy):
     return dx
 
 
+def _pointer(ctype, x):
+    """A C view of an array's memory, valid while the array lives."""
+    return _ffi.from_buffer(ctype, x)
+
+
+def gelu_c(x):
+    """GELU on the C core; same contract as gelu."""
+    _require_c("gelu")
+    _check_float_array("gelu", "x", x)
+    x = _contiguous(x)
+    y = np.empty(x.shape, x.dtype)
+    c = _c_kernels(x.dtype)
+    _check_status("gelu", c.gelu(_pointer(c.ctype, x), _pointer(c.ctype, y), x.size, _num_threads))
+    return y
+
+
+def gelu_backward_c(x, dy):
+    """The gradient through GELU on the C core; same contract as gelu_backward."""
+    _require_c("gelu_backward")
+    _check_gelu_backward(x, dy)
+    x, dy = _contiguous(x), _contiguous(dy)
+    dx = np.empty(x.shape, x.dtype)
+    c = _c_kernels(x.dtype)
+    status = c.gelu_backward(_pointer(c.ctype, x), _pointer(c.ctype, dy), _pointer(c.ctype, dx),
+                             x.size, _num_threads)
+    _check_status("gelu_backward", status)
+    return dx
+
+
+def layer_norm_c(x, weight, bias=None, eps=1e-5):
+    """Layer norm on the C core; same contract as layer_norm."""
+    _require_c("layer_norm")
+    _check_layer_norm(x, weight, bias, eps)
+    x, weight = _contiguous(x), _contiguous(weight)
+    bias = _contiguous(bias) if bias is not None else None
+    C = x.shape[-1]
+    y = np.empty(x.shape, x.dtype)
+    mean, rstd = np.empty(x.shape[:-1] + (1,), x.dtype), np.empty(x.shape[:-1] + (1,), x.dtype)
+    c = _c_kernels(x.dtype)
+    status = c.layer_norm(_pointer(c.ctype, x), _pointer(c.ctype, weight),
+                          _pointer(c.ctype, bias) if bias is not None else _ffi.NULL,
+                          _pointer(c.ctype, y), _pointer(c.ctype, mean), _pointer(c.ctype, rstd),
+                          x.size // C, C, float(eps), _num_threads)
+    _check_status("layer_norm", status)
+    return y, mean, rstd
+
+
+def layer_norm_backward_c(x, weight, mean, rstd, dy, has_bias=True):
+    """The gradients through layer norm on the C core; same contract as layer_norm_backward."""
+    _require_c("layer_norm_backward")
+    _check_layer_norm_backward(x, weight, mean, rstd, dy, has_bias)
+    x, weight, mean, rstd, dy = (_contiguous(a) for a in (x, weight, mean, rstd, dy))
+    C = x.shape[-1]
+    dx, dweight = np.empty(x.shape, x.dtype), np.empty(C, x.dtype)
+    dbias = np.empty(C, x.dtype) if has_bias else None
+    c = _c_kernels(x.dtype)
+    status = c.layer_norm_backward(_pointer(c.ctype, x), _pointer(c.ctype, weight), _pointer(c.ctype, mean),
+                                   _pointer(c.ctype, rstd), _pointer(c.ctype, dy), _pointer(c.ctype, dx),
+                                   _pointer(c.ctype, dweight),
+                                   _pointer(c.ctype, dbias) if has_bias else _ffi.NULL,
+                                   x.size // C, C, _num_threads)
+    _check_status("layer_norm_backward", status)
+    return dx, dweight, dbias
+
+
+def cross_entropy_c(logits, targets, ignore_index=-1, scale=1.0, want_grad=True):
+    """Cross-entropy and its gradient on the C core; same contract as cross_entropy."""
+    _require_c("cross_entropy")
+    _check_cross_entropy(logits, targets, ignore_index)
+    logits = _contiguous(logits)
+    targets = np.ascontiguousarray(targets, dtype=np.int64)
+    rows, V = logits.shape
+    losses = np.empty(rows, logits.dtype)
+    dlogits = np.empty(logits.shape, logits.dtype) if want_grad else None
+    c = _c_kernels(logits.dtype)
+    status = c.cross_entropy(_pointer(c.ctype, logits), _pointer("int64_t[]", targets), int(ignore_index),
+                             _pointer(c.ctype, losses),
+                             _pointer(c.ctype, dlogits) if want_grad else _ffi.NULL,
+                             float(scale), rows, V, _num_threads)
+    _check_status("cross_entropy", status)
+    return losses, dlogits
+
+
+def adamw_update_c(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2_sqrt, eps):
+    """One AdamW update in place on the C core; same contract as adamw_update. Arrays that are
+    not C-contiguous cannot be updated in place by C: they go to the NumPy twin."""
+    _require_c("adamw_update")
+    _check_adamw(param, grad, m, v, bias2_sqrt)
+    if not all(a.flags.c_contiguous and a.flags.aligned for a in (param, m, v)):
+        return adamw_update_numpy(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2_sqrt, eps)
+    grad = _contiguous(grad)
+    c = _c_kernels(param.dtype)
+    status = c.adamw(_pointer(c.ctype, param), _pointer(c.ctype, grad), _pointer(c.ctype, m),
+                     _pointer(c.ctype, v), param.size, float(beta1), float(beta2), float(decay_factor),
+                     float(step_size), float(bias2_sqrt), float(eps), _num_threads)
+    _check_status("adamw_update", status)
+
+
+def attention_c(q, k, v, bias=None, scale=None):
+    """Fused causal attention on the C core; same contract as attention."""
+    _require_c("attention")
+    _check_attention("attention", q, k, v, bias)
+    q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
+    bias = _contiguous(bias) if bias is not None else None
+    B, H, T, hd = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    y, lse = np.empty(q.shape, q.dtype), np.empty((B, H, T), q.dtype)
+    c = _c_kernels(q.dtype)
+    status = c.attention(_pointer(c.ctype, q), _pointer(c.ctype, k), _pointer(c.ctype, v),
+                         _pointer(c.ctype, bias) if bias is not None else _ffi.NULL,
+                         _pointer(c.ctype, y), _pointer(c.ctype, lse), B, H, Hkv, T, Tk, hd,
+                         float(1.0 / np.sqrt(hd) if scale is None else scale), _num_threads)
+    _check_status("attention", status)
+    return y, lse
+
+
+def attention_backward_c(q, k, v, bias, y, lse, dy, scale=None, want_dbias=True):
+    """The gradients through fused causal attention on the C core; same contract as attention_backward."""
+    _require_c("attention_backward")
+    B, H, T, hd = q.shape
+    _check_attention("attention_backward", q, k, v, bias,
+                     (("y", y, q.shape), ("lse", lse, (B, H, T)), ("dy", dy, q.shape)))
+    q, k, v, y, lse, dy = (_contiguous(a) for a in (q, k, v, y, lse, dy))
+    bias = _contiguous(bias) if bias is not None else None
+    Hkv, Tk = k.shape[1], k.shape[2]
+    dq, dk, dv = np.empty(q.shape, q.dtype), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
+    dbias = np.empty(bias.shape, q.dtype) if bias is not None and want_dbias else None
+    c = _c_kernels(q.dtype)
+    P = lambda a: _pointer(c.ctype, a) if a is not None else _ffi.NULL  # noqa: E731
+    status = c.attention_backward(P(q), P(k), P(v), P(bias), P(y), P(lse), P(dy), P(dq), P(dk), P(dv),
+                                  P(dbias), B, H, Hkv, T, Tk, hd,
+                                  float(1.0 / np.sqrt(hd) if scale is None else scale), _num_threads)
+    _check_status("attention_backward", status)
+    return dq, dk, dv, dbias
+
+
 # ---- dispatch -------------------------------------------------------------------------------
 
 
@@ -401,3 +764,57 @@ def softmax_backward(y, dy):
     if _backend == "c":
         return softmax_backward_c(y, dy)
     return softmax_backward_numpy(y, dy)
+
+
+def gelu(x):
+    """GELU, tanh approximation (as in GPT-2), elementwise; returns a new array."""
+    return gelu_c(x) if _backend == "c" else gelu_numpy(x)
+
+
+def gelu_backward(x, dy):
+    """The gradient through y = gelu(x): dx = dy * gelu'(x)."""
+    return gelu_backward_c(x, dy) if _backend == "c" else gelu_backward_numpy(x, dy)
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    """Layer norm over the last axis of x (..., C) with weight and bias (C,) (bias may be None);
+    returns (y, mean, rstd) with mean and rstd of shape (..., 1) for layer_norm_backward."""
+    if _backend == "c":
+        return layer_norm_c(x, weight, bias, eps)
+    return layer_norm_numpy(x, weight, bias, eps)
+
+
+def layer_norm_backward(x, weight, mean, rstd, dy, has_bias=True):
+    """(dx, dweight, dbias) through layer_norm (dbias None when has_bias is false)."""
+    if _backend == "c":
+        return layer_norm_backward_c(x, weight, mean, rstd, dy, has_bias)
+    return layer_norm_backward_numpy(x, weight, mean, rstd, dy, has_bias)
+
+
+def cross_entropy(logits, targets, ignore_index=-1, scale=1.0, want_grad=True):
+    """Per-row loss of integer targets (rows,) under softmax(logits (rows, V)), and its gradient
+    (softmax - onehot) * scale unless want_grad is false: (losses, dlogits or None). Rows whose
+    target is ignore_index give 0 loss and 0 gradient."""
+    if _backend == "c":
+        return cross_entropy_c(logits, targets, ignore_index, scale, want_grad)
+    return cross_entropy_numpy(logits, targets, ignore_index, scale, want_grad)
+
+
+def adamw_update(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2_sqrt, eps):
+    """One AdamW update of param, m and v in place; see minqkv_adamw in csrc/minqkv.h."""
+    if _backend == "c":
+        return adamw_update_c(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2_sqrt, eps)
+    return adamw_update_numpy(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2_sqrt, eps)
+
+
+def attention(q, k, v, bias=None, scale=None):
+    """Causal attention, fused (no (T, Tk) matrix kept): q (B, H, T, hd), k and v (B, Hkv, Tk, hd),
+    bias (H, T, Tk) or None -> (y (B, H, T, hd), lse (B, H, T)) for attention_backward."""
+    return attention_c(q, k, v, bias, scale) if _backend == "c" else attention_numpy(q, k, v, bias, scale)
+
+
+def attention_backward(q, k, v, bias, y, lse, dy, scale=None, want_dbias=True):
+    """(dq, dk, dv, dbias or None) through attention, recomputing the scores from lse."""
+    if _backend == "c":
+        return attention_backward_c(q, k, v, bias, y, lse, dy, scale, want_dbias)
+    return attention_backward_numpy(q, k, v, bias, y, lse, dy, scale, want_dbias)

@@ -7,8 +7,8 @@ Read top to bottom: from the simplest ops up to the ones a Transformer is built 
   elementwise       exp, log, tanh, sigmoid, relu, gelu
   reductions        sum, mean
   shape, indexing   reshape, transpose, swapaxes, broadcast_to, getitem, embedding, concat, split
-  matmul            through the C core
-  softmax family    softmax, log_softmax, cross_entropy
+  matmul            through the C core; matmul_each, several products of one input as one
+  softmax family    softmax, causal_attention (fused), log_softmax, cross_entropy
   normalisation     layer_norm, dropout, masked_fill, causal_mask, where
   linear algebra    solve, inverse (for the orthogonal rotation)
 Input checks sit at the bottom of the file; an op calls them in one line at its top and
@@ -25,7 +25,7 @@ import builtins
 import numpy as np
 
 from . import kernels
-from .tensor import FLOAT_DTYPES, Tensor
+from .tensor import FLOAT_DTYPES, Tensor, is_grad_enabled
 
 # Arithmetic. Binary ops broadcast like NumPy, so their backward sums the gradient back down.
 
@@ -137,22 +137,12 @@ def relu(x: Tensor) -> Tensor:
     return Tensor.from_op(x.data * positive, (x,), lambda g: (g * positive,), "relu")  # g where x > 0
 
 
-_GELU_C = float(np.sqrt(2.0 / np.pi))
-
-
 def gelu(x: Tensor) -> Tensor:
-    """GELU, tanh approximation (as in GPT-2): 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
+    """GELU, tanh approximation (as in GPT-2): 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi)."""
     x = _float_tensor(x, "gelu")
-    xd = x.data
-    x2 = xd * xd  # x^3 is formed below as x * x2: a float power (x**3) is many times slower
-    t = np.tanh(_GELU_C * xd * (1 + 0.044715 * x2))
-    out = 0.5 * xd * (1 + t)
-
-    def backward(g):  # 0.5(1+t) + 0.5 x (1-t^2) c (1 + 3*0.044715 x^2)
-        d_inner = _GELU_C * (1 + 3 * 0.044715 * x2)
-        return (g * (0.5 * (1 + t) + 0.5 * xd * (1 - t * t) * d_inner),)
-
-    return Tensor.from_op(out, (x,), backward, "gelu")
+    out = kernels.gelu(x.data)
+    # d gelu: 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2), t = tanh(c (x + 0.044715 x^3))
+    return Tensor.from_op(out, (x,), lambda g: (kernels.gelu_backward(x.data, g),), "gelu")
 
 
 # Reductions.
@@ -215,10 +205,14 @@ def getitem(x: Tensor, index) -> Tensor:
     if isinstance(index, Tensor):
         index = index.data
     out = x.data[index]
+    basic = _is_basic_index(index)  # slices and integers: no position can repeat
 
     def backward(g):  # scatter-add the gradient back where the values came from
         grad = np.zeros_like(x.data)
-        np.add.at(grad, index, g)
+        if basic:
+            grad[index] = g  # each position once: a plain copy does what add.at does, much faster
+        else:
+            np.add.at(grad, index, g)
         return (grad,)
 
     return Tensor.from_op(out, (x,), backward, "getitem")
@@ -263,6 +257,17 @@ def split(x: Tensor, sizes, axis: int = -1) -> list:
 
 
 # Matmul, on the C core.
+
+
+def matmul_each(x: Tensor, weights: list) -> list:
+    """[x @ w for w in weights], computed as one product: x (..., K) @ [w_1 | w_2 | ...] (K, N1 + N2 + ...).
+
+    One wide GEMM runs faster than several narrow ones (an attention layer's Q, K and V, say).
+    A composition of concat, matmul and split, so it needs no backward of its own."""
+    if len(weights) <= 1:
+        return [matmul(x, w) for w in weights]
+    joined = matmul(x, concat(weights, axis=1))  # (..., N1 + N2 + ...)
+    return split(joined, [w.shape[1] for w in weights], axis=-1)
 
 
 def matmul(a, b) -> Tensor:
@@ -326,6 +331,30 @@ def softmax(x: Tensor, causal: bool = False) -> Tensor:
     return Tensor.from_op(out, (x,), lambda g: (kernels.softmax_backward(out, g),), "softmax")
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(hd) + bias, causal) v in one fused kernel, keeping no (T, Tk) matrix.
+
+    q (B, H, T, hd), k and v (B, Hkv, Tk, hd) (query head h reads key/value head h // (H // Hkv)),
+    bias (H, T, Tk) or None -> (B, H, T, hd). Query i sees keys j <= i + Tk - T. The forward pass
+    keeps one number per query (the log of its softmax denominator); the backward pass recomputes
+    the scores from it. attention.attend computes the same, step by step, keeping the matrices.
+    """
+    q = _float_tensor(q, "causal_attention", "q")  # shapes are checked by the kernel, by name
+    k, v = _as_tensor(k, q, "causal_attention", "k"), _as_tensor(v, q, "causal_attention", "v")
+    bias = _as_tensor(bias, q, "causal_attention", "bias") if bias is not None else None
+    bias_data = bias.data if bias is not None else None
+    y, lse = kernels.attention(q.data, k.data, v.data, bias_data)  # (B, H, T, hd), (B, H, T)
+    parents = (q, k, v) if bias is None else (q, k, v, bias)
+
+    def backward(g):  # ds = p (g v^T - rowsum(g * y)); dq = ds k / sqrt(hd), dk = ds^T q / sqrt(hd), dv = p^T g
+        want_dbias = bias is not None and bias.requires_grad
+        dq, dk, dv, dbias = kernels.attention_backward(q.data, k.data, v.data, bias_data, y, lse, g,
+                                                       want_dbias=want_dbias)
+        return (dq, dk, dv) if bias is None else (dq, dk, dv, dbias)
+
+    return Tensor.from_op(y, parents, backward, "causal_attention")
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     # log softmax over the last axis, stable: x - max - log(sum(exp(x - max)))
     shifted = x - x.max(axis=-1, keepdims=True)
@@ -333,7 +362,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def log_softmax(x: Tensor) -> Tensor:
-    """log softmax over the last axis; cross_entropy computes its forward with the same _log_softmax."""
+    """log softmax over the last axis."""
     x = _float_tensor(x, "log_softmax")
     out = _log_softmax(x.data)
 
@@ -347,21 +376,19 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
     """Mean negative log-likelihood of integer targets under softmax(logits), fused.
 
     logits (..., V), targets (...) ints. Positions whose target is ignore_index do not count;
-    if every position is ignored the loss is 0 with zero gradient.
+    if every position is ignored the loss is 0 with zero gradient. The kernel computes the
+    gradient in the same pass as the loss (when one is needed), so backward only scales it.
     """
     logits, targets = _check_cross_entropy(logits, targets, ignore_index)
     flat_targets = targets.reshape(-1)  # (N,)
-    keep = flat_targets != ignore_index
-    rows = np.nonzero(keep)[0]
-    count = max(len(rows), 1)
-    log_probs = _log_softmax(logits.data.reshape(-1, logits.shape[-1]))  # (N, V)
-    loss = -log_probs[rows, flat_targets[rows]].sum() / count
+    count = max(int(np.count_nonzero(flat_targets != ignore_index)), 1)
+    want_grad = is_grad_enabled() and logits.requires_grad
+    losses, dlogits = kernels.cross_entropy(logits.data.reshape(-1, logits.shape[-1]), flat_targets,
+                                            ignore_index, scale=1.0 / count, want_grad=want_grad)  # (N,), (N, V)
+    loss = losses.sum() / count
 
     def backward(g):  # (softmax - onehot(target)) / count on counted rows, 0 elsewhere
-        grad = np.exp(log_probs)
-        grad[rows, flat_targets[rows]] -= 1
-        grad[~keep] = 0
-        return ((grad * (g / count)).reshape(logits.shape),)
+        return ((dlogits * g).reshape(logits.shape),)
 
     return Tensor.from_op(np.asarray(loss, dtype=logits.dtype), (logits,), backward, "cross_entropy")
 
@@ -372,20 +399,12 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Normalise the last axis to zero mean, unit variance, then scale and shift (fused)."""
     x = _check_layer_norm(x, weight, bias)
-    mu = x.data.mean(axis=-1, keepdims=True)
-    centered = x.data - mu
-    rstd = 1.0 / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
-    xhat = centered * rstd  # (..., C)
-    out = xhat * weight.data + (bias.data if bias is not None else 0)
+    out, mean, rstd = kernels.layer_norm(x.data, weight.data, bias.data if bias is not None else None, eps)
     parents = (x, weight) if bias is None else (x, weight, bias)
 
-    def backward(g):  # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        dxhat = g * weight.data
-        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                     - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
-        lead = tuple(range(x.ndim - 1))
-        grads = (dx, (g * xhat).sum(axis=lead))
-        return grads if bias is None else grads + (g.sum(axis=lead),)
+    def backward(g):  # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = g * weight
+        dx, dweight, dbias = kernels.layer_norm_backward(x.data, weight.data, mean, rstd, g, bias is not None)
+        return (dx, dweight) if bias is None else (dx, dweight, dbias)
 
     return Tensor.from_op(out, parents, backward, "layer_norm")
 
@@ -510,6 +529,13 @@ def _boolean(array: np.ndarray, op: str, name: str) -> np.ndarray:
     if array.dtype != np.bool_:
         raise TypeError(f"{op}: {name} must be boolean, got {array.dtype}")
     return array
+
+
+def _is_basic_index(index) -> bool:
+    """Whether an index only slices and picks (ints, slices, ..., None): no element twice."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(part, (slice, int, np.integer)) or part is Ellipsis or part is None
+               for part in parts)
 
 
 def _check_pow(x, exponent) -> Tensor:

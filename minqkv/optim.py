@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from . import kernels
+
 
 def decays(name: str, param) -> bool:
     """Whether AdamW applies weight decay to this parameter.
@@ -107,17 +109,11 @@ class AdamW:
         beta1, beta2 = self.betas
         state["step"] += 1
         t = state["step"]
-        m, v = state["m"], state["v"]
-        # Python floats keep float32 arrays float32 (NumPy 2 promotion rules).
-        m *= beta1
-        m += (1.0 - beta1) * grad
-        v *= beta2
-        v += (1.0 - beta2) * grad * grad
-        if self.weight_decay and decays(name, param):
-            param.data *= 1.0 - lr * self.weight_decay
-        step_size = lr / (1.0 - beta1**t)
-        denominator = np.sqrt(v) / math.sqrt(1.0 - beta2**t) + self.eps
-        param.data -= step_size * (m / denominator)
+        decay_factor = 1.0 - lr * self.weight_decay if self.weight_decay and decays(name, param) else 1.0
+        # in place, in one pass over memory (the C core) or as NumPy's in-place formula (its twin)
+        kernels.adamw_update(param.data, grad, state["m"], state["v"], beta1, beta2, decay_factor,
+                             step_size=lr / (1.0 - beta1**t), bias2_sqrt=math.sqrt(1.0 - beta2**t),
+                             eps=self.eps)
 
     def state_dict(self) -> dict:
         """Copies of all optimiser state: enough to continue bit-identically after a restart."""

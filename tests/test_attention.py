@@ -481,3 +481,29 @@ def test_attention_takes_its_dtype_from_the_config_unless_told():
     config = GPTConfig(code="abb", n_embd=8, n_head=2, n_layer=1, dtype="float64")
     assert CausalSelfAttention(config.attention_spec(0)).w_q.dtype == np.float64
     assert CausalSelfAttention(config.attention_spec(0), dtype=np.float32).w_q.dtype == np.float32
+
+
+@pytest.mark.parametrize("n_kv_head, with_bias, T, Tk", [(4, False, 6, 6), (2, True, 6, 6), (1, True, 3, 7)])
+def test_attend_without_maps_is_the_fused_kernel_with_the_same_values_and_gradients(n_kv_head, with_bias, T, Tk):
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(shape) for shape in [(2, 4, T, 8), (2, n_kv_head, Tk, 8), (2, n_kv_head, Tk, 8)]]
+    if with_bias:
+        inputs.append(rng.standard_normal((4, T, Tk)))
+    results = []
+    for maps in (True, False):
+        tensors = [Tensor(x, requires_grad=True) for x in inputs]
+        y, scores, weights = attend(*tensors, maps=maps)
+        assert (scores is None) == (not maps) and (weights is None) == (not maps)
+        (y * Tensor((np.arange(y.data.size).reshape(y.shape) % 7).astype(float))).sum().backward()
+        results.append([y.data] + [t.grad for t in tensors])
+    for fused, reference in zip(results[1], results[0]):
+        np.testing.assert_allclose(fused, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_attend_keeps_the_step_by_step_path_while_dropout_is_active():
+    from minqkv.nn import Dropout
+
+    rng = np.random.default_rng(0)
+    q = k = v = Tensor(rng.standard_normal((1, 2, 4, 8)))
+    _, scores, weights = attend(q, k, v, dropout=Dropout(0.5, rng), maps=False)
+    assert scores is not None and weights is not None

@@ -379,3 +379,9 @@ def test_a_damaged_checkpoint_is_a_one_line_error_with_exit_code_2(capsys, tmp_p
     assert code == 2
     assert err.startswith(f"minqkv {command}: error: checkpoint {path} is damaged or not a minqkv checkpoint (")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_bench_threads_must_be_a_comma_separated_list_of_counts(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--step", "--threads", "1,zero"])
+    assert "--threads '1,zero'" in capsys.readouterr().err

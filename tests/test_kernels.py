@@ -599,3 +599,20 @@ def test_bench_rows_and_table_have_the_documented_fields():
     table = format_table(rows)
     assert table.splitlines()[0].split()[:3] == ["bench", "dtype", "shape"]
     assert len(table.splitlines()) == len(rows) + 3  # header, rule, rows, footer
+
+
+def test_step_bench_times_minqkv_and_says_when_torch_is_absent():
+    from minqkv.bench import format_step_table, run_step_bench
+
+    rows = run_step_bench(threads=(1,), shapes=("nanogpt-cpu",), rounds=1, steps_per_round=1, warmup=0,
+                          with_torch=False)
+    assert len(rows) == 1 and rows[0]["threads"] == 1 and rows[0]["minqkv_ms"] > 0
+    assert rows[0]["minqkv_peak_mb"] > 0 and "ratio" not in rows[0]
+    assert "PyTorch is not installed" in format_step_table(rows)
+
+
+def test_step_bench_refuses_an_unknown_shape():
+    from minqkv.bench import run_step_bench
+
+    with pytest.raises(ValueError, match="unknown shape 'huge'"):
+        run_step_bench(shapes=("huge",), with_torch=False)

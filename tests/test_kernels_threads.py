@@ -30,7 +30,39 @@ def cases():
     scores = rng.standard_normal((32, 130, 128)).astype(np.float32)
     y = kernels.softmax_numpy(scores, causal=True)
     dy = rng.standard_normal(scores.shape).astype(np.float32)
+    x = rng.standard_normal((1200, 128)).astype(np.float32)  # 154k elements: above the parallel threshold
+    weight, bias = rng.standard_normal(128).astype(np.float32), rng.standard_normal(128).astype(np.float32)
+    dx = rng.standard_normal(x.shape).astype(np.float32)
+    _, mean, rstd = kernels.layer_norm_numpy(x, weight, bias)
+    targets = rng.integers(-1, 128, 1200)
+    adam_state = [rng.standard_normal(300_000).astype(np.float32) for _ in range(3)]
+    adam_state.append(np.abs(adam_state[2]))
+    adam_hyper = (0.9, 0.95, 0.999, 1e-3, 0.3, 1e-8)
+
+    def adamw(update):  # a fresh copy of the state per call; the updated (param, m, v) as one array
+        param, grad, m, v = (array.copy() for array in adam_state)
+        update(param, grad, m, v, *adam_hyper)
+        return np.concatenate([param, m, v])
+
+    def joined(arrays):  # kernels that return several arrays, as one array to compare
+        return np.concatenate([array.ravel() for array in arrays])
+
+    q, k, v = (rng.standard_normal((2, 4, 130, 32)).astype(np.float32) for _ in range(3))
+    pos_bias = rng.standard_normal((4, 130, 130)).astype(np.float32)
+    y_attention, lse = kernels.attention_numpy(q, k, v, pos_bias)
     return [
+        ("attention_c", lambda: joined(kernels.attention_c(q, k, v, pos_bias)), joined((y_attention, lse))),
+        ("attention_backward_c", lambda: joined(kernels.attention_backward_c(q, k, v, pos_bias, y_attention, lse, q)),
+         joined(kernels.attention_backward_numpy(q, k, v, pos_bias, y_attention, lse, q))),
+        ("gelu_c", lambda: kernels.gelu_c(x), kernels.gelu_numpy(x)),
+        ("gelu_backward_c", lambda: kernels.gelu_backward_c(x, dx), kernels.gelu_backward_numpy(x, dx)),
+        ("layer_norm_c", lambda: joined(kernels.layer_norm_c(x, weight, bias)),
+         joined(kernels.layer_norm_numpy(x, weight, bias))),
+        ("layer_norm_backward_c", lambda: joined(kernels.layer_norm_backward_c(x, weight, mean, rstd, dx)),
+         joined(kernels.layer_norm_backward_numpy(x, weight, mean, rstd, dx))),
+        ("cross_entropy_c", lambda: joined(kernels.cross_entropy_c(x, targets, -1, 0.01)),
+         joined(kernels.cross_entropy_numpy(x, targets, -1, 0.01))),
+        ("adamw_update_c", lambda: adamw(kernels.adamw_update_c), adamw(kernels.adamw_update_numpy)),
         ("matmul_c", lambda: kernels.matmul_c(a, a), kernels.matmul_numpy(a, a)),
         ("matmul_c batched, a^T", lambda: kernels.matmul_c(stack, stack, trans_a=True),
          kernels.matmul_numpy(stack, stack, trans_a=True)),

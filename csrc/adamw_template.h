@@ -1,0 +1,39 @@
+/* adamw_template.h: the AdamW update of adamw.c, written once for an element type.
+ *
+ * Not a header of the API. adamw.c includes this file twice, after defining REAL (the element
+ * type), ADAMW (the API name, e.g. minqkv_adamw_f32) and SQRT (sqrt of that type); it #undefs
+ * them at its end.
+ */
+
+/* param, grad, m, v: (n,). With the scalars rounded once to REAL, as NumPy rounds a Python float:
+ *   m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
+ *   p = p * decay_factor;          p = p - step_size * m / (sqrt(v) / bias2_sqrt + eps)
+ * where the caller gives decay_factor = 1 - lr * weight_decay (1 for no decay),
+ * step_size = lr / (1 - beta1^t) and bias2_sqrt = sqrt(1 - beta2^t). */
+int ADAMW(REAL *param, const REAL *grad, REAL *m, REAL *v, int64_t n, double beta1, double beta2,
+          double decay_factor, double step_size, double bias2_sqrt, double eps, int num_threads)
+{
+    if (n < 0 || (n > 0 && (!param || !grad || !m || !v)) || !(bias2_sqrt > 0))
+        return MINQKV_BAD_ARGUMENT;
+    const REAL b1 = (REAL)beta1, c1 = (REAL)(1.0 - beta1), b2 = (REAL)beta2, c2 = (REAL)(1.0 - beta2);
+    const REAL decay = (REAL)decay_factor, step = (REAL)step_size, bias2 = (REAL)bias2_sqrt;
+    const REAL epsilon = (REAL)eps;
+    int threads = 1;
+#ifdef _OPENMP
+    threads = n >= PARALLEL_MIN_ELEMENTS && num_threads > 1 ? num_threads : 1;
+#endif
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        REAL g = grad[i];
+        REAL mi = b1 * m[i] + c1 * g;
+        REAL vi = b2 * v[i] + c2 * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        param[i] = param[i] * decay - step * (mi / (SQRT(vi) / bias2 + epsilon));
+    }
+    return MINQKV_OK;
+}
+
+#undef REAL
+#undef ADAMW
+#undef SQRT

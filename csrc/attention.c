@@ -1,0 +1,56 @@
+/* attention.c: fused causal attention, forward and backward, without the (T, Tk) score matrices.
+ *
+ * The unfused way (minqkv/attention.py's attend, the reference) computes all scores of a head,
+ * a softmax over them, then their weighted sum of values: memory grows with T * Tk. Here each
+ * query row streams over its visible keys in blocks of KEY_BLOCK, keeping only a running maximum
+ * m, a running sum l of exponentials and the running weighted sum of values (in the output row
+ * itself): when a block raises the maximum from m to m', what was summed so far is rescaled by
+ * e^(m - m'), the "online softmax" of Milakov & Gimelshein (2018), as used by FlashAttention
+ * (Dao et al., 2022). Rows are taken QUERY_BLOCK at a time, so a block of keys read into cache
+ * serves several queries. The forward pass saves one number per query, lse = m + log(l), and the
+ * backward pass recomputes each probability from it: p = e^(s - lse).
+ */
+#include <math.h>
+
+#include "minqkv.h"
+#include "internal.h"
+
+#define QUERY_BLOCK 16
+#define KEY_BLOCK 64
+#define HEAD_CHUNK 64 /* the head dimension is read in chunks of this many (any hd works) */
+
+/* Below this many multiply-adds (~0.2 ms of work on one core) a call runs on one thread. */
+#define PARALLEL_MIN_WORK (1 << 21)
+
+static int attention_arguments_valid(const void *q, const void *k, const void *v, const void *y,
+                                     int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
+                                     int64_t hd)
+{
+    if (B < 0 || H < 1 || Hkv < 1 || H % Hkv != 0 || T < 0 || Tk < T || hd < 1)
+        return 0;
+    return B * T == 0 || (q && k && v && y);
+}
+
+static int attention_threads(int64_t B, int64_t H, int64_t T, int64_t Tk, int64_t hd, int num_threads)
+{
+#ifdef _OPENMP
+    double work = (double)B * (double)H * (double)T * (double)Tk * (double)hd;
+    if (work >= PARALLEL_MIN_WORK && num_threads > 1)
+        return num_threads;
+#else
+    (void)B, (void)H, (void)T, (void)Tk, (void)hd, (void)num_threads;
+#endif
+    return 1;
+}
+
+#define REAL float
+#define SUFFIX f32
+#define EXP exp_f32
+#define LOG logf
+#include "attention_template.h"
+
+#define REAL double
+#define SUFFIX f64
+#define EXP exp_f64
+#define LOG log
+#include "attention_template.h"

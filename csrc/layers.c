@@ -1,0 +1,45 @@
+/* layers.c: the elementwise and row-wise layers of the GPT around its GEMMs, forward and backward:
+ *   GELU (tanh approximation, as GPT-2), layer norm over the last axis, and cross-entropy of
+ *   integer targets under a softmax of the logits (loss and gradient from one pass over a row).
+ *
+ * Each one is a plain loop over elements or rows, so it is its own readable reference (and
+ * minqkv/kernels.py holds the NumPy twin of each). What makes them faster than the NumPy
+ * formulas is only that every value is read and written once, with no temporary arrays, and
+ * that large calls share their rows (or elements) between OpenMP threads.
+ */
+#include <math.h>
+
+#include "minqkv.h"
+#include "internal.h"
+
+/* Below this many elements (~0.1 ms of work on one core) a call runs on one thread. */
+#define PARALLEL_MIN_ELEMENTS (1 << 16)
+
+/* How many threads a call over `elements` values may start. */
+static int layer_threads(int64_t elements, int num_threads)
+{
+#ifdef _OPENMP
+    if (elements >= PARALLEL_MIN_ELEMENTS && num_threads > 1)
+        return num_threads;
+#else
+    (void)elements;
+    (void)num_threads;
+#endif
+    return 1;
+}
+
+/* layers_template.h is compiled twice below, once per element type; it #undefs its macros. */
+
+#define REAL float
+#define SUFFIX f32
+#define EXP exp_f32
+#define LOG logf
+#define SQRT sqrtf
+#include "layers_template.h"
+
+#define REAL double
+#define SUFFIX f64
+#define EXP exp_f64
+#define LOG log
+#define SQRT sqrt
+#include "layers_template.h"

@@ -1,0 +1,232 @@
+/* layers_template.h: the kernels of layers.c, written once for an element type.
+ *
+ * Not a header of the API. layers.c includes this file twice, after defining
+ *   REAL      the element type (float or double)
+ *   SUFFIX    f32 or f64, appended to every name defined here (API names included)
+ *   EXP       the vectorisable e^t for t <= 0 of that type (internal.h)
+ *   LOG, SQRT the C library's log and sqrt of that type
+ * and #undefs them all at its end.
+ */
+
+#define NAME(x) PASTE(x, SUFFIX)
+
+/* ---- GELU ---- */
+
+#define GELU_C ((REAL)0.7978845608028654) /* sqrt(2 / pi) */
+#define GELU_A ((REAL)0.044715)
+
+/* tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) <= 1: never overflows, vectorises. */
+static ALWAYS_INLINE REAL NAME(tanh)(REAL u)
+{
+    REAL e = EXP(-2 * (u < 0 ? -u : u));
+    REAL t = (1 - e) / (1 + e);
+    return u < 0 ? -t : t;
+}
+
+/* The loops of GELU over one span of elements, each its own thread's share. */
+static HOT_KERNEL void NAME(gelu_span)(const REAL *x, REAL *y, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        REAL xi = x[i];
+        REAL t = NAME(tanh)(GELU_C * xi * (1 + GELU_A * xi * xi));
+        y[i] = (REAL)0.5 * xi * (1 + t);
+    }
+}
+
+static HOT_KERNEL void NAME(gelu_backward_span)(const REAL *x, const REAL *dy, REAL *dx, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        REAL xi = x[i], x2 = xi * xi;
+        REAL t = NAME(tanh)(GELU_C * xi * (1 + GELU_A * x2));
+        REAL d_inner = GELU_C * (1 + 3 * GELU_A * x2);
+        dx[i] = dy[i] * ((REAL)0.5 * (1 + t) + (REAL)0.5 * xi * (1 - t * t) * d_inner);
+    }
+}
+
+/* x, y: (n,). y = 0.5 x (1 + tanh(c (x + a x^3))); y may be x. Threads take equal spans. */
+int NAME(minqkv_gelu)(const REAL *x, REAL *y, int64_t n, int num_threads)
+{
+    if (n < 0 || (n > 0 && (!x || !y)))
+        return MINQKV_BAD_ARGUMENT;
+    int threads = layer_threads(n, num_threads);
+    int64_t span = (n + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t start = min_i64(n, t * span);
+        NAME(gelu_span)(x + start, y + start, min_i64(span, n - start));
+    }
+    return MINQKV_OK;
+}
+
+/* x, dy, dx: (n,). dx = dy (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2)); dx may be dy. */
+int NAME(minqkv_gelu_backward)(const REAL *x, const REAL *dy, REAL *dx, int64_t n, int num_threads)
+{
+    if (n < 0 || (n > 0 && (!x || !dy || !dx)))
+        return MINQKV_BAD_ARGUMENT;
+    int threads = layer_threads(n, num_threads);
+    int64_t span = (n + threads - 1) / threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t start = min_i64(n, t * span);
+        NAME(gelu_backward_span)(x + start, dy + start, dx + start, min_i64(span, n - start));
+    }
+    return MINQKV_OK;
+}
+
+#undef GELU_C
+#undef GELU_A
+
+/* ---- Layer norm ---- */
+
+/* x, y: (rows, C); weight, bias: (C,), bias may be NULL; mean, rstd: (rows,).
+ * Per row: mean = sum(x) / C, rstd = 1 / sqrt(sum((x - mean)^2) / C + eps),
+ *          y = (x - mean) * rstd * weight + bias. Two passes over the row: the variance of the
+ * centred values, not E[x^2] - mean^2, which loses every digit when |mean| >> std. */
+int NAME(minqkv_layer_norm)(const REAL *x, const REAL *weight, const REAL *bias, REAL *y,
+                            REAL *mean, REAL *rstd, int64_t rows, int64_t C, double eps,
+                            int num_threads)
+{
+    if (rows < 0 || C < 1 || !(eps >= 0))
+        return MINQKV_BAD_ARGUMENT;
+    if (rows > 0 && (!x || !weight || !y || !mean || !rstd))
+        return MINQKV_BAD_ARGUMENT;
+#pragma omp parallel for num_threads(layer_threads(rows * C, num_threads)) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const REAL *xr = x + r * C;
+        REAL *yr = y + r * C;
+        REAL sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < C; c++)
+            sum += xr[c];
+        REAL mu = sum / (REAL)C;
+        REAL squares = 0;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t c = 0; c < C; c++)
+            squares += (xr[c] - mu) * (xr[c] - mu);
+        REAL s = 1 / SQRT(squares / (REAL)C + (REAL)eps);
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++)
+            yr[c] = (xr[c] - mu) * s * weight[c] + (bias ? bias[c] : 0);
+        mean[r] = mu;
+        rstd[r] = s;
+    }
+    return MINQKV_OK;
+}
+
+/* x, dy, dx: (rows, C); weight: (C,); mean, rstd: (rows,) from the forward pass;
+ * dweight, dbias: (C,), overwritten (dbias may be NULL). With xhat = (x - mean) * rstd:
+ *   dxhat = dy * weight
+ *   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))      (per row)
+ *   dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
+ * dx is computed row by row (threads share the rows); dweight and dbias column by column
+ * (threads share the columns), so no two threads ever add into the same number. */
+int NAME(minqkv_layer_norm_backward)(const REAL *x, const REAL *weight, const REAL *mean,
+                                     const REAL *rstd, const REAL *dy, REAL *dx, REAL *dweight,
+                                     REAL *dbias, int64_t rows, int64_t C, int num_threads)
+{
+    if (rows < 0 || C < 1 || !weight || !dweight)
+        return MINQKV_BAD_ARGUMENT;
+    if (rows > 0 && (!x || !mean || !rstd || !dy || !dx))
+        return MINQKV_BAD_ARGUMENT;
+    int threads = layer_threads(rows * C, num_threads);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const REAL *xr = x + r * C, *dyr = dy + r * C;
+            REAL *dxr = dx + r * C;
+            REAL mu = mean[r], s = rstd[r];
+            REAL dxhat_sum = 0, dxhat_xhat_sum = 0;
+#pragma omp simd reduction(+ : dxhat_sum, dxhat_xhat_sum)
+            for (int64_t c = 0; c < C; c++) {
+                REAL dxhat = dyr[c] * weight[c];
+                dxhat_sum += dxhat;
+                dxhat_xhat_sum += dxhat * (xr[c] - mu) * s;
+            }
+            REAL dxhat_mean = dxhat_sum / (REAL)C, dxhat_xhat_mean = dxhat_xhat_sum / (REAL)C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                REAL xhat = (xr[c] - mu) * s;
+                dxr[c] = s * (dyr[c] * weight[c] - dxhat_mean - xhat * dxhat_xhat_mean);
+            }
+        }
+        /* columns in blocks of 16: each thread adds down its own columns, 16 at a time */
+#pragma omp for schedule(static)
+        for (int64_t c0 = 0; c0 < C; c0 += 16) {
+            int64_t c1 = min_i64(C, c0 + 16);
+            for (int64_t c = c0; c < c1; c++) {
+                dweight[c] = 0;
+                if (dbias)
+                    dbias[c] = 0;
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                const REAL *xr = x + r * C, *dyr = dy + r * C;
+                REAL mu = mean[r], s = rstd[r];
+                for (int64_t c = c0; c < c1; c++) {
+                    dweight[c] += dyr[c] * (xr[c] - mu) * s;
+                    if (dbias)
+                        dbias[c] += dyr[c];
+                }
+            }
+        }
+    }
+    return MINQKV_OK;
+}
+
+/* ---- Cross-entropy with its softmax ---- */
+
+/* logits, dlogits: (rows, V); targets, losses: (rows,).
+ * For a row whose target t is not ignore_index (it must lie in [0, V)):
+ *   losses[r] = logsumexp(logits[r]) - logits[r][t]          (= -log softmax(logits[r])[t])
+ *   dlogits[r] = (softmax(logits[r]) - onehot(t)) * scale
+ * and for an ignored row losses[r] = 0, dlogits[r] = 0. dlogits may be NULL (no gradient
+ * wanted). A target outside [0, V) that is not ignore_index is refused before anything runs. */
+int NAME(minqkv_cross_entropy)(const REAL *logits, const int64_t *targets, int64_t ignore_index,
+                               REAL *losses, REAL *dlogits, double scale, int64_t rows,
+                               int64_t V, int num_threads)
+{
+    if (rows < 0 || V < 1 || (rows > 0 && (!logits || !targets || !losses)))
+        return MINQKV_BAD_ARGUMENT;
+    for (int64_t r = 0; r < rows; r++)
+        if (targets[r] != ignore_index && (targets[r] < 0 || targets[r] >= V))
+            return MINQKV_BAD_ARGUMENT;
+#pragma omp parallel for num_threads(layer_threads(rows * V, num_threads)) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const REAL *z = logits + r * V;
+        REAL *dz = dlogits ? dlogits + r * V : NULL;
+        int64_t t = targets[r];
+        if (t == ignore_index) {
+            losses[r] = 0;
+            if (dz)
+                for (int64_t j = 0; j < V; j++)
+                    dz[j] = 0;
+            continue;
+        }
+        REAL max = z[0];
+        for (int64_t j = 1; j < V; j++)
+            max = z[j] > max ? z[j] : max;
+        REAL sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < V; j++)
+            sum += EXP(z[j] - max);
+        REAL log_sum = LOG(sum);
+        losses[r] = log_sum - (z[t] - max);
+        if (dz) {
+            REAL s = (REAL)scale, inverse_sum = 1 / sum;
+#pragma omp simd
+            for (int64_t j = 0; j < V; j++)
+                dz[j] = EXP(z[j] - max) * inverse_sum * s;
+            dz[t] -= s;
+        }
+    }
+    return MINQKV_OK;
+}
+
+#undef NAME
+#undef REAL
+#undef SUFFIX
+#undef EXP
+#undef LOG
+#undef SQRT

@@ -1,0 +1,118 @@
+"""minqkv.kernels.attention: the fused causal attention, C against its NumPy twin, and its errors.
+
+The NumPy twin (attention_numpy) stores the score matrices; attention.attend, which the model
+uses, is checked against the fused op in tests/test_attention.py, and the op's float64 gradient
+in minqkv/op_checks.py ('causal_attention').
+"""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minqkv import kernels
+
+needs_c = pytest.mark.skipif(not kernels.HAVE_C,
+                             reason="the C extension minqkv._ccore is not built (pip install -e .)")
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TOLERANCE = {np.dtype(np.float32): dict(rtol=1e-4, atol=2e-5), np.dtype(np.float64): dict(rtol=1e-11, atol=1e-12)}
+
+
+@st.composite
+def attention_cases(draw):
+    """q, k, v, bias (or None), dy: any batch, heads grouped or not, Tk >= T (a KV cache), head widths
+    that do and do not fill a vector register, and sequences longer than one key block (64)."""
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    B = draw(st.integers(0, 3))
+    Hkv = draw(st.integers(1, 3))
+    H = Hkv * draw(st.integers(1, 3))
+    T = draw(st.one_of(st.integers(0, 9), st.integers(60, 140)))
+    Tk = T + draw(st.sampled_from([0, 0, 1, 5]))
+    hd = draw(st.sampled_from([1, 3, 8, 32]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([0.5, 1.0, 3.0]))  # large scores test the online rescaling
+    q = (rng.standard_normal((B, H, T, hd)) * scale).astype(dtype)
+    k, v = (rng.standard_normal((B, Hkv, Tk, hd)).astype(dtype) for _ in range(2))
+    bias = rng.standard_normal((H, T, Tk)).astype(dtype) if draw(st.booleans()) else None
+    return q, k, v, bias, rng.standard_normal(q.shape).astype(dtype)
+
+
+@needs_c
+@FAST
+@given(attention_cases())
+def test_attention_c_matches_numpy_twin(case):
+    q, k, v, bias, dy = case
+    tolerance = TOLERANCE[q.dtype]
+    y, lse = kernels.attention_c(q, k, v, bias)
+    y_twin, lse_twin = kernels.attention_numpy(q, k, v, bias)
+    np.testing.assert_allclose(y, y_twin, **tolerance)
+    np.testing.assert_allclose(lse, lse_twin, **tolerance)
+    grads = kernels.attention_backward_c(q, k, v, bias, y_twin, lse_twin, dy)
+    twins = kernels.attention_backward_numpy(q, k, v, bias, y_twin, lse_twin, dy)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, twins):
+        if want is None:
+            assert got is None
+        else:
+            size = np.abs(want).max(initial=1)  # sums over keys and queries: compare to their size
+            np.testing.assert_allclose(got, want, rtol=tolerance["rtol"], atol=tolerance["atol"] * size,
+                                       err_msg=name)
+
+
+def test_attention_of_one_key_returns_its_value(backend):
+    q = np.ones((1, 1, 1, 4))
+    v = np.arange(4.0).reshape(1, 1, 1, 4)
+    y, lse = kernels.attention(q, np.ones((1, 1, 1, 4)), v)
+    np.testing.assert_allclose(y, v)
+    np.testing.assert_allclose(lse, [[[2.0]]])  # the one score: q.k / sqrt(4) = 2
+
+
+def test_attention_of_equal_keys_averages_the_visible_values(backend):
+    T = 5
+    v = np.arange(T, dtype=np.float64).reshape(1, 1, T, 1)
+    y, _ = kernels.attention(np.zeros((1, 1, T, 1)), np.zeros((1, 1, T, 1)), v)
+    np.testing.assert_allclose(y[0, 0, :, 0], [np.mean(np.arange(i + 1)) for i in range(T)])
+
+
+def test_attention_key_heads_must_divide_query_heads(backend):
+    with pytest.raises(ValueError, match="q has 3 heads but k and v have 2"):
+        kernels.attention(np.zeros((1, 3, 2, 4)), np.zeros((1, 2, 2, 4)), np.zeros((1, 2, 2, 4)))
+
+
+def test_attention_bias_of_the_wrong_shape_is_named(backend):
+    with pytest.raises(ValueError, match=r"bias has shape \(1, 2, 2\) but must be \(H, T, Tk\) = \(2, 2, 2\)"):
+        kernels.attention(np.zeros((1, 2, 2, 4)), np.zeros((1, 2, 2, 4)), np.zeros((1, 2, 2, 4)),
+                          np.zeros((1, 2, 2)))
+
+
+def test_attention_needs_at_least_as_many_keys_as_queries(backend):
+    with pytest.raises(ValueError, match="causal attention needs Tk >= T"):
+        kernels.attention(np.zeros((1, 1, 3, 4)), np.zeros((1, 1, 2, 4)), np.zeros((1, 1, 2, 4)))
+
+
+@needs_c
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_c_gives_the_same_bits_on_any_thread_count(with_bias):
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((2, 4, 150, 32)).astype(np.float32) for _ in range(3))
+    bias = rng.standard_normal((4, 150, 150)).astype(np.float32) if with_bias else None
+    before = kernels.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            kernels.set_num_threads(n)
+            y, lse = kernels.attention_c(q, k, v, bias)
+            results.append([y, lse, *(g for g in kernels.attention_backward_c(q, k, v, bias, y, lse, q)
+                                      if g is not None)])
+    finally:
+        kernels.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_long_bench_times_minqkv_attention_and_says_when_torch_is_absent():
+    from minqkv.bench import format_long_table, run_long_bench
+
+    rows = run_long_bench(lengths=(64,), rounds=1, with_torch=False)
+    assert [row["T"] for row in rows] == [64] and rows[0]["minqkv_ms"] > 0 and "ratio" not in rows[0]
+    assert "PyTorch is not installed" in format_long_table(rows)
