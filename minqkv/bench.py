@@ -425,17 +425,22 @@ def run_step_bench(threads=(1, 2), shapes=tuple(STEP_SHAPES), rounds=5, steps_pe
             row = {"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
                    "block_size": block_size, "batch_size": batch_size, "threads": n,
                    "backend": kernels.get_backend()}
-            for side in sides:
-                memory = workers[side].finish()
-                ms = statistics.median(seconds[side]) * 1e3
-                row[f"{side}_ms"] = round(ms, 2)
-                row[f"{side}_tokens_per_s"] = round(batch_size * block_size / ms * 1e3)
-                row[f"{side}_peak_mb"] = round(memory["peak_mb"], 1)
-                row[f"{side}_step_mb"] = round(memory["step_mb"], 1)
-            if with_torch:
-                row["ratio"] = round(row["minqkv_ms"] / row["torch_ms"], 3)
-            rows.append(row)
+            rows.append(_with_side_figures(row, workers, seconds, batch_size * block_size))
     return rows
+
+
+def _with_side_figures(row: dict, workers: dict, seconds: dict, tokens: int) -> dict:
+    """Add each side's median ms, tokens/s and memory (and minqkv/torch when both ran) to row."""
+    for side in workers:
+        memory = workers[side].finish()
+        ms = statistics.median(seconds[side]) * 1e3
+        row[f"{side}_ms"] = round(ms, 2)
+        row[f"{side}_tokens_per_s"] = round(tokens / ms * 1e3)
+        row[f"{side}_peak_mb"] = round(memory["peak_mb"], 1)
+        row[f"{side}_step_mb"] = round(memory["step_mb"], 1)
+    if "torch" in workers:
+        row["ratio"] = round(row["minqkv_ms"] / row["torch_ms"], 3)
+    return row
 
 
 def format_step_table(rows):
@@ -499,16 +504,7 @@ def run_long_bench(lengths=LONG_LENGTHS, threads=(1,), rounds=3, steps_per_round
                 for side in sides:
                     seconds[side] += workers[side].ask(f"run {steps_per_round}")["seconds"]
             row = {"T": T, "threads": n, "n_head": LONG_SHAPE[0], "head_dim": LONG_SHAPE[1]}
-            for side in sides:
-                memory = workers[side].finish()
-                ms = statistics.median(seconds[side]) * 1e3
-                row[f"{side}_ms"] = round(ms, 2)
-                row[f"{side}_tokens_per_s"] = round(T / ms * 1e3)
-                row[f"{side}_peak_mb"] = round(memory["peak_mb"], 1)
-                row[f"{side}_step_mb"] = round(memory["step_mb"], 1)
-            if with_torch:
-                row["ratio"] = round(row["minqkv_ms"] / row["torch_ms"], 3)
-            rows.append(row)
+            rows.append(_with_side_figures(row, workers, seconds, T))
     return rows
 
 
