@@ -18,10 +18,7 @@ int ADAMW(REAL *param, const REAL *grad, REAL *m, REAL *v, int64_t n, double bet
     const REAL b1 = (REAL)beta1, c1 = (REAL)(1.0 - beta1), b2 = (REAL)beta2, c2 = (REAL)(1.0 - beta2);
     const REAL decay = (REAL)decay_factor, step = (REAL)step_size, bias2 = (REAL)bias2_sqrt;
     const REAL epsilon = (REAL)eps;
-    int threads = 1;
-#ifdef _OPENMP
-    threads = n >= PARALLEL_MIN_ELEMENTS && num_threads > 1 ? num_threads : 1;
-#endif
+    int threads = threads_for_work((double)n, PARALLEL_MIN_ELEMENTS, num_threads);
 #pragma omp parallel for simd num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
         REAL g = grad[i];

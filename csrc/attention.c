@@ -33,14 +33,8 @@ static int attention_arguments_valid(const void *q, const void *k, const void *v
 
 static int attention_threads(int64_t B, int64_t H, int64_t T, int64_t Tk, int64_t hd, int num_threads)
 {
-#ifdef _OPENMP
     double work = (double)B * (double)H * (double)T * (double)Tk * (double)hd;
-    if (work >= PARALLEL_MIN_WORK && num_threads > 1)
-        return num_threads;
-#else
-    (void)B, (void)H, (void)T, (void)Tk, (void)hd, (void)num_threads;
-#endif
-    return 1;
+    return threads_for_work(work, PARALLEL_MIN_WORK, num_threads);
 }
 
 #define REAL float

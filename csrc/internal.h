@@ -41,6 +41,18 @@
 #define PASTE(a, b) PASTE_(a, b)
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* Threads for a call of `work` units: all num_threads when the work pays for starting them
+ * (work >= min_work), else one; always one in a build without OpenMP. */
+static inline int threads_for_work(double work, double min_work, int num_threads)
+{
+#ifdef _OPENMP
+    return work >= min_work && num_threads > 1 ? num_threads : 1;
+#else
+    (void)work, (void)min_work, (void)num_threads;
+    return 1;
+#endif
+}
 static inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
 /* Vectorisable exponentials for the kernels (softmax, GELU's tanh, cross-entropy). */

@@ -18,14 +18,7 @@
 /* How many threads a call over `elements` values may start. */
 static int layer_threads(int64_t elements, int num_threads)
 {
-#ifdef _OPENMP
-    if (elements >= PARALLEL_MIN_ELEMENTS && num_threads > 1)
-        return num_threads;
-#else
-    (void)elements;
-    (void)num_threads;
-#endif
-    return 1;
+    return threads_for_work((double)elements, PARALLEL_MIN_ELEMENTS, num_threads);
 }
 
 /* layers_template.h is compiled twice below, once per element type; it #undefs its macros. */
