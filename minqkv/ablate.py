@@ -54,6 +54,13 @@ PRESETS = {
                              eval_interval=100, eval_iters=20),
                   seeds=2, variants="abc,aab,abb,aaa,--a,abc+gate",
                   gate_penalties=[0.003, 0.01, 0.03, 0.1]),
+    # multi-query associative recall (synthetic:recall): which projections can learn to match a
+    # token with an equal one? The README's recall section; about 15 minutes with --jobs 2
+    "recall": dict(model=dict(n_layer=2, n_head=4, n_embd=64, block_size=64),
+                   train=dict(steps=3000, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=100,
+                              eval_interval=100, eval_iters=8),
+                   seeds=2, data="synthetic:recall",
+                   variants="abc,---,aab,aab+wide-init,abc+wide-init,abc+wide-init+sym-init"),
     # seconds: for tests of the bench itself
     "tiny": dict(model=dict(n_layer=1, n_head=2, n_embd=16, block_size=16),
                  train=dict(steps=10, batch_size=4, eval_interval=5, eval_iters=2), seeds=1),
@@ -77,11 +84,13 @@ def selected_labels(variants) -> list:
     return labels
 
 
-def plan_sweep(preset: str, data: str, variants=None, seeds: int | None = None) -> dict:
-    """Every run of a sweep; variants=None takes the preset's own list (else the study's)."""
+def plan_sweep(preset: str, data: str | None, variants=None, seeds: int | None = None) -> dict:
+    """Every run of a sweep; variants=None takes the preset's own list (else the study's),
+    data=None the preset's own data (else Shakespeare)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
+    data = data or spec.get("data", "shakespeare")
     seeds = spec["seeds"] if seeds is None else seeds
     if seeds <= 0:
         raise ValueError(f"--seeds must be a positive integer, got {seeds}")
@@ -137,7 +146,11 @@ def run_one(job: dict, progress_queue=None, corpus=None) -> dict:
         train_config = TrainConfig(**{**job["train"], **job.get("train_overrides", {}), "data": job["data"],
                                       "out": str(run_dir), "seed": job["seed"]})
 
+        parent = os.getppid()
+
         def report(step, loss):
+            if os.getppid() != parent:  # the sweep was killed: stop too (the checkpoint stays)
+                raise SystemExit(f"{key}: the sweep that started this run is gone")
             if progress_queue is not None:
                 progress_queue.put((key, step))
 
@@ -198,12 +211,13 @@ def measure_decoding(ckpt_dir) -> dict:
 # ---- the sweep ----------------------------------------------------------------------------
 
 
-def run_sweep(preset: str, data: str, out, variants=None, seeds: int | None = None,
+def run_sweep(preset: str, data: str | None, out, variants=None, seeds: int | None = None,
               jobs: int = 1, progress: bool = True, dask=None) -> list:
     """Run (or finish) a sweep and write its tables; returns the aggregated rows."""
     if jobs <= 0:
         raise ValueError(f"--jobs must be a positive integer, got {jobs}")
     plan = plan_sweep(preset, data, variants, seeds)
+    data = plan["data"]
     from .data import load_corpus
     load_corpus(data)  # a bad --data fails here, before any training (and Shakespeare is cached)
     out = Path(out)

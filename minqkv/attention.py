@@ -132,6 +132,7 @@ class AttentionSpec:
 
     def __post_init__(self):
         _check_code_fits_heads(self)
+        _check_sym_init(self)
 
     @property
     def head_dim(self) -> int:
@@ -218,6 +219,19 @@ def _check_code_fits_heads(s: AttentionSpec) -> None:
                              "untie them or use n_kv_head=n_head")
 
 
+def _check_sym_init(s: AttentionSpec) -> None:
+    """sym-init copies W_q into W_k at the start: both must exist, apart and of one width."""
+    q, k = s.code[:2]
+    if not s.config.sym_init:
+        return
+    if "-" in (q, k) or q == k:
+        raise ValueError(f"sym-init starts W_k as a copy of W_q, but code {s.code!r} has no separate "
+                         "learned W_q and W_k (it needs a code such as abc or abb)")
+    if s.width("q") != s.width("k"):
+        raise ValueError(f"sym-init needs K as wide as Q; with n_kv_head={s.n_kv_head} < "
+                         f"n_head={s.config.n_head} K is {s.width('k')} wide, Q {s.width('q')}")
+
+
 # ---- the attention every variant shares ---------------------------------------------------------
 
 
@@ -293,10 +307,13 @@ class CausalSelfAttention(Module):
         rng = rng if rng is not None else np.random.default_rng(0)
         self.spec = spec
         c = spec.config
+        init_std = 1 / math.sqrt(c.n_embd) if c.wide_init else 0.02  # see the README's recall section
         for letter in spec.letters():
             width = spec.width(spec.roles_of(letter)[0])
-            w = rng.standard_normal((c.n_embd, width)) * 0.02  # (C, width)
+            w = rng.standard_normal((c.n_embd, width)) * init_std  # (C, width)
             setattr(self, spec.weight_name(letter), Parameter(w.astype(dtype)))
+        if c.sym_init:  # scores x W_q W_k^T y^T start symmetric and positive semi-definite
+            self.weight(spec.code[1]).data[...] = self.weight(spec.code[0]).data
         for role in spec.gated_roles():
             setattr(self, f"gate_{role}", Parameter(np.full(1, GATE_INIT_LOG_ALPHA, dtype=dtype)))  # log_alpha
         # the gates' noise, drawn once per gate per training forward, from the model's saved generator

@@ -107,6 +107,8 @@ RUN_FLAGS = [
     ("--rotate", "rotate", bool, "learned orthogonal rotation of K per head"),
     ("--pos2d", "pos2d", bool, "learned 2-D positional bias on the scores"),
     ("--gate", "gate", bool, "hard-concrete gates on the projections, pruned after training"),
+    ("--wide-init", "wide_init", bool, "Q/K/V weights start with std 1/sqrt(n_embd), not 0.02"),
+    ("--sym-init", "sym_init", bool, "W_k starts as a copy of W_q (codes with separate W_q, W_k)"),
     ("--no-out-proj", "out_proj", bool, "drop the output projection"),
     ("--no-tie", "tie_weights", bool, "separate output head (no weight tying)"),
 ]
@@ -336,7 +338,8 @@ def _add_ablate(sub) -> None:
 
     p = sub.add_parser("ablate", help="train many variants side by side and tabulate them")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    p.add_argument("--data", default="shakespeare", help="shakespeare | PATH | synthetic:TASK")
+    p.add_argument("--data", default=None,
+                   help="shakespeare | PATH | synthetic:TASK (default: the preset's own, else shakespeare)")
     p.add_argument("--out", default="ablate-out", help="folder for runs and result tables")
     p.add_argument("--variants", default=None,
                    help="'study', 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa' "

@@ -34,6 +34,8 @@ class GPTConfig:
     rotate: bool = False
     pos2d: bool = False
     gate: bool = False
+    wide_init: bool = False  # Q/K/V weights at init: std 1/sqrt(n_embd) instead of GPT-2's 0.02
+    sym_init: bool = False  # W_k starts as a copy of W_q (scores start symmetric); they train apart
     out_proj: bool = True
     tie_weights: bool = True
     dtype: str = "float32"
@@ -74,6 +76,7 @@ class GPTConfig:
         name = "/".join(codes) if self.layer_codes is not None else self.code
         kv = self.n_kv_head if self.n_kv_head is not None else self.n_head
         mods = [m for m in ("rotate", "pos2d", "gate") if getattr(self, m)]
+        mods += [name for name, on in (("wide-init", self.wide_init), ("sym-init", self.sym_init)) if on]
         if kv != self.n_head:
             mods.append("mqa" if kv == 1 else f"gqa{kv}")
         if not self.out_proj:
@@ -98,9 +101,11 @@ class GPTConfig:
                 overrides["n_kv_head"] = int(mod[3:])
             elif mod == "no-out-proj":
                 overrides["out_proj"] = False
+            elif mod in ("wide-init", "sym-init"):
+                overrides[mod.replace("-", "_")] = True
             else:
                 raise ValueError(f"unknown modifier {mod!r} in {label!r}: use rotate, pos2d, gate, "
-                                 "mqa, gqaN (N key/value heads) or no-out-proj, e.g. 'abb+rotate+gqa2'")
+                                 "mqa, gqaN (N key/value heads), no-out-proj, wide-init or sym-init, e.g. 'abb+rotate+gqa2'")
         return overrides
 
     @classmethod

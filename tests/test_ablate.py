@@ -106,6 +106,31 @@ def test_a_failing_run_is_recorded_and_does_not_raise(tmp_path):
     assert row["failed"] == 1 and "val_loss" not in row
 
 
+def test_a_run_whose_sweep_was_killed_stops_and_keeps_its_checkpoint(tmp_path, monkeypatch):
+    """A worker whose parent (the sweep) is gone stops instead of training on as an orphan."""
+    plan = ablate.plan_sweep("tiny", "synthetic:copy", "abc")
+    job = {**plan["runs"][0], "seed": 0, "run_dir": str(tmp_path / "run"), "data": "synthetic:copy",
+           "model": plan["model"], "train": plan["train"]}
+    parents = iter([100] + [100] * 5 + [1] * 100)  # the sweep's pid at the start, then init's
+    monkeypatch.setattr(ablate.os, "getppid", lambda: next(parents))
+    with pytest.raises(SystemExit, match="the sweep that started this run is gone"):
+        ablate.run_one(job)
+    assert (tmp_path / "run" / "ckpt.npz").exists() and not (tmp_path / "run" / "result.json").exists()
+
+
+def test_a_preset_brings_its_own_data_unless_data_is_given():
+    assert ablate.plan_sweep("recall", None)["data"] == "synthetic:recall"
+    assert ablate.plan_sweep("recall", "synthetic:copy")["data"] == "synthetic:copy"
+    assert ablate.plan_sweep("quick", None)["data"] == "shakespeare"
+
+
+def test_the_recall_preset_sets_learned_projections_against_identity_and_wide_init():
+    plan = ablate.plan_sweep("recall", None)
+    variants = [r["variant"] for r in plan["runs"]]
+    assert {"abc", "---", "aab", "aab+wide-init", "abc+wide-init"} <= set(variants)
+    assert plan["seeds"] == 2 and plan["model"]["n_layer"] == 2
+
+
 def test_the_command_prints_the_table(tmp_path, capsys):
     code = main(["ablate", "--preset", "tiny", "--data", "synthetic:copy", "--out", str(tmp_path / "s"),
                  "--variants", "abc,--a", "--quiet", "--no-plots"])

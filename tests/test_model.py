@@ -377,6 +377,8 @@ def test_config_resolves_names_to_codes():
     (dict(code="abc", n_kv_head=4), "abc"),
     (dict(code="aab", pos2d=True, gate=True), "aab+pos2d+gate"),
     (dict(code="abc", out_proj=False), "abc+no-out-proj"),
+    (dict(code="aab", wide_init=True), "aab+wide-init"),
+    (dict(code="abc", wide_init=True, sym_init=True), "abc+wide-init+sym-init"),
 ])
 def test_variant_label_names_the_code_and_its_modifiers(overrides, label):
     config = GPTConfig(**{**TINY, **overrides})
@@ -392,6 +394,40 @@ def test_an_unknown_modifier_in_a_label_raises():
 def test_a_label_gives_the_code_and_modifier_overrides():
     overrides = GPTConfig.overrides_from_label("shared-kv+rotate+gqa2")
     assert overrides == {"code": "abb", "rotate": True, "n_kv_head": 2}
+
+
+def test_wide_init_scales_only_the_projection_weights_to_one_over_root_width():
+    """Same draws, another scale: q = x W keeps the scale of x (std 1/sqrt(C)) instead of 0.02."""
+    config = dict(TINY, code="abc", n_embd=64, n_head=4)
+    small, wide = GPT(GPTConfig(**config)), GPT(GPTConfig(**config, wide_init=True))
+    for name, p in wide.named_parameters():
+        base = dict(small.named_parameters())[name].data
+        if name.rsplit(".", 1)[-1] in ("w_q", "w_k", "w_v"):
+            np.testing.assert_allclose(p.data, base / 0.02 / np.sqrt(64))
+            assert abs(p.data.std() * np.sqrt(64) - 1) < 0.1
+        else:
+            np.testing.assert_array_equal(p.data, base)
+
+
+def test_sym_init_starts_w_k_as_a_copy_of_w_q_and_they_train_apart():
+    model = GPT(GPTConfig(**TINY, code="abc", sym_init=True))
+    attn = model.blocks[0].attn
+    np.testing.assert_array_equal(attn.w_k.data, attn.w_q.data)
+    assert not np.array_equal(attn.w_v.data, attn.w_q.data)
+    x = np.arange(2 * BLOCK).reshape(2, BLOCK) % VOCAB
+    _, loss = model(x, x)
+    loss.backward()
+    assert not np.allclose(attn.w_k.grad, attn.w_q.grad)  # a step moves them apart
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(code="aab"), "no separate learned W_q and W_k"),
+    (dict(code="-ab"), "no separate learned W_q and W_k"),
+    (dict(code="abc", n_kv_head=2), "needs K as wide as Q"),
+])
+def test_sym_init_needs_separate_learned_q_and_k_of_one_width(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**TINY, **overrides, "sym_init": True})
 
 
 def test_config_round_trips_through_a_dict():
