@@ -9,6 +9,9 @@ Three questions about each layer, each answered from the weights or from held-ou
    next to the same figure for random subspaces of the same sizes, the baseline to beat.
 3. How far from symmetric are the attention scores S = Q K^T / sqrt(hd)? Variants whose Q and
    K are one tensor are symmetric by construction; the others may still learn to be.
+4. Does a token's query prefer the key of an equal token? The match margin: with every token's
+   embedding as input, the score of the same token minus the mean score of the others, in
+   logits. Recall tasks need it large; identity Q and K have it for free (README, recall).
 
 For a gated model it also reports the gates and the per-layer codes that prune() would keep.
 Everything returned is plain JSON (dicts, lists, floats, strings).
@@ -24,7 +27,7 @@ import numpy as np
 from .attention import ROLES, CausalSelfAttention
 from .checkpoint import load_model
 from .data import load_corpus
-from .tensor import no_grad
+from .tensor import Tensor, no_grad
 
 RANDOM_BASELINE_DRAWS = 16  # random subspace pairs averaged for the baseline
 TOP_SINGULAR_VALUES_SHOWN = 6  # in the text report
@@ -160,6 +163,27 @@ def attention_weights(model, ids) -> list:
     return [weights for _, weights in attention_maps(model, ids)]
 
 
+def match_margins(model) -> list:
+    """Per layer, the match margin of each head: mean over tokens of S[i, i] - mean_j!=i S[i, j],
+    S = Q K^T / sqrt(hd) with the token embeddings (after the layer's LayerNorm) as the input.
+
+    Layer 0 sees exactly these inputs; deeper layers see them plus what earlier layers added.
+    """
+    margins = []
+    with no_grad(), model.evaluating():
+        tokens = Tensor(model.token_embedding.weight.data[None])  # (1, V, C): every token once
+        for block in model.blocks:
+            q, k, _ = block.attn.project(block.ln_1(tokens))  # (1, H, V, hd), (1, Hkv, V, hd)
+            q, k = q.data[0], k.data[0]
+            k = np.repeat(k, q.shape[0] // k.shape[0], axis=0)  # a key head per query head (GQA)
+            scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])  # (H, V, V)
+            V = scores.shape[-1]
+            same = np.trace(scores, axis1=1, axis2=2) / V
+            others = (scores.sum(axis=(1, 2)) - same * V) / (V * (V - 1))
+            margins.append([float(m) for m in same - others])
+    return margins
+
+
 def analyze_model(model, batches, subspace_dim: int | None = None,
                   prune_threshold: float = 0.0) -> dict:
     """Rank, subspace overlap and score symmetry of every layer; batches: [(x, y), ...] ids (B, T)."""
@@ -172,6 +196,8 @@ def analyze_model(model, batches, subspace_dim: int | None = None,
             asymmetry[layer].append(score_asymmetry(scores))  # scores (B, H, T, T)
     layers = [_analyze_layer(i, block.attn, float(np.mean(asymmetry[i])), subspace_dim)
               for i, block in enumerate(model.blocks)]
+    for layer, margin in zip(layers, match_margins(model)):
+        layer["match_margin"] = margin
     result = {"variant": model.config.variant_label(), "n_layer": len(layers), "n_embd": model.config.n_embd,
               "n_head": model.config.n_head, "layers": layers}
     if model.config.gate:
@@ -273,6 +299,9 @@ def _layer_lines(layer: dict) -> list:
         flat = f"  flattened cos {o['flat_cos']:+.3f}" if o["flat_cos"] is not None else ""
         lines.append(f"  overlap {pair}  r={o['dim']:<3} mean cos {o['mean_cos']:.3f}"
                      f"  (random subspaces {o['random_baseline_mean_cos']:.3f}){flat}")
+    if "match_margin" in layer:
+        lines.append("  match margin (same token over others, logits) per head: "
+                     + " ".join(f"{m:+.2f}" for m in layer["match_margin"]))
     if "gates" in layer:
         lines.append("  gates " + "  ".join(f"{role.upper()} {g:.3f}" for role, g in layer["gates"].items()))
     return lines

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from minqkv.analysis import (analyze_checkpoint, analyze_model, attention_weights, effective_rank,
-                             energy_rank, format_report, principal_cosines, random_subspace_cosine,
-                             save_heatmaps, score_asymmetry)
+                             energy_rank, format_report, match_margins, principal_cosines,
+                             random_subspace_cosine, save_heatmaps, score_asymmetry)
 from minqkv.model import GPT, GPTConfig
 from minqkv.train import TrainConfig, train
 
@@ -139,6 +139,36 @@ def test_analyze_model_leaves_the_model_in_training_mode():
     model = tiny_model("abc", dropout=0.1)
     analyze_model(model, batches(1))
     assert model.training
+
+
+def test_match_margin_of_identity_q_and_k_is_computed_from_the_normalised_embeddings():
+    model = tiny_model("---", dtype="float64")
+    e = model.token_embedding.weight.data  # (V, C)
+    x = (e - e.mean(-1, keepdims=True)) / np.sqrt(e.var(-1, keepdims=True) + 1e-5)  # ln_1 at init
+    expected = []
+    for h in range(2):
+        xh = x[:, 8 * h:8 * (h + 1)]
+        s = xh @ xh.T / np.sqrt(8)
+        off = ~np.eye(VOCAB, dtype=bool)
+        expected.append(np.mean(np.diag(s)) - np.mean(s[off]))
+    np.testing.assert_allclose(match_margins(model)[0], expected, rtol=1e-9)
+
+
+def test_a_tied_wide_query_key_matches_equal_tokens_and_gpt2_init_barely_does():
+    """The README's recall finding in numbers: at init, margin ~ C std^2 sqrt(hd) for tied Q = K."""
+    def layer0_margin(code, **overrides):
+        config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=1, n_head=4, n_embd=64, code=code,
+                           **overrides)
+        return np.mean(match_margins(GPT(config))[0])
+
+    wide, small, canonical = layer0_margin("aab", wide_init=True), layer0_margin("aab"), layer0_margin("abc")
+    assert wide > 2.0 and 0 < small < 0.1 and abs(canonical) < 0.05
+
+
+def test_the_report_prints_the_match_margin():
+    result = analyze_model(tiny_model("abc"), batches())
+    assert len(result["layers"][0]["match_margin"]) == 2
+    assert "match margin" in format_report(result)
 
 
 def test_attention_weights_are_causal_and_rows_sum_to_one():
