@@ -54,7 +54,8 @@ PRESETS = {
                   train=dict(steps=400, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=40,
                              eval_interval=100, eval_iters=8), seeds=1),
     "standard": STANDARD,
-    # the standard settings for the 11 variants above x 2 seeds: 22 runs, under 40 minutes with --jobs 2
+    # the standard settings for the 11 variants above x 2 seeds: 22 runs. Its heaviest run (abc+latent-kv96)
+    # took 136 s of CPU (4 minutes of wall time on a machine loaded 4x over), so about 25 minutes with --jobs 2
     "modern": dict(STANDARD, variants=",".join(MODERN_VARIANTS)),
     # nanoGPT's CPU shape: gated runs for a sweep of L against static variants with the same
     # budget of projection matrices (8/12: aab, abb; 4/12: aaa, --a); measured on an idle 2-core

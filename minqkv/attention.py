@@ -64,7 +64,7 @@ NAMES = {
 }
 
 
-ROPE_BASE = 10000.0  # the wavelengths of rotary positions run from 2 pi to 2 pi ROPE_BASE tokens (Su et al.)
+ROPE_BASE = 10000.0  # rotary wavelengths run from 2 pi tokens up to nearly 2 pi ROPE_BASE (Su et al.)
 
 # hard-concrete constants of Louizos et al. (2018): temperature, and the stretch to (GAMMA, ZETA)
 GATE_BETA, GATE_GAMMA, GATE_ZETA = 2 / 3, -0.1, 1.1
@@ -364,7 +364,7 @@ class KVCache:
     """
 
     def __init__(self):
-        self.k_source = None  # (B, T_past, width_k) ndarray
+        self.k_source = None  # (B, T_past, width_k) ndarray; a latent layer's c (B, T_past, R)
         self.v_source = None  # (B, T_past, width_v) ndarray, or None when shared with k_source
         self.length = 0
 
@@ -438,8 +438,8 @@ class CausalSelfAttention(Module):
         q, k, v = self.sources(x)  # (B, T, width); a latent layer's k and v: its latent c (B, T, R)
         q = self.positioned(q, past)
         if s.latent:
-            c = self._extend_cache(cache, k, v)[0] if cache is not None else k  # (B, past + T, R)
-            k, v = self.up_projected(c)  # (B, Tk, width): every key again, from the cached latents
+            latent = self._extend_cache(cache, k, v)[0] if cache is not None else k  # (B, past + T, R)
+            k, v = self.up_projected(latent)  # (B, Tk, width): every key again, from the cached latents
             k = self.positioned(k, 0)
         else:
             k = self.positioned(k, past)  # turned before caching, as each key's turn is its own
