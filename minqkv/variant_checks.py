@@ -19,7 +19,7 @@ from .model import GPT, GPTConfig
 MODIFIER_LABELS = ["aaa+rotate", "aab+rotate", "aaa+pos2d", "aab+pos2d", "abc+gate", "aaa+gate",
                    "abb+gqa2", "abc+gqa2", "abc+mqa", "abb+mqa", "abb+rotate+mqa", "abc+no-out-proj"]
 # the modifiers of today's models, alone and with codes, grouped heads, gates and each other
-MODIFIER_LABELS += ["abc+rope", "aab+rope", "abb+rope", "-ab+rope", "---+rope", "abb+rope+gqa2",
+MODIFIER_LABELS += ["abc+rope", "aab+rope", "abb+rope", "-ab+rope", "-aa+rope", "abb+rope+gqa2",
                     "aaa+rotate+rope", "aab+gate+rope", "abc+no-pos",
                     "abc+out-gate", "aab+out-gate", "abb+out-gate+mqa", "abc+gate+out-gate",
                     "abc+latent-kv4", "abb+latent-kv4", "-ab+latent-kv6", "abc+latent-kv4+gqa2",
