@@ -13,8 +13,11 @@ Three questions about each layer, each answered from the weights or from held-ou
    embedding as input, the score of the same token minus the mean score of the others, in
    logits. Recall tasks need it large; identity Q and K have it for free (README, recall).
 
-For a gated model it also reports the gates and the per-layer codes that prune() would keep.
-Everything returned is plain JSON (dicts, lists, floats, strings).
+For every model it reports the attention sink: the attention mass on position 0, which
+models learn to park unneeded attention on (compare with and without output gates). For a
+model with output gates it reports their mean and how many are nearly shut; for a gated model
+the gates and the per-layer codes that prune() would keep. Everything returned is plain JSON
+(dicts, lists, floats, strings).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .tensor import Tensor, no_grad
 
 RANDOM_BASELINE_DRAWS = 16  # random subspace pairs averaged for the baseline
 TOP_SINGULAR_VALUES_SHOWN = 6  # in the text report
+NEARLY_SHUT = 0.1  # an output gate below this counts as (nearly) shut
 
 
 # ---- the math --------------------------------------------------------------------------
@@ -87,20 +91,43 @@ def score_asymmetry(scores) -> float:
     return float(np.mean(difference / (2 * np.maximum(size, np.finfo(np.float64).tiny))))
 
 
+def sink_mass(weights) -> float:
+    """Mean attention weight on position 0 of the queries after it: weights (..., T, T) causal.
+
+    Query 0 is left out, as it can only attend to itself."""
+    return float(np.mean(np.asarray(weights, dtype=np.float64)[..., 1:, 0]))
+
+
+def uniform_sink_mass(T: int) -> float:
+    """sink_mass of attention spread evenly over the visible keys: mean of 1 / (t + 1), t = 1 .. T-1."""
+    return float(np.mean(1.0 / np.arange(2, T + 1))) if T > 1 else 0.0
+
+
 # ---- one layer -------------------------------------------------------------------------
 
 
 def role_weight(attn: CausalSelfAttention, role: str):
-    """The learned weight (C, width) that produces role 'q', 'k' or 'v'; None for an identity role."""
+    """The learned weight (C, width) that produces role 'q', 'k' or 'v' from x; None for an identity
+    role. A latent layer's K and V: the product W_down W_up, through the latent."""
     letter = attn.spec.code[ROLES.index(role)]
-    return None if letter == "-" else attn.weight(letter).data
+    if letter == "-":
+        return None
+    if letter in attn.spec.input_letters():
+        return attn.weight(letter).data
+    return attn.w_kv_down.data @ attn.weight(letter).data  # (C, R) @ (R, width)
 
 
 def projection_matrices(attn: CausalSelfAttention) -> dict:
-    """{name: (C, width) matrix}: each weight once ('w_kv' serves K and V), and for every gated
-    role the matrix it effectively applies, g W + (1 - g) I (named 'effective_q', ...)."""
+    """{name: matrix}: each weight once ('w_kv' serves K and V; a latent layer's W_down (C, R) and
+    up-projections (R, width)), and for every gated role, and a latent layer's K and V, the
+    (C, width) matrix it effectively applies to x (named 'effective_q', 'effective_kv', ...)."""
     spec = attn.spec
     matrices = {spec.weight_name(letter): attn.weight(letter).data for letter in spec.letters()}
+    if spec.latent:
+        matrices["w_kv_down"] = attn.w_kv_down.data
+        for letter in dict.fromkeys(spec.code[1:]):
+            roles = spec.roles_of(letter)
+            matrices[f"effective_{roles}"] = role_weight(attn, roles[0])
     for role in spec.gated_roles():
         matrices[f"effective_{role}"] = attn.folded_weight(role)
     return matrices
@@ -148,9 +175,10 @@ def role_overlaps(attn: CausalSelfAttention, subspace_dim: int | None = None) ->
 
 
 def attention_maps(model, ids) -> list:
-    """One (scores, weights) pair of (B, H, T, T) arrays per layer for ids (B, T), from one forward pass.
+    """One (scores, weights, out_gates) triple per layer for ids (B, T), from one forward pass.
 
-    scores are before the causal mask and the softmax, weights after; dropout is off.
+    scores (B, H, T, T) are before the causal mask and the softmax, weights after; out_gates
+    (B, T, H) are the output gates, None without them; dropout is off.
     """
     maps: list = []
     with no_grad(), model.evaluating():
@@ -160,21 +188,22 @@ def attention_maps(model, ids) -> list:
 
 def attention_weights(model, ids) -> list:
     """Softmax attention weights with the causal mask, one (B, H, T, T) array per layer."""
-    return [weights for _, weights in attention_maps(model, ids)]
+    return [weights for _, weights, _ in attention_maps(model, ids)]
 
 
 def match_margins(model) -> list:
     """Per layer, the match margin of each head: mean over tokens of S[i, i] - mean_j!=i S[i, j],
     S = Q K^T / sqrt(hd) with the token embeddings (after the layer's LayerNorm) as the input.
 
+    Every token sits at position 0 (rotary positions turn nothing there), so only content counts.
     Layer 0 sees exactly these inputs; deeper layers see them plus what earlier layers added.
     """
     margins = []
     with no_grad(), model.evaluating():
-        tokens = Tensor(model.token_embedding.weight.data[None])  # (1, V, C): every token once
+        tokens = Tensor(model.token_embedding.weight.data[:, None])  # (V, 1, C): V sequences of one token
         for block in model.blocks:
-            q, k, _ = block.attn.project(block.ln_1(tokens))  # (1, H, V, hd), (1, Hkv, V, hd)
-            q, k = q.data[0], k.data[0]
+            q, k, _ = block.attn.project(block.ln_1(tokens))  # (V, H, 1, hd), (V, Hkv, 1, hd)
+            q, k = q.data[:, :, 0].swapaxes(0, 1), k.data[:, :, 0].swapaxes(0, 1)  # (H, V, hd), (Hkv, V, hd)
             k = np.repeat(k, q.shape[0] // k.shape[0], axis=0)  # a key head per query head (GQA)
             scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])  # (H, V, V)
             V = scores.shape[-1]
@@ -190,12 +219,19 @@ def analyze_model(model, batches, subspace_dim: int | None = None,
     if not batches:
         raise ValueError("analyze_model needs at least one (x, y) batch of token ids to measure "
                          "score symmetry, e.g. corpus.eval_batches('val', 8, block_size, 2)")
-    asymmetry = [[] for _ in model.blocks]
+    asymmetry, sink, gates = ([[] for _ in model.blocks] for _ in range(3))
     for x, _ in batches:
-        for layer, (scores, _) in enumerate(attention_maps(model, x)):
+        for layer, (scores, weights, out_gates) in enumerate(attention_maps(model, x)):
             asymmetry[layer].append(score_asymmetry(scores))  # scores (B, H, T, T)
+            sink[layer].append(sink_mass(weights))
+            gates[layer].append(out_gates)  # (B, T, H) or None
+    T = batches[0][0].shape[1]
     layers = [_analyze_layer(i, block.attn, float(np.mean(asymmetry[i])), subspace_dim)
               for i, block in enumerate(model.blocks)]
+    for layer, report in enumerate(layers):
+        report.update(sink_mass=float(np.mean(sink[layer])), uniform_sink_mass=uniform_sink_mass(T))
+        if model.config.out_gate:
+            report["out_gates"] = describe_out_gates(np.stack(gates[layer]))
     for layer, margin in zip(layers, match_margins(model)):
         layer["match_margin"] = margin
     result = {"variant": model.config.variant_label(), "n_layer": len(layers), "n_embd": model.config.n_embd,
@@ -204,6 +240,15 @@ def analyze_model(model, batches, subspace_dim: int | None = None,
         result["prune_threshold"] = prune_threshold
         result["pruned_codes"] = model.prune(prune_threshold).config.layer_codes
     return result
+
+
+def describe_out_gates(gates) -> dict:
+    """Mean output gate and the fraction nearly shut (below NEARLY_SHUT), overall and per head; gates (..., H)."""
+    g = np.asarray(gates, dtype=np.float64)
+    per_head = g.reshape(-1, g.shape[-1])  # (tokens, H)
+    return {"mean": float(g.mean()), "shut_fraction": float((g < NEARLY_SHUT).mean()),
+            "mean_per_head": per_head.mean(0).tolist(),
+            "shut_fraction_per_head": (per_head < NEARLY_SHUT).mean(0).tolist()}
 
 
 def _analyze_layer(layer: int, attn: CausalSelfAttention, asymmetry: float, subspace_dim) -> dict:
@@ -282,6 +327,13 @@ def _layer_lines(layer: dict) -> list:
                  else "not symmetric by construction")
     lines = [f"layer {layer['layer']}  {layer['code']}  score asymmetry {layer['asymmetry']:.3f} "
              f"({symmetric}; 0 = symmetric)"]
+    if "sink_mass" in layer:
+        lines.append(f"  attention sink: mass on position 0 {layer['sink_mass']:.3f} "
+                     f"(attention spread evenly: {layer['uniform_sink_mass']:.3f})")
+    if "out_gates" in layer:
+        g = layer["out_gates"]
+        lines.append(f"  output gates: mean {g['mean']:.3f}, below {NEARLY_SHUT}: {100 * g['shut_fraction']:.1f}%  "
+                     "(per head: " + " ".join(f"{m:.2f}" for m in g["mean_per_head"]) + ")")
     for name, p in layer["projections"].items():
         top = " ".join(f"{s:.3g}" for s in p["singular_values"][:TOP_SINGULAR_VALUES_SHOWN])
         more = " ..." if len(p["singular_values"]) > TOP_SINGULAR_VALUES_SHOWN else ""

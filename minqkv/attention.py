@@ -9,7 +9,13 @@ A variant is a code (or its name) with modifiers, written as a label such as 'ab
 n_kv_head (grouped-query attention; 1 = multi-query), rotate (a learned orthogonal rotation R
 per head, K <- K R), pos2d (a learned bias added to the scores for every (query position, key
 position)), gate (learned mixing of each projection with the identity, for pruning), out_proj
-(the output projection on or off).
+(the output projection on or off), and three modifiers of today's models:
+
+- pos='rope', rotary positions (Su et al. 2021): after the projections, every head's q and k
+  are turned pair of dimensions by pair by an angle proportional to their position (see rope()).
+- out_gate, output gating (Qiu et al. 2025): each head's output times sigmoid(x W_g), per token.
+- latent_kv=R, low-rank latent keys and values (multi-head latent attention, DeepSeek-V2 2024):
+  K and V are up-projected from one latent c = x W_down of width R, and the cache holds c only.
 
 A gate is a hard-concrete gate (Louizos, Welling & Kingma 2018): a stretched, clipped sigmoid of
 a learned log-odds log_alpha plus logistic noise in training, and without noise at evaluation,
@@ -57,6 +63,8 @@ NAMES = {
     "none": "---",
 }
 
+
+ROPE_BASE = 10000.0  # rotary wavelengths run from 2 pi tokens up to nearly 2 pi ROPE_BASE (Su et al.)
 
 # hard-concrete constants of Louizos et al. (2018): temperature, and the stretch to (GAMMA, ZETA)
 GATE_BETA, GATE_GAMMA, GATE_ZETA = 2 / 3, -0.1, 1.1
@@ -119,6 +127,12 @@ def names_of(code: str) -> list:
     return [name for name, c in NAMES.items() if c == code]
 
 
+def weight_name(roles: str, latent: bool = False) -> str:
+    """The parameter name of the weight that serves `roles`: 'w_q', 'w_kv', 'w_qkv', ...; in a
+    latent layer the K and V weights are up-projections from the latent: 'w_k_up', 'w_kv_up'."""
+    return "w_" + roles + ("_up" if latent and "q" not in roles else "")
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """One layer's attention: its code, read with the sizes and modifiers of the model's config.
@@ -133,6 +147,7 @@ class AttentionSpec:
     def __post_init__(self):
         _check_code_fits_heads(self)
         _check_sym_init(self)
+        _check_latent_kv(self)
 
     @property
     def head_dim(self) -> int:
@@ -146,58 +161,105 @@ class AttentionSpec:
         """Output width of a role: Q has all heads, K and V have n_kv_head heads."""
         return self.config.n_embd if role == "q" else self.n_kv_head * self.head_dim
 
+    @property
+    def latent(self) -> bool:
+        """K and V are up-projected from a latent c = x W_down (multi-head latent attention)."""
+        return self.config.latent_kv is not None
+
     def letters(self) -> list:
         """Distinct weight letters in order, e.g. 'abb' -> ['a', 'b']."""
         return sorted(set(self.code) - {"-"})
+
+    def input_letters(self) -> list:
+        """Letters whose weight reads the input x: all of them, but a latent layer's K and V read c."""
+        return [L for L in self.letters() if not (self.latent and "q" not in self.roles_of(L))]
+
+    def input_width(self, letter: str) -> int:
+        """Rows of a letter's weight: C for one that reads x, R for an up-projection from the latent."""
+        return self.config.n_embd if letter in self.input_letters() else self.config.latent_kv
 
     def roles_of(self, letter: str) -> str:
         return "".join(r for r, ch in zip(ROLES, self.code) if ch == letter)
 
     def weight_name(self, letter: str) -> str:
-        return "w_" + self.roles_of(letter)  # 'w_q', 'w_kv', 'w_qkv', ...
+        return weight_name(self.roles_of(letter), self.latent)
 
     def gated_roles(self) -> str:
-        """Roles that get a gate: projected ones whose width equals the input's (so identity is possible)."""
+        """Roles that get a gate: projected ones whose width equals the input's (so identity is possible).
+
+        A latent layer's K and V are not gated: mixing them with x would need x in the cache."""
         if not self.config.gate:
             return ""
         full_width = self.config.n_embd
-        return "".join(r for r, ch in zip(ROLES, self.code) if ch != "-" and self.width(r) == full_width)
+        return "".join(r for r, ch in zip(ROLES, self.code) if ch != "-" and self.width(r) == full_width
+                       and not (self.latent and r != "q"))
 
     def k_and_v_share_cache(self) -> bool:
-        """K and V are the same tensor before rotation, so a KV cache stores it once."""
+        """The cache stores one tensor for K and V: a latent layer's c, or a tensor that serves as both.
+
+        Rotary positions turn K but not V, so under them K and V are two tensors in the cache."""
+        if self.latent:
+            return True
         same_source = self.code[1] == self.code[2]
-        return same_source and not ({"k", "v"} & set(self.gated_roles()))
+        return same_source and self.config.pos != "rope" and not ({"k", "v"} & set(self.gated_roles()))
 
     def symmetric(self) -> bool:
-        """Are the scores Q K^T symmetric? Only when Q and K are the very same tensor."""
+        """Are the scores Q K^T symmetric? Only when Q and K are the very same tensor.
+
+        Rotary positions keep tied Q and K symmetric. With R_p the rotation at position p
+        (orthogonal: R_p^T = R_-p, R_a R_b = R_a+b) and row vectors, the score of query n and key m
+        is s(n, m) = (q_n R_n)(k_m R_m)^T = q_n R_n-m k_m^T: it sees only the offset n - m. With
+        q = k = u, s(m, n) = u_m R_m-n u_n^T, a number, equals its transpose u_n R_m-n^T u_m^T =
+        u_n R_n-m u_m^T = s(n, m). The relative rotation R_n-m is not a symmetric matrix, but it
+        transposes to R_m-n, the rotation of the swapped pair; put simply, RoPE turns q_n and k_n by
+        the same R_n, so they stay one tensor. A rotation of K alone (rotate), a bias on the
+        scores (pos2d) or different gates on Q and K do break the symmetry.
+        """
         same = self.code[0] == self.code[1] and not ({"q", "k"} & set(self.gated_roles()))
         return same and not self.config.rotate and not self.config.pos2d
 
     # ---- costs, computed from the code and sizes ------------------------------------------
+    def matrix_sizes(self) -> int:
+        """Entries of the projection matrices: each letter's weight, and a latent layer's W_down (C, R)."""
+        c = self.config
+        total = sum(self.input_width(L) * self.width(self.roles_of(L)[0]) for L in self.letters())
+        return total + (c.n_embd * c.latent_kv if self.latent else 0)
+
     def params(self) -> int:
         """Learned parameters of this layer's attention (a tied weight counts once, identity is free)."""
         c, hd = self.config, self.head_dim
-        total = sum(c.n_embd * self.width(self.roles_of(L)[0]) for L in self.letters())
+        total = self.matrix_sizes()
         total += c.n_embd * c.n_embd if c.out_proj else 0
         total += self.n_kv_head * hd ** 2 if c.rotate else 0
         total += c.n_head * c.block_size ** 2 if c.pos2d else 0
         total += len(self.gated_roles())
+        total += c.n_embd * c.n_head if c.out_gate else 0
         return total
 
     def flops_per_token(self, context: int | None = None) -> int:
-        """Forward multiply-adds x 2 for one token attending to `context` keys (default block_size)."""
+        """Forward multiply-adds x 2 for one token attending to `context` keys (default block_size).
+
+        Each key and value is counted as computed once. Decoding a latent layer (without folding
+        W_up into the query and output weights, which minqkv does not do) up-projects every cached
+        latent again at each step, 2 R (width_k + width_v) more FLOPs per cached token.
+        """
         c, hd = self.config, self.head_dim
         context = c.block_size if context is None else context
-        flops = sum(2 * c.n_embd * self.width(self.roles_of(L)[0]) for L in self.letters())
+        flops = 2 * self.matrix_sizes()
         flops += 3 * c.n_embd * len(self.gated_roles())  # g*p + (1-g)*x
+        flops += 3 * (c.n_embd + self.width("k")) if c.pos == "rope" else 0  # 4 products, 2 sums a pair
         flops += 2 * self.n_kv_head * hd ** 2 if c.rotate else 0
         flops += 2 * 2 * context * c.n_embd  # scores q.k and the weighted sum of values
         flops += c.n_head * context if c.pos2d else 0
+        flops += 2 * c.n_embd * c.n_head + c.n_embd if c.out_gate else 0  # x W_g, then y * gate
         flops += 2 * c.n_embd * c.n_embd if c.out_proj else 0
         return flops
 
     def kv_cache_floats_per_token(self) -> int:
-        """Floats cached per token per layer: K and V sources, a shared one once, identity caches x."""
+        """Floats cached per token per layer: K and V (a tensor serving as both once, identity
+        caches x), or a latent layer's c alone."""
+        if self.latent:
+            return self.config.latent_kv
         k, v = self.width("k"), self.width("v")
         return k if self.k_and_v_share_cache() else k + v
 
@@ -224,12 +286,30 @@ def _check_sym_init(s: AttentionSpec) -> None:
     q, k = s.code[:2]
     if not s.config.sym_init:
         return
-    if "-" in (q, k) or q == k:
+    if "-" in (q, k) or q == k or s.latent:
         raise ValueError(f"sym-init starts W_k as a copy of W_q, but code {s.code!r} has no separate "
-                         "learned W_q and W_k (it needs a code such as abc or abb)")
+                         "learned W_q and W_k reading x (it needs a code such as abc or abb, without latent-kv)")
     if s.width("q") != s.width("k"):
         raise ValueError(f"sym-init needs K as wide as Q; with n_kv_head={s.n_kv_head} < "
                          f"n_head={s.config.n_head} K is {s.width('k')} wide, Q {s.width('q')}")
+
+
+def _check_latent_kv(s: AttentionSpec) -> None:
+    """A latent layer replaces the K and V projections by up-projections from c = x W_down: it
+    needs K and V learned, and Q (which reads x) untied from them. One letter for K and V (abb)
+    is one up-projection that serves both."""
+    if not s.latent:
+        return
+    q, k, v = s.code
+    for role, ch in (("K", k), ("V", v)):
+        if ch == "-":
+            raise ValueError(f"code {s.code!r} with latent_kv={s.config.latent_kv}: {role} is the identity, "
+                             "but a latent layer up-projects K and V from c = x W_down; use a code whose "
+                             "K and V are learned, such as 'abc', 'abb' or '-ab'")
+        if ch == q:
+            raise ValueError(f"code {s.code!r} with latent_kv={s.config.latent_kv}: Q shares its weight with "
+                             f"{role}, but a latent layer replaces the K and V projections by up-projections "
+                             "from c = x W_down while Q reads x; untie Q, e.g. 'abc' or 'abb'")
 
 
 # ---- the attention every variant shares ---------------------------------------------------------
@@ -265,18 +345,40 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout=
     return y, scores.reshape(B, H, T, Tk), weights.reshape(B, H, T, Tk)
 
 
+# ---- rotary positions ----------------------------------------------------------------------------
+
+
+def rope(t: Tensor, positions: np.ndarray, head_dim: int) -> Tensor:
+    """Rotary positions (Su et al. 2021): t (B, T, n*hd) with each head's dimensions (2i, 2i+1)
+    turned as one pair, by the angle p * ROPE_BASE^(-2i/hd) at position p = positions[t].
+
+    As a complex number a + ib, a pair is multiplied by e^(i p theta_i). Made of existing ops,
+    so its gradient (the opposite turn) comes for free.
+    """
+    B, T, width = t.shape
+    theta = ROPE_BASE ** (-np.arange(0, head_dim, 2) / head_dim)  # (hd/2,) one frequency per pair
+    angles = np.outer(positions, theta)[:, None, :, None]  # (T, 1, hd/2, 1): the same for every head
+    cos, sin = np.cos(angles).astype(t.dtype), np.sin(angles).astype(t.dtype)
+    pairs = t.reshape(B, T, width // head_dim, head_dim // 2, 2)  # (B, T, n, hd/2, 2)
+    a, b = ops.split(pairs, 2, axis=-1)  # (B, T, n, hd/2, 1) each
+    turned = ops.concat([a * cos - b * sin, a * sin + b * cos], axis=-1)  # (B, T, n, hd/2, 2)
+    return turned.reshape(B, T, width)
+
+
 # ---- the KV cache -------------------------------------------------------------------------------
 
 
 class KVCache:
     """Per-layer cache of the key and value sources of past tokens, for incremental decoding.
 
-    Sources are cached before the rotation (applied on the fly), so a tensor that serves as
-    both K and V is stored once.
+    Sources are cached before the learned rotation (applied on the fly), so a tensor that serves
+    as both K and V is stored once. Rotary positions are applied before caching (as usual: a
+    key's turn depends on its own position only), so under them K and V are two tensors. A latent
+    layer caches its latent c and up-projects (and turns) every key and value at each step.
     """
 
     def __init__(self):
-        self.k_source = None  # (B, T_past, width_k) ndarray
+        self.k_source = None  # (B, T_past, width_k) ndarray; a latent layer's c (B, T_past, R)
         self.v_source = None  # (B, T_past, width_v) ndarray, or None when shared with k_source
         self.length = 0
 
@@ -309,9 +411,14 @@ class CausalSelfAttention(Module):
         c = spec.config
         init_std = 1 / math.sqrt(c.n_embd) if c.wide_init else 0.02  # see the README's recall section
         for letter in spec.letters():
-            width = spec.width(spec.roles_of(letter)[0])
-            w = rng.standard_normal((c.n_embd, width)) * init_std  # (C, width)
+            rows, width = spec.input_width(letter), spec.width(spec.roles_of(letter)[0])
+            # an up-projection from the latent gets std 1/sqrt(R): c W_up then starts as large as x W
+            std = init_std if letter in spec.input_letters() else 1 / math.sqrt(rows)
+            w = rng.standard_normal((rows, width)) * std  # (C or R, width)
             setattr(self, spec.weight_name(letter), Parameter(w.astype(dtype)))
+        if spec.latent:
+            w_down = rng.standard_normal((c.n_embd, c.latent_kv)) * 0.02  # (C, R)
+            self.w_kv_down = Parameter(w_down.astype(dtype))
         if c.sym_init:  # scores x W_q W_k^T y^T start symmetric and positive semi-definite
             self.weight(spec.code[1]).data[...] = self.weight(spec.code[0]).data
         for role in spec.gated_roles():
@@ -323,6 +430,10 @@ class CausalSelfAttention(Module):
             self.rotation_param = Parameter(np.zeros((spec.n_kv_head, spec.head_dim, spec.head_dim), dtype))
         if c.pos2d:
             self.pos_bias = Parameter(np.zeros((c.n_head, c.block_size, c.block_size), dtype))
+        if c.out_gate:
+            # zero: every head's gate starts at sigmoid(0) = 1/2 whatever the input, the point
+            # where a sigmoid learns fastest in either direction (an open start would need a bias)
+            self.w_out_gate = Parameter(np.zeros((c.n_embd, c.n_head), dtype))  # (C, H)
         if c.out_proj:
             # GPT-2's scaled init of residual projections
             w_o = rng.standard_normal((c.n_embd, c.n_embd)) * (0.02 / math.sqrt(2 * c.n_layer))
@@ -336,14 +447,21 @@ class CausalSelfAttention(Module):
         """x (B, T, C) -> q (B, H, T, hd), k and v (B, Hkv, Tk, hd).
 
         Roles with one letter share one weight, applied once; '-' passes x through; a gate mixes
-        x W with x; the rotation turns each key head. With a cache, x holds only the new tokens and k, v also cover the cached ones (Tk = past + T).
+        x W with x; rotary positions turn q and k; the rotation turns each key head. With a cache,
+        x holds only the new tokens and k, v also cover the cached ones (Tk = past + T).
         """
         s = self.spec
-        proj = dict(zip(s.letters(), ops.matmul_each(x, [self.weight(L) for L in s.letters()])))  # one GEMM
-        q, k, v = (x if letter == "-" else self.gated(role, proj[letter], x)
-                   for role, letter in zip(ROLES, s.code))
-        if cache is not None:
-            k, v = self._extend_cache(cache, k, v)  # (B, past + T, width)
+        past = cache.length if cache is not None else 0
+        q, k, v = self.sources(x)  # (B, T, width); a latent layer's k and v: its latent c (B, T, R)
+        q = self.positioned(q, past)
+        if s.latent:
+            latent = self._extend_cache(cache, k, v)[0] if cache is not None else k  # (B, past + T, R)
+            k, v = self.up_projected(latent)  # (B, Tk, width): every key again, from the cached latents
+            k = self.positioned(k, 0)
+        else:
+            k = self.positioned(k, past)  # turned before caching, as each key's turn is its own
+            if cache is not None:
+                k, v = self._extend_cache(cache, k, v)  # (B, past + T, width)
         q = self.split_heads(q, s.config.n_head)  # (B, H, T, hd)
         k = self.split_heads(k, s.n_kv_head)  # (B, Hkv, Tk, hd)
         v = self.split_heads(v, s.n_kv_head)  # (B, Hkv, Tk, hd)
@@ -352,8 +470,38 @@ class CausalSelfAttention(Module):
             k = k @ self.rotation().reshape(1, Hkv, hd, hd)  # K R: (B, Hkv, Tk, hd) @ (1, Hkv, hd, hd)
         return q, k, v
 
+    def sources(self, x: Tensor) -> list:
+        """x (B, T, C) -> [q, k, v] before heads: x itself ('-'), its projection (gated or not),
+        or, for K and V of a latent layer, the latent c = x W_down (B, T, R)."""
+        s = self.spec
+        weights = [self.weight(L) for L in s.input_letters()] + ([self.w_kv_down] if s.latent else [])
+        products = ops.matmul_each(x, weights)  # one GEMM for every matrix that reads x
+        proj = dict(zip(s.input_letters(), products))
+
+        def source(role: str, letter: str) -> Tensor:
+            if letter == "-":
+                return x
+            if letter in proj:
+                return self.gated(role, proj[letter], x)
+            return products[-1]  # the latent c, from which this layer's K and V are up-projected
+
+        return [source(role, letter) for role, letter in zip(ROLES, s.code)]
+
+    def up_projected(self, c: Tensor) -> tuple:
+        """A latent layer's c (B, Tk, R) -> k (B, Tk, width_k), v (B, Tk, width_v); one letter, one product."""
+        letters = list(dict.fromkeys(self.spec.code[1:]))  # K's and V's letters, once each
+        up = dict(zip(letters, ops.matmul_each(c, [self.weight(L) for L in letters])))
+        return up[self.spec.code[1]], up[self.spec.code[2]]
+
+    def positioned(self, t: Tensor, start: int) -> Tensor:
+        """t (B, T, width) at positions start, start + 1, ...: turned by rotary positions, else as it is."""
+        if self.spec.config.pos != "rope":
+            return t
+        return rope(t, np.arange(start, start + t.shape[1]), self.spec.head_dim)
+
     def weight(self, letter: str) -> Parameter:
-        """The weight (C, width) of one letter of the code, shared by every role with that letter."""
+        """The weight (C, width) of one letter of the code, shared by every role with that letter
+        ((R, width) for a latent layer's K and V)."""
         return getattr(self, self.spec.weight_name(letter))
 
     def gated(self, role: str, projected: Tensor, x: Tensor) -> Tensor:
@@ -382,6 +530,15 @@ class CausalSelfAttention(Module):
         w = self.weight(self.spec.code[ROLES.index(role)]).data
         return g * w + (1 - g) * np.eye(self.spec.config.n_embd)
 
+    def out_gates(self, x: Tensor) -> Tensor:
+        """Output gates sigmoid(x W_g) (B, T, H) of the layer's input x (B, T, C): one number per head and token.
+
+        Qiu et al. (2025) find an elementwise gate (W_g of C x C, one number per channel) best;
+        this is their head-wise gate (C x H): one number scales a head's whole output, so the
+        analysis can read which heads a token shuts, at n_head / n_embd of the parameters.
+        """
+        return ops.sigmoid(x @ self.w_out_gate)  # (B, T, C) @ (C, H) -> (B, T, H)
+
     def rotation(self) -> Tensor:
         """(n_kv_head, hd, hd) orthogonal matrices: R = (I + A)^-1 (I - A), A = S - S^T skew."""
         S = self.rotation_param
@@ -403,7 +560,8 @@ class CausalSelfAttention(Module):
     def forward(self, x: Tensor, cache: KVCache | None = None, maps: list | None = None) -> Tensor:
         """x (B, T, C) -> (B, T, C). With a cache, x holds only the new tokens.
 
-        maps, if a list, receives this layer's (scores, weights) arrays (B, H, T, Tk) for analysis.
+        maps, if a list, receives this layer's (scores, weights) arrays (B, H, T, Tk) and its output
+        gates (B, T, H) (None without out_gate) for analysis.
         """
         c = self.spec.config
         T = x.shape[1]
@@ -413,8 +571,12 @@ class CausalSelfAttention(Module):
         q, k, v = self.project(x, cache)
         bias = self.pos_bias[:, past:past + T, :past + T] if c.pos2d else None  # (H, T, Tk)
         y, scores, weights = attend(q, k, v, bias, self.attn_dropout)  # (B, T, C)
+        gates = self.out_gates(x) if c.out_gate else None  # (B, T, H)
+        if gates is not None:
+            B, H, hd = x.shape[0], c.n_head, self.spec.head_dim
+            y = (y.reshape(B, T, H, hd) * gates.reshape(B, T, H, 1)).reshape(B, T, H * hd)
         if maps is not None:
-            maps.append((scores.data, weights.data))
+            maps.append((scores.data, weights.data, None if gates is None else gates.data))
         if c.out_proj:
             y = y @ self.w_o
         return self.resid_dropout(y)

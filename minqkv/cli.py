@@ -110,6 +110,10 @@ RUN_FLAGS = [
     ("--wide-init", "wide_init", bool, "Q/K/V weights start with std 1/sqrt(n_embd), not 0.02"),
     ("--sym-init", "sym_init", bool, "W_k starts as a copy of W_q (codes with separate W_q, W_k)"),
     ("--no-out-proj", "out_proj", bool, "drop the output projection"),
+    ("--pos", "pos", str, "positions: learned (a table) | rope (rotary, in attention) | none"),
+    ("--out-gate", "out_gate", bool, "a sigmoid gate per head on the attention output (Qiu et al. 2025)"),
+    ("--latent-kv", "latent_kv", int, "R: K and V up-projected from one latent R wide, which the KV cache "
+                                      "holds instead (multi-head latent attention)"),
     ("--no-tie", "tie_weights", bool, "separate output head (no weight tying)"),
 ]
 
@@ -240,6 +244,9 @@ def _add_variants(sub) -> None:
     p.add_argument("--block-size", type=positive_int, default=128, help="context length for FLOPs")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="sizes of a known model (overrides --n-embd, --n-head, --block-size)")
+    p.add_argument("--modifiers", default=None,
+                   help="modifiers for every code, written as in a label: e.g. rope, out-gate, latent-kv64, "
+                        "rope+out-gate (codes that cannot take them say why)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_variants)
 
@@ -247,13 +254,24 @@ def _add_variants(sub) -> None:
 def cmd_variants(args) -> int:
     from .variants import format_rows, preset_rows, variant_rows
 
+    modifiers = _modifier_settings(args.modifiers, args.n_kv_head)
     if args.preset:
-        rows = preset_rows(args.preset, n_kv_head=args.n_kv_head)
+        rows = preset_rows(args.preset, **modifiers)
     else:
-        rows = variant_rows(n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head,
-                            block_size=args.block_size)
+        rows = variant_rows(n_embd=args.n_embd, n_head=args.n_head, block_size=args.block_size, **modifiers)
     print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
     return 0
+
+
+def _modifier_settings(modifiers, n_kv_head) -> dict:
+    """--modifiers 'rope+out-gate' and --n-kv-head -> GPTConfig fields besides the code."""
+    from .model import GPTConfig
+
+    settings = GPTConfig.overrides_from_label("abc+" + modifiers) if modifiers else {}
+    settings.pop("code", None)
+    if n_kv_head is not None and settings.setdefault("n_kv_head", n_kv_head) != n_kv_head:
+        raise ValueError(f"--modifiers {modifiers} disagrees with --n-kv-head {n_kv_head}: give it once")
+    return settings
 
 
 # ---- gradcheck ---------------------------------------------------------------------------

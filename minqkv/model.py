@@ -1,6 +1,7 @@
 """A small GPT that reads characters: GPTConfig -> GPT -> Block -> CausalSelfAttention.
 
-Pre-LayerNorm decoder: token + position embeddings, n_layer blocks of
+Pre-LayerNorm decoder: token + position embeddings (or rotary positions inside attention, or
+none at all), n_layer blocks of
 (LayerNorm -> attention -> +residual -> LayerNorm -> MLP -> +residual), a final LayerNorm and
 an output head that reuses the token embedding (weight tying, optional). Every block may use
 its own code (a pruned gated model does).
@@ -14,7 +15,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from . import ops
-from .attention import ROLES, AttentionSpec, CausalSelfAttention, KVCache, parse_code, probability_open
+from .attention import (ROLES, AttentionSpec, CausalSelfAttention, KVCache, parse_code, probability_open,
+                        weight_name)
 from .kernels import softmax_numpy
 from .nn import MLP, Dropout, Embedding, LayerNorm, Module
 from .tensor import Tensor, no_grad
@@ -37,6 +39,9 @@ class GPTConfig:
     wide_init: bool = False  # Q/K/V weights at init: std 1/sqrt(n_embd) instead of GPT-2's 0.02
     sym_init: bool = False  # W_k starts as a copy of W_q (scores start symmetric); they train apart
     out_proj: bool = True
+    pos: str = "learned"  # 'learned' absolute positions (a table), 'rope' (rotary) or 'none'
+    out_gate: bool = False  # a sigmoid gate per head on the attention output (Qiu et al. 2025)
+    latent_kv: int | None = None  # R: K and V up-projected from a latent of width R, which is all the cache holds
     tie_weights: bool = True
     dtype: str = "float32"
     seed: int = 0
@@ -60,6 +65,15 @@ class GPTConfig:
                              "(each group of query heads shares one key/value head)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos not in POSITIONS:
+            raise ValueError(f"pos must be one of {', '.join(map(repr, POSITIONS))}, got {self.pos!r}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos='rope' turns pairs of dimensions in each head, so the head width "
+                             f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
+        if self.latent_kv is not None and (isinstance(self.latent_kv, bool) or not isinstance(self.latent_kv, int)
+                                           or self.latent_kv <= 0):
+            raise ValueError(f"latent_kv must be a positive integer (the width R of the latent), "
+                             f"got {self.latent_kv!r}")
         for layer in range(self.n_layer):
             self.attention_spec(layer)  # fails early, with the reason, on a code the heads cannot take
 
@@ -77,6 +91,9 @@ class GPTConfig:
         kv = self.n_kv_head if self.n_kv_head is not None else self.n_head
         mods = [m for m in ("rotate", "pos2d", "gate") if getattr(self, m)]
         mods += [name for name, on in (("wide-init", self.wide_init), ("sym-init", self.sym_init)) if on]
+        mods += [POSITION_MODIFIERS[self.pos]] if self.pos != "learned" else []
+        mods += ["out-gate"] if self.out_gate else []
+        mods += [f"latent-kv{self.latent_kv}"] if self.latent_kv is not None else []
         if kv != self.n_head:
             mods.append("mqa" if kv == 1 else f"gqa{kv}")
         if not self.out_proj:
@@ -89,12 +106,20 @@ class GPTConfig:
     @staticmethod
     def overrides_from_label(label: str) -> dict:
         """The inverse of variant_label(): 'shared-kv+rotate+gqa2' -> {code: 'abb', rotate: True,
-        n_kv_head: 2}."""
+        n_kv_head: 2}; 'abc+rope+out-gate+latent-kv32' -> {code: 'abc', pos: 'rope', out_gate: True,
+        latent_kv: 32}."""
         name, *mods = label.strip().split("+")
         overrides: dict = {"code": parse_code(name)}
+        positions = {modifier: pos for pos, modifier in POSITION_MODIFIERS.items()}
         for mod in mods:
             if mod in ("rotate", "pos2d", "gate"):
                 overrides[mod] = True
+            elif mod in positions:
+                overrides["pos"] = positions[mod]
+            elif mod == "out-gate":
+                overrides["out_gate"] = True
+            elif mod.startswith("latent-kv") and mod[9:].isdigit() and int(mod[9:]) > 0:
+                overrides["latent_kv"] = int(mod[9:])
             elif mod == "mqa":
                 overrides["n_kv_head"] = 1
             elif mod.startswith("gqa") and mod[3:].isdigit() and int(mod[3:]) > 0:
@@ -104,8 +129,9 @@ class GPTConfig:
             elif mod in ("wide-init", "sym-init"):
                 overrides[mod.replace("-", "_")] = True
             else:
-                raise ValueError(f"unknown modifier {mod!r} in {label!r}: use rotate, pos2d, gate, "
-                                 "mqa, gqaN (N key/value heads), no-out-proj, wide-init or sym-init, e.g. 'abb+rotate+gqa2'")
+                raise ValueError(f"unknown modifier {mod!r} in {label!r}: use rotate, pos2d, gate, rope, "
+                                 "no-pos, out-gate, latent-kvR (a latent R wide), mqa, gqaN (N key/value "
+                                 "heads), no-out-proj, wide-init or sym-init, e.g. 'abb+rotate+gqa2'")
         return overrides
 
     @classmethod
@@ -115,6 +141,8 @@ class GPTConfig:
 
 
 OLD_KEYS = {"variant": "code", "layer_variants": "layer_codes"}  # config keys before issue 8
+POSITIONS = ("learned", "rope", "none")
+POSITION_MODIFIERS = {"rope": "rope", "none": "no-pos"}  # pos -> its modifier in a label ('learned': none)
 
 
 class Block(Module):
@@ -140,7 +168,8 @@ class GPT(Module):
         self.dropout_rng = np.random.default_rng(config.seed + 1)
         self.gate_rng = np.random.default_rng(config.seed + 2)  # the gates' noise, saved likewise
         self.token_embedding = Embedding(config.vocab_size, config.n_embd, dtype, rng)
-        self.position_embedding = Embedding(config.block_size, config.n_embd, dtype, rng)
+        if config.pos == "learned":  # rotary positions live in the attention; 'none' has none
+            self.position_embedding = Embedding(config.block_size, config.n_embd, dtype, rng)
         self.drop = Dropout(config.dropout, self.dropout_rng)
         self.blocks = [Block(config, i, dtype, rng, self.dropout_rng, self.gate_rng)
                        for i in range(config.n_layer)]
@@ -163,8 +192,10 @@ class GPT(Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size="
                              f"{self.config.block_size}")
-        positions = np.arange(past, past + T)
-        x = self.drop(self.token_embedding(ids) + self.position_embedding(positions))  # (B, T, C) + (T, C)
+        x = self.token_embedding(ids)  # (B, T, C)
+        if self.config.pos == "learned":
+            x = x + self.position_embedding(np.arange(past, past + T))  # (B, T, C) + (T, C)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches else None, maps)
         x = self.ln_f(x)
@@ -274,7 +305,8 @@ def _pruned_layer(attn: CausalSelfAttention, threshold: float) -> tuple:
     for src in distinct:
         roles = "".join(role for role, s in zip(ROLES, sources) if s == src)
         w = attn.weight(src[0]).data
-        weights["w_" + roles] = w if src[1] is None else attn.folded_weight(roles[0]).astype(w.dtype)
+        folded = w if src[1] is None else attn.folded_weight(roles[0]).astype(w.dtype)
+        weights[weight_name(roles, spec.latent)] = folded
     return code, weights
 
 

@@ -1,7 +1,8 @@
 """Gradient checks of a whole tiny GPT in each attention variant (`minqkv gradcheck --variant`).
 
 Every parameter of the model is checked against central differences in float64: the
-projections however they are tied, the rotation, the 2-D position bias, the gates. A gated model
+projections however they are tied, the rotation, the 2-D position bias, the gates, rotary
+positions, the output gates and the latent keys and values. A gated model
 is checked on both paths of its hard-concrete gates: sampled (training, with one fixed noise
 draw replayed at every evaluation of the loss) and deterministic (evaluation).
 """
@@ -17,6 +18,12 @@ from .model import GPT, GPTConfig
 # labels beyond the 15 plain codes (GPTConfig.overrides_from_label reads them)
 MODIFIER_LABELS = ["aaa+rotate", "aab+rotate", "aaa+pos2d", "aab+pos2d", "abc+gate", "aaa+gate",
                    "abb+gqa2", "abc+gqa2", "abc+mqa", "abb+mqa", "abb+rotate+mqa", "abc+no-out-proj"]
+# the modifiers of today's models, alone and with codes, grouped heads, gates and each other
+MODIFIER_LABELS += ["abc+rope", "aab+rope", "abb+rope", "-ab+rope", "-aa+rope", "abb+rope+gqa2",
+                    "aaa+rotate+rope", "aab+gate+rope", "abc+no-pos",
+                    "abc+out-gate", "aab+out-gate", "abb+out-gate+mqa", "abc+gate+out-gate",
+                    "abc+latent-kv4", "abb+latent-kv4", "-ab+latent-kv6", "abc+latent-kv4+gqa2",
+                    "abb+rope+latent-kv4+mqa", "abc+gate+latent-kv4", "abc+rope+out-gate+latent-kv6"]
 MODIFIER_CASES = [(label, GPTConfig.overrides_from_label(label)) for label in MODIFIER_LABELS]
 MODIFIER_CASES.append(("abc+per-layer", dict(layer_codes=["abb", "-a-"])))
 # the gates' deterministic path: the model in evaluation mode (the labels above run in training)

@@ -20,9 +20,10 @@ PRESETS = {
 
 
 def non_attention_params(n_embd: int, n_layer: int, block_size: int, vocab_size: int,
-                         mlp_hidden: int) -> int:
-    """Embeddings (tied output head), MLPs with biases, and LayerNorms: the part no variant touches."""
-    embeddings = vocab_size * n_embd + block_size * n_embd
+                         mlp_hidden: int, pos: str = "learned") -> int:
+    """Embeddings (tied output head), MLPs with biases, and LayerNorms: the part no code touches
+    (only the positions: a learned table has block_size x n_embd entries, rotary ones none)."""
+    embeddings = vocab_size * n_embd + (block_size * n_embd if pos == "learned" else 0)
     mlp = 2 * n_embd * mlp_hidden + mlp_hidden + n_embd
     layer_norms = 2 * 2 * n_embd
     return embeddings + n_layer * (mlp + layer_norms) + 2 * n_embd
@@ -32,7 +33,9 @@ def variant_rows(n_embd: int = 128, n_head: int = 4, n_kv_head: int | None = Non
                  block_size: int = 128, n_layer: int = 1, vocab_size: int = 0,
                  mlp_hidden: int = 0, codes=ALL_CODES, **modifiers) -> list:
     """One dict per code: per-layer parameters, FLOPs and KV-cache floats, symmetry, and the
-    change against canonical 'abc'. Codes that cannot take the sizes are reported as errors."""
+    change against canonical 'abc' with the same modifiers (GPTConfig fields such as pos='rope',
+    out_gate=True, latent_kv=64). Codes that cannot take the sizes or modifiers are reported as
+    errors, with the reason."""
     rows, base = [], None
     for code in ["abc"] + [c for c in codes if c != "abc"]:
         try:
@@ -50,7 +53,7 @@ def variant_rows(n_embd: int = 128, n_head: int = 4, n_kv_head: int | None = Non
             "symmetric": spec.symmetric(),
         }
         if vocab_size:
-            rest = non_attention_params(n_embd, n_layer, block_size, vocab_size, mlp_hidden)
+            rest = non_attention_params(n_embd, n_layer, block_size, vocab_size, mlp_hidden, spec.config.pos)
             row["model_params"] = rest + n_layer * spec.params()
         base = base or row
         row["params_vs_canonical"] = row["params_per_layer"] / base["params_per_layer"] - 1

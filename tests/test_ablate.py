@@ -50,6 +50,14 @@ def test_the_gated_row_reports_the_pruned_model(finished):
     assert result["val_loss"] == result["val_loss_after_pruning"]
 
 
+def test_measured_caches_of_rotary_shared_kv_and_of_a_latent_follow_the_cost_table(tmp_path):
+    rows = {r["variant"]: r for r in sweep(tmp_path, "abc,abb,abb+rope,abc+latent-kv8")}
+    floats = ablate.PRESETS["tiny"]["model"]["n_embd"]  # one layer, float32: 4 bytes a float
+    assert rows["abb"]["kv_cache_bytes_per_token"] == 4 * floats
+    assert rows["abb+rope"]["kv_cache_bytes_per_token"] == rows["abc"]["kv_cache_bytes_per_token"] == 4 * 2 * floats
+    assert rows["abc+latent-kv8"]["kv_cache_bytes_per_token"] == 4 * 8
+
+
 def test_two_jobs_give_the_same_numbers_as_one(finished, tmp_path):
     _, serial = finished
     parallel = sweep(tmp_path / "parallel", jobs=2)

@@ -97,6 +97,15 @@ def test_untrained_projections_overlap_about_as_much_as_random_subspaces():
         assert o["mean_cos"] == pytest.approx(o["random_baseline_mean_cos"], abs=0.08)
 
 
+def test_a_latent_layer_reports_its_down_and_up_projections_and_the_matrices_they_make():
+    layer = analyze_model(tiny_model("abc", latent_kv=4), batches())["layers"][0]
+    assert set(layer["projections"]) == {"w_q", "w_k_up", "w_v_up", "w_kv_down", "effective_k", "effective_v"}
+    assert layer["projections"]["effective_k"]["shape"] == [16, 16]
+    assert layer["projections"]["effective_k"]["rank90"] <= 4  # through a latent 4 wide
+    assert [(o["a"], o["b"], o["tied"]) for o in layer["overlaps"]] == [
+        ("q", "k", False), ("q", "v", False), ("k", "v", False)]
+
+
 def test_shared_kv_reports_keys_and_values_tied_through_w_kv():
     result = analyze_model(tiny_model("abb"), batches())
     layer = result["layers"][0]
@@ -200,6 +209,18 @@ def test_analyze_checkpoint_scores_the_run_on_its_own_validation_text(checkpoint
     assert all(0 < layer["asymmetry"] < 1 for layer in result["layers"])
     report = format_report(result)
     assert "layer 0  abb" in report and "layer 1  abb" in report
+
+
+def test_analyze_checkpoint_reports_the_attention_sink_and_output_gates_of_a_gated_run(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog ate the hat. " * 60)
+    config = GPTConfig(block_size=BLOCK, n_layer=1, n_head=2, n_embd=16, out_gate=True, pos="rope")
+    train(config, TrainConfig(data=str(text), out=str(tmp_path / "run"), steps=3, eval_interval=3,
+                              eval_iters=1, batch_size=4), progress=False)
+    result = analyze_checkpoint(tmp_path / "run", n_batches=1, batch_size=2)
+    layer = result["layers"][0]
+    assert 0 < layer["sink_mass"] < 1 and 0 < layer["out_gates"]["mean"] < 1
+    assert result["variant"] == "abc+rope+out-gate"
 
 
 def test_analyze_checkpoint_reads_other_data_in_the_checkpoint_vocabulary(checkpoint):

@@ -161,7 +161,9 @@ def specs_with_modifiers():
     """Every code under every modifier it accepts, as GPTConfig keyword sets."""
     modifiers = [{}, dict(rotate=True), dict(pos2d=True), dict(gate=True), dict(out_proj=False),
                  dict(n_kv_head=2), dict(n_kv_head=1),
-                 dict(rotate=True, pos2d=True, gate=True, n_kv_head=2, out_proj=False)]
+                 dict(rotate=True, pos2d=True, gate=True, n_kv_head=2, out_proj=False),
+                 dict(pos="rope"), dict(out_gate=True), dict(latent_kv=6), dict(latent_kv=6, n_kv_head=1),
+                 dict(latent_kv=6, gate=True, out_gate=True, pos="rope", rotate=True, n_kv_head=2)]
     cases = []
     for code, mods in itertools.product(ALL_CODES, modifiers):
         try:
@@ -307,7 +309,10 @@ def test_an_empty_cache_stores_nothing():
 
 
 @pytest.mark.parametrize("label", list(ALL_CODES) + ["abb+gate", "aaa+gate", "abb+rotate", "abc+gqa2",
-                                                     "abb+mqa", "-aa+mqa", "abb+gate+gqa2"])
+                                                     "abb+mqa", "-aa+mqa", "abb+gate+gqa2",
+                                                     "abc+rope", "abb+rope", "---+rope", "-aa+rope+mqa",
+                                                     "abb+rotate+rope", "abc+out-gate", "abc+latent-kv5",
+                                                     "abb+rope+latent-kv3", "-ab+latent-kv4+mqa"])
 def test_measured_cache_after_decoding_matches_the_formula(label):
     overrides = GPTConfig.overrides_from_label(label)
     model = GPT(GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=H, n_embd=C, **overrides))
@@ -328,7 +333,9 @@ def test_symmetric_codes_are_those_whose_query_and_key_are_one_tensor():
 
 
 @pytest.mark.parametrize("label", list(ALL_CODES) + ["aaa+rotate", "aab+rotate", "--a+rotate",
-                                                     "aaa+pos2d", "aab+pos2d", "---+pos2d"])
+                                                     "aaa+pos2d", "aab+pos2d", "---+pos2d",
+                                                     "aab+rope", "aaa+rope", "---+rope", "abc+rope",
+                                                     "aab+rotate+rope", "abc+latent-kv8"])
 def test_scores_are_symmetric_exactly_when_the_variant_says_so(label):
     layer = spec(block_size=8, **GPTConfig.overrides_from_label(label))
     scores = scores_of(perturbed_attention(layer), random_input())  # (B, H, T, T)
@@ -461,13 +468,15 @@ def test_position_bias_starts_at_zero_for_every_head_and_position_pair():
 def test_variant_cases_cover_every_code_and_each_modifier():
     labels = [label for label, _ in variant_cases("all")]
     assert labels[:15] == list(ALL_CODES)
-    for modifier in ("rotate", "pos2d", "gate", "gqa2", "mqa", "no-out-proj"):
+    for modifier in ("rotate", "pos2d", "gate", "gqa2", "mqa", "no-out-proj", "rope", "no-pos", "out-gate",
+                     "latent-kv4"):
         assert any(label.endswith("+" + modifier) for label in labels), modifier
 
 
 def test_variant_cases_of_one_code_add_its_modifier_cases():
     labels = [label for label, _ in variant_cases("shared-kv")]
-    assert labels == ["abb", "abb+gqa2", "abb+mqa", "abb+rotate+mqa"]
+    assert labels == ["abb", "abb+gqa2", "abb+mqa", "abb+rotate+mqa", "abb+rope", "abb+rope+gqa2",
+                      "abb+out-gate+mqa", "abb+latent-kv4", "abb+rope+latent-kv4+mqa"]
 
 
 @pytest.mark.parametrize("label, overrides", variant_cases("all"), ids=[c[0] for c in variant_cases("all")])

@@ -97,6 +97,30 @@ def test_variants_preset_json_counts_the_whole_model(capsys):
     assert saved == 12 * 768 * 768  # one C x C matrix in each of 12 layers
 
 
+def test_variants_with_rotary_positions_cache_shared_kv_keys_and_values_apart(capsys):
+    code, out, _ = run_cli(capsys, "variants", "--json", "--modifiers", "rope")
+    rows = {r["code"]: r for r in json.loads(out)}
+    assert code == 0
+    assert rows["abb"]["kv_cache_floats_per_token"] == rows["abc"]["kv_cache_floats_per_token"] == 2 * 128
+    assert {c for c, r in rows.items() if r["symmetric"]} == {"aab", "aaa", "--a", "aa-", "---"}
+
+
+def test_variants_with_a_latent_cache_r_floats_and_say_which_codes_cannot_take_it(capsys):
+    code, out, _ = run_cli(capsys, "variants", "--json", "--modifiers", "out-gate+latent-kv32")
+    rows = {r["code"]: r for r in json.loads(out)}
+    assert code == 0
+    assert rows["abc"]["kv_cache_floats_per_token"] == rows["abb"]["kv_cache_floats_per_token"] == 32
+    assert rows["abc"]["params_per_layer"] == 128 * 128 + 128 * 32 + 2 * 32 * 128 + 128 * 128 + 128 * 4
+    assert "Q shares its weight with K" in rows["aab"]["error"] and "K is the identity" in rows["a-b"]["error"]
+
+
+def test_variants_modifiers_must_agree_with_n_kv_head(capsys):
+    code, _, err = run_cli(capsys, "variants", "--modifiers", "mqa", "--n-kv-head", "2")
+    assert code == 2 and "--modifiers mqa disagrees with --n-kv-head 2" in err
+    code, _, err = run_cli(capsys, "variants", "--modifiers", "spin")
+    assert code == 2 and "unknown modifier 'spin'" in err
+
+
 # ---- gradcheck ---------------------------------------------------------------------------------
 
 
@@ -159,6 +183,29 @@ def test_train_with_gates_reports_the_decisions_and_the_matrices_kept(capsys, tm
     assert {"gates", "pruned_codes", "projections_kept", "projections_total", "val_loss_before_pruning",
             "val_loss_after_pruning"} <= set(final)
     assert f"{final['projections_kept']} of 3 projection matrices kept" in out
+
+
+def test_train_with_rotary_positions_output_gates_and_a_latent_saves_them_in_the_checkpoint(capsys, tmp_path,
+                                                                                             text_file):
+    out_dir = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "--data", text_file, "--out", str(out_dir), "--pos", "rope",
+                           "--out-gate", "--latent-kv", "8", "--sample-tokens", "5", *TINY_TRAIN)
+    assert code == 0
+    assert "abc+rope+out-gate+latent-kv8: val loss" in out
+    saved = load_checkpoint(out_dir)[0]["model_config"]
+    assert (saved["pos"], saved["out_gate"], saved["latent_kv"]) == ("rope", True, 8)
+
+
+def test_train_with_a_label_and_a_flag_that_disagree_fails_with_exit_code_2(capsys, tmp_path, text_file):
+    code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", str(tmp_path / "run"),
+                           "--variant", "abc+rope", "--pos", "none", *TINY_TRAIN)
+    assert code == 2 and "disagrees with the flags pos='none'" in err
+
+
+def test_train_with_a_latent_on_a_code_that_cannot_take_it_says_why(capsys, tmp_path, text_file):
+    code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", str(tmp_path / "run"),
+                           "--variant", "aab+latent-kv8", *TINY_TRAIN)
+    assert code == 2 and "Q shares its weight with K" in err
 
 
 def test_train_on_a_text_without_the_sample_prompts_characters_succeeds(capsys, tmp_path):

@@ -36,7 +36,12 @@ def full_logits(model: GPT, ids: np.ndarray) -> np.ndarray:
 DECODE_CASES = ([pytest.param(labelled(code), id=code) for code in ALL_CODES]
                 + [pytest.param(labelled(label), id=label) for label in
                    ["aaa+rotate", "aab+pos2d", "abc+gate", "aaa+gate", "abb+gqa2", "abc+mqa",
-                    "abb+rotate+mqa", "aab+rotate+pos2d+gate", "abc+no-out-proj"]]
+                    "abb+rotate+mqa", "aab+rotate+pos2d+gate", "abc+no-out-proj",
+                    "abc+rope", "abb+rope", "aab+rope", "---+rope", "-aa+rope", "abb+rope+gqa2",
+                    "abc+rope+mqa", "abb+rotate+rope", "aab+pos2d+gate+rope", "abc+no-pos",
+                    "abc+out-gate", "abb+out-gate+gqa2", "abc+latent-kv4", "abb+latent-kv4",
+                    "-ab+latent-kv6+mqa", "abc+rope+latent-kv6+gqa2", "abb+rope+out-gate+latent-kv4",
+                    "abc+gate+latent-kv4"]]
                 + [pytest.param(dict(layer_codes=["abb", "-a-"]), id="per-layer")])
 
 
@@ -359,6 +364,13 @@ def test_prune_of_an_ungated_model_raises():
     (dict(code="aab", n_kv_head=2), "cannot share one weight"),
     (dict(code="a-b", n_kv_head=1), "identity K"),
     (dict(code="abd"), "is not valid"),
+    (dict(pos="absolute"), "pos must be one of 'learned', 'rope', 'none'"),
+    (dict(pos="rope", n_embd=12, n_head=4), "head width n_embd / n_head = 3 must be even"),
+    (dict(latent_kv=0), "latent_kv must be a positive integer"),
+    (dict(latent_kv=2.5), "latent_kv must be a positive integer"),
+    (dict(latent_kv=True), "latent_kv must be a positive integer"),
+    (dict(code="aab", latent_kv=4), "Q shares its weight with K"),
+    (dict(code="ab-", latent_kv=4), "V is the identity"),
 ])
 def test_invalid_configurations_raise_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -379,6 +391,12 @@ def test_config_resolves_names_to_codes():
     (dict(code="abc", out_proj=False), "abc+no-out-proj"),
     (dict(code="aab", wide_init=True), "aab+wide-init"),
     (dict(code="abc", wide_init=True, sym_init=True), "abc+wide-init+sym-init"),
+    (dict(code="abc", pos="rope"), "abc+rope"),
+    (dict(code="abc", pos="none"), "abc+no-pos"),
+    (dict(code="abb", out_gate=True, n_kv_head=1), "abb+out-gate+mqa"),
+    (dict(code="abc", latent_kv=32), "abc+latent-kv32"),
+    (dict(code="abb", rotate=True, gate=True, pos="rope", out_gate=True, latent_kv=4, n_kv_head=2, out_proj=False),
+     "abb+rotate+gate+rope+out-gate+latent-kv4+gqa2+no-out-proj"),
 ])
 def test_variant_label_names_the_code_and_its_modifiers(overrides, label):
     config = GPTConfig(**{**TINY, **overrides})
@@ -386,9 +404,16 @@ def test_variant_label_names_the_code_and_its_modifiers(overrides, label):
     assert GPTConfig(**{**TINY, **GPTConfig.overrides_from_label(label)}).variant_label() == label
 
 
-def test_an_unknown_modifier_in_a_label_raises():
-    with pytest.raises(ValueError, match="unknown modifier 'spin'"):
-        GPTConfig.overrides_from_label("abb+spin")
+@pytest.mark.parametrize("modifier", ["spin", "latent-kv", "latent-kv0", "latent-kv-3", "rope2"])
+def test_an_unknown_modifier_in_a_label_raises(modifier):
+    with pytest.raises(ValueError, match=f"unknown modifier '{modifier}'"):
+        GPTConfig.overrides_from_label("abb+" + modifier)
+
+
+def test_a_label_gives_the_modern_modifier_overrides():
+    overrides = GPTConfig.overrides_from_label("abc+rope+out-gate+latent-kv32")
+    assert overrides == {"code": "abc", "pos": "rope", "out_gate": True, "latent_kv": 32}
+    assert GPTConfig.overrides_from_label("abc+no-pos") == {"code": "abc", "pos": "none"}
 
 
 def test_a_label_gives_the_code_and_modifier_overrides():
@@ -433,6 +458,15 @@ def test_sym_init_needs_separate_learned_q_and_k_of_one_width(overrides, message
 def test_config_round_trips_through_a_dict():
     config = GPTConfig(**TINY, code="abb", rotate=True, n_kv_head=2)
     assert GPTConfig.from_dict(config.to_dict()) == config
+
+
+def test_config_reads_a_dict_saved_before_positions_gates_and_latents_were_fields_as_learned_positions():
+    old = GPTConfig(**TINY).to_dict()
+    for key in ("pos", "out_gate", "latent_kv"):
+        del old[key]
+    config = GPTConfig.from_dict(old)
+    assert (config.pos, config.out_gate, config.latent_kv) == ("learned", False, None)
+    assert "position_embedding.weight" in dict(GPT(config).named_parameters())
 
 
 def test_config_reads_a_dict_saved_before_code_was_called_variant():
