@@ -18,6 +18,13 @@
 #define QUERY_BLOCK 16
 #define KEY_BLOCK 64
 #define HEAD_CHUNK 64 /* the head dimension is read in chunks of this many (any hd works) */
+/* The backward pass works on tiles of QUERY_TILE queries by KEY_TILE keys,
+ * whose small products keep REGISTER_ROWS x 64 bytes of their result in registers. Heads wider than
+ * TILED_MAX_HEAD_DIM take the pair-by-pair backward instead (the tiles would outgrow the stack). */
+#define QUERY_TILE 32
+#define KEY_TILE 64
+#define REGISTER_ROWS 4
+#define TILED_MAX_HEAD_DIM 64
 
 /* Below this many multiply-adds (~0.2 ms of work on one core) a call runs on one thread. */
 #define PARALLEL_MIN_WORK (1 << 21)

@@ -21,14 +21,15 @@ TOLERANCE = {np.dtype(np.float32): dict(rtol=1e-4, atol=2e-5), np.dtype(np.float
 @st.composite
 def attention_cases(draw):
     """q, k, v, bias (or None), dy: any batch, heads grouped or not, Tk >= T (a KV cache), head widths
-    that do and do not fill a vector register, and sequences longer than one key block (64)."""
+    that do and do not fill a vector register or a backward tile (64; wider heads take the pair-by-pair
+    backward), and sequences longer than one query block (32) and one key block (64)."""
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     B = draw(st.integers(0, 3))
     Hkv = draw(st.integers(1, 3))
     H = Hkv * draw(st.integers(1, 3))
-    T = draw(st.one_of(st.integers(0, 9), st.integers(60, 140)))
-    Tk = T + draw(st.sampled_from([0, 0, 1, 5]))
-    hd = draw(st.sampled_from([1, 3, 8, 32]))
+    T = draw(st.one_of(st.integers(0, 9), st.integers(60, 140), st.just(300)))
+    Tk = T + draw(st.sampled_from([0, 0, 1, 5, 70]))
+    hd = draw(st.sampled_from([1, 3, 8, 32, 64, 65]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     scale = draw(st.sampled_from([0.5, 1.0, 3.0]))  # large scores test the online rescaling
     q = (rng.standard_normal((B, H, T, hd)) * scale).astype(dtype)
