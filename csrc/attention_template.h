@@ -17,8 +17,57 @@ static ALWAYS_INLINE REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n)
     return sum;
 }
 
+/* C (rows, cols) += A (rows, depth) @ B (depth, cols), the product the tiled passes are made of.
+ * Element (r, p) of A is A[r * a_row + p * a_col], so A is read as it is or transposed; B and C
+ * are row-major with rows of ldb and ldc elements. rows is a multiple of REGISTER_ROWS and cols of
+ * REGISTER_COLS (the callers pad with zeros). Loop order as in the GEMM's micro-kernel: a
+ * REGISTER_ROWS x REGISTER_COLS block of C stays in registers over the whole depth; per step one row of
+ * B is loaded and each of the REGISTER_ROWS values of A is broadcast into it. */
+static ALWAYS_INLINE void NAME(tile_product)(int64_t rows, int64_t cols, int64_t depth,
+                                             const REAL *A, int64_t a_row, int64_t a_col,
+                                             const REAL *restrict B, int64_t ldb, REAL *restrict C,
+                                             int64_t ldc)
+{
+    for (int64_t r0 = 0; r0 < rows; r0 += REGISTER_ROWS) {
+        for (int64_t c0 = 0; c0 < cols; c0 += REGISTER_COLS) {
+            REAL tile[REGISTER_ROWS][REGISTER_COLS] = {{0}};
+            for (int64_t p = 0; p < depth; p++) {
+                const REAL *b = B + p * ldb + c0;
+                for (int r = 0; r < REGISTER_ROWS; r++) {
+                    REAL a = A[(r0 + r) * a_row + p * a_col];
+#pragma omp simd
+                    for (int c = 0; c < REGISTER_COLS; c++)
+                        tile[r][c] += a * b[c];
+                }
+            }
+            for (int r = 0; r < REGISTER_ROWS; r++)
+                for (int c = 0; c < REGISTER_COLS; c++)
+                    C[(r0 + r) * ldc + c0 + c] += tile[r][c];
+        }
+    }
+}
+
+/* Copy rows [0, rows) of x (rows of hd) into a tile of padded_rows x padded_hd, zeros around. */
+static ALWAYS_INLINE void NAME(copy_padded)(const REAL *x, int64_t rows, int64_t hd, REAL *tile,
+                                            int64_t padded_rows, int64_t padded_hd)
+{
+    for (int64_t r = 0; r < padded_rows; r++)
+        for (int64_t d = 0; d < padded_hd; d++)
+            tile[r * padded_hd + d] = r < rows && d < hd ? x[r * hd + d] : 0;
+}
+
+/* Copy rows [0, width) of x (rows of hd) transposed: tile[d][jj] = x[jj][d], KEY_TILE
+ * columns, zeros past width. */
+static ALWAYS_INLINE void NAME(copy_transposed)(const REAL *x, int64_t width, int64_t hd, REAL *tile)
+{
+    for (int64_t d = 0; d < hd; d++)
+        for (int64_t jj = 0; jj < KEY_TILE; jj++)
+            tile[d * KEY_TILE + jj] = jj < width ? x[jj * hd + d] : 0;
+}
+
 /* One head, rows [i0, i1) of its queries: q, y (T, hd); k, v (Tk, hd); bias (T, Tk) or NULL;
- * lse (T,). Row i sees keys 0 .. i + Tk - T.
+ * lse (T,). Row i sees keys 0 .. i + Tk - T. The readable forward pass (attention_tiles below is
+ * the fast one), and the one heads wider than TILED_MAX_HEAD_DIM take.
  *
  * Loop order, per block of keys [j0, j1): first the scores of every row of the block against
  * every key of it, as outer products: a chunk of the key block is copied transposed into
@@ -104,6 +153,94 @@ static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const 
     }
 }
 
+/* The tiles one thread works on in attention_tiles, on its stack (56 KB for float, 112 for double). */
+struct NAME(forward_tiles) {
+    REAL key_columns[TILED_MAX_HEAD_DIM * KEY_TILE]; /* K^T of the key tile (hd, KT) */
+    REAL values[KEY_TILE * TILED_MAX_HEAD_DIM];      /* V of the key tile (KT, hdp) */
+    REAL queries[QUERY_TILE * TILED_MAX_HEAD_DIM];   /* Q of the query tile (QT, hdp) */
+    REAL output[QUERY_TILE * TILED_MAX_HEAD_DIM];    /* sum of e^(s - m) v so far (QT, hdp) */
+    REAL probs[QUERY_TILE * KEY_TILE];               /* S, then e^(s - m) (QT, KT) */
+    REAL row_max[QUERY_TILE], row_sum[QUERY_TILE];   /* m and l of each query */
+};
+
+/* The online softmax step of a tile, row by row, in place: the scores S of queries i0 + r and
+ * keys j0 + jj become e^(scale S + bias - m') with m' the new running maximum (0 on hidden
+ * pairs and padding rows), and what the row summed so far is rescaled by e^(m - m'). */
+static ALWAYS_INLINE void NAME(online_softmax_tile)(struct NAME(forward_tiles) *t, const REAL *bias,
+                                                    int64_t i0, int64_t rows, int64_t padded_rows,
+                                                    int64_t j0, int64_t width, int64_t T, int64_t Tk,
+                                                    int64_t hdp, REAL scale)
+{
+    for (int64_t r = 0; r < padded_rows; r++) {
+        int64_t i = i0 + r;
+        int64_t visible = r < rows ? min_i64(width, i + Tk - T + 1 - j0) : 0; /* keys j0 .. j0 + visible - 1 */
+        REAL *p = t->probs + r * KEY_TILE;
+        if (visible > 0) {
+            const REAL *bias_row = bias ? bias + i * Tk + j0 : NULL;
+            REAL block_max = -INFINITY;
+            for (int64_t jj = 0; jj < visible; jj++) {
+                p[jj] = p[jj] * scale + (bias_row ? bias_row[jj] : 0);
+                block_max = p[jj] > block_max ? p[jj] : block_max;
+            }
+            REAL old_max = t->row_max[r], new_max = block_max > old_max ? block_max : old_max;
+            if (new_max > old_max && old_max > -INFINITY) {
+                REAL shrink = EXP(old_max - new_max);
+                t->row_sum[r] *= shrink;
+                for (int64_t d = 0; d < hdp; d++)
+                    t->output[r * hdp + d] *= shrink;
+            }
+            t->row_max[r] = new_max;
+            REAL block_sum = 0;
+#pragma omp simd reduction(+ : block_sum)
+            for (int64_t jj = 0; jj < visible; jj++) {
+                p[jj] = EXP(p[jj] - new_max);
+                block_sum += p[jj];
+            }
+            t->row_sum[r] += block_sum;
+        }
+        for (int64_t jj = visible < 0 ? 0 : visible; jj < KEY_TILE; jj++)
+            p[jj] = 0;
+    }
+}
+
+/* What attention_rows computes, as small products over tiles of QUERY_TILE queries by KEY_TILE
+ * keys (heads up to TILED_MAX_HEAD_DIM wide, zero-padded to whole register tiles): per key tile
+ *   S = Q K^T                 (QT, hd) @ (hd, KT) -> (QT, KT)
+ *   P = e^(scale S + bias - m), the online softmax step (online_softmax_tile)
+ *   O += P V                  (QT, KT) @ (KT, hd) -> (QT, hd)
+ * and at the end y = O / l, lse = m + log(l). */
+static HOT_KERNEL void NAME(attention_tiles)(const REAL *q, const REAL *k, const REAL *v,
+                                             const REAL *bias, REAL *y, REAL *lse, int64_t i0,
+                                             int64_t i1, int64_t T, int64_t Tk, int64_t hd, REAL scale)
+{
+    struct NAME(forward_tiles) t;
+    const int64_t hdp = round_up(hd, REGISTER_COLS), rows = i1 - i0, padded_rows = round_up(rows, REGISTER_ROWS);
+    NAME(copy_padded)(q + i0 * hd, rows, hd, t.queries, padded_rows, hdp);
+    for (int64_t e = 0; e < padded_rows * hdp; e++)
+        t.output[e] = 0;
+    for (int64_t r = 0; r < padded_rows; r++) {
+        t.row_max[r] = -INFINITY;
+        t.row_sum[r] = 0;
+    }
+    int64_t last_visible = i1 - 1 + Tk - T; /* the last key the tile's last query sees */
+    for (int64_t j0 = 0; j0 <= last_visible; j0 += KEY_TILE) {
+        int64_t width = min_i64(KEY_TILE, last_visible + 1 - j0); /* keys [j0, j0 + width) */
+        NAME(copy_transposed)(k + j0 * hd, width, hd, t.key_columns);
+        NAME(copy_padded)(v + j0 * hd, width, hd, t.values, width, hdp);
+        for (int64_t e = 0; e < padded_rows * KEY_TILE; e++)
+            t.probs[e] = 0;
+        NAME(tile_product)(padded_rows, KEY_TILE, hd, t.queries, hdp, 1, t.key_columns, KEY_TILE, t.probs, KEY_TILE);
+        NAME(online_softmax_tile)(&t, bias, i0, rows, padded_rows, j0, width, T, Tk, hdp, scale);
+        NAME(tile_product)(padded_rows, hdp, width, t.probs, KEY_TILE, 1, t.values, hdp, t.output, hdp);
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        REAL inverse = 1 / t.row_sum[r];
+        for (int64_t d = 0; d < hd; d++)
+            y[(i0 + r) * hd + d] = t.output[r * hdp + d] * inverse;
+        lse[i0 + r] = t.row_max[r] + LOG(t.row_sum[r]);
+    }
+}
+
 int NAME(minqkv_attention)(const REAL *q, const REAL *k, const REAL *v, const REAL *bias, REAL *y,
                            REAL *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
                            int64_t hd, double scale, int num_threads)
@@ -111,14 +248,20 @@ int NAME(minqkv_attention)(const REAL *q, const REAL *k, const REAL *v, const RE
     if (!attention_arguments_valid(q, k, v, y, B, H, Hkv, T, Tk, hd) || (B * T > 0 && !lse))
         return MINQKV_BAD_ARGUMENT;
     int64_t group = H / Hkv;
+    int tiled = hd <= TILED_MAX_HEAD_DIM; /* wider heads go one row at a time */
+    int64_t block = tiled ? QUERY_TILE : QUERY_BLOCK;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) \
     num_threads(attention_threads(B, H, T, Tk, hd, num_threads))
     for (int64_t z = 0; z < B * H; z++) {
-        for (int64_t i0 = 0; i0 < T; i0 += QUERY_BLOCK) {
-            int64_t b = z / H, h = z % H, kv = b * Hkv + h / group;
-            NAME(attention_rows)(q + z * T * hd, k + kv * Tk * hd, v + kv * Tk * hd,
-                                 bias ? bias + h * T * Tk : NULL, y + z * T * hd, lse + z * T,
-                                 i0, min_i64(i0 + QUERY_BLOCK, T), T, Tk, hd, (REAL)scale);
+        for (int64_t i0 = 0; i0 < T; i0 += block) {
+            int64_t b = z / H, h = z % H, kv = b * Hkv + h / group, i1 = min_i64(i0 + block, T);
+            const REAL *bias_h = bias ? bias + h * T * Tk : NULL;
+            if (tiled)
+                NAME(attention_tiles)(q + z * T * hd, k + kv * Tk * hd, v + kv * Tk * hd, bias_h,
+                                      y + z * T * hd, lse + z * T, i0, i1, T, Tk, hd, (REAL)scale);
+            else
+                NAME(attention_rows)(q + z * T * hd, k + kv * Tk * hd, v + kv * Tk * hd, bias_h,
+                                     y + z * T * hd, lse + z * T, i0, i1, T, Tk, hd, (REAL)scale);
         }
     }
     return MINQKV_OK;
@@ -162,54 +305,6 @@ static HOT_KERNEL void NAME(attention_backward_pairs)(const REAL *q, const REAL 
             }
         }
     }
-}
-
-/* C (rows, cols) += A (rows, depth) @ B (depth, cols) for the tiles of the backward pass below.
- * Element (r, p) of A is A[r * a_row + p * a_col], so A is read as it is or transposed; B and C
- * are row-major with rows of ldb and ldc elements. rows is a multiple of REGISTER_ROWS and cols of
- * REGISTER_COLS (the callers pad with zeros). Loop order as in the GEMM's micro-kernel: a
- * REGISTER_ROWS x REGISTER_COLS block of C stays in registers over the whole depth; per step one row of
- * B is loaded and each of the REGISTER_ROWS values of A is broadcast into it. */
-static ALWAYS_INLINE void NAME(tile_product)(int64_t rows, int64_t cols, int64_t depth,
-                                             const REAL *A, int64_t a_row, int64_t a_col,
-                                             const REAL *restrict B, int64_t ldb, REAL *restrict C,
-                                             int64_t ldc)
-{
-    for (int64_t r0 = 0; r0 < rows; r0 += REGISTER_ROWS) {
-        for (int64_t c0 = 0; c0 < cols; c0 += REGISTER_COLS) {
-            REAL tile[REGISTER_ROWS][REGISTER_COLS] = {{0}};
-            for (int64_t p = 0; p < depth; p++) {
-                const REAL *b = B + p * ldb + c0;
-                for (int r = 0; r < REGISTER_ROWS; r++) {
-                    REAL a = A[(r0 + r) * a_row + p * a_col];
-#pragma omp simd
-                    for (int c = 0; c < REGISTER_COLS; c++)
-                        tile[r][c] += a * b[c];
-                }
-            }
-            for (int r = 0; r < REGISTER_ROWS; r++)
-                for (int c = 0; c < REGISTER_COLS; c++)
-                    C[(r0 + r) * ldc + c0 + c] += tile[r][c];
-        }
-    }
-}
-
-/* Copy rows [0, rows) of x (rows of hd) into a tile of padded_rows x padded_hd, zeros around. */
-static ALWAYS_INLINE void NAME(copy_padded)(const REAL *x, int64_t rows, int64_t hd, REAL *tile,
-                                            int64_t padded_rows, int64_t padded_hd)
-{
-    for (int64_t r = 0; r < padded_rows; r++)
-        for (int64_t d = 0; d < padded_hd; d++)
-            tile[r * padded_hd + d] = r < rows && d < hd ? x[r * hd + d] : 0;
-}
-
-/* Copy rows [0, width) of x (rows of hd) transposed: tile[d][jj] = x[jj][d], KEY_TILE
- * columns, zeros past width. */
-static ALWAYS_INLINE void NAME(copy_transposed)(const REAL *x, int64_t width, int64_t hd, REAL *tile)
-{
-    for (int64_t d = 0; d < hd; d++)
-        for (int64_t jj = 0; jj < KEY_TILE; jj++)
-            tile[d * KEY_TILE + jj] = jj < width ? x[jj * hd + d] : 0;
 }
 
 /* The tiles one thread works on in attention_backward_tiles, on its stack (120 KB for float, 240
