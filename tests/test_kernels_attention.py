@@ -111,9 +111,43 @@ def test_attention_c_gives_the_same_bits_on_any_thread_count(with_bias):
             np.testing.assert_array_equal(a, b)
 
 
-def test_long_bench_times_minqkv_attention_and_says_when_torch_is_absent():
+LONG_COLUMNS = {"minqkv_ms", "minqkv_tokens_per_s", "minqkv_peak_mb", "minqkv_step_mb"}
+TORCH_COLUMNS = {"torch_ms", "torch_tokens_per_s", "torch_peak_mb", "torch_step_mb", "ratio"}
+STUDY_COLUMNS = {"model", "codes", "T", "threads", "kv_cache_mb", "decode_ms_per_token", "decode_tokens_per_s"}
+
+
+def test_long_bench_times_attention_steps_and_the_study_and_says_when_torch_is_absent():
+    from minqkv.bench import STUDY_MODELS, format_long_table, run_long_bench
+
+    result = run_long_bench(lengths=(65, 130), rounds=1, with_torch=False)
+    assert [row["T"] for row in result["attention"]] == [row["T"] for row in result["step"]] == [65, 130]
+    for row in result["attention"] + result["step"]:
+        assert LONG_COLUMNS <= set(row) and not TORCH_COLUMNS & set(row)
+    assert [row["model"] for row in result["study"]] == list(STUDY_MODELS)
+    for row in result["study"]:
+        assert (STUDY_COLUMNS | LONG_COLUMNS) <= set(row) and row["T"] == 130
+    assert {row["model"]: row["codes"] for row in result["study"]}["pruned"] == "a-b/--a/--a/--a"
+    cache = {row["model"]: row["kv_cache_mb"] for row in result["study"]}
+    assert cache["abb"] == pytest.approx(cache["abc"] / 2, rel=0.05)  # K = V is cached once
+    assert set(result["step_memory"]) == {"minqkv"}
+    table = format_long_table(result)
+    assert "PyTorch is not installed" in table and "decode tok/s" in table and "step memory" in table
+
+
+@pytest.mark.skipif(not __import__("minqkv.bench").bench.torch_available(), reason="PyTorch is not installed")
+def test_long_bench_puts_pytorch_beside_minqkv_when_it_is_installed():
     from minqkv.bench import format_long_table, run_long_bench
 
-    rows = run_long_bench(lengths=(64,), rounds=1, with_torch=False)
-    assert [row["T"] for row in rows] == [64] and rows[0]["minqkv_ms"] > 0 and "ratio" not in rows[0]
-    assert "PyTorch is not installed" in format_long_table(rows)
+    result = run_long_bench(lengths=(65,), rounds=1, with_torch=True)
+    for row in result["attention"] + result["step"]:
+        assert (LONG_COLUMNS | TORCH_COLUMNS) <= set(row)
+    assert set(result["step_memory"]) == {"minqkv", "torch"}
+    assert "torch ms" in format_long_table(result)
+
+
+@pytest.mark.parametrize("lengths", [(), (64,), (128, 0)])
+def test_long_bench_refuses_lengths_that_leave_no_room_to_decode(lengths):
+    from minqkv.bench import run_long_bench
+
+    with pytest.raises(ValueError, match="lengths must be above DECODE_TOKENS"):
+        run_long_bench(lengths=lengths, with_torch=False)
