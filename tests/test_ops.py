@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
 from minqkv import ops
@@ -438,6 +439,20 @@ def test_embedding_gradient_sums_rows_for_repeated_ids():
     weight = leaf(np.zeros((4, 2)))
     ops.embedding(weight, np.array([[1, 1], [3, 1]])).backward(grad=np.ones((2, 2, 2)))
     np.testing.assert_array_equal(weight.grad, [[0, 0], [3, 3], [0, 0], [1, 1]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(0, 40), st.integers(1, 5), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**32 - 1))
+def test_embedding_gradient_is_what_add_at_gives(n, positions, width, dtype, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, rng.integers(1, n + 1), positions)  # often a few ids, repeated, in any order
+    rows = rng.standard_normal((positions, width)).astype(dtype)
+    expected = np.zeros((n, width), dtype)
+    np.add.at(expected, ids, rows)
+    got = ops._sum_rows_by_id(ids, rows, n)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(got, expected, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-6)
 
 
 def test_masked_fill_sends_no_gradient_to_filled_positions():
