@@ -249,6 +249,48 @@ def test_transpose_with_out_of_range_axis_is_reported():
         ops.transpose(Tensor(np.ones((2, 3))), 0, 3)
 
 
+def weighted_split_loss(pieces, used):
+    """sum over the used pieces of piece * (1 + its position), a loss whose gradient tells the pieces apart."""
+    total = None
+    for i in used:
+        term = ops.sum(pieces[i] * (np.arange(pieces[i].size).reshape(pieces[i].shape) + 1.0))
+        total = term if total is None else total + term
+    return total
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (2, 0), (1,)])
+def test_split_sends_each_piece_its_gradient_and_zeros_to_unused_pieces(used):
+    x = leaf(normal(2, 7))
+    pieces = ops.split(x, [3, 0, 4], axis=1)
+    pieces = [pieces[0], pieces[2], pieces[1]]  # widths 3, 4, 0
+    weighted_split_loss(pieces, used).backward()
+    expected = np.zeros((2, 7))
+    for i, (start, width) in enumerate([(0, 3), (3, 4), (3, 0)]):
+        if i in used:
+            expected[:, start:start + width] = np.arange(2 * width).reshape(2, width) + 1.0
+    np.testing.assert_array_equal(x.grad, expected)
+
+
+def test_split_adds_its_gradient_to_the_other_uses_of_its_input():
+    x = leaf(normal(3, 4))
+    a, b = ops.split(x, 2, axis=1)
+    (ops.sum(x * 10.0) + ops.sum(a) + ops.sum(b * 2.0)).backward()
+    np.testing.assert_array_equal(x.grad, np.concatenate([np.full((3, 2), 11.0), np.full((3, 2), 12.0)], axis=1))
+
+
+def test_split_gradient_is_fresh_in_every_backward_walk_even_after_an_interrupted_one():
+    x = leaf(normal(2, 4))
+    a, b = ops.split(x, 2, axis=1)
+    loss = ops.sum(a) + ops.sum(b * 3.0)
+    loss.backward()
+    loss.backward()  # the same graph walked twice: twice the gradient
+    np.testing.assert_array_equal(x.grad, [[2, 2, 6, 6], [2, 2, 6, 6]])
+    x.zero_grad()
+    a._backward(np.ones((2, 2)))  # what a walk stopped right after this piece leaves behind
+    ops.sum(b * 5.0).backward()  # only b: a must get nothing from this walk
+    np.testing.assert_array_equal(x.grad, [[0, 0, 5, 5], [0, 0, 5, 5]])
+
+
 def test_split_into_unequal_parts_is_reported():
     with pytest.raises(ValueError, match="cannot cut length 5 into 2 equal parts"):
         ops.split(Tensor(np.ones(5)), 2)
