@@ -19,10 +19,10 @@ static ALWAYS_INLINE REAL NAME(dot)(const REAL *a, const REAL *b, int64_t n)
 
 /* C (rows, cols) += A (rows, depth) @ B (depth, cols), the product the tiled passes are made of.
  * Element (r, p) of A is A[r * a_row + p * a_col], so A is read as it is or transposed; B and C
- * are row-major with rows of ldb and ldc elements. rows is a multiple of REGISTER_ROWS and cols of
- * REGISTER_COLS (the callers pad with zeros). Loop order as in the GEMM's micro-kernel: a
- * REGISTER_ROWS x REGISTER_COLS block of C stays in registers over the whole depth; per step one row of
- * B is loaded and each of the REGISTER_ROWS values of A is broadcast into it. */
+ * are row-major with rows of ldb and ldc elements. rows is a multiple of REGISTER_ROWS and cols
+ * of REGISTER_COLS (the callers pad with zeros). Loop order as in the GEMM's micro-kernel: a
+ * REGISTER_ROWS x REGISTER_COLS block of C stays in registers over the whole depth; per step, one
+ * row of B is loaded and each of the REGISTER_ROWS values of A is broadcast into it. */
 static ALWAYS_INLINE void NAME(tile_product)(int64_t rows, int64_t cols, int64_t depth,
                                              const REAL *A, int64_t a_row, int64_t a_col,
                                              const REAL *restrict B, int64_t ldb, REAL *restrict C,
