@@ -6,18 +6,30 @@
  * m, a running sum l of exponentials and the running weighted sum of values (in the output row
  * itself): when a block raises the maximum from m to m', what was summed so far is rescaled by
  * e^(m - m'), the "online softmax" of Milakov & Gimelshein (2018), as used by FlashAttention
- * (Dao et al., 2022). Rows are taken QUERY_BLOCK at a time, so a block of keys read into cache
- * serves several queries. The forward pass saves one number per query, lse = m + log(l), and the
+ * (Dao et al., 2022). The forward pass saves one number per query, lse = m + log(l), and the
  * backward pass recomputes each probability from it: p = e^(s - lse).
+ *
+ * Two versions of each pass sit side by side in attention_template.h. The readable one
+ * (attention_rows, attention_backward_pairs) goes one query row, or one (query, key) pair, at a
+ * time. The fast one (attention_tiles, attention_backward_tiles) cuts the work into tiles of
+ * QUERY_TILE queries by KEY_TILE keys and computes each tile as a few small matrix products
+ * (scores Q K^T, then P V; in the backward pass also dY V^T, P^T dY, dS^T Q, dS K) whose inner
+ * loops keep REGISTER_ROWS x 64 bytes of the result in vector registers, as the GEMM's
+ * micro-kernel does. Heads wider than TILED_MAX_HEAD_DIM take the readable version (the tiles,
+ * on the stack, are sized for that width).
  */
 #include <math.h>
 
 #include "minqkv.h"
 #include "internal.h"
 
-#define QUERY_BLOCK 16
+#define QUERY_BLOCK 16 /* attention_rows: queries that share each block of keys read into cache */
 #define KEY_BLOCK 64
 #define HEAD_CHUNK 64 /* the head dimension is read in chunks of this many (any hd works) */
+#define QUERY_TILE 32 /* the tiled passes */
+#define KEY_TILE 64
+#define REGISTER_ROWS 4
+#define TILED_MAX_HEAD_DIM 64
 
 /* Below this many multiply-adds (~0.2 ms of work on one core) a call runs on one thread. */
 #define PARALLEL_MIN_WORK (1 << 21)

@@ -570,7 +570,8 @@ class CausalSelfAttention(Module):
             raise ValueError(f"pos2d attention covers {c.block_size} positions; got {past + T}")
         q, k, v = self.project(x, cache)
         bias = self.pos_bias[:, past:past + T, :past + T] if c.pos2d else None  # (H, T, Tk)
-        y, scores, weights = attend(q, k, v, bias, self.attn_dropout)  # (B, T, C)
+        # without maps (and without active dropout) attend runs the fused kernel: no (T, Tk) matrix
+        y, scores, weights = attend(q, k, v, bias, self.attn_dropout, maps=maps is not None)  # (B, T, C)
         gates = self.out_gates(x) if c.out_gate else None  # (B, T, H)
         if gates is not None:
             B, H, hd = x.shape[0], c.n_head, self.spec.head_dim

@@ -184,16 +184,34 @@ STEP_SHAPES = {
 VOCAB_SIZE = 65  # the characters of Shakespeare
 LONG_SHAPE = (4, 32)  # --long: 4 heads of 32 (width 128), batch 1
 LONG_LENGTHS = (1024, 2048, 4096, 8192)
+LONG_STEP_SHAPE = (1, 4, 128)  # --long's training steps: (n_layer, n_head, n_embd), block T, batch 1
+STUDY_SHAPE = (4, 4, 128)  # --long's study rows: nanoGPT's depth, so the pruned model fits
+STUDY_MODELS = {  # name: GPTConfig overrides
+    "abc": dict(code="abc"),  # canonical
+    "abb": dict(code="abb"),  # K = V: half the KV cache
+    "--a": dict(code="--a"),  # value-only
+    "pruned": dict(layer_codes=["a-b", "--a", "--a", "--a"]),  # what the prune sweep chose at L=0.03
+}
+DECODE_TOKENS = 64  # tokens decoded after the prompt, per study model
 
 
-def _step_minqkv(shape, seed):
-    """A function that runs one training step of minqkv's GPT on a fixed random batch."""
-    from .model import GPT, GPTConfig
+def _config(shape, seed, overrides=None):
+    """minqkv's GPTConfig of a (n_layer, n_head, n_embd, block_size, batch_size) shape."""
+    from .model import GPTConfig
+
+    n_layer, n_head, n_embd, block_size, _ = shape
+    return GPTConfig(vocab_size=VOCAB_SIZE, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                     block_size=block_size, seed=seed, **(overrides or {}))
+
+
+def _step_minqkv(shape, seed, overrides=None):
+    """A function that runs one training step of minqkv's GPT on a fixed random batch; overrides
+    (e.g. code='abb' or layer_codes=[...]) change the variant."""
+    from .model import GPT
     from .optim import AdamW
 
-    n_layer, n_head, n_embd, block_size, batch_size = shape
-    model = GPT(GPTConfig(vocab_size=VOCAB_SIZE, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                          block_size=block_size, seed=seed))
+    _, _, _, block_size, batch_size = shape
+    model = GPT(_config(shape, seed, overrides))
     optimizer = AdamW(model.named_parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, VOCAB_SIZE, (batch_size, block_size + 1))
@@ -324,12 +342,51 @@ def _attention_torch(T, seed):
     return step
 
 
+def _decode_minqkv(shape, seed, overrides, new_tokens):
+    """A function that decodes one more token (greedy) with the KV cache, after a prompt that
+    leaves room for new_tokens tokens in the block; the prompt is read (prefilled) here."""
+    from .model import GPT
+    from .tensor import no_grad
+
+    model = GPT(_config(shape, seed, overrides)).eval()
+    block_size = shape[3]
+    ids = np.random.default_rng(seed).integers(0, VOCAB_SIZE, (1, block_size - new_tokens))
+    caches = model.new_caches()
+    with no_grad():
+        logits, _ = model(ids, caches=caches)
+    state = {"next": logits.data[:, -1:].argmax(-1)}  # (1, 1)
+
+    def step():
+        with no_grad():
+            logits, _ = model(state["next"], caches=caches)
+        state["next"] = logits.data[:, -1:].argmax(-1)
+
+    return step
+
+
 def _workload(side, workload, seed):
-    """The step function of a workload name: a STEP_SHAPES name, or 'attention-T'."""
-    if workload.startswith("attention-"):
-        T = int(workload.split("-")[1])
+    """The step function of a workload: a STEP_SHAPES name, 'attention-T', 'step-T' (a training
+    step at LONG_STEP_SHAPE, block T), or 'study-NAME-T' and 'decode-NAME-T' (a STUDY_MODELS
+    model at STUDY_SHAPE, block T: a training step, a decoded token)."""
+    kind, _, rest = workload.partition("-")
+    if kind == "attention":
+        T = int(rest)
         return _attention_torch(T, seed) if side == "torch" else _attention_minqkv(T, seed)
+    if kind == "step":
+        shape = _long_shape(LONG_STEP_SHAPE, int(rest))
+        return _step_torch(shape, seed) if side == "torch" else _step_minqkv(shape, seed)
+    if kind in ("study", "decode"):
+        name, _, T = rest.rpartition("-")
+        shape = _long_shape(STUDY_SHAPE, int(T))
+        if kind == "study":
+            return _step_minqkv(shape, seed, STUDY_MODELS[name])
+        return _decode_minqkv(shape, seed, STUDY_MODELS[name], DECODE_TOKENS)
     return _step_torch(STEP_SHAPES[workload], seed) if side == "torch" else _step_minqkv(STEP_SHAPES[workload], seed)
+
+
+def _long_shape(shape, T):
+    """(n_layer, n_head, n_embd) of shape with block_size T and batch 1."""
+    return shape[:3] + (T, 1)
 
 
 def step_worker(side, workload, threads, warmup, seed=0):
@@ -417,16 +474,21 @@ def run_step_bench(threads=(1, 2), shapes=tuple(STEP_SHAPES), rounds=5, steps_pe
     for name in shapes:
         n_layer, n_head, n_embd, block_size, batch_size = STEP_SHAPES[name]
         for n in threads:
-            workers = {side: _Side(side, name, n, warmup) for side in sides}
-            seconds = {side: [] for side in sides}
-            for _ in range(rounds):
-                for side in sides:  # in turn: while one runs, the other waits on its pipe
-                    seconds[side] += workers[side].ask(f"run {steps_per_round}")["seconds"]
             row = {"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
                    "block_size": block_size, "batch_size": batch_size, "threads": n,
                    "backend": kernels.get_backend()}
-            rows.append(_with_side_figures(row, workers, seconds, batch_size * block_size))
+            rows.append(_measure(row, name, sides, n, rounds, steps_per_round, warmup, batch_size * block_size))
     return rows
+
+
+def _measure(row, workload, sides, threads, rounds, steps_per_round, warmup, tokens):
+    """row with each side's figures for a workload, each side in its own step_worker process."""
+    workers = {side: _Side(side, workload, threads, warmup) for side in sides}
+    seconds = {side: [] for side in sides}
+    for _ in range(rounds):
+        for side in sides:  # in turn: while one runs, the other waits on its pipe
+            seconds[side] += workers[side].ask(f"run {steps_per_round}")["seconds"]
+    return _with_side_figures(row, workers, seconds, tokens)
 
 
 def _with_side_figures(row: dict, workers: dict, seconds: dict, tokens: int) -> dict:
@@ -490,41 +552,115 @@ def profile_step(shape_name="nanogpt-cpu", steps=10, top=25):
 
 
 def run_long_bench(lengths=LONG_LENGTHS, threads=(1,), rounds=3, steps_per_round=1, with_torch=None):
-    """Causal attention forward + backward at long sequences (batch 1, 4 heads of 32): minqkv's
-    fused kernel next to PyTorch's scaled_dot_product_attention, each in its own process.
-    Returns one dict per (T, threads): ms, tokens/s and peak RSS of each side, and the ratio."""
+    """Long sequences, batch 1, each workload in its own process per side; returns a dict of lists:
+
+    attention  causal attention forward + backward (4 heads of 32): minqkv's fused kernel next to
+               PyTorch's scaled_dot_product_attention, per (T, threads)
+    step       a training step of a 1-layer GPT (LONG_STEP_SHAPE) with block T, minqkv next to the
+               same GPT in PyTorch (SDPA), per (T, threads)
+    study      at the longest T, per STUDY_MODELS model (4 layers): minqkv's training step, the KV
+               cache's size and greedy decoding with it (DECODE_TOKENS tokens after a prompt that
+               fills the rest of the block), per threads
+    and step_memory: per side, how the step's memory grew from the shortest T to the longest.
+    Each row has ms, tokens/s and memory per side, and ratio = minqkv ms / torch ms."""
+    if not lengths or min(lengths) <= DECODE_TOKENS or rounds < 1 or steps_per_round < 1:
+        raise ValueError(f"run_long_bench: lengths must be above DECODE_TOKENS={DECODE_TOKENS} and rounds and "
+                         f"steps_per_round >= 1, got lengths={lengths}, {rounds}, {steps_per_round}")
     with_torch = torch_available() if with_torch is None else with_torch
     sides = ("minqkv", "torch") if with_torch else ("minqkv",)
-    rows = []
+    timing = dict(rounds=rounds, steps_per_round=steps_per_round, warmup=1)
+    attention, steps, study = [], [], []
     for T in lengths:
         for n in threads:
-            workers = {side: _Side(side, f"attention-{T}", n, warmup=1) for side in sides}
-            seconds = {side: [] for side in sides}
-            for _ in range(rounds):
-                for side in sides:
-                    seconds[side] += workers[side].ask(f"run {steps_per_round}")["seconds"]
             row = {"T": T, "threads": n, "n_head": LONG_SHAPE[0], "head_dim": LONG_SHAPE[1]}
-            rows.append(_with_side_figures(row, workers, seconds, T))
-    return rows
+            attention.append(_measure(row, f"attention-{T}", sides, n, tokens=T, **timing))
+            row = {"T": T, "threads": n, "n_layer": LONG_STEP_SHAPE[0], "n_embd": LONG_STEP_SHAPE[2]}
+            steps.append(_measure(row, f"step-{T}", sides, n, tokens=T, **timing))
+    T = max(lengths)
+    for name in STUDY_MODELS:
+        for n in threads:
+            study.append(_study_row(name, T, n, timing))
+    return {"attention": attention, "step": steps, "study": study,
+            "step_memory": {side: _memory_growth(steps, side) for side in sides}}
 
 
-def format_long_table(rows):
-    """The rows of run_long_bench as a text table."""
-    with_torch = bool(rows) and "torch_ms" in rows[0]
-    header = ["T", "threads", "minqkv ms", "tok/s", "growth MB"]
+def _study_row(name, T, threads, timing):
+    """minqkv's training step, KV cache size and decoding speed of one STUDY_MODELS model at block T."""
+    config = _config(_long_shape(STUDY_SHAPE, T), 0, STUDY_MODELS[name])
+    codes = [config.code_of(i) for i in range(config.n_layer)]
+    floats = sum(config.attention_spec(i).kv_cache_floats_per_token() for i in range(config.n_layer))
+    row = {"model": name, "T": T, "threads": threads, "codes": "/".join(codes),
+           "kv_cache_mb": round(floats * T * np.dtype(config.dtype).itemsize / 2**20, 2)}  # a full block
+    _measure(row, f"study-{name}-{T}", ("minqkv",), threads, tokens=T, **timing)
+    warmup = min(4, DECODE_TOKENS - 1)
+    per_round = (DECODE_TOKENS - warmup) // timing["rounds"]
+    decode = _measure({}, f"decode-{name}-{T}", ("minqkv",), threads, timing["rounds"], per_round, warmup, tokens=1)
+    row["decode_ms_per_token"] = decode["minqkv_ms"]
+    row["decode_tokens_per_s"] = decode["minqkv_tokens_per_s"]
+    return row
+
+
+def _memory_growth(rows, side):
+    """How one side's step memory grew from the shortest T to the longest: linear when it grew by at
+    most 1.5 x the ratio of lengths (a T^2 term would make it grow by the square of that ratio)."""
+    first, last = min(rows, key=lambda r: r["T"]), max(rows, key=lambda r: r["T"])
+    lengths = last["T"] / first["T"]
+    start, end = first[f"{side}_step_mb"], last[f"{side}_step_mb"]
+    growth = end / start if start > 0 else None
+    return {"from_T": first["T"], "to_T": last["T"], "from_mb": start, "to_mb": end,
+            "growth": None if growth is None else round(growth, 2), "length_ratio": lengths,
+            "linear": None if growth is None else growth <= 1.5 * lengths}
+
+
+def _render(header, lines, left=0):
+    """An aligned text table: the first `left` columns left-aligned, the others right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
+
+    def render(cells):
+        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [render(header), "  ".join("-" * w for w in widths)] + [render(c) for c in lines]
+
+
+def _side_cells(row, with_torch, memory="step_mb"):
+    cells = [f"{row['minqkv_ms']:.1f}", f"{row['minqkv_tokens_per_s']:,}", f"{row[f'minqkv_{memory}']:.1f}"]
     if with_torch:
-        header += ["torch ms", "tok/s", "growth MB", "ratio"]
-    lines = []
-    for row in rows:
-        cells = [str(row["T"]), str(row["threads"]), f"{row['minqkv_ms']:.1f}", f"{row['minqkv_tokens_per_s']:,}",
-                 f"{row['minqkv_step_mb']:.1f}"]
-        if with_torch:
-            cells += [f"{row['torch_ms']:.1f}", f"{row['torch_tokens_per_s']:,}", f"{row['torch_step_mb']:.1f}",
-                      f"{row['ratio']:.2f}x"]
-        lines.append(cells)
-    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-    render = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    footer = ("causal attention forward + backward, batch 1, 4 heads of 32; growth MB: peak RSS during the "
-              "timed calls minus RSS before them; " + ("ratio = minqkv ms / torch ms" if with_torch
-                                                       else "PyTorch is not installed: minqkv's side only"))
-    return "\n".join([render(header), "  ".join("-" * w for w in widths)] + [render(c) for c in lines] + [footer])
+        cells += [f"{row['torch_ms']:.1f}", f"{row['torch_tokens_per_s']:,}", f"{row[f'torch_{memory}']:.1f}",
+                  f"{row['ratio']:.2f}x"]
+    return cells
+
+
+def format_long_table(result):
+    """The result of run_long_bench as three text tables and the memory verdict."""
+    with_torch = "torch" in result["step_memory"]
+    sides = ["minqkv ms", "tok/s", "growth MB"] + (["torch ms", "tok/s", "growth MB", "ratio"] if with_torch else [])
+    torch_note = ("ratio = minqkv ms / torch ms (below 1: minqkv faster)" if with_torch
+                  else "PyTorch is not installed: minqkv's side only")
+    out = ["causal attention forward + backward, batch 1, 4 heads of 32"]
+    out += _render(["T", "threads"] + sides,
+                   [[str(r["T"]), str(r["threads"])] + _side_cells(r, with_torch) for r in result["attention"]])
+    layers, _, width = LONG_STEP_SHAPE
+    out += ["", f"training step (forward, backward, AdamW), {layers}-layer GPT, width {width}, 4 heads, "
+                f"block T, batch 1"]
+    out += _render(["T", "threads"] + sides,
+                   [[str(r["T"]), str(r["threads"])] + _side_cells(r, with_torch) for r in result["step"]])
+    for side, g in result["step_memory"].items():
+        verdict = ("not measurable (no growth at the shortest T)" if g["linear"] is None else
+                   f"{g['growth']:.1f}x for {g['length_ratio']:.0f}x the tokens: "
+                   + ("linear" if g["linear"] else "MORE than linear"))
+        out.append(f"{side} step memory T={g['from_T']}..{g['to_T']}: {g['from_mb']:.1f} -> {g['to_mb']:.1f} MB, "
+                   + verdict)
+    study = result["study"]
+    if study:
+        out += ["", f"the study at T={study[0]['T']}: {STUDY_SHAPE[0]} layers, width {STUDY_SHAPE[2]}, minqkv; "
+                    f"decoding: {DECODE_TOKENS} greedy tokens with the KV cache after a prompt of "
+                    f"T - {DECODE_TOKENS}"]
+        out += _render(["model", "codes", "threads", "step ms", "tok/s", "peak MB", "KV cache MB",
+                        "decode ms/token", "decode tok/s"],
+                       [[r["model"], r["codes"], str(r["threads"]), f"{r['minqkv_ms']:.0f}",
+                         f"{r['minqkv_tokens_per_s']:,}", f"{r['minqkv_peak_mb']:.0f}", f"{r['kv_cache_mb']:.1f}",
+                         f"{r['decode_ms_per_token']:.2f}", f"{r['decode_tokens_per_s']:,}"] for r in study], left=2)
+    out += ["", "ms: median; growth MB: peak RSS during the timed steps minus RSS before them; peak MB: the "
+                "process's peak RSS; KV cache MB: float32 keys and values of a full block; " + torch_note]
+    return "\n".join(out)

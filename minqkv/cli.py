@@ -306,11 +306,16 @@ def _add_bench(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--step", action="store_true",
                    help="time one training step (forward, backward, AdamW) of minqkv and PyTorch")
-    p.add_argument("--threads", type=_thread_list, default=(1, 2),
-                   help="thread counts for --step, comma-separated (default 1,2)")
+    p.add_argument("--threads", type=_thread_list, default=None,
+                   help="thread counts for --step and --long, comma-separated (default 1,2 for --step, "
+                        "1 for --long)")
     p.add_argument("--rounds", type=int, default=5, help="--step: alternating rounds per side")
     p.add_argument("--long", action="store_true",
-                   help="causal attention forward + backward at T = 1k..8k (batch 1) next to PyTorch's SDPA")
+                   help="attention forward + backward and a training step at T = 1k..8k (batch 1) next to "
+                        "PyTorch's SDPA; canonical, abb, --a and a pruned model at the longest T, with "
+                        "decoding through the KV cache")
+    p.add_argument("--lengths", type=_length_list, default=None,
+                   help="--long: sequence lengths, comma-separated (default 1024,2048,4096,8192)")
     p.add_argument("--profile", action="store_true",
                    help="--step: print where minqkv's step spends its time (cProfile) instead")
     p.set_defaults(run=cmd_bench)
@@ -327,6 +332,19 @@ def _thread_list(text: str) -> tuple:
     return counts
 
 
+def _length_list(text: str) -> tuple:
+    from .bench import DECODE_TOKENS
+
+    try:
+        lengths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        lengths = ()
+    if not lengths or min(lengths) <= DECODE_TOKENS:
+        raise argparse.ArgumentTypeError(f"--lengths {text!r}: give sequence lengths above {DECODE_TOKENS} (the "
+                                         "tokens decoded after the prompt) separated by commas, e.g. --lengths 1024,8192")
+    return lengths
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -334,13 +352,13 @@ def cmd_bench(args) -> int:
         print(bench.profile_step())
         return 0
     if args.long:
-        rows = bench.run_long_bench(threads=args.threads)
-        print(json.dumps(rows, indent=2) if args.json else bench.format_long_table(rows))
+        result = bench.run_long_bench(lengths=args.lengths or bench.LONG_LENGTHS, threads=args.threads or (1,))
+        print(json.dumps(result, indent=2) if args.json else bench.format_long_table(result))
         return 0
     if args.step:
         if not bench.torch_available() and not args.json:
             print("PyTorch is not installed: timing minqkv's side only", file=sys.stderr)
-        rows = bench.run_step_bench(threads=args.threads, rounds=args.rounds)
+        rows = bench.run_step_bench(threads=args.threads or (1, 2), rounds=args.rounds)
         print(json.dumps(rows, indent=2) if args.json else bench.format_step_table(rows))
         return 0
     rows = bench.run_bench()

@@ -25,7 +25,7 @@ import builtins
 import numpy as np
 
 from . import kernels
-from .tensor import FLOAT_DTYPES, Tensor, is_grad_enabled
+from .tensor import FLOAT_DTYPES, Tensor, backward_walk, is_grad_enabled
 
 # Arithmetic. Binary ops broadcast like NumPy, so their backward sums the gradient back down.
 
@@ -224,11 +224,23 @@ def embedding(weight: Tensor, ids) -> Tensor:
     out = weight.data[ids]  # (..., C)
 
     def backward(g):  # each row of weight gets the sum of gradients of the positions that used it
-        grad = np.zeros_like(weight.data)
-        np.add.at(grad, ids.reshape(-1), g.reshape(-1, weight.shape[1]))
-        return (grad,)
+        return (_sum_rows_by_id(ids.reshape(-1), g.reshape(-1, weight.shape[1]), weight.shape[0]),)
 
     return Tensor.from_op(out, (weight,), backward, "embedding")
+
+
+def _sum_rows_by_id(ids: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """out (n, C) with out[i] = sum of rows[p] (P, C) over the positions p where ids[p] == i.
+
+    What np.add.at(out, ids, rows) does, several times faster: sort the positions by id (stably,
+    so each sum keeps the positions' order), then sum each run of equal ids in one reduceat."""
+    out = np.zeros((n, rows.shape[1]), rows.dtype)
+    if ids.size:
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])  # first position of each run
+        out[sorted_ids[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    return out
 
 
 def concat(tensors, axis: int = 0) -> Tensor:
@@ -245,15 +257,36 @@ def concat(tensors, axis: int = 0) -> Tensor:
 def split(x: Tensor, sizes, axis: int = -1) -> list:
     """Split along axis into pieces of the given sizes (a list) or into `sizes` equal parts.
 
-    A composition of getitem, so it needs no backward of its own."""
+    Backward: x[piece] = g of each piece. The pieces write into one gradient array for x (one
+    zero fill, no sums of full-size arrays): in each backward walk, the first piece to run creates
+    it and hands it on, the others fill in their part. The pieces' one parent is a private
+    identity node (joint), so no other gradient of x is added to the array before all are in."""
     sizes = _check_split(x.shape[axis], sizes)
-    pieces, start = [], 0
     axis = axis % x.ndim
+    shared = {"walk": None, "grad": None}
+
+    def joint_backward(g):  # every piece has written its part by now: pass the array on, keep no reference
+        shared["grad"] = None
+        return (g,)
+
+    joint = Tensor.from_op(x.data, (x,), joint_backward, "split")
+    pieces, start = [], 0
     for size in sizes:
         index = (slice(None),) * axis + (slice(start, start + size),)
-        pieces.append(getitem(x, index))
+        pieces.append(Tensor.from_op(x.data[index], (joint,), _split_piece_backward(index, shared, x), "split"))
         start += size
     return pieces
+
+
+def _split_piece_backward(index: tuple, shared: dict, x: Tensor):
+    def backward(g):  # the piece's gradient into x's array at index; the walk's first piece hands it on
+        first = shared["walk"] != backward_walk() or shared["grad"] is None
+        if first:
+            shared["walk"], shared["grad"] = backward_walk(), np.zeros_like(x.data)
+        shared["grad"][index] = g
+        return (shared["grad"] if first else None,)
+
+    return backward
 
 
 # Matmul, on the C core.

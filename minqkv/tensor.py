@@ -32,6 +32,14 @@ def is_grad_enabled() -> bool:
     return _grad_enabled
 
 
+_walk = 0  # backward() walks so far: ops whose outputs share one gradient array tell walks apart by it
+
+
+def backward_walk() -> int:
+    """The number of the backward walk running now (or the last one)."""
+    return _walk
+
+
 class Tensor:
     """An n-dimensional array with an optional gradient.
 
@@ -118,6 +126,8 @@ class Tensor:
         if grad.shape != self.shape:
             raise ValueError(f"backward: grad has shape {grad.shape}, expected {self.shape}")
 
+        global _walk
+        _walk += 1
         grads = {id(self): grad}  # gradients of interior nodes live only during this walk
         for node in reversed(_topological_order(self)):
             g = grads.pop(id(node), None)

@@ -21,14 +21,15 @@ TOLERANCE = {np.dtype(np.float32): dict(rtol=1e-4, atol=2e-5), np.dtype(np.float
 @st.composite
 def attention_cases(draw):
     """q, k, v, bias (or None), dy: any batch, heads grouped or not, Tk >= T (a KV cache), head widths
-    that do and do not fill a vector register, and sequences longer than one key block (64)."""
+    that do and do not fill a vector register or a backward tile (64; wider heads take the pair-by-pair
+    backward), and sequences longer than one query block (32) and one key block (64)."""
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     B = draw(st.integers(0, 3))
     Hkv = draw(st.integers(1, 3))
     H = Hkv * draw(st.integers(1, 3))
-    T = draw(st.one_of(st.integers(0, 9), st.integers(60, 140)))
-    Tk = T + draw(st.sampled_from([0, 0, 1, 5]))
-    hd = draw(st.sampled_from([1, 3, 8, 32]))
+    T = draw(st.one_of(st.integers(0, 9), st.integers(60, 140), st.just(300)))
+    Tk = T + draw(st.sampled_from([0, 0, 1, 5, 70]))
+    hd = draw(st.sampled_from([1, 3, 8, 32, 64, 65]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     scale = draw(st.sampled_from([0.5, 1.0, 3.0]))  # large scores test the online rescaling
     q = (rng.standard_normal((B, H, T, hd)) * scale).astype(dtype)
@@ -110,9 +111,43 @@ def test_attention_c_gives_the_same_bits_on_any_thread_count(with_bias):
             np.testing.assert_array_equal(a, b)
 
 
-def test_long_bench_times_minqkv_attention_and_says_when_torch_is_absent():
+LONG_COLUMNS = {"minqkv_ms", "minqkv_tokens_per_s", "minqkv_peak_mb", "minqkv_step_mb"}
+TORCH_COLUMNS = {"torch_ms", "torch_tokens_per_s", "torch_peak_mb", "torch_step_mb", "ratio"}
+STUDY_COLUMNS = {"model", "codes", "T", "threads", "kv_cache_mb", "decode_ms_per_token", "decode_tokens_per_s"}
+
+
+def test_long_bench_times_attention_steps_and_the_study_and_says_when_torch_is_absent():
+    from minqkv.bench import STUDY_MODELS, format_long_table, run_long_bench
+
+    result = run_long_bench(lengths=(65, 130), rounds=1, with_torch=False)
+    assert [row["T"] for row in result["attention"]] == [row["T"] for row in result["step"]] == [65, 130]
+    for row in result["attention"] + result["step"]:
+        assert LONG_COLUMNS <= set(row) and not TORCH_COLUMNS & set(row)
+    assert [row["model"] for row in result["study"]] == list(STUDY_MODELS)
+    for row in result["study"]:
+        assert (STUDY_COLUMNS | LONG_COLUMNS) <= set(row) and row["T"] == 130
+    assert {row["model"]: row["codes"] for row in result["study"]}["pruned"] == "a-b/--a/--a/--a"
+    cache = {row["model"]: row["kv_cache_mb"] for row in result["study"]}
+    assert cache["abb"] == pytest.approx(cache["abc"] / 2, rel=0.05)  # K = V is cached once
+    assert set(result["step_memory"]) == {"minqkv"}
+    table = format_long_table(result)
+    assert "PyTorch is not installed" in table and "decode tok/s" in table and "step memory" in table
+
+
+@pytest.mark.skipif(not __import__("minqkv.bench").bench.torch_available(), reason="PyTorch is not installed")
+def test_long_bench_puts_pytorch_beside_minqkv_when_it_is_installed():
     from minqkv.bench import format_long_table, run_long_bench
 
-    rows = run_long_bench(lengths=(64,), rounds=1, with_torch=False)
-    assert [row["T"] for row in rows] == [64] and rows[0]["minqkv_ms"] > 0 and "ratio" not in rows[0]
-    assert "PyTorch is not installed" in format_long_table(rows)
+    result = run_long_bench(lengths=(65,), rounds=1, with_torch=True)
+    for row in result["attention"] + result["step"]:
+        assert (LONG_COLUMNS | TORCH_COLUMNS) <= set(row)
+    assert set(result["step_memory"]) == {"minqkv", "torch"}
+    assert "torch ms" in format_long_table(result)
+
+
+@pytest.mark.parametrize("lengths", [(), (64,), (128, 0)])
+def test_long_bench_refuses_lengths_that_leave_no_room_to_decode(lengths):
+    from minqkv.bench import run_long_bench
+
+    with pytest.raises(ValueError, match="lengths must be above DECODE_TOKENS"):
+        run_long_bench(lengths=lengths, with_torch=False)

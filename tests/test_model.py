@@ -60,6 +60,56 @@ def test_kv_cache_decoding_one_token_at_a_time_equals_full_recomputation(overrid
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), full_logits(model, ids), rtol=0, atol=1e-12)
 
 
+FUSED_CASES = [pytest.param(labelled(label), id=label) for label in
+               ["abc", "abb", "--a", "aab+pos2d", "abb+gqa2", "abc+mqa", "abb+rotate", "abc+gate"]]
+
+
+def logits_loss_and_gradients(model: GPT, ids: np.ndarray, maps: list | None) -> list:
+    model.zero_grad()
+    logits, loss = model(ids[:, :-1], ids[:, 1:], maps=maps)
+    loss.backward()
+    return [logits.data, loss.data] + [p.grad for _, p in model.named_parameters()]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-12), ("float32", 2e-6)])
+@pytest.mark.parametrize("overrides", FUSED_CASES)
+def test_the_fused_attention_path_gives_the_reference_paths_logits_loss_and_gradients(overrides, dtype, tolerance):
+    model = tiny_gpt(**overrides, dtype=dtype)
+    ids = random_ids(T=BLOCK + 1)
+    reference = logits_loss_and_gradients(model, ids, maps=[])  # maps asked: the step-by-step attend
+    fused = logits_loss_and_gradients(model, ids, maps=None)
+    for got, want in zip(fused, reference):
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("maps, training, dropout, fused_calls", [
+    (None, True, 0.0, 2), (None, False, 0.5, 2), ([], True, 0.0, 0), (None, True, 0.5, 0)],
+    ids=["training", "evaluation-with-dropout-off", "maps-asked", "dropout-active"])
+def test_the_model_runs_the_fused_kernel_unless_maps_are_asked_or_dropout_is_active(monkeypatch, maps, training,
+                                                                                   dropout, fused_calls):
+    import minqkv.kernels as kernels
+
+    calls = []
+    fused = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *args, **kw: calls.append(1) or fused(*args, **kw))
+    model = tiny_gpt(dropout=dropout).train(training)
+    model(random_ids(), maps=maps)
+    assert len(calls) == fused_calls
+
+
+@pytest.mark.parametrize("overrides", FUSED_CASES)
+def test_kv_cache_decoding_on_the_fused_path_equals_the_reference_paths_full_logits(overrides):
+    model = tiny_gpt(**overrides)
+    ids = random_ids()
+    caches = model.new_caches()
+    with no_grad():
+        chunks = [model(ids[:, :3], caches=caches)[0].data]
+        chunks += [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(3, BLOCK)]
+        reference = model(ids, maps=[])[0].data
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), reference, rtol=0, atol=1e-12)
+
+
 def test_cache_length_counts_the_tokens_seen():
     model = tiny_gpt()
     caches = model.new_caches()

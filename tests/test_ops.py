@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
 from minqkv import ops
@@ -248,6 +249,48 @@ def test_transpose_with_out_of_range_axis_is_reported():
         ops.transpose(Tensor(np.ones((2, 3))), 0, 3)
 
 
+def weighted_split_loss(pieces, used):
+    """sum over the used pieces of piece * (1 + its position), a loss whose gradient tells the pieces apart."""
+    total = None
+    for i in used:
+        term = ops.sum(pieces[i] * (np.arange(pieces[i].size).reshape(pieces[i].shape) + 1.0))
+        total = term if total is None else total + term
+    return total
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (2, 0), (1,)])
+def test_split_sends_each_piece_its_gradient_and_zeros_to_unused_pieces(used):
+    x = leaf(normal(2, 7))
+    pieces = ops.split(x, [3, 0, 4], axis=1)
+    pieces = [pieces[0], pieces[2], pieces[1]]  # widths 3, 4, 0
+    weighted_split_loss(pieces, used).backward()
+    expected = np.zeros((2, 7))
+    for i, (start, width) in enumerate([(0, 3), (3, 4), (3, 0)]):
+        if i in used:
+            expected[:, start:start + width] = np.arange(2 * width).reshape(2, width) + 1.0
+    np.testing.assert_array_equal(x.grad, expected)
+
+
+def test_split_adds_its_gradient_to_the_other_uses_of_its_input():
+    x = leaf(normal(3, 4))
+    a, b = ops.split(x, 2, axis=1)
+    (ops.sum(x * 10.0) + ops.sum(a) + ops.sum(b * 2.0)).backward()
+    np.testing.assert_array_equal(x.grad, np.concatenate([np.full((3, 2), 11.0), np.full((3, 2), 12.0)], axis=1))
+
+
+def test_split_gradient_is_fresh_in_every_backward_walk_even_after_an_interrupted_one():
+    x = leaf(normal(2, 4))
+    a, b = ops.split(x, 2, axis=1)
+    loss = ops.sum(a) + ops.sum(b * 3.0)
+    loss.backward()
+    loss.backward()  # the same graph walked twice: twice the gradient
+    np.testing.assert_array_equal(x.grad, [[2, 2, 6, 6], [2, 2, 6, 6]])
+    x.zero_grad()
+    a._backward(np.ones((2, 2)))  # what a walk stopped right after this piece leaves behind
+    ops.sum(b * 5.0).backward()  # only b: a must get nothing from this walk
+    np.testing.assert_array_equal(x.grad, [[0, 0, 5, 5], [0, 0, 5, 5]])
+
+
 def test_split_into_unequal_parts_is_reported():
     with pytest.raises(ValueError, match="cannot cut length 5 into 2 equal parts"):
         ops.split(Tensor(np.ones(5)), 2)
@@ -438,6 +481,21 @@ def test_embedding_gradient_sums_rows_for_repeated_ids():
     weight = leaf(np.zeros((4, 2)))
     ops.embedding(weight, np.array([[1, 1], [3, 1]])).backward(grad=np.ones((2, 2, 2)))
     np.testing.assert_array_equal(weight.grad, [[0, 0], [3, 3], [0, 0], [1, 1]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(0, 40), st.integers(1, 5), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**32 - 1))
+def test_embedding_gradient_is_what_add_at_gives(n, positions, width, dtype, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, rng.integers(1, n + 1), positions)  # often a few ids, repeated, in any order
+    rows = rng.standard_normal((positions, width)).astype(dtype)
+    expected = np.zeros((n, width))
+    np.add.at(expected, ids, rows.astype(np.float64))  # exact enough to judge either order of the sums
+    got = ops._sum_rows_by_id(ids, rows, n)
+    assert got.dtype == np.dtype(dtype)
+    rounding = (1e-6 if dtype == np.float32 else 1e-14) * max(1, positions)  # grows with the terms summed
+    np.testing.assert_allclose(got, expected, rtol=0, atol=rounding)
 
 
 def test_masked_fill_sends_no_gradient_to_filled_positions():
