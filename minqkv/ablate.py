@@ -437,9 +437,12 @@ def write_plots(out, rows: list) -> list:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, row in enumerate(done):
-        steps, values = _curve(out, row["variant"], metric)
-        ax.plot(steps, values, label=row["variant"], linestyle=("-", "--", ":")[i // 10 % 3])
-    ax.set(xlabel="step", ylabel=metric, title="validation during training (seed 0; gated: before pruning)")
+        color = f"C{i % 10}"
+        for seed in range(row["seeds"]):  # seed 0 named in the legend, the others thinner
+            steps, values = _curve(out, row["variant"], metric, seed)
+            ax.plot(steps, values, color=color, linestyle=("-", "--", ":")[i // 10 % 3],
+                    label=row["variant"] if seed == 0 else None, linewidth=1.5 if seed == 0 else 0.8)
+    ax.set(xlabel="step", ylabel=metric, title="validation during training (every seed; gated: before pruning)")
     ax.legend(fontsize=7, ncol=2)
     fig.savefig(paths[0], dpi=120, bbox_inches="tight")
 
@@ -487,8 +490,8 @@ def _plot_pruning(plt, path: Path, done: list, swept: list, metric: str) -> Path
     return path
 
 
-def _curve(out: Path, variant: str, metric: str) -> tuple:
-    path = _run_dir(out, variant, 0) / "metrics.jsonl"
+def _curve(out: Path, variant: str, metric: str, seed: int = 0) -> tuple:
+    path = _run_dir(out, variant, seed) / "metrics.jsonl"
     if not path.exists():
         return [], []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
