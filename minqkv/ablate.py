@@ -380,7 +380,7 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     text = fmt.format(row[key])
     if key in WITH_SPREAD and row.get("seeds", 0) > 1:
         text += " ± " + fmt.format(row[key + "_std"])
-    return text
+    return text.replace("|", "\\|")  # seeds that pruned differently are 'a | b': not a new column
 
 
 def format_markdown(rows: list, plan: dict) -> str:

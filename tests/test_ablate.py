@@ -126,6 +126,15 @@ def test_a_run_whose_sweep_was_killed_stops_and_keeps_its_checkpoint(tmp_path, m
     assert (tmp_path / "run" / "ckpt.npz").exists() and not (tmp_path / "run" / "result.json").exists()
 
 
+def test_seeds_that_pruned_differently_stay_in_one_markdown_cell():
+    plan = ablate.plan_sweep("tiny", "synthetic:copy", "abc")
+    row = {"variant": "abc+gate(L=0.03)", "code": "a-b,--a | abc,--a", "val_loss": 1.0, "seeds": 1}
+    line = ablate.format_markdown([row], plan).splitlines()[2]
+    assert "a-b,--a \\| abc,--a" in line
+    header = ablate.format_markdown([row], plan).splitlines()[0]
+    assert line.replace("\\|", "").count("|") == header.count("|")
+
+
 def test_a_preset_brings_its_own_data_unless_data_is_given():
     assert ablate.plan_sweep("recall", None)["data"] == "synthetic:recall"
     assert ablate.plan_sweep("recall", "synthetic:copy")["data"] == "synthetic:copy"
