@@ -37,12 +37,6 @@ import warnings
 
 import numpy as np
 
-# Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise). Spinning
-# saves microseconds per call on an idle machine but, on a small or shared one, a spinning
-# thread takes a core from NumPy's BLAS threads or another process, and calls then stall for
-# whole scheduler time slices. OpenMP reads this once, when the extension first loads it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 try:
     from ._ccore import ffi as _ffi
     from ._ccore import lib as _lib
@@ -103,6 +97,31 @@ def _initial_num_threads():
 
 _backend = _initial_backend()
 _num_threads = _initial_num_threads()
+
+# glibc hands every array above 128 KiB back to the system when it is freed (and trims the heap
+# above a few MiB free), so a training step, which frees and allocates the same large arrays
+# every time, page-faults on all of them again: 14,000 faults and ~15% of the step at the
+# default model. Raising the two thresholds keeps freed memory in the process for the next
+# step; the peak is unchanged, it is only kept. Set MINQKV_KEEP_MEMORY=0 to leave glibc's defaults.
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's upper limit for this setting on 64-bit
+TRIM_THRESHOLD_BYTES = 256 << 20
+
+
+def _keep_freed_memory():
+    """Tell glibc's malloc to keep freed memory for reuse; True if it was told (glibc only)."""
+    if os.environ.get("MINQKV_KEEP_MEMORY", "1").strip() == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries: nothing to tune
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+KEEPS_FREED_MEMORY = _keep_freed_memory()
 
 
 def _one_thread_after_fork():

@@ -616,3 +616,26 @@ def test_step_bench_refuses_an_unknown_shape():
 
     with pytest.raises(ValueError, match="unknown shape 'huge'"):
         run_step_bench(shapes=("huge",), with_torch=False)
+
+
+# ---- memory kept for reuse ----------------------------------------------------------------
+
+# In a fresh interpreter: allocate and touch eight 8 MiB arrays, free them all, ten times over (as
+# a training step does), and count the page faults of the last nine rounds; the first pays for
+# its pages however malloc is set up.
+_FAULTS_OF_REUSE = ("import resource, numpy as np, minqkv.kernels as k\n"
+                    "def round():\n"
+                    "    arrays = [np.ones(2 << 20, np.float32) for _ in range(8)]\n"
+                    "round()\n"
+                    "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+                    "for _ in range(9):\n"
+                    "    round()\n"
+                    "print(k.KEEPS_FREED_MEMORY, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the malloc settings are glibc's")
+def test_freed_arrays_are_reused_without_page_faults_unless_switched_off():
+    kept, faults = _run_python(_FAULTS_OF_REUSE).stdout.split()
+    assert kept == "True" and int(faults) < 1000
+    kept, faults = _run_python(_FAULTS_OF_REUSE, MINQKV_KEEP_MEMORY="0").stdout.split()
+    assert kept == "False" and int(faults) > 9 * 2048  # glibc trims: at least one array (2048 pages) a round
