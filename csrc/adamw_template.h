@@ -10,7 +10,7 @@
  *   p = p * decay_factor;          p = p - step_size * m / (sqrt(v) / bias2_sqrt + eps)
  * where the caller gives decay_factor = 1 - lr * weight_decay (1 for no decay),
  * step_size = lr / (1 - beta1^t) and bias2_sqrt = sqrt(1 - beta2^t). */
-int ADAMW(REAL *param, const REAL *grad, REAL *m, REAL *v, int64_t n, double beta1, double beta2,
+HOT_KERNEL int ADAMW(REAL *param, const REAL *grad, REAL *m, REAL *v, int64_t n, double beta1, double beta2,
           double decay_factor, double step_size, double bias2_sqrt, double eps, int num_threads)
 {
     if (n < 0 || (n > 0 && (!param || !grad || !m || !v)) || !(bias2_sqrt > 0))

@@ -90,7 +90,9 @@ def build_flags():
     """(compile args, link args, macros) for this compiler and the MINQKV_* variables."""
     if sys.platform == "win32":
         return ["/O2", "/std:c11"], [], []
-    compile_args, link_args, macros = ["-O3", "-std=gnu11"], [], []
+    # -fno-math-errno: no kernel reads errno, and without it GCC keeps every sqrt a scalar call
+    # (it might have to set errno), which left the AdamW loop unvectorised (3.4 ns per element)
+    compile_args, link_args, macros = ["-O3", "-std=gnu11", "-fno-math-errno"], [], []
     if os.environ.get("MINQKV_OPENMP", "1") != "0" and _compiler_accepts(["-fopenmp"], ["-fopenmp"]):
         compile_args.append("-fopenmp")
         link_args.append("-fopenmp")
