@@ -456,6 +456,12 @@ class _Side:
         return memory
 
 
+# Between two sides' turns: the OpenMP threads of the side that just ran keep spinning for a
+# while after its last step (libgomp's default), and would take a core from the other side's
+# first steps.
+SIDE_SETTLE_S = 0.2
+
+
 def run_step_bench(threads=(1, 2), shapes=tuple(STEP_SHAPES), rounds=5, steps_per_round=4,
                    warmup=3, with_torch=None):
     """Time a training step of minqkv and (when installed) PyTorch, per shape and thread count.
@@ -487,6 +493,7 @@ def _measure(row, workload, sides, threads, rounds, steps_per_round, warmup, tok
     seconds = {side: [] for side in sides}
     for _ in range(rounds):
         for side in sides:  # in turn: while one runs, the other waits on its pipe
+            time.sleep(SIDE_SETTLE_S if len(sides) > 1 else 0)
             seconds[side] += workers[side].ask(f"run {steps_per_round}")["seconds"]
     return _with_side_figures(row, workers, seconds, tokens)
 

@@ -127,8 +127,7 @@ class Linear(Module):
         self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x @ self.weight  # (..., in) @ (in, out) -> (..., out)
-        return y + self.bias if self.bias is not None else y
+        return ops.linear(x, self.weight, self.bias)  # (..., in) @ (in, out) + (out,) -> (..., out)
 
 
 class Embedding(Module):

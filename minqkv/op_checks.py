@@ -60,6 +60,8 @@ def op_cases() -> list:
         C("matmul batched", ops.matmul, [(2, 3, 4, 5), (2, 3, 5, 2)]),
         C("matmul batch broadcast", ops.matmul, [(2, 1, 3, 4), (5, 4, 2)]),
         C("matmul 1x1", ops.matmul, [(1, 1), (1, 1)]),
+        C("linear (B,T,K)@(K,N)+b", ops.linear, [(2, 3, 4), (4, 5), (5,)]),
+        C("linear without bias", ops.linear, [(3, 4), (4, 2)]),
         C("matmul_each", lambda x, a, b, c: ops.concat(
             [p * float(i + 1) for i, p in enumerate(ops.matmul_each(x, [a, b, c]))], axis=-1),
           [(2, 3, 4), (4, 5), (4, 2), (4, 5)]),

@@ -7,7 +7,8 @@ Read top to bottom: from the simplest ops up to the ones a Transformer is built 
   elementwise       exp, log, tanh, sigmoid, relu, gelu
   reductions        sum, mean
   shape, indexing   reshape, transpose, swapaxes, broadcast_to, getitem, embedding, concat, split
-  matmul            through the C core; matmul_each, several products of one input as one
+  matmul            through the C core; linear (x @ w + b in one op); matmul_each, several
+                    products of one input as one
   softmax family    softmax, causal_attention (fused), log_softmax, cross_entropy
   normalisation     layer_norm, dropout, masked_fill, causal_mask, where
   linear algebra    solve, inverse (for the orthogonal rotation)
@@ -318,19 +319,34 @@ def matmul(a, b) -> Tensor:
     return _matmul_batched(a, b)
 
 
-def _matmul_weight(a: Tensor, b: Tensor) -> Tensor:
-    # (..., M, K) @ (K, N): fold all leading dims into rows, one 2-D GEMM
+def linear(x, w, bias=None) -> Tensor:
+    """x @ w + bias for x (..., K), w (K, N) and bias (N,) or None: a Linear layer in one op.
+
+    The bias is added into the fresh product in place, so no second (..., N) array is made
+    (matmul then add would write one more array the size of the output, and keep two nodes)."""
+    x, w = _check_linear(x, w, bias)
+    return _matmul_weight(x, w, bias)
+
+
+def _matmul_weight(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    # (..., M, K) @ (K, N) [+ bias (N,)]: fold all leading dims into rows, one 2-D GEMM
     K, N = b.shape
     a2 = a.data.reshape(-1, K)  # (P, K)
-    out = kernels.matmul(a2, b.data).reshape(a.shape[:-1] + (N,))
+    out = kernels.matmul(a2, b.data)  # (P, N)
+    if bias is not None:
+        out += bias.data  # into the product just made: nothing else holds it yet
+    out = out.reshape(a.shape[:-1] + (N,))
 
-    def backward(g):  # dA = g B^T, dB = A^T g
+    def backward(g):  # dA = g B^T, dB = A^T g, dbias = g summed over rows
         g2 = g.reshape(-1, N)  # (P, N)
         grad_a = kernels.matmul(g2, b.data, trans_b=True).reshape(a.shape) if a.requires_grad else None
         grad_b = kernels.matmul(a2, g2, trans_a=True) if b.requires_grad else None
-        return grad_a, grad_b
+        if bias is None:
+            return grad_a, grad_b
+        return grad_a, grad_b, g2.sum(axis=0) if bias.requires_grad else None
 
-    return Tensor.from_op(out, (a, b), backward, "matmul")
+    parents = (a, b) if bias is None else (a, b, bias)
+    return Tensor.from_op(out, parents, backward, "matmul" if bias is None else "linear")
 
 
 def _matmul_batched(a: Tensor, b: Tensor) -> Tensor:
@@ -656,6 +672,20 @@ def _check_matmul(a, b) -> tuple[Tensor, Tensor]:
         raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}; "
                          f"inner dimensions {a.shape[-1]} and {b.shape[-2]} must match")
     return a, b
+
+
+def _check_linear(x, w, bias) -> tuple[Tensor, Tensor]:
+    x, w = _check_matmul(x, w)
+    if w.ndim != 2:
+        raise ValueError(f"linear: w must be a matrix (K, N), got shape {w.shape}")
+    if bias is None:
+        return x, w
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"linear: bias must be a Tensor or None, got {type(bias).__name__}")
+    if bias.shape != (w.shape[1],) or bias.dtype != w.dtype:
+        raise ValueError(f"linear: bias must have shape ({w.shape[1]},) and w's dtype {w.dtype}, "
+                         f"got {bias.shape} {bias.dtype}")
+    return x, w
 
 
 def _check_cross_entropy(logits, targets, ignore_index: int) -> tuple[Tensor, np.ndarray]:

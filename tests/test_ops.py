@@ -79,6 +79,25 @@ def test_matmul_of_transposed_views_matches_einsum(backend):
     np.testing.assert_allclose(out.data, np.einsum("km,nk->mn", a, b), rtol=1e-12, atol=1e-12)
 
 
+def test_linear_matches_einsum_plus_bias_and_its_bias_gradient_sums_rows(backend):
+    x, w, b = normal(2, 3, 4), normal(4, 5, seed=1), leaf(normal(5, seed=2))
+    out = ops.linear(Tensor(x), Tensor(w), b)
+    np.testing.assert_allclose(out.data, np.einsum("btk,kn->btn", x, w) + b.data, rtol=1e-12, atol=1e-12)
+    g = normal(2, 3, 5, seed=3)
+    out.backward(grad=g)
+    np.testing.assert_allclose(b.grad, np.einsum("btn->n", g), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias, message", [
+    (np.zeros(5), "bias must be a Tensor or None, got ndarray"),
+    (Tensor(np.zeros(4)), r"bias must have shape \(5,\) and w's dtype float64, got \(4,\) float64"),
+    (Tensor(np.zeros(5, np.float32)), r"bias must have shape \(5,\) and w's dtype float64, got \(5,\) float32"),
+])
+def test_linear_refuses_a_bias_that_does_not_fit_w(bias, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        ops.linear(Tensor(np.ones((2, 4))), Tensor(np.ones((4, 5))), bias)
+
+
 def test_matmul_float32_matches_einsum_and_stays_float32(backend):
     a, b = normal(3, 8).astype(np.float32), normal(8, 2, seed=1).astype(np.float32)
     out = ops.matmul(Tensor(a), Tensor(b))

@@ -63,6 +63,8 @@ KERNEL_CASES = [
     Case("matmul batched", ops.matmul, torch.matmul, [normal(2, 3, 4, 5), normal(2, 3, 5, 2, seed=1)]),
     Case("matmul batch broadcast", ops.matmul, torch.matmul,
          [normal(2, 1, 3, 4), normal(5, 4, 2, seed=1)]),
+    Case("linear (B,T,K)@(K,N)+b", ops.linear, lambda x, w, b: x @ w + b,
+         [normal(2, 3, 4), normal(4, 5, seed=1), normal(5, seed=2)]),
     Case("matmul 2-D @ batched", ops.matmul, torch.matmul, [normal(3, 4), normal(2, 4, 5, seed=1)]),
     Case("softmax", ops.softmax, lambda x: torch.softmax(x, -1), [normal(3, 5)]),
     Case("softmax 4-D", ops.softmax, lambda x: torch.softmax(x, -1), [normal(2, 2, 3, 3)]),
