@@ -378,15 +378,26 @@ class KVCache:
     """
 
     def __init__(self):
-        self.k_source = None  # (B, T_past, width_k) ndarray; a latent layer's c (B, T_past, R)
-        self.v_source = None  # (B, T_past, width_v) ndarray, or None when shared with k_source
-        self.length = 0
+        self._k = None  # (B, capacity, width_k) ndarray; a latent layer's c (B, capacity, R)
+        self._v = None  # (B, capacity, width_v) ndarray, or None when shared with the keys
+        self.length = 0  # positions of the buffers that hold past tokens
+
+    @property
+    def k_source(self) -> np.ndarray | None:
+        """(B, T_past, width_k): a view of the cached keys (or latents)."""
+        return None if self._k is None else self._k[:, :self.length]
+
+    @property
+    def v_source(self) -> np.ndarray | None:
+        """(B, T_past, width_v): a view of the cached values, or None when shared with the keys."""
+        return None if self._v is None else self._v[:, :self.length]
 
     def append(self, k_new: np.ndarray, v_new: np.ndarray | None) -> tuple:
-        self.k_source = k_new if self.k_source is None else np.concatenate([self.k_source, k_new], 1)
+        """Write the new tokens' sources after the past ones; return (k_source, v_source), views."""
+        self._k = _written(self._k, k_new, self.length)
         if v_new is not None:
-            self.v_source = v_new if self.v_source is None else np.concatenate([self.v_source, v_new], 1)
-        self.length = self.k_source.shape[1]
+            self._v = _written(self._v, v_new, self.length)
+        self.length += k_new.shape[1]
         return self.k_source, self.v_source
 
     def floats_per_token(self) -> int:
@@ -395,6 +406,24 @@ class KVCache:
             return 0
         per_token = self.k_source.shape[2]
         return per_token + (self.v_source.shape[2] if self.v_source is not None else 0)
+
+
+def _written(buffer: np.ndarray | None, new: np.ndarray, start: int) -> np.ndarray:
+    """buffer (B, capacity, width) with new (B, T, width) written at positions start..start+T.
+
+    A buffer too short for them is replaced by one of twice its capacity (or just enough, if
+    more), so decoding n tokens copies the past O(log n) times instead of once per token, as a
+    concatenation would. Positions below start are never written again, so the views handed
+    out earlier keep their values. The price: up to twice the memory the tokens need."""
+    end = start + new.shape[1]
+    if buffer is None or end > buffer.shape[1]:
+        capacity = max(end, 2 * (0 if buffer is None else buffer.shape[1]))
+        grown = np.empty((new.shape[0], capacity, new.shape[2]), new.dtype)
+        if buffer is not None:
+            grown[:, :start] = buffer[:, :start]
+        buffer = grown
+    buffer[:, start:end] = new
+    return buffer
 
 
 # ---- the layer ----------------------------------------------------------------------------------

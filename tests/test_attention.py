@@ -308,6 +308,22 @@ def test_an_empty_cache_stores_nothing():
     assert KVCache().floats_per_token() == 0
 
 
+def test_the_cache_grows_by_doubling_and_every_view_it_handed_out_keeps_its_tokens():
+    rng = np.random.default_rng(0)
+    cache, keys, values, handed_out, buffers = KVCache(), [], [], [], set()
+    for step in range(40):
+        k_new, v_new = rng.standard_normal((2, 1 + step % 3, 3)), rng.standard_normal((2, 1 + step % 3, 5))
+        keys.append(k_new), values.append(v_new)
+        handed_out.append(cache.append(k_new, v_new))
+        buffers.add(id(cache._k))
+    assert cache.length == sum(k.shape[1] for k in keys) == 79
+    assert len(buffers) <= math.ceil(math.log2(79)) + 1  # copies of the past: O(log n), not one per step
+    for step, (k_view, v_view) in enumerate(handed_out):
+        np.testing.assert_array_equal(k_view, np.concatenate(keys[:step + 1], axis=1))
+        np.testing.assert_array_equal(v_view, np.concatenate(values[:step + 1], axis=1))
+    assert cache.floats_per_token() == 3 + 5
+
+
 @pytest.mark.parametrize("label", list(ALL_CODES) + ["abb+gate", "aaa+gate", "abb+rotate", "abc+gqa2",
                                                      "abb+mqa", "-aa+mqa", "abb+gate+gqa2",
                                                      "abc+rope", "abb+rope", "---+rope", "-aa+rope+mqa",
