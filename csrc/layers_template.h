@@ -51,11 +51,11 @@ int NAME(minqkv_gelu)(const REAL *x, REAL *y, int64_t n, int num_threads)
     if (n < 0 || (n > 0 && (!x || !y)))
         return MINQKV_BAD_ARGUMENT;
     int threads = layer_threads(n, num_threads);
-    int64_t span = (n + threads - 1) / threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < threads; t++) {
-        int64_t start = min_i64(n, t * span);
-        NAME(gelu_span)(x + start, y + start, min_i64(span, n - start));
+        int64_t start, end;
+        thread_span(n, t, threads, &start, &end);
+        NAME(gelu_span)(x + start, y + start, end - start);
     }
     return MINQKV_OK;
 }
@@ -66,11 +66,11 @@ int NAME(minqkv_gelu_backward)(const REAL *x, const REAL *dy, REAL *dx, int64_t 
     if (n < 0 || (n > 0 && (!x || !dy || !dx)))
         return MINQKV_BAD_ARGUMENT;
     int threads = layer_threads(n, num_threads);
-    int64_t span = (n + threads - 1) / threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < threads; t++) {
-        int64_t start = min_i64(n, t * span);
-        NAME(gelu_backward_span)(x + start, dy + start, dx + start, min_i64(span, n - start));
+        int64_t start, end;
+        thread_span(n, t, threads, &start, &end);
+        NAME(gelu_backward_span)(x + start, dy + start, dx + start, end - start);
     }
     return MINQKV_OK;
 }
@@ -79,6 +79,32 @@ int NAME(minqkv_gelu_backward)(const REAL *x, const REAL *dy, REAL *dx, int64_t 
 #undef GELU_A
 
 /* ---- Layer norm ---- */
+
+/* Rows r0..r1 of the layer norm below (one thread's share). */
+static HOT_KERNEL void NAME(layer_norm_rows)(const REAL *x, const REAL *weight, const REAL *bias,
+                                             REAL *y, REAL *mean, REAL *rstd, int64_t r0, int64_t r1,
+                                             int64_t C, REAL eps)
+{
+    for (int64_t r = r0; r < r1; r++) {
+        const REAL *xr = x + r * C;
+        REAL *yr = y + r * C;
+        REAL sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < C; c++)
+            sum += xr[c];
+        REAL mu = sum / (REAL)C;
+        REAL squares = 0;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t c = 0; c < C; c++)
+            squares += (xr[c] - mu) * (xr[c] - mu);
+        REAL s = 1 / SQRT(squares / (REAL)C + eps);
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++)
+            yr[c] = (xr[c] - mu) * s * weight[c] + (bias ? bias[c] : 0);
+        mean[r] = mu;
+        rstd[r] = s;
+    }
+}
 
 /* x, y: (rows, C); weight, bias: (C,), bias may be NULL; mean, rstd: (rows,).
  * Per row: mean = sum(x) / C, rstd = 1 / sqrt(sum((x - mean)^2) / C + eps),
@@ -92,27 +118,70 @@ int NAME(minqkv_layer_norm)(const REAL *x, const REAL *weight, const REAL *bias,
         return MINQKV_BAD_ARGUMENT;
     if (rows > 0 && (!x || !weight || !y || !mean || !rstd))
         return MINQKV_BAD_ARGUMENT;
-#pragma omp parallel for num_threads(layer_threads(rows * C, num_threads)) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const REAL *xr = x + r * C;
-        REAL *yr = y + r * C;
-        REAL sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < C; c++)
-            sum += xr[c];
-        REAL mu = sum / (REAL)C;
-        REAL squares = 0;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t c = 0; c < C; c++)
-            squares += (xr[c] - mu) * (xr[c] - mu);
-        REAL s = 1 / SQRT(squares / (REAL)C + (REAL)eps);
-#pragma omp simd
-        for (int64_t c = 0; c < C; c++)
-            yr[c] = (xr[c] - mu) * s * weight[c] + (bias ? bias[c] : 0);
-        mean[r] = mu;
-        rstd[r] = s;
+    int threads = layer_threads(rows * C, num_threads);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t r0, r1;
+        thread_span(rows, t, threads, &r0, &r1);
+        NAME(layer_norm_rows)(x, weight, bias, y, mean, rstd, r0, r1, C, (REAL)eps);
     }
     return MINQKV_OK;
+}
+
+/* dx for rows r0..r1 of the layer norm backward below (one thread's share of rows). */
+static HOT_KERNEL void NAME(layer_norm_backward_rows)(const REAL *x, const REAL *weight,
+                                                      const REAL *mean, const REAL *rstd,
+                                                      const REAL *dy, REAL *dx, int64_t r0,
+                                                      int64_t r1, int64_t C)
+{
+    for (int64_t r = r0; r < r1; r++) {
+        const REAL *xr = x + r * C, *dyr = dy + r * C;
+        REAL *dxr = dx + r * C;
+        REAL mu = mean[r], s = rstd[r];
+        REAL dxhat_sum = 0, dxhat_xhat_sum = 0;
+#pragma omp simd reduction(+ : dxhat_sum, dxhat_xhat_sum)
+        for (int64_t c = 0; c < C; c++) {
+            REAL dxhat = dyr[c] * weight[c];
+            dxhat_sum += dxhat;
+            dxhat_xhat_sum += dxhat * (xr[c] - mu) * s;
+        }
+        REAL dxhat_mean = dxhat_sum / (REAL)C, dxhat_xhat_mean = dxhat_xhat_sum / (REAL)C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) {
+            REAL xhat = (xr[c] - mu) * s;
+            dxr[c] = s * (dyr[c] * weight[c] - dxhat_mean - xhat * dxhat_xhat_mean);
+        }
+    }
+}
+
+#define LN_COLUMNS 32 /* dweight and dbias columns summed at a time: two AVX-512 registers each */
+
+/* dweight and dbias for columns c0..c1 (one thread's share of columns), LN_COLUMNS at a time,
+ * summed down the rows in local arrays the compiler keeps in registers (dweight itself might
+ * alias x or dy, so adding into it would store and reload it for every row). */
+static HOT_KERNEL void NAME(layer_norm_parameter_grads)(const REAL *x, const REAL *mean,
+                                                        const REAL *rstd, const REAL *dy,
+                                                        REAL *dweight, REAL *dbias, int64_t rows,
+                                                        int64_t C, int64_t c0, int64_t c1)
+{
+    for (; c0 < c1; c0 += LN_COLUMNS) {
+        int64_t width = min_i64(LN_COLUMNS, c1 - c0);
+        REAL weight_sum[LN_COLUMNS] = {0}, bias_sum[LN_COLUMNS] = {0};
+        for (int64_t r = 0; r < rows; r++) {
+            const REAL *xr = x + r * C + c0, *dyr = dy + r * C + c0;
+            REAL mu = mean[r], s = rstd[r];
+#pragma omp simd
+            for (int64_t c = 0; c < width; c++) {
+                weight_sum[c] += dyr[c] * (xr[c] - mu) * s;
+                bias_sum[c] += dyr[c];
+            }
+        }
+        for (int64_t c = 0; c < width; c++) {
+            dweight[c0 + c] = weight_sum[c];
+            if (dbias)
+                dbias[c0 + c] = bias_sum[c];
+        }
+    }
 }
 
 /* x, dy, dx: (rows, C); weight: (C,); mean, rstd: (rows,) from the forward pass;
@@ -121,7 +190,8 @@ int NAME(minqkv_layer_norm)(const REAL *x, const REAL *weight, const REAL *bias,
  *   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))      (per row)
  *   dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
  * dx is computed row by row (threads share the rows); dweight and dbias column by column
- * (threads share the columns), so no two threads ever add into the same number. */
+ * (threads share the columns, in whole blocks of LN_COLUMNS), so no two threads ever add into
+ * the same number and the sums do not depend on the thread count. */
 int NAME(minqkv_layer_norm_backward)(const REAL *x, const REAL *weight, const REAL *mean,
                                      const REAL *rstd, const REAL *dy, REAL *dx, REAL *dweight,
                                      REAL *dbias, int64_t rows, int64_t C, int num_threads)
@@ -131,49 +201,20 @@ int NAME(minqkv_layer_norm_backward)(const REAL *x, const REAL *weight, const RE
     if (rows > 0 && (!x || !mean || !rstd || !dy || !dx))
         return MINQKV_BAD_ARGUMENT;
     int threads = layer_threads(rows * C, num_threads);
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            const REAL *xr = x + r * C, *dyr = dy + r * C;
-            REAL *dxr = dx + r * C;
-            REAL mu = mean[r], s = rstd[r];
-            REAL dxhat_sum = 0, dxhat_xhat_sum = 0;
-#pragma omp simd reduction(+ : dxhat_sum, dxhat_xhat_sum)
-            for (int64_t c = 0; c < C; c++) {
-                REAL dxhat = dyr[c] * weight[c];
-                dxhat_sum += dxhat;
-                dxhat_xhat_sum += dxhat * (xr[c] - mu) * s;
-            }
-            REAL dxhat_mean = dxhat_sum / (REAL)C, dxhat_xhat_mean = dxhat_xhat_sum / (REAL)C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                REAL xhat = (xr[c] - mu) * s;
-                dxr[c] = s * (dyr[c] * weight[c] - dxhat_mean - xhat * dxhat_xhat_mean);
-            }
-        }
-        /* columns in blocks of 16: each thread adds down its own columns, 16 at a time */
-#pragma omp for schedule(static)
-        for (int64_t c0 = 0; c0 < C; c0 += 16) {
-            int64_t c1 = min_i64(C, c0 + 16);
-            for (int64_t c = c0; c < c1; c++) {
-                dweight[c] = 0;
-                if (dbias)
-                    dbias[c] = 0;
-            }
-            for (int64_t r = 0; r < rows; r++) {
-                const REAL *xr = x + r * C, *dyr = dy + r * C;
-                REAL mu = mean[r], s = rstd[r];
-                for (int64_t c = c0; c < c1; c++) {
-                    dweight[c] += dyr[c] * (xr[c] - mu) * s;
-                    if (dbias)
-                        dbias[c] += dyr[c];
-                }
-            }
-        }
+    int64_t blocks = (C + LN_COLUMNS - 1) / LN_COLUMNS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t r0, r1, b0, b1;
+        thread_span(rows, t, threads, &r0, &r1);
+        NAME(layer_norm_backward_rows)(x, weight, mean, rstd, dy, dx, r0, r1, C);
+        thread_span(blocks, t, threads, &b0, &b1);
+        NAME(layer_norm_parameter_grads)(x, mean, rstd, dy, dweight, dbias, rows, C,
+                                         b0 * LN_COLUMNS, min_i64(C, b1 * LN_COLUMNS));
     }
     return MINQKV_OK;
 }
+
+#undef LN_COLUMNS
 
 /* ---- Cross-entropy with its softmax ---- */
 
