@@ -95,19 +95,28 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
     }
 }
 
-/* The micro-kernel: one MR x NR tile of C from a packed A panel (kc, MR) and B panel (kc, NR).
+/* The micro-kernel: one whole MR x NR tile of C from a packed A panel (kc, MR) and B panel
+ * (kc, NR).
  *
  *   tile[r][c] = sum over p of a[p][r] * b[p][c]
  *
  * Loop order p, r, c: for each p, one row of NR values of b is loaded (64 bytes: one AVX-512
  * or two AVX2 registers) and each a[p][r] is broadcast and multiplied into row r of the tile. The
  * compiler unrolls r and c completely (they are constants) and keeps the whole tile in
- * registers, so the inner loop does only loads and fused multiply-adds. */
+ * registers, so the inner loop does only loads and fused multiply-adds. Every index of `tile`
+ * is a constant, which is what lets it live in registers: a loop with a variable bound over it
+ * (the ragged edge of C) would put it back on the stack, zeroed and copied out one value at a
+ * time, which costs as much as the sums themselves when kc is small (the attention products
+ * have K = 32). So edges go through edge_tile below. */
 static ALWAYS_INLINE void NAME(micro_kernel)(int64_t kc, const REAL *restrict a,
                                              const REAL *restrict b, REAL *restrict C,
-                                             int64_t ldc, int64_t rows, int64_t cols, int accumulate)
+                                             int64_t ldc, int accumulate)
 {
-    REAL tile[MR][NR] = {{0}};
+    REAL tile[MR][NR];
+    for (int r = 0; r < MR; r++)
+#pragma omp simd
+        for (int c = 0; c < NR; c++)
+            tile[r][c] = 0;
     for (int64_t p = 0; p < kc; p++) {
         for (int r = 0; r < MR; r++)
 #pragma omp simd
@@ -116,15 +125,30 @@ static ALWAYS_INLINE void NAME(micro_kernel)(int64_t kc, const REAL *restrict a,
         a += MR;
         b += NR;
     }
-    if (rows == MR && cols == NR) {
+    if (accumulate) {
         for (int r = 0; r < MR; r++)
+#pragma omp simd
             for (int c = 0; c < NR; c++)
-                C[r * ldc + c] = accumulate ? C[r * ldc + c] + tile[r][c] : tile[r][c];
+                C[r * ldc + c] += tile[r][c];
     } else {
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t c = 0; c < cols; c++)
-                C[r * ldc + c] = accumulate ? C[r * ldc + c] + tile[r][c] : tile[r][c];
+        for (int r = 0; r < MR; r++)
+#pragma omp simd
+            for (int c = 0; c < NR; c++)
+                C[r * ldc + c] = tile[r][c];
     }
+}
+
+/* A tile on the ragged edge of C (rows < MR or cols < NR): the micro-kernel writes the whole
+ * tile into a scratch tile, and only its rows x cols corner is copied into C. */
+static ALWAYS_INLINE void NAME(edge_tile)(int64_t kc, const REAL *restrict a,
+                                          const REAL *restrict b, REAL *restrict C,
+                                          int64_t ldc, int64_t rows, int64_t cols, int accumulate)
+{
+    REAL scratch[MR * NR];
+    NAME(micro_kernel)(kc, a, b, scratch, NR, 0);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++)
+            C[r * ldc + c] = accumulate ? C[r * ldc + c] + scratch[r * NR + c] : scratch[r * NR + c];
 }
 
 /* One C block (M, N) = op(A) (M, K) @ op(B) (K, N), on one thread.
@@ -153,10 +177,15 @@ static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int
                 const REAL *A_block = trans_a ? A + pc * lda + ic : A + ic * lda + pc;
                 NAME(pack_a)(trans_a, mc, kc, A_block, lda, packed_a);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
+                    int64_t cols = min_i64(NR, nc - jr);
                     for (int64_t ir = 0; ir < mc; ir += MR) {
-                        NAME(micro_kernel)(kc, packed_a + ir * kc, packed_b + jr * kc,
-                                           C + (ic + ir) * ldc + jc + jr, ldc,
-                                           min_i64(MR, mc - ir), min_i64(NR, nc - jr), pc > 0);
+                        int64_t rows = min_i64(MR, mc - ir);
+                        const REAL *a = packed_a + ir * kc, *b = packed_b + jr * kc;
+                        REAL *C_tile = C + (ic + ir) * ldc + jc + jr;
+                        if (rows == MR && cols == NR)
+                            NAME(micro_kernel)(kc, a, b, C_tile, ldc, pc > 0);
+                        else
+                            NAME(edge_tile)(kc, a, b, C_tile, ldc, rows, cols, pc > 0);
                     }
                 }
             }
