@@ -4,11 +4,12 @@
  * matrix multiplication", and the BLIS papers):
  *   1. Register tile: the micro-kernel computes an MR x NR block of C held entirely in vector
  *      registers, so each loaded value of A is used NR times and each value of B MR times.
- *   2. Packing: the blocks of A and B the micro-kernel reads are first copied into small
- *      contiguous panels in exactly the order it reads them. Transposes and strides are
- *      dealt with here, once, so the micro-kernel only ever sees one layout.
- *   3. Cache blocking: K is cut into KC slices and M into MC slices so that one packed A
- *      block (MC x KC) stays in the L2 cache and one packed B panel (KC x NR) in L1.
+ *   2. Packing: the block of B the micro-kernel reads is first copied into small contiguous
+ *      panels in exactly the order it reads them; transposes and strides of B are dealt with
+ *      there, once. A is read in place (the micro-kernel only broadcasts single values of it);
+ *      only the ragged last panel of rows is copied, zero-padded to MR rows.
+ *   3. Cache blocking: K is cut into KC slices and M into MC slices so that one A block
+ *      (MC x KC) stays in the L2 cache and one packed B panel (KC x NR) in L1.
  *   4. Threads: the batch, or else the rows (or columns) of C, are shared out between
  *      OpenMP threads; each thread packs into its own slice of the caller's workspace.
  * The loops themselves are in gemm_template.h, written once and compiled for float and double.
@@ -83,7 +84,7 @@ static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t
  * The template #undefs all of these at its end, ready for the next dtype. */
 
 /* float32: a 6 x 16 tile is 12 AVX2 registers (of 16) or 6 AVX-512 registers.
- * KC x NR x 4 bytes = 16 KiB of packed B per panel (L1), MC x KC x 4 = 120 KiB of packed A (L2). */
+ * KC x NR x 4 bytes = 16 KiB of packed B per panel (L1), MC x KC x 4 = 120 KiB of A (L2). */
 #define REAL float
 #define GEMM minqkv_gemm_f32
 #define GEMM_NAIVE minqkv_gemm_naive_f32
