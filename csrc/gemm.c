@@ -17,9 +17,16 @@
 #include "minqkv.h"
 #include "internal.h"
 
-/* Below this many flops (~0.5 ms of work on one core) a GEMM runs on one thread: waking a
- * sleeping thread costs from a few microseconds on bare metal to 100+ in a small VM. */
-#define PARALLEL_MIN_FLOPS (1 << 26)
+/* Below this many flops (about 10 microseconds of work on one core) a GEMM runs on one thread.
+ * Starting a parallel region costs 1-2 microseconds when libgomp's threads are still spinning
+ * from the last one and a few more when they have gone to sleep (libgomp's default wait policy,
+ * which minqkv leaves alone). Measured on a 2-core AMD EPYC VM, one thread -> two, including
+ * minqkv.kernels.matmul's own overhead of ~5 us: (64,64)@(64,64), 0.5 Mflop: 11 -> 9 us;
+ * (96,96)@(96,96), 1.8 Mflop: 24 -> 16 us; (128,128)@(128,128), 4 Mflop: 50 -> 29 us, and the
+ * same gain after a 5 ms pause. So two threads pay from about 1 Mflop up. (The old threshold,
+ * 2^26, dated from when minqkv forced OMP_WAIT_POLICY=PASSIVE and every region paid a futex
+ * wake-up; it kept every nanoGPT product on one thread.) */
+#define PARALLEL_MIN_FLOPS (1 << 20)
 
 struct gemm_plan {
     int threads;        /* OpenMP threads to start */
