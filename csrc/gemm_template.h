@@ -88,12 +88,11 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
 /* The micro-kernel: one whole MR x NR tile of C from an A panel (MR rows, kc columns) and a
  * packed B panel (kc, NR).
  *
- *   tile[r][c] = sum over p of A_panel[r][p] * b[p][c],   A_panel[r][p] = a[r * row_step + p * col_step]
+ *   tile[r][c] = sum over p of a[r * row_step + p * col_step] * b[p][c]
  *
- * The A panel is either packed (row_step 1, col_step MR: the MR values of one p side by side)
- * or read in place from a row-major A (row_step lda, col_step 1): the micro-kernel only ever
- * broadcasts single values of A, so it does not need them contiguous. Both call sites pass
- * constant or loop-invariant steps and the compiler makes one copy of this function for each.
+ * The A panel is read where it lies, in A (row_step lda, col_step 1; or 1 and lda when op(A) is
+ * A^T), or, for the ragged last rows, from a packed copy (row_step 1, col_step MR): the
+ * micro-kernel only ever broadcasts single values of A, so it does not need them contiguous.
  *
  * Loop order p, r, c: for each p, one row of NR values of b is loaded (64 bytes: one AVX-512
  * or two AVX2 registers) and each A value is broadcast and multiplied into row r of the tile.
@@ -138,14 +137,16 @@ static ALWAYS_INLINE void NAME(micro_kernel)(int64_t kc, const REAL *restrict a,
 /* A tile on the ragged edge of C (rows < MR or cols < NR): the micro-kernel writes the whole
  * tile into a scratch tile, and only its rows x cols corner is copied into C. */
 static ALWAYS_INLINE void NAME(edge_tile)(int64_t kc, const REAL *restrict a,
-                                          int64_t row_step, int64_t col_step, const REAL *restrict b, REAL *restrict C,
-                                          int64_t ldc, int64_t rows, int64_t cols, int accumulate)
+                                          int64_t row_step, int64_t col_step,
+                                          const REAL *restrict b, REAL *restrict C, int64_t ldc,
+                                          int64_t rows, int64_t cols, int accumulate)
 {
     REAL scratch[MR * NR];
     NAME(micro_kernel)(kc, a, row_step, col_step, b, scratch, NR, 0);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < cols; c++)
-            C[r * ldc + c] = accumulate ? C[r * ldc + c] + scratch[r * NR + c] : scratch[r * NR + c];
+            C[r * ldc + c] = accumulate ? C[r * ldc + c] + scratch[r * NR + c]
+                                        : scratch[r * NR + c];
 }
 
 /* One C block (M, N) = op(A) (M, K) @ op(B) (K, N), on one thread.
@@ -196,7 +197,8 @@ static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int
                             NAME(edge_tile)(kc, A_block + ir * row_step, row_step, col_step,
                                             b, C_tile, ldc, rows, cols, pc > 0);
                         else
-                            NAME(edge_tile)(kc, packed_a, 1, MR, b, C_tile, ldc, rows, cols, pc > 0);
+                            NAME(edge_tile)(kc, packed_a, 1, MR, b, C_tile, ldc, rows, cols,
+                                            pc > 0);
                     }
                 }
             }
