@@ -6,8 +6,7 @@
  *      registers, so each loaded value of A is used NR times and each value of B MR times.
  *   2. Packing: the block of B the micro-kernel reads is first copied into small contiguous
  *      panels in exactly the order it reads them; transposes and strides of B are dealt with
- *      there, once. A is read in place (the micro-kernel only broadcasts single values of it);
- *      only the ragged last panel of rows is copied, zero-padded to MR rows.
+ *      there, once. A is read in place: the micro-kernel only broadcasts single values of it.
  *   3. Cache blocking: K is cut into KC slices and M into MC slices so that one A block
  *      (MC x KC) stays in the L2 cache and one packed B panel (KC x NR) in L1.
  *   4. Threads: the batch, or else the rows (or columns) of C, are shared out between

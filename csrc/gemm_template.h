@@ -46,19 +46,6 @@ int GEMM_NAIVE(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, in
     return MINQKV_OK;
 }
 
-/* Copy the last `rows` (< MR) rows of an A block into one panel of MR rows, in the order the
- * micro-kernel reads it, the MR values of one column p side by side:
- *   packed[p][r] = op(A)[r, p]     (zero for r >= rows)
- * Only this ragged panel is copied: whole panels of A are read where they lie (see
- * micro_kernel), and the micro-kernel cannot read the rows past the end of A. */
-static ALWAYS_INLINE void NAME(pack_a_panel)(int trans, int64_t rows, int64_t kc,
-                                             const REAL *A, int64_t lda, REAL *packed)
-{
-    for (int64_t p = 0; p < kc; p++)
-        for (int64_t r = 0; r < MR; r++)
-            packed[p * MR + r] = r >= rows ? (REAL)0 : trans ? A[p * lda + r] : A[r * lda + p];
-}
-
 /* Pack a (kc, nc) block of op(B) into panels of NR columns:
  *   packed[panel][p][c] = op(B)[p, panel * NR + c]     (zero past column nc) */
 static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
@@ -85,68 +72,83 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
     }
 }
 
-/* The micro-kernel: one whole MR x NR tile of C from an A panel (MR rows, kc columns) and a
- * packed B panel (kc, NR).
+/* The micro-kernel: a ROWS x NR tile of C (ROWS <= MR) from ROWS rows of op(A), kc long, and a
+ * packed B panel (kc, NR):
  *
  *   tile[r][c] = sum over p of a[r * row_step + p * col_step] * b[p][c]
  *
- * The A panel is read where it lies, in A (row_step lda, col_step 1; or 1 and lda when op(A) is
- * A^T), or, for the ragged last rows, from a packed copy (row_step 1, col_step MR): the
+ * A is read where it lies (row_step lda and col_step 1, or 1 and lda when op(A) is A^T): the
  * micro-kernel only ever broadcasts single values of A, so it does not need them contiguous.
  *
  * Loop order p, r, c: for each p, one row of NR values of b is loaded (64 bytes: one AVX-512
  * or two AVX2 registers) and each A value is broadcast and multiplied into row r of the tile.
- * The compiler unrolls r and c completely (they are constants) and keeps the whole tile in
- * registers, so the inner loop does only loads and fused multiply-adds. Every index of `tile`
- * is a constant, which is what lets it live in registers: a loop with a variable bound over it
- * (the ragged edge of C) would put it back on the stack, zeroed and copied out one value at a
+ * ROWS is a constant at every call (see tile below), so the compiler unrolls r and c completely
+ * and keeps the whole tile in registers: the inner loop does only loads and fused multiply-adds.
+ * With a variable bound the tile would live on the stack, zeroed and copied out one value at a
  * time, which costs as much as the sums themselves when kc is small (the attention products
- * have K = 32). So edges go through edge_tile below, and the tile starts from the first
- * product rather than from a zeroed array (which the compiler turns into a memset). */
-static ALWAYS_INLINE void NAME(micro_kernel)(int64_t kc, const REAL *restrict a,
+ * have K = 32). For the same reason the tile starts from the first product rather than from a
+ * zeroed array (which the compiler turns into a memset). */
+static ALWAYS_INLINE void NAME(micro_kernel)(const int ROWS, int64_t kc, const REAL *restrict a,
                                              int64_t row_step, int64_t col_step,
                                              const REAL *restrict b, REAL *restrict C,
                                              int64_t ldc, int accumulate)
 {
     REAL tile[MR][NR];
-    for (int r = 0; r < MR; r++)
+    for (int r = 0; r < ROWS; r++)
 #pragma omp simd
         for (int c = 0; c < NR; c++)
             tile[r][c] = a[r * row_step] * b[c];
     for (int64_t p = 1; p < kc; p++) {
         a += col_step;
         b += NR;
-        for (int r = 0; r < MR; r++)
+        for (int r = 0; r < ROWS; r++)
 #pragma omp simd
             for (int c = 0; c < NR; c++)
                 tile[r][c] += a[r * row_step] * b[c];
     }
     if (accumulate) {
-        for (int r = 0; r < MR; r++)
+        for (int r = 0; r < ROWS; r++)
 #pragma omp simd
             for (int c = 0; c < NR; c++)
                 C[r * ldc + c] += tile[r][c];
     } else {
-        for (int r = 0; r < MR; r++)
+        for (int r = 0; r < ROWS; r++)
 #pragma omp simd
             for (int c = 0; c < NR; c++)
                 C[r * ldc + c] = tile[r][c];
     }
 }
 
-/* A tile on the ragged edge of C (rows < MR or cols < NR): the micro-kernel writes the whole
- * tile into a scratch tile, and only its rows x cols corner is copied into C. */
-static ALWAYS_INLINE void NAME(edge_tile)(int64_t kc, const REAL *restrict a,
-                                          int64_t row_step, int64_t col_step,
-                                          const REAL *restrict b, REAL *restrict C, int64_t ldc,
-                                          int64_t rows, int64_t cols, int accumulate)
+#if MR != 6
+#error "tile() below has one case per row count, up to MR = 6"
+#endif
+
+/* A rows x cols tile of C (rows <= MR, cols <= NR). The switch gives the micro-kernel a constant
+ * row count, one copy per count, so the ragged last rows of C cost only what they compute (and
+ * never read past the end of A). A tile narrower than NR is computed whole into a scratch tile
+ * (packed B is zero-padded) and only its first cols columns are copied into C. */
+static ALWAYS_INLINE void NAME(tile)(int64_t rows, int64_t cols, int64_t kc, const REAL *a,
+                                     int64_t row_step, int64_t col_step, const REAL *b,
+                                     REAL *C, int64_t ldc, int accumulate)
 {
     REAL scratch[MR * NR];
-    NAME(micro_kernel)(kc, a, row_step, col_step, b, scratch, NR, 0);
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++)
-            C[r * ldc + c] = accumulate ? C[r * ldc + c] + scratch[r * NR + c]
-                                        : scratch[r * NR + c];
+    int narrow = cols < NR;
+    REAL *out = narrow ? scratch : C;
+    int64_t ld_out = narrow ? NR : ldc;
+    int add_to_out = accumulate && !narrow;
+    switch (rows) {
+    case 6: NAME(micro_kernel)(6, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
+    case 5: NAME(micro_kernel)(5, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
+    case 4: NAME(micro_kernel)(4, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
+    case 3: NAME(micro_kernel)(3, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
+    case 2: NAME(micro_kernel)(2, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
+    default: NAME(micro_kernel)(1, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
+    }
+    if (narrow)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < cols; c++)
+                C[r * ldc + c] = accumulate ? C[r * ldc + c] + scratch[r * NR + c]
+                                            : scratch[r * NR + c];
 }
 
 /* One C block (M, N) = op(A) (M, K) @ op(B) (K, N), on one thread.
@@ -159,18 +161,16 @@ static ALWAYS_INLINE void NAME(edge_tile)(int64_t kc, const REAL *restrict a,
  *           ir: MR rows of op(A), streamed from L2 into the micro-kernel
  * The first pc block writes C, the later ones add to it.
  *
- * Unlike BLIS, A is not packed (only its ragged last panel is): the micro-kernel broadcasts one
- * value of A at a time, which it can read in place as cheaply as from a packed panel, and
- * packing A costs a copy of every value that is then used only 2N times. One thread, measured
- * against packing every panel: (64,128,128)@(64,128,32) 66 -> 94 GFLOPS, (48,64,64)@(48,64,32)
- * 65 -> 90, and the large products no slower (OpenBLAS 96-110 on the same run). */
+ * Unlike BLIS, A is not packed: the micro-kernel broadcasts one value of A at a time, which it
+ * reads in place as cheaply as from a packed panel, and packing costs a copy of every value of
+ * A, used only 2N times. One thread, measured against packing A: (64,128,128)@(64,128,32) 66 ->
+ * 94 GFLOPS, (48,64,64)@(48,64,32) 65 -> 90, the large products no slower (OpenBLAS 96-110 on
+ * the same run). */
 static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
                                         const REAL *A, int64_t lda, const REAL *B, int64_t ldb,
-                                        REAL *C, int64_t ldc, REAL *workspace)
+                                        REAL *C, int64_t ldc, REAL *packed_b)
 {
     int64_t row_step = trans_a ? 1 : lda, col_step = trans_a ? lda : 1; /* op(A)[i][p] */
-    REAL *packed_b = workspace;                                             /* kc x nc, padded */
-    REAL *packed_a = workspace + min_i64(K, KC) * round_up(min_i64(N, NC), NR); /* kc x MR */
     for (int64_t jc = 0; jc < N; jc += NC) {
         int64_t nc = min_i64(NC, N - jc);
         for (int64_t pc = 0; pc < K; pc += KC) {
@@ -180,39 +180,21 @@ static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int
             for (int64_t ic = 0; ic < M; ic += MC) {
                 int64_t mc = min_i64(MC, M - ic);
                 const REAL *A_block = trans_a ? A + pc * lda + ic : A + ic * lda + pc;
-                int64_t whole_panels = mc / MR * MR; /* rows read in place */
-                if (whole_panels < mc)
-                    NAME(pack_a_panel)(trans_a, mc - whole_panels, kc,
-                                       A_block + whole_panels * row_step, lda, packed_a);
-                for (int64_t jr = 0; jr < nc; jr += NR) {
-                    int64_t cols = min_i64(NR, nc - jr);
-                    const REAL *b = packed_b + jr * kc;
-                    for (int64_t ir = 0; ir < mc; ir += MR) {
-                        int64_t rows = min_i64(MR, mc - ir);
-                        REAL *C_tile = C + (ic + ir) * ldc + jc + jr;
-                        if (rows == MR && cols == NR)
-                            NAME(micro_kernel)(kc, A_block + ir * row_step, row_step, col_step,
-                                               b, C_tile, ldc, pc > 0);
-                        else if (rows == MR)
-                            NAME(edge_tile)(kc, A_block + ir * row_step, row_step, col_step,
-                                            b, C_tile, ldc, rows, cols, pc > 0);
-                        else
-                            NAME(edge_tile)(kc, packed_a, 1, MR, b, C_tile, ldc, rows, cols,
-                                            pc > 0);
-                    }
-                }
+                for (int64_t jr = 0; jr < nc; jr += NR)
+                    for (int64_t ir = 0; ir < mc; ir += MR)
+                        NAME(tile)(min_i64(MR, mc - ir), min_i64(NR, nc - jr), kc,
+                                   A_block + ir * row_step, row_step, col_step,
+                                   packed_b + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc, pc > 0);
             }
         }
     }
 }
 
-/* Workspace of one thread for an (M, N, K) product, in elements: the packed B block then the
- * packed ragged panel of A (as gemm_block lays them out), rounded up to whole 64-byte lines. */
-static int64_t NAME(workspace_per_thread)(int64_t M, int64_t N, int64_t K)
+/* Workspace of one thread for an (M, N, K) product, in elements: the packed B block (as
+ * gemm_block lays it out), rounded up to whole 64-byte lines. */
+static int64_t NAME(workspace_per_thread)(int64_t N, int64_t K)
 {
-    (void)M;
-    int64_t kc = min_i64(K, KC);
-    int64_t packed = kc * round_up(min_i64(N, NC), NR) + MR * kc;
+    int64_t packed = min_i64(K, KC) * round_up(min_i64(N, NC), NR);
     return round_up(packed, 64 / (int64_t)sizeof(REAL));
 }
 
@@ -221,7 +203,7 @@ int64_t GEMM_WORKSPACE(int64_t batch, int64_t M, int64_t N, int64_t K, int num_t
     if (batch < 0 || M < 0 || N < 0 || K < 0)
         return 0;
     struct gemm_plan plan = make_gemm_plan(batch, M, N, K, num_threads, MR, NR);
-    return plan.threads * NAME(workspace_per_thread)(M, N, K) + 64 / (int64_t)sizeof(REAL);
+    return plan.threads * NAME(workspace_per_thread)(N, K) + 64 / (int64_t)sizeof(REAL);
 }
 
 /* One unit of the plan: piece (unit % pieces) of matrix (unit / pieces) of the batch. */
@@ -274,7 +256,7 @@ int GEMM(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t 
     /* each thread gets its own 64-byte aligned slice of the workspace */
     REAL *aligned = (REAL *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
     struct gemm_plan plan = make_gemm_plan(batch, M, N, K, num_threads, MR, NR);
-    int64_t per_thread = NAME(workspace_per_thread)(M, N, K);
+    int64_t per_thread = NAME(workspace_per_thread)(N, K);
     int64_t units = batch * plan.pieces;
     if (plan.threads == 1) { /* no OpenMP at all: also safe in a fork()ed child */
         for (int64_t unit = 0; unit < units; unit++)

@@ -210,8 +210,8 @@ def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
 @needs_c
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("M", [1, 5, 6, 7, 12, 125])  # whole and ragged panels of MR = 6 rows, past MC = 120
-def test_matmul_c_reads_whole_panels_of_a_in_place_and_packs_the_ragged_rest(dtype, trans_a, trans_b, M):
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 12, 125])  # every row count of a tile (MR = 6), past MC = 120
+def test_matmul_c_reads_a_in_place_in_tiles_of_every_row_count(dtype, trans_a, trans_b, M):
     rng = np.random.default_rng(M)
     for N in (1, 7, 8, 9, 15, 16, 17, 32):  # around NR (16 for float32, 8 for float64) and N = 32
         for K in (1, 32, 257):  # one product, the attention's head size, past KC = 256
@@ -227,7 +227,7 @@ def test_matmul_c_reads_whole_panels_of_a_in_place_and_packs_the_ragged_rest(dty
 @pytest.mark.parametrize("trans_a", [False, True])
 def test_matmul_c_with_one_a_for_the_whole_batch(dtype, trans_a, threads):
     rng = np.random.default_rng(3)
-    a = rng.standard_normal((32, 65) if trans_a else (65, 32)).astype(dtype)  # 65 rows: a ragged panel
+    a = rng.standard_normal((32, 65) if trans_a else (65, 32)).astype(dtype)  # 65 rows: a tile of 5
     b = rng.standard_normal((5, 32, 40)).astype(dtype)
     op_a = a.T if trans_a else a
     want = op_a.astype(np.float64) @ b
@@ -243,7 +243,7 @@ def test_matmul_c_with_one_a_for_the_whole_batch(dtype, trans_a, threads):
 def test_c_gemm_reads_a_in_place_with_a_row_stride_longer_than_a_row(dtype, trans_a):
     from minqkv._ccore import ffi, lib
 
-    M, K, N, lda = 13, 20, 17, 29  # 13 rows: two whole panels of 6 and a ragged one
+    M, K, N, lda = 13, 20, 17, 29  # 13 rows: two whole tiles of 6 rows and one of 1
     rng = np.random.default_rng(4)
     rows, cols = (K, M) if trans_a else (M, K)
     # exactly as long as the last row needs: a read past it is caught by the sanitizer build
