@@ -190,8 +190,8 @@ static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int
     }
 }
 
-/* Workspace of one thread for an (M, N, K) product, in elements: the packed B block (as
- * gemm_block lays it out), rounded up to whole 64-byte lines. */
+/* Workspace of one thread, in elements, for a product with N columns and K terms: the packed
+ * B block (as gemm_block lays it out), rounded up to whole 64-byte lines. A needs none. */
 static int64_t NAME(workspace_per_thread)(int64_t N, int64_t K)
 {
     int64_t packed = min_i64(K, KC) * round_up(min_i64(N, NC), NR);
