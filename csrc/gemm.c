@@ -4,11 +4,11 @@
  * matrix multiplication", and the BLIS papers):
  *   1. Register tile: the micro-kernel computes an MR x NR block of C held entirely in vector
  *      registers, so each loaded value of A is used NR times and each value of B MR times.
- *   2. Packing: the blocks of A and B the micro-kernel reads are first copied into small
- *      contiguous panels in exactly the order it reads them. Transposes and strides are
- *      dealt with here, once, so the micro-kernel only ever sees one layout.
- *   3. Cache blocking: K is cut into KC slices and M into MC slices so that one packed A
- *      block (MC x KC) stays in the L2 cache and one packed B panel (KC x NR) in L1.
+ *   2. Packing: the block of B the micro-kernel reads is first copied into small contiguous
+ *      panels in exactly the order it reads them; transposes and strides of B are dealt with
+ *      there, once. A is read in place: the micro-kernel only broadcasts single values of it.
+ *   3. Cache blocking: K is cut into KC slices and M into MC slices so that one A block
+ *      (MC x KC) stays in the L2 cache and one packed B panel (KC x NR) in L1.
  *   4. Threads: the batch, or else the rows (or columns) of C, are shared out between
  *      OpenMP threads; each thread packs into its own slice of the caller's workspace.
  * The loops themselves are in gemm_template.h, written once and compiled for float and double.
@@ -16,9 +16,16 @@
 #include "minqkv.h"
 #include "internal.h"
 
-/* Below this many flops (~0.5 ms of work on one core) a GEMM runs on one thread: waking a
- * sleeping thread costs from a few microseconds on bare metal to 100+ in a small VM. */
-#define PARALLEL_MIN_FLOPS (1 << 26)
+/* Below this many flops (about 10 microseconds of work on one core) a GEMM runs on one thread.
+ * Starting a parallel region costs 1-2 microseconds when libgomp's threads are still spinning
+ * from the last one and a few more when they have gone to sleep (libgomp's default wait policy,
+ * which minqkv leaves alone). Measured on a 2-core AMD EPYC VM, one thread -> two, including
+ * minqkv.kernels.matmul's own overhead of ~5 us: (64,64)@(64,64), 0.5 Mflop: 11 -> 9 us;
+ * (96,96)@(96,96), 1.8 Mflop: 24 -> 16 us; (128,128)@(128,128), 4 Mflop: 50 -> 29 us, and the
+ * same gain after a 5 ms pause. So two threads pay from about 1 Mflop up. (The old threshold,
+ * 2^26, dated from when minqkv forced OMP_WAIT_POLICY=PASSIVE and every region paid a futex
+ * wake-up; it kept every nanoGPT product on one thread.) */
+#define PARALLEL_MIN_FLOPS (1 << 20)
 
 struct gemm_plan {
     int threads;        /* OpenMP threads to start */
@@ -83,7 +90,7 @@ static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t
  * The template #undefs all of these at its end, ready for the next dtype. */
 
 /* float32: a 6 x 16 tile is 12 AVX2 registers (of 16) or 6 AVX-512 registers.
- * KC x NR x 4 bytes = 16 KiB of packed B per panel (L1), MC x KC x 4 = 120 KiB of packed A (L2). */
+ * KC x NR x 4 bytes = 16 KiB of packed B per panel (L1), MC x KC x 4 = 120 KiB of A (L2). */
 #define REAL float
 #define GEMM minqkv_gemm_f32
 #define GEMM_NAIVE minqkv_gemm_naive_f32
