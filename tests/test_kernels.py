@@ -711,6 +711,8 @@ _FAULTS_OF_REUSE = ("import resource, numpy as np, minqkv.kernels as k\n"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the malloc settings are glibc's")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="AddressSanitizer replaces glibc's malloc, and with it these settings")
 def test_freed_arrays_are_reused_without_page_faults_unless_switched_off():
     kept, faults = _run_python(_FAULTS_OF_REUSE).stdout.split()
     assert kept == "True" and int(faults) < 1000
