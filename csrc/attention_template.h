@@ -290,16 +290,18 @@ int NAME(minqkv_attention)(const REAL *q, minqkv_heads_layout q_layout, const RE
 struct NAME(backward_arrays) {
     const REAL *q, *y, *dy, *k, *v; /* q, y, dy (T, hd); k, v (Tk, hd) */
     const REAL *bias, *lse;         /* bias (T, Tk) contiguous, or NULL; lse (T,) */
-    REAL *dq, *dk, *dv;             /* as q, k, v; added into */
+    REAL *dq, *dk, *dv;             /* as q, k, v */
     REAL *dbias;                    /* (T, Tk) contiguous, or NULL; added into */
     int64_t q_row, y_row, dy_row, k_row, v_row, dq_row, dk_row, dv_row;
+    int first_of_group;             /* the first query head that reads k and v (see the passes) */
 };
 
 /* The backward pass of one query head, one (query, key) pair at a time: the readable version of
  * attention_backward_tiles below, and the one heads wider than TILED_MAX_HEAD_DIM take. For
  * query i and visible key j, recomputed from the saved lse:
  *   p = e^(s - lse_i), dp = dy_i . v_j, ds = p (dp - D_i) with D_i = dy_i . y_i
- *   dv_j += p dy_i;  dk_j += scale ds q_i;  dq_i += scale ds k_j;  dbias[i, j] += ds */
+ *   dv_j += p dy_i;  dk_j += scale ds q_i;  dq_i += scale ds k_j;  dbias[i, j] += ds
+ * It adds into dq, dk and dv: the caller zeroes them first. */
 static HOT_KERNEL void NAME(attention_backward_pairs)(const struct NAME(backward_arrays) *a,
                                                       int64_t T, int64_t Tk, int64_t hd, REAL scale)
 {
@@ -383,7 +385,10 @@ static ALWAYS_INLINE void NAME(probabilities_and_dscores)(struct NAME(backward_t
  *   dQ += dS K                                   (QB, KB) @ (KB, hd) -> (QB, hd)
  * (dK and dQ take the factor scale once, when added to the output). Each product runs on
  * register tiles (tile_product) instead of one dot product per (query, key) pair. Head widths
- * up to TILED_MAX_HEAD_DIM; tiles are zero-padded to whole register tiles. */
+ * up to TILED_MAX_HEAD_DIM; tiles are zero-padded to whole register tiles.
+ * No zeroing beforehand: every query sees key block 0, which stores its dQ (the later blocks
+ * add); the first query head of a group stores dK and dV (the others add). A pass less over
+ * memory: dq, dk and dv of one head are rows far apart when stored token by token. */
 static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward_arrays) *a,
                                                       int64_t T, int64_t Tk, int64_t hd, REAL scale)
 {
@@ -414,15 +419,19 @@ static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward
             for (int64_t e = 0; e < padded_rows * hdp; e++)
                 t.dq[e] = 0;
             NAME(tile_product)(padded_rows, hdp, width, t.dscores, KB, 1, t.keys, hdp, t.dq, hdp);
-            for (int64_t r = 0; r < rows; r++)
+            for (int64_t r = 0; r < rows; r++) {
+                REAL *dqi = a->dq + (i0 + r) * a->dq_row;
                 for (int64_t d = 0; d < hd; d++)
-                    a->dq[(i0 + r) * a->dq_row + d] += scale * t.dq[r * hdp + d];
-        }
-        for (int64_t jj = 0; jj < width; jj++)
-            for (int64_t d = 0; d < hd; d++) {
-                a->dk[(j0 + jj) * a->dk_row + d] += scale * t.dk[jj * hdp + d];
-                a->dv[(j0 + jj) * a->dv_row + d] += t.dv[jj * hdp + d];
+                    dqi[d] = (j0 == 0 ? 0 : dqi[d]) + scale * t.dq[r * hdp + d];
             }
+        }
+        for (int64_t jj = 0; jj < width; jj++) {
+            REAL *dkj = a->dk + (j0 + jj) * a->dk_row, *dvj = a->dv + (j0 + jj) * a->dv_row;
+            for (int64_t d = 0; d < hd; d++) {
+                dkj[d] = (a->first_of_group ? 0 : dkj[d]) + scale * t.dk[jj * hdp + d];
+                dvj[d] = (a->first_of_group ? 0 : dvj[d]) + t.dv[jj * hdp + d];
+            }
+        }
     }
 }
 
@@ -456,12 +465,13 @@ int NAME(minqkv_attention_backward)(const REAL *q, minqkv_heads_layout q_layout,
         return MINQKV_BAD_ARGUMENT;
     int64_t group = H / Hkv;
     int threads = attention_threads(B, H, T, Tk, hd, num_threads);
-    /* A unit of work owns the gradients it writes and zeroes them itself, in its thread and just
-     * before it adds into them: dk and dv of a key/value head, dq of the group of query heads
-     * that read it and, with dbias, their dbias rows. Every batch row adds into the same dbias[h],
-     * so with dbias a unit is one key/value head for all batch rows; without it, one (key/value
-     * head, batch row) pair, ordered so that threads running side by side take different batch
-     * rows, far apart in memory (neighbouring heads of one token may share a cache line). */
+    /* A unit of work owns the gradients it writes: dk and dv of a key/value head, dq of the group
+     * of query heads that read it and, with dbias, their dbias rows, which it zeroes itself (in its
+     * thread) where it adds into them. Every batch row adds into the same dbias[h], so with dbias
+     * a unit is one key/value head for all batch rows; without it, one (key/value head, batch row)
+     * pair, ordered so that threads running side by side take different batch rows, far apart in
+     * memory (neighbouring heads of one token may share a cache line). */
+    int tiled = hd <= TILED_MAX_HEAD_DIM;
     int64_t units = dbias ? Hkv : Hkv * B;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t unit = 0; unit < units; unit++) {
@@ -470,10 +480,12 @@ int NAME(minqkv_attention_backward)(const REAL *q, minqkv_heads_layout q_layout,
             NAME(zero_rows)(dbias + kv * group * T * Tk, Tk, group * T, Tk);
         for (int64_t b = b0; b < b1; b++) {
             REAL *dk_head = dk + heads_offset(dk_layout, b, kv), *dv_head = dv + heads_offset(dv_layout, b, kv);
-            NAME(zero_rows)(dk_head, dk_layout.row, Tk, hd);
-            NAME(zero_rows)(dv_head, dv_layout.row, Tk, hd);
-            for (int64_t h = kv * group; h < (kv + 1) * group; h++)
-                NAME(zero_rows)(dq + heads_offset(dq_layout, b, h), dq_layout.row, T, hd);
+            if (!tiled) { /* the pair-by-pair pass adds into them */
+                NAME(zero_rows)(dk_head, dk_layout.row, Tk, hd);
+                NAME(zero_rows)(dv_head, dv_layout.row, Tk, hd);
+                for (int64_t h = kv * group; h < (kv + 1) * group; h++)
+                    NAME(zero_rows)(dq + heads_offset(dq_layout, b, h), dq_layout.row, T, hd);
+            }
             for (int64_t h = kv * group; h < (kv + 1) * group; h++) {
                 struct NAME(backward_arrays) a = {
                     .q = q + heads_offset(q_layout, b, h), .q_row = q_layout.row,
@@ -487,8 +499,9 @@ int NAME(minqkv_attention_backward)(const REAL *q, minqkv_heads_layout q_layout,
                     .dk = dk_head, .dk_row = dk_layout.row,
                     .dv = dv_head, .dv_row = dv_layout.row,
                     .dbias = dbias ? dbias + h * T * Tk : NULL,
+                    .first_of_group = h == kv * group,
                 };
-                if (hd <= TILED_MAX_HEAD_DIM)
+                if (tiled)
                     NAME(attention_backward_tiles)(&a, T, Tk, hd, (REAL)scale);
                 else
                     NAME(attention_backward_pairs)(&a, T, Tk, hd, (REAL)scale);
