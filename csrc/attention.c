@@ -17,6 +17,10 @@
  * loops keep REGISTER_ROWS x 64 bytes of the result in vector registers, as the GEMM's
  * micro-kernel does. Heads wider than TILED_MAX_HEAD_DIM take the readable version (the tiles,
  * on the stack, are sized for that width).
+ *
+ * The arrays of (batch row, head, position) rows come with their strides (minqkv_heads_layout),
+ * so q, k and v are read inside the projection that made them and y, dq, dk, dv written where
+ * the next step reads them: no copies to and from a (B, H, T, hd) order around the kernels.
  */
 #include <math.h>
 

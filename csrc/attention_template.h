@@ -76,8 +76,9 @@ struct NAME(forward_arrays) {
     int64_t q_row, k_row, v_row, y_row;
 };
 
-/* One head, rows [i0, i1) of its queries (see forward_arrays). Row i sees keys 0 .. i + Tk - T. The readable forward pass (attention_tiles below is
- * the fast one), and the one heads wider than TILED_MAX_HEAD_DIM take.
+/* One head, rows [i0, i1) of its queries (see forward_arrays); row i sees keys 0 .. i + Tk - T.
+ * The readable forward pass (attention_tiles below is the fast one), and the one heads wider
+ * than TILED_MAX_HEAD_DIM take.
  *
  * Loop order, per block of keys [j0, j1): first the scores of every row of the block against
  * every key of it, as outer products: a chunk of the key block is copied transposed into
