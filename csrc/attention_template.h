@@ -219,9 +219,11 @@ static ALWAYS_INLINE void NAME(online_softmax_tile)(struct NAME(forward_tiles) *
  *   P = e^(scale S + bias - m), the online softmax step (online_softmax_tile)
  *   O += P V                  (QT, KT) @ (KT, hd) -> (QT, hd)
  * and at the end y = O / l, lse = m + log(l). */
-static HOT_KERNEL void NAME(attention_tiles)(const struct NAME(forward_arrays) *a, int64_t i0,
+static HOT_KERNEL void NAME(attention_tiles)(const struct NAME(forward_arrays) *arrays, int64_t i0,
                                              int64_t i1, int64_t T, int64_t Tk, int64_t hd, REAL scale)
 {
+    /* a local copy, which GCC keeps in registers; read through the pointer it runs ~8% slower */
+    const struct NAME(forward_arrays) local = *arrays, *a = &local;
     struct NAME(forward_tiles) t;
     const int64_t hdp = round_up(hd, REGISTER_COLS), rows = i1 - i0, padded_rows = round_up(rows, REGISTER_ROWS);
     NAME(copy_padded)(a->q + i0 * a->q_row, a->q_row, rows, hd, t.queries, padded_rows, hdp);
