@@ -12,7 +12,9 @@ and `matmul`, `softmax`, ... call one or the other according to the backend:
 Every entry point checks its arguments first and raises a TypeError or ValueError that names
 the argument: dtypes must be float32 or float64 and agree (nothing is cast silently), shapes
 must fit together. Arrays the C code cannot take as they are (strided, misaligned) are copied,
-and the result is always a new C-contiguous array allocated here, by NumPy.
+and the result is always a new array allocated here, by NumPy: C-contiguous, except that the
+fused attention reads strided heads where they lie and stores its outputs token by token
+(see attention).
 
 If the extension minqkv._ccore was not built (no C compiler at install time), everything runs
 on the NumPy twins and a warning says so once.
