@@ -17,6 +17,10 @@
  * loops keep REGISTER_ROWS x 64 bytes of the result in vector registers, as the GEMM's
  * micro-kernel does. Heads wider than TILED_MAX_HEAD_DIM take the readable version (the tiles,
  * on the stack, are sized for that width).
+ *
+ * The arrays of (batch row, head, position) rows come with their strides (minqkv_heads_layout),
+ * so q, k and v are read inside the projection that made them and y, dq, dk, dv written where
+ * the next step reads them: no copies to and from a (B, H, T, hd) order around the kernels.
  */
 #include <math.h>
 
@@ -41,6 +45,44 @@ static int attention_arguments_valid(const void *q, const void *k, const void *v
     if (B < 0 || H < 1 || Hkv < 1 || H % Hkv != 0 || T < 0 || Tk < T || hd < 1)
         return 0;
     return B * T == 0 || (q && k && v && y);
+}
+
+/* 1 if a layout of a (B, heads, rows, hd) array is one the kernels can use: no negative stride
+ * and, for an array they write, no two rows that overlap. The second is checked dimension by
+ * dimension from the smallest stride up: each stride must clear what the smaller ones span.
+ * A dimension of size 1 has no stride that matters, and an empty array none at all. */
+static int layout_valid(minqkv_heads_layout layout, int64_t B, int64_t heads, int64_t rows,
+                        int64_t hd, int written)
+{
+    int64_t stride[3] = {layout.row, layout.head, layout.batch}, count[3] = {rows, heads, B};
+    if (B * heads * rows == 0)
+        return 1; /* nothing is read or written */
+    for (int a = 0; a < 3; a++)
+        if (count[a] > 1 && stride[a] < 0)
+            return 0;
+    if (!written)
+        return 1;
+    for (int a = 1; a < 3; a++) /* sort the three dimensions by stride */
+        for (int b = a; b > 0 && stride[b] < stride[b - 1]; b--) {
+            int64_t s = stride[b], c = count[b];
+            stride[b] = stride[b - 1], count[b] = count[b - 1];
+            stride[b - 1] = s, count[b - 1] = c;
+        }
+    int64_t span = hd; /* elements from the start of a row to the end of the last one so far */
+    for (int a = 0; a < 3; a++) {
+        if (count[a] <= 1)
+            continue;
+        if (stride[a] < span || stride[a] > (INT64_MAX - span) / (count[a] - 1))
+            return 0;
+        span += stride[a] * (count[a] - 1);
+    }
+    return 1;
+}
+
+/* Where the rows of head h of batch row b start in an array of this layout. */
+static inline int64_t heads_offset(minqkv_heads_layout layout, int64_t b, int64_t h)
+{
+    return b * layout.batch + h * layout.head;
 }
 
 static int attention_threads(int64_t B, int64_t H, int64_t T, int64_t Tk, int64_t hd, int num_threads)

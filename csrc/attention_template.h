@@ -47,35 +47,45 @@ static ALWAYS_INLINE void NAME(tile_product)(int64_t rows, int64_t cols, int64_t
     }
 }
 
-/* Copy rows [0, rows) of x (rows of hd) into a tile of padded_rows x padded_hd, zeros around. */
-static ALWAYS_INLINE void NAME(copy_padded)(const REAL *x, int64_t rows, int64_t hd, REAL *tile,
-                                            int64_t padded_rows, int64_t padded_hd)
+/* Copy rows [0, rows) of x (hd wide, row r at x + r * x_row) into a tile of padded_rows x
+ * padded_hd, zeros around. */
+static ALWAYS_INLINE void NAME(copy_padded)(const REAL *x, int64_t x_row, int64_t rows, int64_t hd,
+                                            REAL *tile, int64_t padded_rows, int64_t padded_hd)
 {
     for (int64_t r = 0; r < padded_rows; r++)
         for (int64_t d = 0; d < padded_hd; d++)
-            tile[r * padded_hd + d] = r < rows && d < hd ? x[r * hd + d] : 0;
+            tile[r * padded_hd + d] = r < rows && d < hd ? x[r * x_row + d] : 0;
 }
 
-/* Copy rows [0, width) of x (rows of hd) transposed: tile[d][jj] = x[jj][d], KEY_TILE
- * columns, zeros past width. */
-static ALWAYS_INLINE void NAME(copy_transposed)(const REAL *x, int64_t width, int64_t hd, REAL *tile)
+/* Copy rows [0, width) of x (hd wide, row jj at x + jj * x_row) transposed: tile[d][jj] =
+ * x[jj][d], KEY_TILE columns, zeros past width. */
+static ALWAYS_INLINE void NAME(copy_transposed)(const REAL *x, int64_t x_row, int64_t width, int64_t hd,
+                                                REAL *tile)
 {
     for (int64_t d = 0; d < hd; d++)
         for (int64_t jj = 0; jj < KEY_TILE; jj++)
-            tile[d * KEY_TILE + jj] = jj < width ? x[jj * hd + d] : 0;
+            tile[d * KEY_TILE + jj] = jj < width ? x[jj * x_row + d] : 0;
 }
 
-/* One head, rows [i0, i1) of its queries: q, y (T, hd); k, v (Tk, hd); bias (T, Tk) or NULL;
- * lse (T,). Row i sees keys 0 .. i + Tk - T. The readable forward pass (attention_tiles below is
- * the fast one), and the one heads wider than TILED_MAX_HEAD_DIM take.
+/* One query head of one batch row in the forward pass, and the key/value head it reads: pointers
+ * to their row 0 and the distance between rows in elements (row i of q is q + i * q_row). */
+struct NAME(forward_arrays) {
+    const REAL *q, *k, *v; /* q (T, hd); k, v (Tk, hd) */
+    const REAL *bias;      /* (T, Tk) contiguous, or NULL */
+    REAL *y, *lse;         /* y (T, hd); lse (T,) contiguous */
+    int64_t q_row, k_row, v_row, y_row;
+};
+
+/* One head, rows [i0, i1) of its queries (see forward_arrays); row i sees keys 0 .. i + Tk - T.
+ * The readable forward pass (attention_tiles below is the fast one), and the one heads wider
+ * than TILED_MAX_HEAD_DIM take.
  *
  * Loop order, per block of keys [j0, j1): first the scores of every row of the block against
  * every key of it, as outer products: a chunk of the key block is copied transposed into
  * key_columns (head dimension by key), so that for each q[i][d] the inner loop runs along
  * contiguous keys (vector registers hold consecutive keys, no horizontal sums). Then, row by
  * row, the online softmax update and the weighted sum of the block's values into y[i]. */
-static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const REAL *v,
-                                            const REAL *bias, REAL *y, REAL *lse, int64_t i0,
+static HOT_KERNEL void NAME(attention_rows)(const struct NAME(forward_arrays) *a, int64_t i0,
                                             int64_t i1, int64_t T, int64_t Tk, int64_t hd, REAL scale)
 {
     REAL scores[QUERY_BLOCK][KEY_BLOCK];
@@ -86,7 +96,7 @@ static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const 
         row_max[r] = -INFINITY;
         row_sum[r] = 0;
         for (int64_t d = 0; d < hd; d++)
-            y[(i0 + r) * hd + d] = 0;
+            a->y[(i0 + r) * a->y_row + d] = 0;
     }
     int64_t last_visible = i1 - 1 + Tk - T; /* the last key the block's last row sees */
     for (int64_t j0 = 0; j0 <= last_visible; j0 += KEY_BLOCK) {
@@ -98,9 +108,9 @@ static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const 
             int64_t chunk = min_i64(HEAD_CHUNK, hd - d0);
             for (int64_t jj = 0; jj < width; jj++)
                 for (int64_t d = 0; d < chunk; d++)
-                    key_columns[d][jj] = k[(j0 + jj) * hd + d0 + d];
+                    key_columns[d][jj] = a->k[(j0 + jj) * a->k_row + d0 + d];
             for (int64_t r = 0; r < rows; r++) {
-                const REAL *qi = q + (i0 + r) * hd + d0;
+                const REAL *qi = a->q + (i0 + r) * a->q_row + d0;
                 for (int64_t d = 0; d < chunk; d++) {
                     REAL q_id = qi[d];
 #pragma omp simd
@@ -115,12 +125,12 @@ static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const 
                 continue;
             REAL block_max = -INFINITY;
             for (int64_t jj = 0; jj < visible; jj++) {
-                REAL s = scores[r][jj] * scale + (bias ? bias[i * Tk + j0 + jj] : 0);
+                REAL s = scores[r][jj] * scale + (a->bias ? a->bias[i * Tk + j0 + jj] : 0);
                 scores[r][jj] = s;
                 block_max = s > block_max ? s : block_max;
             }
             REAL new_max = block_max > row_max[r] ? block_max : row_max[r];
-            REAL *yi = y + i * hd;
+            REAL *yi = a->y + i * a->y_row;
             if (new_max > row_max[r] && row_max[r] > -INFINITY) { /* rescale what was summed so far */
                 REAL shrink = EXP(row_max[r] - new_max);
                 row_sum[r] *= shrink;
@@ -138,7 +148,7 @@ static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const 
             row_sum[r] += block_sum;
             for (int64_t jj = 0; jj < visible; jj++) {
                 REAL p = scores[r][jj];
-                const REAL *vj = v + (j0 + jj) * hd;
+                const REAL *vj = a->v + (j0 + jj) * a->v_row;
 #pragma omp simd
                 for (int64_t d = 0; d < hd; d++)
                     yi[d] += p * vj[d];
@@ -146,10 +156,10 @@ static HOT_KERNEL void NAME(attention_rows)(const REAL *q, const REAL *k, const 
         }
     }
     for (int64_t r = 0; r < rows; r++) {
-        REAL *yi = y + (i0 + r) * hd, inverse = 1 / row_sum[r];
+        REAL *yi = a->y + (i0 + r) * a->y_row, inverse = 1 / row_sum[r];
         for (int64_t d = 0; d < hd; d++)
             yi[d] *= inverse;
-        lse[i0 + r] = row_max[r] + LOG(row_sum[r]);
+        a->lse[i0 + r] = row_max[r] + LOG(row_sum[r]);
     }
 }
 
@@ -209,13 +219,14 @@ static ALWAYS_INLINE void NAME(online_softmax_tile)(struct NAME(forward_tiles) *
  *   P = e^(scale S + bias - m), the online softmax step (online_softmax_tile)
  *   O += P V                  (QT, KT) @ (KT, hd) -> (QT, hd)
  * and at the end y = O / l, lse = m + log(l). */
-static HOT_KERNEL void NAME(attention_tiles)(const REAL *q, const REAL *k, const REAL *v,
-                                             const REAL *bias, REAL *y, REAL *lse, int64_t i0,
+static HOT_KERNEL void NAME(attention_tiles)(const struct NAME(forward_arrays) *arrays, int64_t i0,
                                              int64_t i1, int64_t T, int64_t Tk, int64_t hd, REAL scale)
 {
+    /* a local copy, which GCC keeps in registers; read through the pointer it runs ~8% slower */
+    const struct NAME(forward_arrays) local = *arrays, *a = &local;
     struct NAME(forward_tiles) t;
     const int64_t hdp = round_up(hd, REGISTER_COLS), rows = i1 - i0, padded_rows = round_up(rows, REGISTER_ROWS);
-    NAME(copy_padded)(q + i0 * hd, rows, hd, t.queries, padded_rows, hdp);
+    NAME(copy_padded)(a->q + i0 * a->q_row, a->q_row, rows, hd, t.queries, padded_rows, hdp);
     for (int64_t e = 0; e < padded_rows * hdp; e++)
         t.output[e] = 0;
     for (int64_t r = 0; r < padded_rows; r++) {
@@ -225,27 +236,32 @@ static HOT_KERNEL void NAME(attention_tiles)(const REAL *q, const REAL *k, const
     int64_t last_visible = i1 - 1 + Tk - T; /* the last key the tile's last query sees */
     for (int64_t j0 = 0; j0 <= last_visible; j0 += KEY_TILE) {
         int64_t width = min_i64(KEY_TILE, last_visible + 1 - j0); /* keys [j0, j0 + width) */
-        NAME(copy_transposed)(k + j0 * hd, width, hd, t.key_columns);
-        NAME(copy_padded)(v + j0 * hd, width, hd, t.values, width, hdp);
+        NAME(copy_transposed)(a->k + j0 * a->k_row, a->k_row, width, hd, t.key_columns);
+        NAME(copy_padded)(a->v + j0 * a->v_row, a->v_row, width, hd, t.values, width, hdp);
         for (int64_t e = 0; e < padded_rows * KEY_TILE; e++)
             t.probs[e] = 0;
         NAME(tile_product)(padded_rows, KEY_TILE, hd, t.queries, hdp, 1, t.key_columns, KEY_TILE, t.probs, KEY_TILE);
-        NAME(online_softmax_tile)(&t, bias, i0, rows, padded_rows, j0, width, T, Tk, hdp, scale);
+        NAME(online_softmax_tile)(&t, a->bias, i0, rows, padded_rows, j0, width, T, Tk, hdp, scale);
         NAME(tile_product)(padded_rows, hdp, width, t.probs, KEY_TILE, 1, t.values, hdp, t.output, hdp);
     }
     for (int64_t r = 0; r < rows; r++) {
         REAL inverse = 1 / t.row_sum[r];
         for (int64_t d = 0; d < hd; d++)
-            y[(i0 + r) * hd + d] = t.output[r * hdp + d] * inverse;
-        lse[i0 + r] = t.row_max[r] + LOG(t.row_sum[r]);
+            a->y[(i0 + r) * a->y_row + d] = t.output[r * hdp + d] * inverse;
+        a->lse[i0 + r] = t.row_max[r] + LOG(t.row_sum[r]);
     }
 }
 
-int NAME(minqkv_attention)(const REAL *q, const REAL *k, const REAL *v, const REAL *bias, REAL *y,
-                           REAL *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
-                           int64_t hd, double scale, int num_threads)
+int NAME(minqkv_attention)(const REAL *q, minqkv_heads_layout q_layout, const REAL *k,
+                           minqkv_heads_layout k_layout, const REAL *v, minqkv_heads_layout v_layout,
+                           const REAL *bias, REAL *y, minqkv_heads_layout y_layout, REAL *lse,
+                           int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk, int64_t hd,
+                           double scale, int num_threads)
 {
     if (!attention_arguments_valid(q, k, v, y, B, H, Hkv, T, Tk, hd) || (B * T > 0 && !lse))
+        return MINQKV_BAD_ARGUMENT;
+    if (!layout_valid(q_layout, B, H, T, hd, 0) || !layout_valid(k_layout, B, Hkv, Tk, hd, 0)
+        || !layout_valid(v_layout, B, Hkv, Tk, hd, 0) || !layout_valid(y_layout, B, H, T, hd, 1))
         return MINQKV_BAD_ARGUMENT;
     int64_t group = H / Hkv;
     int tiled = hd <= TILED_MAX_HEAD_DIM; /* wider heads go one row at a time */
@@ -254,55 +270,62 @@ int NAME(minqkv_attention)(const REAL *q, const REAL *k, const REAL *v, const RE
     num_threads(attention_threads(B, H, T, Tk, hd, num_threads))
     for (int64_t z = 0; z < B * H; z++) {
         for (int64_t i0 = 0; i0 < T; i0 += block) {
-            int64_t b = z / H, h = z % H, kv = b * Hkv + h / group, i1 = min_i64(i0 + block, T);
-            const REAL *bias_h = bias ? bias + h * T * Tk : NULL;
+            int64_t b = z / H, h = z % H, kv = h / group, i1 = min_i64(i0 + block, T);
+            struct NAME(forward_arrays) a = {
+                .q = q + heads_offset(q_layout, b, h), .q_row = q_layout.row,
+                .k = k + heads_offset(k_layout, b, kv), .k_row = k_layout.row,
+                .v = v + heads_offset(v_layout, b, kv), .v_row = v_layout.row,
+                .bias = bias ? bias + h * T * Tk : NULL,
+                .y = y + heads_offset(y_layout, b, h), .y_row = y_layout.row,
+                .lse = lse + z * T,
+            };
             if (tiled)
-                NAME(attention_tiles)(q + z * T * hd, k + kv * Tk * hd, v + kv * Tk * hd, bias_h,
-                                      y + z * T * hd, lse + z * T, i0, i1, T, Tk, hd, (REAL)scale);
+                NAME(attention_tiles)(&a, i0, i1, T, Tk, hd, (REAL)scale);
             else
-                NAME(attention_rows)(q + z * T * hd, k + kv * Tk * hd, v + kv * Tk * hd, bias_h,
-                                     y + z * T * hd, lse + z * T, i0, i1, T, Tk, hd, (REAL)scale);
+                NAME(attention_rows)(&a, i0, i1, T, Tk, hd, (REAL)scale);
         }
     }
     return MINQKV_OK;
 }
 
-/* The backward pass of one key/value head of one batch row, over the G query heads of its group,
- * one (query, key) pair at a time: the readable version of attention_backward_tiles below, and
- * the one heads wider than TILED_MAX_HEAD_DIM take. For query i and visible key j, recomputed
- * from the saved lse:
+/* One query head of one batch row in the backward pass, and the key/value head it reads, as in
+ * forward_arrays: pointers to row 0, distances between rows in elements. */
+struct NAME(backward_arrays) {
+    const REAL *q, *y, *dy, *k, *v; /* q, y, dy (T, hd); k, v (Tk, hd) */
+    const REAL *bias, *lse;         /* bias (T, Tk) contiguous, or NULL; lse (T,) */
+    REAL *dq, *dk, *dv;             /* as q, k, v */
+    REAL *dbias;                    /* (T, Tk) contiguous, or NULL; added into */
+    int64_t q_row, y_row, dy_row, k_row, v_row, dq_row, dk_row, dv_row;
+    int first_of_group;             /* the first query head that reads k and v (see the passes) */
+};
+
+/* The backward pass of one query head, one (query, key) pair at a time: the readable version of
+ * attention_backward_tiles below, and the one heads wider than TILED_MAX_HEAD_DIM take. For
+ * query i and visible key j, recomputed from the saved lse:
  *   p = e^(s - lse_i), dp = dy_i . v_j, ds = p (dp - D_i) with D_i = dy_i . y_i
- *   dv_j += p dy_i;  dk_j += scale ds q_i;  dq_i += scale ds k_j;  dbias[h, i, j] += ds
- * This call owns dk and dv of its head, dq of its query heads, and adds into their dbias rows. */
-static HOT_KERNEL void NAME(attention_backward_pairs)(const REAL *q, const REAL *k, const REAL *v,
-                                          const REAL *bias, const REAL *y, const REAL *lse,
-                                          const REAL *dy, REAL *dq, REAL *dk, REAL *dv,
-                                          REAL *dbias, int64_t group, int64_t T, int64_t Tk,
-                                          int64_t hd, REAL scale)
+ *   dv_j += p dy_i;  dk_j += scale ds q_i;  dq_i += scale ds k_j;  dbias[i, j] += ds
+ * It adds into dq, dk and dv: the caller zeroes them first. */
+static HOT_KERNEL void NAME(attention_backward_pairs)(const struct NAME(backward_arrays) *a,
+                                                      int64_t T, int64_t Tk, int64_t hd, REAL scale)
 {
-    for (int64_t g = 0; g < group; g++) {
-        const REAL *qg = q + g * T * hd, *yg = y + g * T * hd, *dyg = dy + g * T * hd;
-        const REAL *bias_g = bias ? bias + g * T * Tk : NULL;
-        REAL *dqg = dq + g * T * hd, *dbias_g = dbias ? dbias + g * T * Tk : NULL;
-        for (int64_t i = 0; i < T; i++) {
-            const REAL *qi = qg + i * hd, *dyi = dyg + i * hd;
-            REAL *dqi = dqg + i * hd;
-            REAL D = NAME(dot)(dyi, yg + i * hd, hd), row_lse = lse[g * T + i];
-            for (int64_t j = 0; j <= i + Tk - T; j++) {
-                const REAL *kj = k + j * hd, *vj = v + j * hd;
-                REAL s = NAME(dot)(qi, kj, hd) * scale + (bias_g ? bias_g[i * Tk + j] : 0);
-                REAL p = EXP(s - row_lse);
-                REAL ds = p * (NAME(dot)(dyi, vj, hd) - D);
-                REAL *dkj = dk + j * hd, *dvj = dv + j * hd;
+    for (int64_t i = 0; i < T; i++) {
+        const REAL *qi = a->q + i * a->q_row, *dyi = a->dy + i * a->dy_row;
+        REAL *dqi = a->dq + i * a->dq_row;
+        REAL D = NAME(dot)(dyi, a->y + i * a->y_row, hd), row_lse = a->lse[i];
+        for (int64_t j = 0; j <= i + Tk - T; j++) {
+            const REAL *kj = a->k + j * a->k_row, *vj = a->v + j * a->v_row;
+            REAL s = NAME(dot)(qi, kj, hd) * scale + (a->bias ? a->bias[i * Tk + j] : 0);
+            REAL p = EXP(s - row_lse);
+            REAL ds = p * (NAME(dot)(dyi, vj, hd) - D);
+            REAL *dkj = a->dk + j * a->dk_row, *dvj = a->dv + j * a->dv_row;
 #pragma omp simd
-                for (int64_t d = 0; d < hd; d++) {
-                    dvj[d] += p * dyi[d];
-                    dkj[d] += scale * ds * qi[d];
-                    dqi[d] += scale * ds * kj[d];
-                }
-                if (dbias_g)
-                    dbias_g[i * Tk + j] += ds;
+            for (int64_t d = 0; d < hd; d++) {
+                dvj[d] += p * dyi[d];
+                dkj[d] += scale * ds * qi[d];
+                dqi[d] += scale * ds * kj[d];
             }
+            if (a->dbias)
+                a->dbias[i * Tk + j] += ds;
         }
     }
 }
@@ -365,72 +388,72 @@ static ALWAYS_INLINE void NAME(probabilities_and_dscores)(struct NAME(backward_t
  *   dQ += dS K                                   (QB, KB) @ (KB, hd) -> (QB, hd)
  * (dK and dQ take the factor scale once, when added to the output). Each product runs on
  * register tiles (tile_product) instead of one dot product per (query, key) pair. Head widths
- * up to TILED_MAX_HEAD_DIM; tiles are zero-padded to whole register tiles. */
-static HOT_KERNEL void NAME(attention_backward_tiles)(const REAL *q, const REAL *k, const REAL *v,
-                                                      const REAL *bias, const REAL *y, const REAL *lse,
-                                                      const REAL *dy, REAL *dq, REAL *dk, REAL *dv,
-                                                      REAL *dbias, int64_t group, int64_t T,
-                                                      int64_t Tk, int64_t hd, REAL scale)
+ * up to TILED_MAX_HEAD_DIM; tiles are zero-padded to whole register tiles.
+ * No zeroing beforehand: every query sees key block 0, which stores its dQ (the later blocks
+ * add); the first query head of a group stores dK and dV (the others add). A pass less over
+ * memory: dq, dk and dv of one head are rows far apart when stored token by token. */
+static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward_arrays) *a,
+                                                      int64_t T, int64_t Tk, int64_t hd, REAL scale)
 {
     struct NAME(backward_tiles) t;
     const int64_t KB = KEY_TILE, hdp = round_up(hd, REGISTER_COLS); /* padded head width */
-    for (int64_t g = 0; g < group; g++) {
-        const REAL *qg = q + g * T * hd, *yg = y + g * T * hd, *dyg = dy + g * T * hd;
-        const REAL *bias_g = bias ? bias + g * T * Tk : NULL, *lse_g = lse + g * T;
-        REAL *dqg = dq + g * T * hd, *dbias_g = dbias ? dbias + g * T * Tk : NULL;
-        for (int64_t j0 = 0; j0 < Tk; j0 += KB) {
-            int64_t width = min_i64(KB, Tk - j0); /* keys [j0, j0 + width) */
-            NAME(copy_transposed)(k + j0 * hd, width, hd, t.key_columns);
-            NAME(copy_transposed)(v + j0 * hd, width, hd, t.value_columns);
-            NAME(copy_padded)(k + j0 * hd, width, hd, t.keys, KB, hdp);
-            for (int64_t e = 0; e < KB * hdp; e++)
-                t.dk[e] = t.dv[e] = 0;
-            int64_t first_query = j0 - (Tk - T) > 0 ? j0 - (Tk - T) : 0; /* the first that sees key j0 */
-            for (int64_t i0 = first_query; i0 < T; i0 += QUERY_TILE) {
-                int64_t rows = min_i64(QUERY_TILE, T - i0), padded_rows = round_up(rows, REGISTER_ROWS);
-                NAME(copy_padded)(qg + i0 * hd, rows, hd, t.queries, padded_rows, hdp);
-                NAME(copy_padded)(dyg + i0 * hd, rows, hd, t.dy, padded_rows, hdp);
-                for (int64_t r = 0; r < rows; r++)
-                    t.row_dot[r] = NAME(dot)(dyg + (i0 + r) * hd, yg + (i0 + r) * hd, hd);
-                for (int64_t e = 0; e < padded_rows * KB; e++)
-                    t.probs[e] = t.dscores[e] = 0;
-                NAME(tile_product)(padded_rows, KB, hd, t.queries, hdp, 1, t.key_columns, KB, t.probs, KB);
-                NAME(tile_product)(padded_rows, KB, hd, t.dy, hdp, 1, t.value_columns, KB, t.dscores, KB);
-                NAME(probabilities_and_dscores)(&t, bias_g, lse_g, dbias_g, i0, rows, padded_rows, j0,
-                                                width, T, Tk, scale);
-                NAME(tile_product)(KB, hdp, rows, t.probs, 1, KB, t.dy, hdp, t.dv, hdp);
-                NAME(tile_product)(KB, hdp, rows, t.dscores, 1, KB, t.queries, hdp, t.dk, hdp);
-                for (int64_t e = 0; e < padded_rows * hdp; e++)
-                    t.dq[e] = 0;
-                NAME(tile_product)(padded_rows, hdp, width, t.dscores, KB, 1, t.keys, hdp, t.dq, hdp);
-                for (int64_t r = 0; r < rows; r++)
-                    for (int64_t d = 0; d < hd; d++)
-                        dqg[(i0 + r) * hd + d] += scale * t.dq[r * hdp + d];
+    for (int64_t j0 = 0; j0 < Tk; j0 += KB) {
+        int64_t width = min_i64(KB, Tk - j0); /* keys [j0, j0 + width) */
+        NAME(copy_transposed)(a->k + j0 * a->k_row, a->k_row, width, hd, t.key_columns);
+        NAME(copy_transposed)(a->v + j0 * a->v_row, a->v_row, width, hd, t.value_columns);
+        NAME(copy_padded)(a->k + j0 * a->k_row, a->k_row, width, hd, t.keys, KB, hdp);
+        for (int64_t e = 0; e < KB * hdp; e++)
+            t.dk[e] = t.dv[e] = 0;
+        int64_t first_query = j0 - (Tk - T) > 0 ? j0 - (Tk - T) : 0; /* the first that sees key j0 */
+        for (int64_t i0 = first_query; i0 < T; i0 += QUERY_TILE) {
+            int64_t rows = min_i64(QUERY_TILE, T - i0), padded_rows = round_up(rows, REGISTER_ROWS);
+            NAME(copy_padded)(a->q + i0 * a->q_row, a->q_row, rows, hd, t.queries, padded_rows, hdp);
+            NAME(copy_padded)(a->dy + i0 * a->dy_row, a->dy_row, rows, hd, t.dy, padded_rows, hdp);
+            for (int64_t r = 0; r < rows; r++)
+                t.row_dot[r] = NAME(dot)(a->dy + (i0 + r) * a->dy_row, a->y + (i0 + r) * a->y_row, hd);
+            for (int64_t e = 0; e < padded_rows * KB; e++)
+                t.probs[e] = t.dscores[e] = 0;
+            NAME(tile_product)(padded_rows, KB, hd, t.queries, hdp, 1, t.key_columns, KB, t.probs, KB);
+            NAME(tile_product)(padded_rows, KB, hd, t.dy, hdp, 1, t.value_columns, KB, t.dscores, KB);
+            NAME(probabilities_and_dscores)(&t, a->bias, a->lse, a->dbias, i0, rows, padded_rows, j0,
+                                            width, T, Tk, scale);
+            NAME(tile_product)(KB, hdp, rows, t.probs, 1, KB, t.dy, hdp, t.dv, hdp);
+            NAME(tile_product)(KB, hdp, rows, t.dscores, 1, KB, t.queries, hdp, t.dk, hdp);
+            for (int64_t e = 0; e < padded_rows * hdp; e++)
+                t.dq[e] = 0;
+            NAME(tile_product)(padded_rows, hdp, width, t.dscores, KB, 1, t.keys, hdp, t.dq, hdp);
+            for (int64_t r = 0; r < rows; r++) {
+                REAL *dqi = a->dq + (i0 + r) * a->dq_row;
+                for (int64_t d = 0; d < hd; d++)
+                    dqi[d] = (j0 == 0 ? 0 : dqi[d]) + scale * t.dq[r * hdp + d];
             }
-            for (int64_t jj = 0; jj < width; jj++)
-                for (int64_t d = 0; d < hd; d++) {
-                    dk[(j0 + jj) * hd + d] += scale * t.dk[jj * hdp + d];
-                    dv[(j0 + jj) * hd + d] += t.dv[jj * hdp + d];
-                }
+        }
+        for (int64_t jj = 0; jj < width; jj++) {
+            REAL *dkj = a->dk + (j0 + jj) * a->dk_row, *dvj = a->dv + (j0 + jj) * a->dv_row;
+            for (int64_t d = 0; d < hd; d++) {
+                dkj[d] = (a->first_of_group ? 0 : dkj[d]) + scale * t.dk[jj * hdp + d];
+                dvj[d] = (a->first_of_group ? 0 : dvj[d]) + t.dv[jj * hdp + d];
+            }
         }
     }
 }
 
-/* One key/value head's backward pass: as tiles of small products, or pair by pair for wide heads. */
-static void NAME(attention_backward_head)(const REAL *q, const REAL *k, const REAL *v,
-                                          const REAL *bias, const REAL *y, const REAL *lse,
-                                          const REAL *dy, REAL *dq, REAL *dk, REAL *dv, REAL *dbias,
-                                          int64_t group, int64_t T, int64_t Tk, int64_t hd, REAL scale)
+/* Set rows [0, rows) of x (hd wide, row r at x + r * x_row) to zero. */
+static void NAME(zero_rows)(REAL *x, int64_t x_row, int64_t rows, int64_t hd)
 {
-    if (hd <= TILED_MAX_HEAD_DIM)
-        NAME(attention_backward_tiles)(q, k, v, bias, y, lse, dy, dq, dk, dv, dbias, group, T, Tk, hd, scale);
-    else
-        NAME(attention_backward_pairs)(q, k, v, bias, y, lse, dy, dq, dk, dv, dbias, group, T, Tk, hd, scale);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t d = 0; d < hd; d++)
+            x[r * x_row + d] = 0;
 }
 
-int NAME(minqkv_attention_backward)(const REAL *q, const REAL *k, const REAL *v, const REAL *bias,
-                                    const REAL *y, const REAL *lse, const REAL *dy, REAL *dq,
-                                    REAL *dk, REAL *dv, REAL *dbias, int64_t B, int64_t H,
+int NAME(minqkv_attention_backward)(const REAL *q, minqkv_heads_layout q_layout, const REAL *k,
+                                    minqkv_heads_layout k_layout, const REAL *v,
+                                    minqkv_heads_layout v_layout, const REAL *bias, const REAL *y,
+                                    minqkv_heads_layout y_layout, const REAL *lse, const REAL *dy,
+                                    minqkv_heads_layout dy_layout, REAL *dq,
+                                    minqkv_heads_layout dq_layout, REAL *dk,
+                                    minqkv_heads_layout dk_layout, REAL *dv,
+                                    minqkv_heads_layout dv_layout, REAL *dbias, int64_t B, int64_t H,
                                     int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, double scale,
                                     int num_threads)
 {
@@ -438,31 +461,54 @@ int NAME(minqkv_attention_backward)(const REAL *q, const REAL *k, const REAL *v,
         return MINQKV_BAD_ARGUMENT;
     if (B * T > 0 && (!lse || !dy || !dq || !dk || !dv || (dbias && !bias)))
         return MINQKV_BAD_ARGUMENT;
+    if (!layout_valid(q_layout, B, H, T, hd, 0) || !layout_valid(y_layout, B, H, T, hd, 0)
+        || !layout_valid(dy_layout, B, H, T, hd, 0) || !layout_valid(k_layout, B, Hkv, Tk, hd, 0)
+        || !layout_valid(v_layout, B, Hkv, Tk, hd, 0) || !layout_valid(dq_layout, B, H, T, hd, 1)
+        || !layout_valid(dk_layout, B, Hkv, Tk, hd, 1) || !layout_valid(dv_layout, B, Hkv, Tk, hd, 1))
+        return MINQKV_BAD_ARGUMENT;
     int64_t group = H / Hkv;
-    for (int64_t e = 0; e < B * H * T * hd; e++)
-        dq[e] = 0;
-    for (int64_t e = 0; e < B * Hkv * Tk * hd; e++) {
-        dk[e] = 0;
-        dv[e] = 0;
-    }
-    if (dbias)
-        for (int64_t e = 0; e < H * T * Tk; e++)
-            dbias[e] = 0;
     int threads = attention_threads(B, H, T, Tk, hd, num_threads);
-    /* with dbias, every batch row adds into the same dbias[h]: a thread takes one key/value head
-     * for all batch rows; without it, any (batch row, head) pair */
-    int64_t units = dbias ? Hkv : B * Hkv;
+    /* A unit of work owns the gradients it writes: dk and dv of a key/value head, dq of the group
+     * of query heads that read it and, with dbias, their dbias rows, which it zeroes itself (in its
+     * thread) where it adds into them. Every batch row adds into the same dbias[h], so with dbias
+     * a unit is one key/value head for all batch rows; without it, one (key/value head, batch row)
+     * pair, ordered so that threads running side by side take different batch rows, far apart in
+     * memory (neighbouring heads of one token may share a cache line). */
+    int tiled = hd <= TILED_MAX_HEAD_DIM;
+    int64_t units = dbias ? Hkv : Hkv * B;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t unit = 0; unit < units; unit++) {
-        int64_t b0 = dbias ? 0 : unit / Hkv, b1 = dbias ? B : b0 + 1, kv = unit % Hkv;
+        int64_t kv = dbias ? unit : unit / B, b0 = dbias ? 0 : unit % B, b1 = dbias ? B : b0 + 1;
+        if (dbias)
+            NAME(zero_rows)(dbias + kv * group * T * Tk, Tk, group * T, Tk);
         for (int64_t b = b0; b < b1; b++) {
-            int64_t z = b * H + kv * group, zkv = b * Hkv + kv; /* first query head of the group */
-            NAME(attention_backward_head)(q + z * T * hd, k + zkv * Tk * hd, v + zkv * Tk * hd,
-                                          bias ? bias + kv * group * T * Tk : NULL, y + z * T * hd,
-                                          lse + z * T, dy + z * T * hd, dq + z * T * hd,
-                                          dk + zkv * Tk * hd, dv + zkv * Tk * hd,
-                                          dbias ? dbias + kv * group * T * Tk : NULL, group, T, Tk,
-                                          hd, (REAL)scale);
+            REAL *dk_head = dk + heads_offset(dk_layout, b, kv), *dv_head = dv + heads_offset(dv_layout, b, kv);
+            if (!tiled) { /* the pair-by-pair pass adds into them */
+                NAME(zero_rows)(dk_head, dk_layout.row, Tk, hd);
+                NAME(zero_rows)(dv_head, dv_layout.row, Tk, hd);
+                for (int64_t h = kv * group; h < (kv + 1) * group; h++)
+                    NAME(zero_rows)(dq + heads_offset(dq_layout, b, h), dq_layout.row, T, hd);
+            }
+            for (int64_t h = kv * group; h < (kv + 1) * group; h++) {
+                struct NAME(backward_arrays) a = {
+                    .q = q + heads_offset(q_layout, b, h), .q_row = q_layout.row,
+                    .y = y + heads_offset(y_layout, b, h), .y_row = y_layout.row,
+                    .dy = dy + heads_offset(dy_layout, b, h), .dy_row = dy_layout.row,
+                    .k = k + heads_offset(k_layout, b, kv), .k_row = k_layout.row,
+                    .v = v + heads_offset(v_layout, b, kv), .v_row = v_layout.row,
+                    .bias = bias ? bias + h * T * Tk : NULL,
+                    .lse = lse + (b * H + h) * T,
+                    .dq = dq + heads_offset(dq_layout, b, h), .dq_row = dq_layout.row,
+                    .dk = dk_head, .dk_row = dk_layout.row,
+                    .dv = dv_head, .dv_row = dv_layout.row,
+                    .dbias = dbias ? dbias + h * T * Tk : NULL,
+                    .first_of_group = h == kv * group,
+                };
+                if (tiled)
+                    NAME(attention_backward_tiles)(&a, T, Tk, hd, (REAL)scale);
+                else
+                    NAME(attention_backward_pairs)(&a, T, Tk, hd, (REAL)scale);
+            }
         }
     }
     return MINQKV_OK;

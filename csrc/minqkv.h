@@ -161,7 +161,18 @@ int minqkv_adamw_f64(double *param, const double *grad, double *m, double *v, in
  *   q, y, dy, dq : (B, H, T, hd)      k, v, dk, dv : (B, Hkv, Tk, hd), Tk >= T, H a multiple of Hkv
  *   bias, dbias  : (H, T, Tk) or NULL (no additive bias; dbias NULL: its gradient is not wanted)
  *   lse          : (B, H, T), written by the forward pass for the backward pass
- * all contiguous. Query head h reads key/value head h / (H / Hkv) (grouped-query attention).
+ * bias, dbias and lse are contiguous. The eight others each come with a minqkv_heads_layout:
+ * element (b, h, t, d) sits at b * batch + h * head + t * row + d (in elements; the head
+ * dimension d is contiguous). So q, k and v can be read where the projection left them, in the
+ * (B, T, H * hd) memory of x W or of one (B, T, 3C) product split three ways, and y, dq, dk, dv
+ * written where the next layer reads them. For example, with the H heads of q taking columns
+ * [0, C) of a (B, T, 3C) product:
+ *   contiguous (B, H, T, hd)        batch = H * T * hd,  head = T * hd,  row = hd
+ *   q in the (B, T, 3C) product     batch = T * 3C,      head = hd,      row = 3C
+ *   y as (B, T, C) with C = H * hd  batch = T * C,       head = hd,      row = C
+ * Strides are never negative, and the rows of an array written here (y, dq, dk, dv) must not
+ * overlap each other, nor any array read here: the kernels check the first two and trust the last.
+ * Query head h reads key/value head h / (H / Hkv) (grouped-query attention).
  * Query row i sits at position Tk - T + i and sees keys j <= i + (Tk - T).
  *   forward:  s_ij = scale q_i . k_j + bias[h][i][j]; lse_i = log(sum_j e^(s_ij));
  *             y_i = sum_j e^(s_ij - lse_i) v_j                          (over visible j)
@@ -170,21 +181,39 @@ int minqkv_adamw_f64(double *param, const double *grad, double *m, double *v, in
  *             dbias[h][i][j] = sum over the batch of ds_ij          (dq, dk, dv, dbias overwritten)
  * Threads share (batch row, head) pairs.
  */
-int minqkv_attention_f32(const float *q, const float *k, const float *v, const float *bias, float *y,
-                         float *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
-                         int64_t hd, double scale, int num_threads);
-int minqkv_attention_f64(const double *q, const double *k, const double *v, const double *bias,
-                         double *y, double *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T,
-                         int64_t Tk, int64_t hd, double scale, int num_threads);
-int minqkv_attention_backward_f32(const float *q, const float *k, const float *v, const float *bias,
-                                  const float *y, const float *lse, const float *dy, float *dq,
-                                  float *dk, float *dv, float *dbias, int64_t B, int64_t H,
+typedef struct {
+    int64_t batch, head, row;
+} minqkv_heads_layout;
+
+int minqkv_attention_f32(const float *q, minqkv_heads_layout q_layout, const float *k,
+                         minqkv_heads_layout k_layout, const float *v, minqkv_heads_layout v_layout,
+                         const float *bias, float *y, minqkv_heads_layout y_layout, float *lse,
+                         int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk, int64_t hd,
+                         double scale, int num_threads);
+int minqkv_attention_f64(const double *q, minqkv_heads_layout q_layout, const double *k,
+                         minqkv_heads_layout k_layout, const double *v, minqkv_heads_layout v_layout,
+                         const double *bias, double *y, minqkv_heads_layout y_layout, double *lse,
+                         int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk, int64_t hd,
+                         double scale, int num_threads);
+int minqkv_attention_backward_f32(const float *q, minqkv_heads_layout q_layout, const float *k,
+                                  minqkv_heads_layout k_layout, const float *v,
+                                  minqkv_heads_layout v_layout, const float *bias, const float *y,
+                                  minqkv_heads_layout y_layout, const float *lse, const float *dy,
+                                  minqkv_heads_layout dy_layout, float *dq,
+                                  minqkv_heads_layout dq_layout, float *dk,
+                                  minqkv_heads_layout dk_layout, float *dv,
+                                  minqkv_heads_layout dv_layout, float *dbias, int64_t B, int64_t H,
                                   int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, double scale,
                                   int num_threads);
-int minqkv_attention_backward_f64(const double *q, const double *k, const double *v,
-                                  const double *bias, const double *y, const double *lse,
-                                  const double *dy, double *dq, double *dk, double *dv,
-                                  double *dbias, int64_t B, int64_t H, int64_t Hkv, int64_t T,
-                                  int64_t Tk, int64_t hd, double scale, int num_threads);
+int minqkv_attention_backward_f64(const double *q, minqkv_heads_layout q_layout, const double *k,
+                                  minqkv_heads_layout k_layout, const double *v,
+                                  minqkv_heads_layout v_layout, const double *bias, const double *y,
+                                  minqkv_heads_layout y_layout, const double *lse, const double *dy,
+                                  minqkv_heads_layout dy_layout, double *dq,
+                                  minqkv_heads_layout dq_layout, double *dk,
+                                  minqkv_heads_layout dk_layout, double *dv,
+                                  minqkv_heads_layout dv_layout, double *dbias, int64_t B, int64_t H,
+                                  int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, double scale,
+                                  int num_threads);
 
 #endif

@@ -330,8 +330,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout=
     B, H, T, hd = q.shape
     dropout_active = dropout is not None and getattr(dropout, "p", 1) > 0 and getattr(dropout, "training", True)
     if not maps and not dropout_active:
-        y = ops.causal_attention(q, k, v, bias)  # (B, H, T, hd)
-        return ops.transpose(y, (0, 2, 1, 3)).reshape(B, T, H * hd), None, None
+        y = ops.causal_attention(q, k, v, bias)  # (B, H, T, hd), stored as (B, T, H, hd)
+        return ops.transpose(y, (0, 2, 1, 3)).reshape(B, T, H * hd), None, None  # views, no copy
     Hkv, Tk = k.shape[1], k.shape[2]
     q = q.reshape(B, Hkv, H // Hkv, T, hd)  # (B, Hkv, G, T, hd): a group of G query heads per key head
     k = k.reshape(B, Hkv, 1, Tk, hd)  # (B, Hkv, 1, Tk, hd): broadcast over the G heads of its group

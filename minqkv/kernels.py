@@ -12,7 +12,9 @@ and `matmul`, `softmax`, ... call one or the other according to the backend:
 Every entry point checks its arguments first and raises a TypeError or ValueError that names
 the argument: dtypes must be float32 or float64 and agree (nothing is cast silently), shapes
 must fit together. Arrays the C code cannot take as they are (strided, misaligned) are copied,
-and the result is always a new C-contiguous array allocated here, by NumPy.
+and the result is always a new array allocated here, by NumPy: C-contiguous, except that the
+fused attention reads strided heads where they lie and stores its outputs token by token
+(see attention).
 
 If the extension minqkv._ccore was not built (no C compiler at install time), everything runs
 on the NumPy twins and a warning says so once.
@@ -436,7 +438,8 @@ def attention_numpy(q, k, v, bias=None, scale=None):
     """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, Tk, hd), fused: returns
     (y (B, H, T, hd), lse (B, H, T)), lse the log-sum-exp of each query's scores for the backward
     pass. Scores are scale * q k^T (+ bias (H, T, Tk)); query i sees keys j <= i + Tk - T; query
-    head h reads key/value head h // (H // Hkv). scale defaults to 1 / sqrt(hd)."""
+    head h reads key/value head h // (H // Hkv). scale defaults to 1 / sqrt(hd).
+    y is stored token by token (see _in_token_order), as the C core writes it."""
     _check_attention("attention", q, k, v, bias)
     scores, visible = _attention_scores(q, k, bias, scale)  # (B, Hkv, G, T, Tk)
     row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)  # initial: for Tk = 0
@@ -444,7 +447,7 @@ def attention_numpy(q, k, v, bias=None, scale=None):
     weights = np.where(visible, np.exp(scores - lse), 0)
     B, H, T, hd = q.shape
     y = weights @ v[:, :, None]  # (B, Hkv, G, T, Tk) @ (B, Hkv, 1, Tk, hd)
-    return y.reshape(B, H, T, hd), lse.reshape(B, H, T)
+    return _in_token_order(y.reshape(B, H, T, hd)), lse.reshape(B, H, T)
 
 
 def _attention_scores(q, k, bias, scale):
@@ -479,7 +482,14 @@ def attention_backward_numpy(q, k, v, bias, y, lse, dy, scale=None, want_dbias=T
     dk = (np.swapaxes(ds, -1, -2) @ q.reshape(B, Hkv, G, T, hd)).sum(axis=2) * scale
     dv = (np.swapaxes(p, -1, -2) @ dy5).sum(axis=2)
     dbias = ds.sum(axis=0).reshape(H, T, Tk) if bias is not None and want_dbias else None
-    return dq.reshape(q.shape), dk, dv, dbias
+    return _in_token_order(dq.reshape(q.shape)), _in_token_order(dk), _in_token_order(dv), dbias
+
+
+def _in_token_order(x):
+    """x (B, heads, T, hd) as a view of memory laid out (B, T, heads, hd), token by token, where
+    both backends put the outputs of attention: transposing them back to (B, T, heads, hd) and
+    merging the heads into (B, T, heads * hd), as the layer does next, then copies nothing."""
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
 
 
 # ---- the C core ---------------------------------------------------------------------------
@@ -717,39 +727,76 @@ def adamw_update_c(param, grad, m, v, beta1, beta2, decay_factor, step_size, bia
     _check_status("adamw_update", status)
 
 
+def _heads(x):
+    """An array x (B, heads, rows, hd) for the attention kernels, which read it where it lies:
+    (array, layout), layout its strides (batch, head, row) in elements (a minqkv_heads_layout).
+
+    The kernels need the head dimension contiguous, strides that are whole non-negative numbers
+    of elements and an aligned start; the heads of a projection (B, T, H * hd), seen as
+    (B, H, T, hd), are such a view, and so is a C-contiguous array. Anything else is copied.
+    (A NumPy array's strides keep every element inside its buffer, so these are in bounds.)"""
+    item = x.itemsize
+    usable = x.flags.aligned and (x.shape[3] <= 1 or x.strides[3] == item) and all(
+        n <= 1 or (stride >= 0 and stride % item == 0) for n, stride in zip(x.shape[:3], x.strides[:3]))
+    if not usable:
+        x = np.array(x, order="C", copy=True)
+    return x, tuple(stride // item if n > 1 else 0 for n, stride in zip(x.shape[:3], x.strides[:3]))
+
+
+def _empty_in_token_order(shape, dtype):
+    """A new array of shape (B, heads, T, hd) laid out (B, T, heads, hd), as _in_token_order says."""
+    B, heads, T, hd = shape
+    return np.empty((B, T, heads, hd), dtype).transpose(0, 2, 1, 3)
+
+
+def _address(ctype, x):
+    """A C pointer to x's first element, for arrays that are views with gaps (which cffi's
+    from_buffer refuses); valid while x lives."""
+    return _ffi.cast(ctype.replace("[]", " *"), x.ctypes.data)
+
+
 def attention_c(q, k, v, bias=None, scale=None):
-    """Fused causal attention on the C core; same contract as attention."""
+    """Fused causal attention on the C core; same contract as attention. q, k and v are read
+    where they lie (see _heads); y is written token by token (see _in_token_order)."""
     _require_c("attention")
     _check_attention("attention", q, k, v, bias)
-    q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
+    (q, q_layout), (k, k_layout), (v, v_layout) = _heads(q), _heads(k), _heads(v)
     bias = _contiguous(bias) if bias is not None else None
     B, H, T, hd = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    y, lse = np.empty(q.shape, q.dtype), np.empty((B, H, T), q.dtype)
+    y, lse = _empty_in_token_order(q.shape, q.dtype), np.empty((B, H, T), q.dtype)
+    y_layout = _heads(y)[1]
     c = _c_kernels(q.dtype)
-    status = c.attention(_pointer(c.ctype, q), _pointer(c.ctype, k), _pointer(c.ctype, v),
+    A = functools.partial(_address, c.ctype)
+    status = c.attention(A(q), q_layout, A(k), k_layout, A(v), v_layout,
                          _pointer(c.ctype, bias) if bias is not None else _ffi.NULL,
-                         _pointer(c.ctype, y), _pointer(c.ctype, lse), B, H, Hkv, T, Tk, hd,
+                         A(y), y_layout, _pointer(c.ctype, lse), B, H, Hkv, T, Tk, hd,
                          float(1.0 / np.sqrt(hd) if scale is None else scale), _num_threads)
     _check_status("attention", status)
     return y, lse
 
 
 def attention_backward_c(q, k, v, bias, y, lse, dy, scale=None, want_dbias=True):
-    """The gradients through fused causal attention on the C core; same contract as attention_backward."""
+    """The gradients through fused causal attention on the C core; same contract as
+    attention_backward. q, k, v, y and dy are read where they lie (see _heads); dq, dk and dv are
+    new arrays written token by token (see _in_token_order), so they overlap no input."""
     _require_c("attention_backward")
     B, H, T, hd = q.shape
     _check_attention("attention_backward", q, k, v, bias,
                      (("y", y, q.shape), ("lse", lse, (B, H, T)), ("dy", dy, q.shape)))
-    q, k, v, y, lse, dy = (_contiguous(a) for a in (q, k, v, y, lse, dy))
+    (q, q_layout), (k, k_layout), (v, v_layout), (y, y_layout), (dy, dy_layout) = map(_heads, (q, k, v, y, dy))
+    lse = _contiguous(lse)
     bias = _contiguous(bias) if bias is not None else None
     Hkv, Tk = k.shape[1], k.shape[2]
-    dq, dk, dv = np.empty(q.shape, q.dtype), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
+    dq, dk, dv = (_empty_in_token_order(shape, q.dtype) for shape in (q.shape, k.shape, v.shape))
+    dq_layout, dk_layout, dv_layout = _heads(dq)[1], _heads(dk)[1], _heads(dv)[1]
     dbias = np.empty(bias.shape, q.dtype) if bias is not None and want_dbias else None
     c = _c_kernels(q.dtype)
+    A = functools.partial(_address, c.ctype)
     P = lambda a: _pointer(c.ctype, a) if a is not None else _ffi.NULL  # noqa: E731
-    status = c.attention_backward(P(q), P(k), P(v), P(bias), P(y), P(lse), P(dy), P(dq), P(dk), P(dv),
-                                  P(dbias), B, H, Hkv, T, Tk, hd,
+    status = c.attention_backward(A(q), q_layout, A(k), k_layout, A(v), v_layout, P(bias), A(y), y_layout,
+                                  P(lse), A(dy), dy_layout, A(dq), dq_layout, A(dk), dk_layout, A(dv),
+                                  dv_layout, P(dbias), B, H, Hkv, T, Tk, hd,
                                   float(1.0 / np.sqrt(hd) if scale is None else scale), _num_threads)
     _check_status("attention_backward", status)
     return dq, dk, dv, dbias
@@ -828,12 +875,17 @@ def adamw_update(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2
 
 def attention(q, k, v, bias=None, scale=None):
     """Causal attention, fused (no (T, Tk) matrix kept): q (B, H, T, hd), k and v (B, Hkv, Tk, hd),
-    bias (H, T, Tk) or None -> (y (B, H, T, hd), lse (B, H, T)) for attention_backward."""
+    bias (H, T, Tk) or None -> (y (B, H, T, hd), lse (B, H, T)) for attention_backward.
+
+    q, k and v may be strided views, such as the heads of one (B, T, 3C) projection split three
+    ways and seen as (B, H, T, hd): the C core reads them where they lie. y is stored token by
+    token, (B, T, H, hd) in memory, so that merging its heads into (B, T, H * hd) costs no copy."""
     return attention_c(q, k, v, bias, scale) if _backend == "c" else attention_numpy(q, k, v, bias, scale)
 
 
 def attention_backward(q, k, v, bias, y, lse, dy, scale=None, want_dbias=True):
-    """(dq, dk, dv, dbias or None) through attention, recomputing the scores from lse."""
+    """(dq, dk, dv, dbias or None) through attention, recomputing the scores from lse. Inputs may
+    be strided views as in attention; dq, dk and dv are new arrays stored token by token."""
     if _backend == "c":
         return attention_backward_c(q, k, v, bias, y, lse, dy, scale, want_dbias)
     return attention_backward_numpy(q, k, v, bias, y, lse, dy, scale, want_dbias)

@@ -38,6 +38,23 @@ def _fixed_mask(shape, seed=3) -> np.ndarray:
     return np.random.default_rng(seed).random(shape) < 0.3
 
 
+def _heads(x: Tensor, start: int, n: int, hd: int) -> Tensor:
+    """Columns [start, start + n * hd) of x (B, T, width) as n heads (B, n, T, hd): a view with
+    rows `width` apart, as a layer hands them to the fused attention."""
+    B, T, _ = x.shape
+    return ops.transpose(x[:, :, start:start + n * hd].reshape(B, T, n, hd), (0, 2, 1, 3))
+
+
+def _attention_of_one_projection(x: Tensor) -> Tensor:
+    # x (2, 3, 25): q, k, v of 2 heads of 4 each, and one column nobody reads
+    return ops.causal_attention(_heads(x, 0, 2, 4), _heads(x, 8, 2, 4), _heads(x, 16, 2, 4))
+
+
+def _attention_of_new_tokens(x: Tensor, cached: Tensor, bias: Tensor) -> Tensor:
+    # x (2, 3, 9): 4 query heads of 2; cached (2, 5, 10): 2 key and 2 value heads of 2, 2 spare columns
+    return ops.causal_attention(_heads(x, 0, 4, 2), _heads(cached, 1, 2, 2), _heads(cached, 5, 2, 2), bias)
+
+
 _IDS = np.array([[0, 3, 3], [5, 1, 0]])  # repeated ids: gradients must accumulate
 _TARGETS = np.array([[1, 4, -1, 0], [2, -1, 6, 6]])  # -1 is ignored
 
@@ -96,6 +113,9 @@ def op_cases() -> list:
         C("causal_attention", ops.causal_attention, [(2, 2, 3, 4), (2, 2, 3, 4), (2, 2, 3, 4)]),
         C("causal_attention gqa, bias, Tq<Tk", ops.causal_attention,
           [(2, 4, 3, 2), (2, 2, 5, 2), (2, 2, 5, 2), (4, 3, 5)]),
+        C("causal_attention on the heads of one projection", _attention_of_one_projection, [(2, 3, 25)]),
+        C("causal_attention on views, gqa, bias, Tq<Tk", _attention_of_new_tokens,
+          [(2, 3, 9), (2, 5, 10), (4, 3, 5)]),
         C("log_softmax", ops.log_softmax, [(3, 5)]),
         C("cross_entropy", lambda z: ops.cross_entropy(z, _TARGETS[:, :3].clip(0)), [(2, 3, 7)]),
         C("cross_entropy ignore_index", lambda z: ops.cross_entropy(z, _TARGETS), [(2, 4, 7)]),

@@ -387,6 +387,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
     bias (H, T, Tk) or None -> (B, H, T, hd). Query i sees keys j <= i + Tk - T. The forward pass
     keeps one number per query (the log of its softmax denominator); the backward pass recomputes
     the scores from it. attention.attend computes the same, step by step, keeping the matrices.
+
+    No layout copies: q, k and v may be views with gaps, such as the heads of one (B, T, 3C)
+    projection seen as (B, H, T, hd), and the kernel reads them there; y (and the gradients of
+    q, k and v) are stored token by token, (B, T, H, hd) in memory, so that merging the heads
+    back into (B, T, H * hd), and undoing the heads' split in the backward pass, are views too.
     """
     q = _float_tensor(q, "causal_attention", "q")  # shapes are checked by the kernel, by name
     k, v = _as_tensor(k, q, "causal_attention", "k"), _as_tensor(v, q, "causal_attention", "v")

@@ -240,6 +240,16 @@ def test_attend_equals_causal_attention_written_one_query_at_a_time(T, Tk):
     np.testing.assert_allclose(y.data, loop_attention(q.data, k.data, v.data), rtol=1e-12, atol=1e-12)
 
 
+def test_attend_merges_the_heads_of_the_fused_kernels_output_without_a_copy(monkeypatch):
+    from minqkv import kernels
+
+    outputs = []
+    fused = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *args: outputs.append(fused(*args)) or outputs[-1])
+    y, _, _ = attend(*random_qkv(5, 5), maps=False)  # (B, T, H*hd)
+    assert np.shares_memory(y.data, outputs[0][0])
+
+
 def test_grouped_key_heads_attend_like_each_key_head_repeated_for_its_group():
     Hkv = 2
     q, k, v = random_qkv(5, 5, Hkv)

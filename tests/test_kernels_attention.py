@@ -5,6 +5,8 @@ uses, is checked against the fused op in tests/test_attention.py, and the op's f
 in minqkv/op_checks.py ('causal_attention').
 """
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,11 +20,22 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 TOLERANCE = {np.dtype(np.float32): dict(rtol=1e-4, atol=2e-5), np.dtype(np.float64): dict(rtol=1e-11, atol=1e-12)}
 
 
+def heads_of(x, start, n, hd):
+    """Columns [start, start + n * hd) of x (B, T, width) seen as n heads (B, n, T, hd): the view of
+    a projection that a layer hands to attention, rows `width` elements apart."""
+    B, T, _ = x.shape
+    return x[:, :, start:start + n * hd].reshape(B, T, n, hd).transpose(0, 2, 1, 3)
+
+
 @st.composite
 def attention_cases(draw):
     """q, k, v, bias (or None), dy: any batch, heads grouped or not, Tk >= T (a KV cache), head widths
     that do and do not fill a vector register or a backward tile (64; wider heads take the pair-by-pair
-    backward), and sequences longer than one query block (32) and one key block (64)."""
+    backward), and sequences longer than one query block (32) and one key block (64).
+
+    Either contiguous (B, heads, T, hd) arrays or, as in the model, views of projections: q, k, v
+    split from one (B, T, width) product (or q from one and k, v from another when Tk > T), with
+    spare columns so that rows are further apart than the heads need, and dy a view of (B, T, H * hd)."""
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     B = draw(st.integers(0, 3))
     Hkv = draw(st.integers(1, 3))
@@ -32,10 +45,24 @@ def attention_cases(draw):
     hd = draw(st.sampled_from([1, 3, 8, 32, 64, 65]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     scale = draw(st.sampled_from([0.5, 1.0, 3.0]))  # large scores test the online rescaling
-    q = (rng.standard_normal((B, H, T, hd)) * scale).astype(dtype)
-    k, v = (rng.standard_normal((B, Hkv, Tk, hd)).astype(dtype) for _ in range(2))
     bias = rng.standard_normal((H, T, Tk)).astype(dtype) if draw(st.booleans()) else None
-    return q, k, v, bias, rng.standard_normal(q.shape).astype(dtype)
+    if not draw(st.booleans()):
+        q = (rng.standard_normal((B, H, T, hd)) * scale).astype(dtype)
+        k, v = (rng.standard_normal((B, Hkv, Tk, hd)).astype(dtype) for _ in range(2))
+        return q, k, v, bias, rng.standard_normal(q.shape).astype(dtype)
+    spare = draw(st.integers(0, 3))
+    q_width, kv_width = H * hd, 2 * Hkv * hd
+    if Tk == T:  # one product, split three ways
+        product = rng.standard_normal((B, T, q_width + kv_width + spare)).astype(dtype)
+        queries, keys, first_key = product, product, q_width
+    else:  # the new tokens' queries; keys and values of every token, from the cache
+        queries = rng.standard_normal((B, T, q_width + spare)).astype(dtype)
+        keys, first_key = rng.standard_normal((B, Tk, kv_width + spare)).astype(dtype), 0
+    queries[:, :, :q_width] *= scale
+    q = heads_of(queries, 0, H, hd)
+    k, v = heads_of(keys, first_key, Hkv, hd), heads_of(keys, first_key + Hkv * hd, Hkv, hd)
+    dy = heads_of(rng.standard_normal((B, T, q_width)).astype(dtype), 0, H, hd)
+    return q, k, v, bias, dy
 
 
 @needs_c
@@ -57,6 +84,78 @@ def test_attention_c_matches_numpy_twin(case):
             size = np.abs(want).max(initial=1)  # sums over keys and queries: compare to their size
             np.testing.assert_allclose(got, want, rtol=tolerance["rtol"], atol=tolerance["atol"] * size,
                                        err_msg=name)
+
+
+def test_attention_c_matches_its_result_on_contiguous_copies_for_views_with_any_strides():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 40, 3, 2, 8))
+    q = x[:, ::-1, 0].transpose(0, 2, 1, 3)  # time reversed: negative strides, which the C core copies
+    k = np.asfortranarray(x[:, :, 1].transpose(0, 2, 1, 3))  # the head dimension not contiguous
+    v = x[:, :, 2, :, ::2].transpose(0, 2, 1, 3)[..., :4]  # every other column
+    q, k = q[..., :4], k[..., :4]
+    dy = rng.standard_normal(q.shape)
+    copies = [np.ascontiguousarray(a) for a in (q, k, v, dy)]
+    y, lse = kernels.attention_c(q, k, v)
+    y_copy, lse_copy = kernels.attention_c(*copies[:3])
+    np.testing.assert_array_equal(y, y_copy)
+    np.testing.assert_array_equal(lse, lse_copy)
+    grads = kernels.attention_backward_c(q, k, v, None, y, lse, dy)
+    grads_copy = kernels.attention_backward_c(*copies[:3], None, y_copy, lse_copy, copies[3])
+    for got, want in zip(grads[:3], grads_copy[:3]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_attention_outputs_are_stored_token_by_token(backend):
+    """y, dq, dk and dv (B, heads, T, hd) lie in memory as (B, T, heads, hd): merging their heads
+    into (B, T, heads * hd), which the layer does next, is a view."""
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((2, 4, 5, 3))
+    k, v = rng.standard_normal((2, 2, 7, 3)), rng.standard_normal((2, 2, 7, 3))
+    y, lse = kernels.attention(q, k, v)
+    outputs = [y, *kernels.attention_backward(q, k, v, None, y, lse, np.ones_like(q))[:3]]
+    for name, out in zip(("y", "dq", "dk", "dv"), outputs):
+        assert out.transpose(0, 2, 1, 3).flags.c_contiguous, name
+
+
+def new_bytes_during(fn):
+    """The peak of memory allocated (and traced) while fn runs: NumPy reports its arrays to tracemalloc."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@needs_c
+def test_attention_c_reads_the_heads_of_a_projection_without_copying_them():
+    B, T, H, hd = 2, 128, 4, 32
+    product = np.random.default_rng(5).standard_normal((B, T, 3 * H * hd))  # x [W_q | W_k | W_v]
+    q, k, v = (heads_of(product, i * H * hd, H, hd) for i in range(3))
+    one_head_array = q.nbytes  # 256 KiB; a copy of q, k or v would add that much
+    outputs = q.nbytes + q.nbytes // hd  # y and lse
+    assert new_bytes_during(lambda: kernels.attention_c(q, k, v)) < outputs + one_head_array // 2
+    y, lse = kernels.attention_c(q, k, v)
+    dy = heads_of(np.ones((B, T, H * hd)), 0, H, hd)
+    gradients = 3 * q.nbytes  # dq, dk, dv
+    assert new_bytes_during(lambda: kernels.attention_backward_c(q, k, v, None, y, lse, dy)) \
+        < gradients + one_head_array // 2
+
+
+@needs_c
+def test_the_c_core_refuses_output_rows_that_overlap():
+    """The C core's own check: a y layout whose rows overlap would have threads write each other's
+    rows; kernels.py never passes one, but C says no rather than race."""
+    from minqkv.kernels import _ffi, _lib
+
+    B, H, T, hd = 1, 2, 4, 8
+    q, y, lse = np.zeros((B, H, T, hd)), np.zeros((B, H, T, hd)), np.zeros((B, H, T))
+    P = lambda a: _ffi.cast("double *", a.ctypes.data)  # noqa: E731
+    contiguous = (H * T * hd, T * hd, hd)
+    for y_layout, status in ((contiguous, _lib.MINQKV_OK), ((H * T * hd, T * hd, hd - 1), _lib.MINQKV_BAD_ARGUMENT),
+                             ((H * T * hd, hd, hd), _lib.MINQKV_BAD_ARGUMENT), ((0, T * hd, hd), _lib.MINQKV_OK)):
+        assert _lib.minqkv_attention_f64(P(q), contiguous, P(q), contiguous, P(q), contiguous, _ffi.NULL,
+                                         P(y), y_layout, P(lse), B, H, H, T, T, hd, 0.5, 1) == status, y_layout
 
 
 def test_attention_of_one_key_returns_its_value(backend):

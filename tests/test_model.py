@@ -98,6 +98,51 @@ def test_the_model_runs_the_fused_kernel_unless_maps_are_asked_or_dropout_is_act
     assert len(calls) == fused_calls
 
 
+@pytest.mark.parametrize("label", ["abc", "abc+gqa2", "abb"])
+def test_the_fused_kernel_reads_q_k_v_inside_the_projection_and_dy_inside_the_output_gradient(monkeypatch, label):
+    """No layout copies around the fused attention of a training step: the C core gets pointers
+    into the one product x [W_q | W_k | W_v] that q, k and v are views of (a copy would have a
+    buffer of its own), and dy as the (B, T, H, hd) memory that the output projection's backward
+    wrote, a view of it."""
+    import minqkv.kernels as kernels
+
+    if kernels.get_backend() != "c":
+        pytest.skip("the C core is not in use")
+
+    def buffer(a):
+        return buffer(a.base) if a.base is not None else a
+
+    def inside(address, array):  # array: a whole contiguous buffer
+        return array.ctypes.data <= address < array.ctypes.data + array.nbytes
+
+    seen, pointers = [], []
+    forward, backward, c_kernels = kernels.attention, kernels.attention_backward, kernels._c_kernels
+    monkeypatch.setattr(kernels, "attention", lambda q, k, v, *rest, **kw: seen.append((q, k, v))
+                        or forward(q, k, v, *rest, **kw))
+    monkeypatch.setattr(kernels, "attention_backward", lambda q, k, v, bias, y, lse, dy, *rest, **kw:
+                        seen.append((q, k, v, dy)) or backward(q, k, v, bias, y, lse, dy, *rest, **kw))
+
+    def first_three_pointers(c_function):  # q, k and v: the first three arrays a C attention kernel takes
+        def spy(*args):
+            arrays = [arg for arg in args if isinstance(arg, kernels._ffi.CData)]
+            pointers.append([int(kernels._ffi.cast("uintptr_t", a)) for a in arrays[:3]])
+            return c_function(*args)
+        return spy
+
+    monkeypatch.setattr(kernels, "_c_kernels", lambda dtype: c_kernels(dtype)._replace(
+        attention=first_three_pointers(c_kernels(dtype).attention),
+        attention_backward=first_three_pointers(c_kernels(dtype).attention_backward)))
+    model = tiny_gpt(**labelled(label)).train()
+    logits_loss_and_gradients(model, random_ids(T=BLOCK + 1), maps=None)
+    assert len(seen) == len(pointers) == 4  # two layers, forward and backward
+    for (q, k, v, *dy), addresses in zip(seen, pointers):
+        product = buffer(q)
+        assert buffer(k) is product and buffer(v) is product
+        assert all(inside(address, product) for address in addresses)
+        for gradient in dy:
+            assert gradient.transpose(0, 2, 1, 3).flags.c_contiguous and gradient.base is not None
+
+
 @pytest.mark.parametrize("overrides", FUSED_CASES)
 def test_kv_cache_decoding_on_the_fused_path_equals_the_reference_paths_full_logits(overrides):
     model = tiny_gpt(**overrides)
