@@ -42,12 +42,14 @@ import numpy as np
 # How long an idle OpenMP thread spins, waiting for the next kernel, before it sleeps. libgomp
 # reads this once, when the extension loads it. Its default (300,000 spins, milliseconds) is
 # fastest on an idle machine but collapses when another process holds a core: a thread spins
-# through its time slice waiting for one that is not running. Measured on 2 cores, 2 threads,
-# a training step of the nanoGPT shape: idle, 31-56 ms with the default, 45-67 ms sleeping at
-# once (OMP_WAIT_POLICY=PASSIVE), 35-52 ms with 3,000 spins; with two busy processes beside it,
-# 844 ms with the default, 66-133 ms PASSIVE, 77-80 ms with 3,000 spins. A user's own
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-SPIN_COUNT = "3000"
+# through its time slice waiting for one that is not running. Sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE) makes every kernel call wake its threads, which kept small GEMMs on
+# one thread. Measured on 2 cores, 2 threads: a training step of the nanoGPT shape beside two
+# busy processes took 844 ms with the default, 62-133 ms PASSIVE, 78-136 ms with 3,000 spins and
+# 116-122 ms with 10,000; on an idle machine 3,000 spins let the threads fall asleep between
+# calls made back to back from Python (the (768,128)@(128,128) GEMM: 0.33x OpenBLAS, against
+# 1.02-1.05x with 10,000 spins or the default). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+SPIN_COUNT = "10000"
 SETS_SPIN_COUNT = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
 if SETS_SPIN_COUNT:
     os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
