@@ -421,18 +421,6 @@ def step_worker(side, workload, threads, warmup, seed=0):
             return
 
 
-def worker_environment(side, threads):
-    """The environment of one side's step_worker: this one, with every thread count set."""
-    env = dict(os.environ, MINQKV_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if side == "torch" and kernels.SETS_SPIN_COUNT:
-        # minqkv's own spin setting (kernels.SPIN_COUNT) is not PyTorch's: its side gets what
-        # its users get, libgomp's documented default, spelled out (the child imports minqkv,
-        # which would otherwise set minqkv's)
-        env["GOMP_SPINCOUNT"] = "300000"
-    return env
-
-
 class _Side:
     """A step_worker child process and the pipe to it."""
 
@@ -442,7 +430,8 @@ class _Side:
         import sys
 
         self._json = json
-        env = worker_environment(side, threads)
+        env = dict(os.environ, MINQKV_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+                   OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         code = (f"from minqkv.bench import step_worker; "
                 f"step_worker({side!r}, {workload!r}, {threads}, {warmup})")
         self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,

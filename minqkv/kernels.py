@@ -39,20 +39,15 @@ import warnings
 
 import numpy as np
 
-# How long an idle OpenMP thread spins, waiting for the next kernel, before it sleeps. libgomp
-# reads this once, when the extension loads it. Its default (300,000 spins, milliseconds) is
-# fastest on an idle machine but collapses when another process holds a core: a thread spins
-# through its time slice waiting for one that is not running. Sleeping at once
-# (OMP_WAIT_POLICY=PASSIVE) makes every kernel call wake its threads, which kept small GEMMs on
-# one thread. Measured on 2 cores, 2 threads: a training step of the nanoGPT shape beside two
-# busy processes took 844 ms with the default, 62-133 ms PASSIVE, 78-136 ms with 3,000 spins and
-# 116-122 ms with 10,000; on an idle machine 3,000 spins let the threads fall asleep between
-# calls made back to back from Python (the (768,128)@(128,128) GEMM: 0.33x OpenBLAS, against
-# 1.02-1.05x with 10,000 spins or the default). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-SPIN_COUNT = "10000"
-SETS_SPIN_COUNT = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
-if SETS_SPIN_COUNT:
-    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+# minqkv leaves OpenMP's wait policy to libgomp's default (idle threads spin for milliseconds
+# before they sleep) or to the user's OMP_WAIT_POLICY / GOMP_SPINCOUNT. Measured on 2 cores, 2
+# threads: sleeping at once (PASSIVE) makes every kernel call wake its threads, which kept small
+# GEMMs on one thread, and shorter spins (3,000 or 10,000) let the threads fall asleep between
+# calls made back to back from Python, erratically (the (768,128)@(128,128) GEMM at 0.18-0.33x
+# OpenBLAS in some runs, 1.02-1.05x in others). The price of the default is paid on a machine
+# shared with busy processes: a thread spins through its time slice waiting for one that is not
+# running. A training step of the nanoGPT shape beside two busy processes took 844 ms with the
+# default and 62-133 ms with OMP_WAIT_POLICY=PASSIVE, which is what to set on such a machine.
 
 try:
     from ._ccore import ffi as _ffi
