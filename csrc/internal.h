@@ -55,18 +55,17 @@ static inline int threads_for_work(double work, double min_work, int num_threads
 }
 static inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
 
-/* Thread t's share [*start, *end) of n items cut into `threads` equal spans (the last may be short). */
+/* Thread t's share [*start, *end) of n items cut into `threads` equal spans (the last may be short).
+ *
+ * The kernels hand each share to a HOT_KERNEL function of its own instead of looping inside the
+ * `omp parallel` region: GCC moves a region's body into a new function that does not inherit
+ * target_clones, so a loop written there would only ever be compiled for baseline x86-64. */
 static inline void thread_span(int64_t n, int t, int threads, int64_t *start, int64_t *end)
 {
     int64_t span = (n + threads - 1) / threads;
     *start = min_i64(n, t * span);
     *end = min_i64(n, *start + span);
 }
-
-/* Why the hot loops sit in functions of their own, called from inside a parallel region:
- * GCC moves the body of an `omp parallel` region into a new function that does not inherit
- * HOT_KERNEL's target_clones, so a loop written directly in the region would only ever be
- * compiled for baseline x86-64. */
 
 /* Vectorisable exponentials for the kernels (softmax, GELU's tanh, cross-entropy). */
 
