@@ -224,17 +224,12 @@ int NAME(minqkv_layer_norm_backward)(const REAL *x, const REAL *weight, const RE
  *   dlogits[r] = (softmax(logits[r]) - onehot(t)) * scale
  * and for an ignored row losses[r] = 0, dlogits[r] = 0. dlogits may be NULL (no gradient
  * wanted). A target outside [0, V) that is not ignore_index is refused before anything runs. */
-int NAME(minqkv_cross_entropy)(const REAL *logits, const int64_t *targets, int64_t ignore_index,
-                               REAL *losses, REAL *dlogits, double scale, int64_t rows,
-                               int64_t V, int num_threads)
+/* Rows [r0, r1) of the cross-entropy: one thread's share (targets already checked). */
+static HOT_KERNEL void NAME(cross_entropy_rows)(const REAL *logits, const int64_t *targets,
+                                                int64_t ignore_index, REAL *losses, REAL *dlogits,
+                                                REAL scale, int64_t r0, int64_t r1, int64_t V)
 {
-    if (rows < 0 || V < 1 || (rows > 0 && (!logits || !targets || !losses)))
-        return MINQKV_BAD_ARGUMENT;
-    for (int64_t r = 0; r < rows; r++)
-        if (targets[r] != ignore_index && (targets[r] < 0 || targets[r] >= V))
-            return MINQKV_BAD_ARGUMENT;
-#pragma omp parallel for num_threads(layer_threads(rows * V, num_threads)) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = r0; r < r1; r++) {
         const REAL *z = logits + r * V;
         REAL *dz = dlogits ? dlogits + r * V : NULL;
         int64_t t = targets[r];
@@ -246,21 +241,39 @@ int NAME(minqkv_cross_entropy)(const REAL *logits, const int64_t *targets, int64
             continue;
         }
         REAL max = z[0];
+#pragma omp simd reduction(max : max)
         for (int64_t j = 1; j < V; j++)
             max = z[j] > max ? z[j] : max;
         REAL sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < V; j++)
             sum += EXP(z[j] - max);
-        REAL log_sum = LOG(sum);
-        losses[r] = log_sum - (z[t] - max);
+        losses[r] = LOG(sum) - (z[t] - max);
         if (dz) {
-            REAL s = (REAL)scale, inverse_sum = 1 / sum;
+            REAL inverse_sum = 1 / sum;
 #pragma omp simd
             for (int64_t j = 0; j < V; j++)
-                dz[j] = EXP(z[j] - max) * inverse_sum * s;
-            dz[t] -= s;
+                dz[j] = EXP(z[j] - max) * inverse_sum * scale;
+            dz[t] -= scale;
         }
+    }
+}
+
+int NAME(minqkv_cross_entropy)(const REAL *logits, const int64_t *targets, int64_t ignore_index,
+                               REAL *losses, REAL *dlogits, double scale, int64_t rows,
+                               int64_t V, int num_threads)
+{
+    if (rows < 0 || V < 1 || (rows > 0 && (!logits || !targets || !losses)))
+        return MINQKV_BAD_ARGUMENT;
+    for (int64_t r = 0; r < rows; r++)
+        if (targets[r] != ignore_index && (targets[r] < 0 || targets[r] >= V))
+            return MINQKV_BAD_ARGUMENT;
+    int threads = layer_threads(rows * V, num_threads);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t r0, r1;
+        thread_span(rows, t, threads, &r0, &r1);
+        NAME(cross_entropy_rows)(logits, targets, ignore_index, losses, dlogits, (REAL)scale, r0, r1, V);
     }
     return MINQKV_OK;
 }

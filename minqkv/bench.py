@@ -170,11 +170,11 @@ def format_table(rows):
 # weight decay 0.1 on the matrices. PyTorch's side is written below with
 # torch.nn.functional.scaled_dot_product_attention (what nanoGPT uses).
 #
-# Each side runs in its own fresh process, so that its peak memory (getrusage's maxrss, which
-# sees C and PyTorch allocations, unlike tracemalloc) is its own and the two libraries' thread
-# pools never compete. The parent asks the two processes in turn for `steps_per_round` timed
-# steps, `rounds` times, so a burst of load from elsewhere hits both sides alike; a side's time
-# is the median over all its timed steps.
+# Each side runs in its own fresh process per thread count, so that its peak memory (getrusage's
+# maxrss, which sees C and PyTorch allocations, unlike tracemalloc) is its own and the two
+# libraries' thread pools never compete. The parent asks the processes of a shape, every side at
+# every thread count, in turn for `steps_per_round` timed steps, `rounds` times, so a burst of
+# load from elsewhere hits them all alike; a time is the median over all of a process's timed steps.
 
 STEP_SHAPES = {
     # name: (n_layer, n_head, n_embd, block_size, batch_size)
@@ -456,9 +456,9 @@ class _Side:
         return memory
 
 
-# Between two sides' turns: the OpenMP threads of the side that just ran keep spinning for a
-# while after its last step (libgomp's default), and would take a core from the other side's
-# first steps.
+# Between two workers' turns: the OpenMP threads of the worker that just ran keep spinning for a
+# while after its last step (libgomp's default), and would take a core from the next one's first
+# steps.
 SIDE_SETTLE_S = 0.2
 
 
@@ -467,7 +467,8 @@ def run_step_bench(threads=(1, 2), shapes=tuple(STEP_SHAPES), rounds=5, steps_pe
     """Time a training step of minqkv and (when installed) PyTorch, per shape and thread count.
 
     Returns one dict per (shape, threads) with ms per step, tokens per second and peak memory
-    of each side, and ratio = minqkv ms / PyTorch ms (below 1: minqkv is faster)."""
+    of each side, each side's speed-up (its step at the first thread count over its step at
+    this one), and ratio = minqkv ms / PyTorch ms (below 1: minqkv is faster)."""
     if rounds < 1 or steps_per_round < 1 or warmup < 0:
         raise ValueError(f"run_step_bench: rounds and steps_per_round must be >= 1 and warmup >= 0, "
                          f"got {rounds}, {steps_per_round}, {warmup}")
@@ -479,26 +480,37 @@ def run_step_bench(threads=(1, 2), shapes=tuple(STEP_SHAPES), rounds=5, steps_pe
     rows = []
     for name in shapes:
         n_layer, n_head, n_embd, block_size, batch_size = STEP_SHAPES[name]
-        for n in threads:
-            row = {"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
-                   "block_size": block_size, "batch_size": batch_size, "threads": n,
-                   "backend": kernels.get_backend()}
-            rows.append(_measure(row, name, sides, n, rounds, steps_per_round, warmup, batch_size * block_size))
+        shape_rows = [{"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
+                       "block_size": block_size, "batch_size": batch_size, "threads": n,
+                       "backend": kernels.get_backend()} for n in threads]
+        rows += _measure(shape_rows, name, sides, threads, rounds, steps_per_round, warmup,
+                         batch_size * block_size)
     return rows
 
 
-def _measure(row, workload, sides, threads, rounds, steps_per_round, warmup, tokens):
-    """row with each side's figures for a workload, each side in its own step_worker process."""
-    workers = {side: _Side(side, workload, threads, warmup) for side in sides}
-    seconds = {side: [] for side in sides}
+def _measure(rows, workload, sides, threads, rounds, steps_per_round, warmup, tokens):
+    """rows (one per count in threads) with each side's figures for a workload.
+
+    Every (side, thread count) runs in its own step_worker process, all of them alive at once,
+    and each round asks them in turn: a burst of load from elsewhere hits every one alike, so
+    both the minqkv / torch ratio and a side's speed-up from more threads compare times taken
+    minutes apart no more than seconds apart."""
+    workers = {(side, n): _Side(side, workload, n, warmup) for n in threads for side in sides}
+    seconds = {key: [] for key in workers}
     for _ in range(rounds):
-        for side in sides:  # in turn: while one runs, the other waits on its pipe
-            time.sleep(SIDE_SETTLE_S if len(sides) > 1 else 0)
-            seconds[side] += workers[side].ask(f"run {steps_per_round}")["seconds"]
-    return _with_side_figures(row, workers, seconds, tokens)
+        for key, worker in workers.items():  # in turn: while one runs, the others wait on their pipes
+            time.sleep(SIDE_SETTLE_S if len(workers) > 1 else 0)
+            seconds[key] += worker.ask(f"run {steps_per_round}")["seconds"]
+    for row, n in zip(rows, threads):
+        _add_side_figures(row, {side: workers[side, n] for side in sides},
+                          {side: seconds[side, n] for side in sides}, tokens)
+    for side in sides:  # the speed-up from the first thread count's step to each row's
+        for row in rows:
+            row[f"{side}_speedup"] = round(rows[0][f"{side}_ms"] / row[f"{side}_ms"], 3)
+    return rows
 
 
-def _with_side_figures(row: dict, workers: dict, seconds: dict, tokens: int) -> dict:
+def _add_side_figures(row: dict, workers: dict, seconds: dict, tokens: int) -> None:
     """Add each side's median ms, tokens/s and memory (and minqkv/torch when both ran) to row."""
     for side in workers:
         memory = workers[side].finish()
@@ -509,23 +521,23 @@ def _with_side_figures(row: dict, workers: dict, seconds: dict, tokens: int) -> 
         row[f"{side}_step_mb"] = round(memory["step_mb"], 1)
     if "torch" in workers:
         row["ratio"] = round(row["minqkv_ms"] / row["torch_ms"], 3)
-    return row
 
 
 def format_step_table(rows):
     """The rows of run_step_bench as a text table, with a line saying how to read it."""
     with_torch = bool(rows) and "torch_ms" in rows[0]
-    header = ["shape", "(L,H,C,T,B)", "threads", "minqkv ms", "tok/s", "peak MB"]
+    header = ["shape", "(L,H,C,T,B)", "threads", "minqkv ms", "tok/s", "speed-up", "peak MB"]
     if with_torch:
-        header += ["torch ms", "tok/s", "peak MB", "ratio"]
+        header += ["torch ms", "tok/s", "speed-up", "peak MB", "ratio"]
     lines = []
     for row in rows:
         sizes = f"({row['n_layer']},{row['n_head']},{row['n_embd']},{row['block_size']},{row['batch_size']})"
-        cells = [row["shape"], sizes, str(row["threads"]), f"{row['minqkv_ms']:.1f}",
-                 f"{row['minqkv_tokens_per_s']:,}", f"{row['minqkv_peak_mb']:.0f}"]
+        cells = [row["shape"], sizes, str(row["threads"])]
+        for side in ("minqkv", "torch") if with_torch else ("minqkv",):
+            cells += [f"{row[f'{side}_ms']:.1f}", f"{row[f'{side}_tokens_per_s']:,}",
+                      f"{row[f'{side}_speedup']:.2f}x", f"{row[f'{side}_peak_mb']:.0f}"]
         if with_torch:
-            cells += [f"{row['torch_ms']:.1f}", f"{row['torch_tokens_per_s']:,}",
-                      f"{row['torch_peak_mb']:.0f}", f"{row['ratio']:.2f}x"]
+            cells.append(f"{row['ratio']:.2f}x")
         lines.append(cells)
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
 
@@ -533,7 +545,8 @@ def format_step_table(rows):
         return "  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
                          for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
 
-    footer = ("one step = forward + backward + AdamW; ms: median; peak MB: the process's peak RSS; "
+    footer = ("one step = forward + backward + AdamW; ms: median; speed-up: the side's ms at the shape's first "
+              "thread count over this row's, timed in the same rounds; peak MB: the process's peak RSS; "
               + ("ratio = minqkv ms / torch ms (below 1: minqkv faster)" if with_torch
                  else "PyTorch is not installed: minqkv's side only"))
     return "\n".join([render(header), "  ".join("-" * w for w in widths)]
@@ -578,11 +591,10 @@ def run_long_bench(lengths=LONG_LENGTHS, threads=(1,), rounds=3, steps_per_round
     timing = dict(rounds=rounds, steps_per_round=steps_per_round, warmup=1)
     attention, steps, study = [], [], []
     for T in lengths:
-        for n in threads:
-            row = {"T": T, "threads": n, "n_head": LONG_SHAPE[0], "head_dim": LONG_SHAPE[1]}
-            attention.append(_measure(row, f"attention-{T}", sides, n, tokens=T, **timing))
-            row = {"T": T, "threads": n, "n_layer": LONG_STEP_SHAPE[0], "n_embd": LONG_STEP_SHAPE[2]}
-            steps.append(_measure(row, f"step-{T}", sides, n, tokens=T, **timing))
+        rows = [{"T": T, "threads": n, "n_head": LONG_SHAPE[0], "head_dim": LONG_SHAPE[1]} for n in threads]
+        attention += _measure(rows, f"attention-{T}", sides, threads, tokens=T, **timing)
+        rows = [{"T": T, "threads": n, "n_layer": LONG_STEP_SHAPE[0], "n_embd": LONG_STEP_SHAPE[2]} for n in threads]
+        steps += _measure(rows, f"step-{T}", sides, threads, tokens=T, **timing)
     T = max(lengths)
     for name in STUDY_MODELS:
         for n in threads:
@@ -598,10 +610,11 @@ def _study_row(name, T, threads, timing):
     floats = sum(config.attention_spec(i).kv_cache_floats_per_token() for i in range(config.n_layer))
     row = {"model": name, "T": T, "threads": threads, "codes": "/".join(codes),
            "kv_cache_mb": round(floats * T * np.dtype(config.dtype).itemsize / 2**20, 2)}  # a full block
-    _measure(row, f"study-{name}-{T}", ("minqkv",), threads, tokens=T, **timing)
+    _measure([row], f"study-{name}-{T}", ("minqkv",), (threads,), tokens=T, **timing)
     warmup = min(4, DECODE_TOKENS - 1)
     per_round = (DECODE_TOKENS - warmup) // timing["rounds"]
-    decode = _measure({}, f"decode-{name}-{T}", ("minqkv",), threads, timing["rounds"], per_round, warmup, tokens=1)
+    [decode] = _measure([{}], f"decode-{name}-{T}", ("minqkv",), (threads,), timing["rounds"], per_round, warmup,
+                        tokens=1)
     row["decode_ms_per_token"] = decode["minqkv_ms"]
     row["decode_tokens_per_s"] = decode["minqkv_tokens_per_s"]
     return row

@@ -681,11 +681,15 @@ def test_bench_rows_and_table_have_the_documented_fields():
 def test_step_bench_times_minqkv_and_says_when_torch_is_absent():
     from minqkv.bench import format_step_table, run_step_bench
 
-    rows = run_step_bench(threads=(1,), shapes=("nanogpt-cpu",), rounds=1, steps_per_round=1, warmup=0,
+    rows = run_step_bench(threads=(1, 2), shapes=("nanogpt-cpu",), rounds=2, steps_per_round=1, warmup=0,
                           with_torch=False)
-    assert len(rows) == 1 and rows[0]["threads"] == 1 and rows[0]["minqkv_ms"] > 0
-    assert rows[0]["minqkv_peak_mb"] > 0 and "ratio" not in rows[0]
-    assert "PyTorch is not installed" in format_step_table(rows)
+    assert [row["threads"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["minqkv_ms"] > 0 and row["minqkv_peak_mb"] > 0 and "ratio" not in row
+        assert row["minqkv_speedup"] == round(rows[0]["minqkv_ms"] / row["minqkv_ms"], 3)
+    assert rows[0]["minqkv_speedup"] == 1.0
+    table = format_step_table(rows)
+    assert "PyTorch is not installed" in table and "speed-up" in table.splitlines()[0]
 
 
 def test_step_bench_refuses_an_unknown_shape():
