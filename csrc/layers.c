@@ -1,6 +1,7 @@
 /* layers.c: the elementwise and row-wise layers of the GPT around its GEMMs, forward and backward:
- *   GELU (tanh approximation, as GPT-2), layer norm over the last axis, and cross-entropy of
- *   integer targets under a softmax of the logits (loss and gradient from one pass over a row).
+ *   GELU (tanh approximation, as GPT-2), layer norm over the last axis, cross-entropy of
+ *   integer targets under a softmax of the logits (loss and gradient from one pass over a row),
+ *   and the backward pass of an embedding (the gradient's rows summed by id).
  *
  * Each one is a plain loop over elements or rows, so it is its own readable reference (and
  * minqkv/kernels.py holds the NumPy twin of each). What makes them faster than the NumPy

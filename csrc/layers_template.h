@@ -278,6 +278,39 @@ int NAME(minqkv_cross_entropy)(const REAL *logits, const int64_t *targets, int64
     return MINQKV_OK;
 }
 
+/* ---- Embedding backward: a gradient's rows summed by id ---- */
+
+/* out zeroed, then each position's row added to its id's row, in position order. */
+static HOT_KERNEL void NAME(embedding_backward_rows)(const int64_t *ids, const REAL *rows, REAL *out,
+                                                     int64_t P, int64_t C, int64_t n)
+{
+    for (int64_t i = 0; i < n * C; i++)
+        out[i] = 0;
+    for (int64_t p = 0; p < P; p++) {
+        REAL *sum = out + ids[p] * C;
+        const REAL *row = rows + p * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++)
+            sum[c] += row[c];
+    }
+}
+
+/* ids: (P,), each in [0, n) (else the call is refused); rows: (P, C); out: (n, C), overwritten:
+ *   out[i] = sum of rows[p] over the positions p with ids[p] == i, added in the order of p.
+ * One thread: the loop only streams rows through memory, and a second thread taking half of each
+ * row's columns was measured slower (768 x 128 rows: 27 us on one thread, 42 on two). */
+int NAME(minqkv_embedding_backward)(const int64_t *ids, const REAL *rows, REAL *out, int64_t P,
+                                    int64_t C, int64_t n)
+{
+    if (P < 0 || C < 1 || n < 0 || (n > 0 && !out) || (P > 0 && (!ids || !rows)))
+        return MINQKV_BAD_ARGUMENT;
+    for (int64_t p = 0; p < P; p++)
+        if (ids[p] < 0 || ids[p] >= n)
+            return MINQKV_BAD_ARGUMENT;
+    NAME(embedding_backward_rows)(ids, rows, out, P, C, n);
+    return MINQKV_OK;
+}
+
 #undef NAME
 #undef REAL
 #undef SUFFIX

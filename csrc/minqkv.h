@@ -139,6 +139,18 @@ int minqkv_cross_entropy_f64(const double *logits, const int64_t *targets, int64
                              double *losses, double *dlogits, double scale, int64_t rows, int64_t V,
                              int num_threads);
 
+/* ---- Embedding backward: the gradient of a table's rows picked by id ----
+ *
+ *   ids  : (P,), each in [0, n) (else the call is refused)
+ *   rows : (P, C), contiguous, C >= 1: the gradient of each picked row
+ *   out  : (n, C), contiguous, overwritten: out[i] = sum of rows[p] over p with ids[p] == i,
+ *          added in the order of p; on one thread (it only streams rows through memory)
+ */
+int minqkv_embedding_backward_f32(const int64_t *ids, const float *rows, float *out, int64_t P,
+                                  int64_t C, int64_t n);
+int minqkv_embedding_backward_f64(const int64_t *ids, const double *rows, double *out, int64_t P,
+                                  int64_t C, int64_t n);
+
 /* ---- AdamW update, in place ----
  *
  *   param, grad, m, v : (n,), contiguous; param, m and v are updated in place

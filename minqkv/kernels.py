@@ -3,8 +3,8 @@
 Each kernel exists twice with the same signature and meaning:
   matmul_c, softmax_c, softmax_backward_c              the C core (csrc/, through cffi)
   matmul_numpy, softmax_numpy, softmax_backward_numpy  a few lines of NumPy: the reference
-(and so on for gelu, gelu_backward, layer_norm, layer_norm_backward, cross_entropy, adamw_update,
-attention, attention_backward),
+(and so on for gelu, gelu_backward, layer_norm, layer_norm_backward, cross_entropy,
+embedding_backward, adamw_update, attention, attention_backward),
 and `matmul`, `softmax`, ... call one or the other according to the backend:
 
   set_backend("numpy")   # or "c"; the first value comes from $MINQKV_BACKEND (default "c")
@@ -297,6 +297,22 @@ def _check_cross_entropy(logits, targets, ignore_index):
                          f"{ignore_index}; found {targets[bad][0]}")
 
 
+def _check_embedding_backward(ids, rows, n):
+    _check_float_array("embedding_backward", "rows", rows)
+    if rows.ndim != 2 or rows.shape[1] == 0:
+        raise ValueError(f"embedding_backward: rows must be 2-D (P, C) with C >= 1, got shape {rows.shape}")
+    if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
+        raise TypeError("embedding_backward: ids must be a numpy array of integers")
+    if ids.shape != rows.shape[:1]:
+        raise ValueError(f"embedding_backward: ids have shape {ids.shape} but rows {rows.shape} "
+                         f"need ({rows.shape[0]},)")
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"embedding_backward: n (the rows of the table) must be an integer >= 0, got {n!r}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise ValueError(f"embedding_backward: ids must lie in [0, {n}), "
+                         f"got values from {ids.min()} to {ids.max()}")
+
+
 def _check_adamw(param, grad, m, v, bias2_sqrt):
     for name, array in (("param", param), ("grad", grad), ("m", m), ("v", v)):
         _check_float_array("adamw_update", name, array)
@@ -433,6 +449,21 @@ def cross_entropy_numpy(logits, targets, ignore_index=-1, scale=1.0, want_grad=T
     return losses, dlogits * np.asarray(scale, logits.dtype)
 
 
+def embedding_backward_numpy(ids, rows, n):
+    """out (n, C) with out[i] = sum of rows[p] (P, C) over the positions p where ids[p] == i.
+
+    What np.add.at(out, ids, rows) does, several times faster: sort the positions by id (stably,
+    so each sum keeps the positions' order), then sum each run of equal ids in one reduceat."""
+    _check_embedding_backward(ids, rows, n)
+    out = np.zeros((n, rows.shape[1]), rows.dtype)
+    if ids.size:
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])  # first position of each run
+        out[sorted_ids[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    return out
+
+
 def adamw_update_numpy(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2_sqrt, eps):
     """One AdamW update of param, m and v in place (see minqkv_adamw in csrc/minqkv.h):
     m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p = p decay - step m / (sqrt(v) / bias2 + eps)."""
@@ -515,7 +546,7 @@ def _require_c(op, twin=None):
 
 # The C functions of one dtype, and ctype, the cffi array type of its elements.
 _KERNEL_NAMES = ("gemm", "gemm_workspace", "gemm_naive", "softmax", "softmax_backward", "gelu",
-                 "gelu_backward", "layer_norm", "layer_norm_backward", "cross_entropy", "adamw",
+                 "gelu_backward", "layer_norm", "layer_norm_backward", "cross_entropy", "embedding_backward", "adamw",
                  "attention", "attention_backward")
 _CKernels = collections.namedtuple("_CKernels", ("ctype",) + _KERNEL_NAMES)
 
@@ -724,6 +755,20 @@ def cross_entropy_c(logits, targets, ignore_index=-1, scale=1.0, want_grad=True)
     return losses, dlogits
 
 
+def embedding_backward_c(ids, rows, n):
+    """The rows of a gradient summed by id on the C core; same contract as embedding_backward."""
+    _require_c("embedding_backward")
+    _check_embedding_backward(ids, rows, n)
+    rows = _contiguous(rows)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    out = np.empty((n, rows.shape[1]), rows.dtype)
+    c = _c_kernels(rows.dtype)
+    status = c.embedding_backward(_pointer("int64_t[]", ids), _pointer(c.ctype, rows), _pointer(c.ctype, out),
+                                  rows.shape[0], rows.shape[1], int(n))
+    _check_status("embedding_backward", status)
+    return out
+
+
 def adamw_update_c(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2_sqrt, eps):
     """One AdamW update in place on the C core; same contract as adamw_update. Arrays that are
     not C-contiguous cannot be updated in place by C: they go to the NumPy twin."""
@@ -876,6 +921,14 @@ def cross_entropy(logits, targets, ignore_index=-1, scale=1.0, want_grad=True):
     if _backend == "c":
         return cross_entropy_c(logits, targets, ignore_index, scale, want_grad)
     return cross_entropy_numpy(logits, targets, ignore_index, scale, want_grad)
+
+
+def embedding_backward(ids, rows, n):
+    """The gradient of an embedding table (n, C) whose rows ids (P,) were picked: out (n, C), each
+    row the sum of rows (P, C) over the positions that picked it, added in position order."""
+    if _backend == "c":
+        return embedding_backward_c(ids, rows, n)
+    return embedding_backward_numpy(ids, rows, n)
 
 
 def adamw_update(param, grad, m, v, beta1, beta2, decay_factor, step_size, bias2_sqrt, eps):

@@ -225,23 +225,9 @@ def embedding(weight: Tensor, ids) -> Tensor:
     out = weight.data[ids]  # (..., C)
 
     def backward(g):  # each row of weight gets the sum of gradients of the positions that used it
-        return (_sum_rows_by_id(ids.reshape(-1), g.reshape(-1, weight.shape[1]), weight.shape[0]),)
+        return (kernels.embedding_backward(ids.reshape(-1), g.reshape(-1, weight.shape[1]), weight.shape[0]),)
 
     return Tensor.from_op(out, (weight,), backward, "embedding")
-
-
-def _sum_rows_by_id(ids: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
-    """out (n, C) with out[i] = sum of rows[p] (P, C) over the positions p where ids[p] == i.
-
-    What np.add.at(out, ids, rows) does, several times faster: sort the positions by id (stably,
-    so each sum keeps the positions' order), then sum each run of equal ids in one reduceat."""
-    out = np.zeros((n, rows.shape[1]), rows.dtype)
-    if ids.size:
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])  # first position of each run
-        out[sorted_ids[starts]] = np.add.reduceat(rows[order], starts, axis=0)
-    return out
 
 
 def concat(tensors, axis: int = 0) -> Tensor:
@@ -258,33 +244,39 @@ def concat(tensors, axis: int = 0) -> Tensor:
 def split(x: Tensor, sizes, axis: int = -1) -> list:
     """Split along axis into pieces of the given sizes (a list) or into `sizes` equal parts.
 
-    Backward: x[piece] = g of each piece. The pieces write into one gradient array for x (one
-    zero fill, no sums of full-size arrays): in each backward walk, the first piece to run creates
-    it and hands it on, the others fill in their part. The pieces' one parent is a private
-    identity node (joint), so no other gradient of x is added to the array before all are in."""
+    Backward: x[piece] = g of each piece. The pieces write into one gradient array for x (no
+    sums of full-size arrays): in each backward walk, the first piece to run creates it and hands
+    it on, the others fill in their part. The pieces' one parent is a private identity node
+    (joint), which runs after all of them: it zeroes the parts of pieces that got no gradient,
+    so the array needs no zero fill of its own, and no other gradient of x is added to it before
+    all are in."""
     sizes = _check_split(x.shape[axis], sizes)
     axis = axis % x.ndim
-    shared = {"walk": None, "grad": None}
+    indexes, start = [], 0
+    for size in sizes:
+        indexes.append((slice(None),) * axis + (slice(start, start + size),))
+        start += size
+    shared = {"walk": None, "grad": None, "written": set()}
 
-    def joint_backward(g):  # every piece has written its part by now: pass the array on, keep no reference
-        shared["grad"] = None
+    def joint_backward(g):  # every piece that got a gradient has written it: zero the others' parts
+        for i, index in enumerate(indexes):
+            if i not in shared["written"]:
+                g[index] = 0
+        shared["grad"] = None  # keep no reference
         return (g,)
 
     joint = Tensor.from_op(x.data, (x,), joint_backward, "split")
-    pieces, start = [], 0
-    for size in sizes:
-        index = (slice(None),) * axis + (slice(start, start + size),)
-        pieces.append(Tensor.from_op(x.data[index], (joint,), _split_piece_backward(index, shared, x), "split"))
-        start += size
-    return pieces
+    return [Tensor.from_op(x.data[index], (joint,), _split_piece_backward(i, index, shared, x), "split")
+            for i, index in enumerate(indexes)]
 
 
-def _split_piece_backward(index: tuple, shared: dict, x: Tensor):
+def _split_piece_backward(i: int, index: tuple, shared: dict, x: Tensor):
     def backward(g):  # the piece's gradient into x's array at index; the walk's first piece hands it on
         first = shared["walk"] != backward_walk() or shared["grad"] is None
         if first:
-            shared["walk"], shared["grad"] = backward_walk(), np.zeros_like(x.data)
+            shared["walk"], shared["grad"], shared["written"] = backward_walk(), np.empty_like(x.data), set()
         shared["grad"][index] = g
+        shared["written"].add(i)
         return (shared["grad"] if first else None,)
 
     return backward

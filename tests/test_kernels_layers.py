@@ -1,9 +1,10 @@
-"""minqkv.kernels: GELU, layer norm, cross-entropy and the AdamW update, C against the NumPy twins.
+"""minqkv.kernels: GELU, layer norm, cross-entropy, embedding backward and the AdamW update, C against
+the NumPy twins.
 
 The property tests draw shapes and values with hypothesis and compare minqkv_*_c with *_numpy
 (skipped without the C core); the behaviour tests run on every backend. The float64 gradient
 checks of the ops built on these kernels are in minqkv/op_checks.py (gelu, layer_norm,
-cross_entropy), which tests/test_gradcheck.py runs.
+cross_entropy, embedding), which tests/test_gradcheck.py runs.
 """
 
 import numpy as np
@@ -136,6 +137,52 @@ def test_cross_entropy_of_uniform_logits_is_log_v_and_ignored_rows_are_zero(back
 def test_cross_entropy_target_out_of_range_is_named(backend):
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 4\) or equal ignore_index=-1; found 7"):
         kernels.cross_entropy(np.zeros((2, 4)), np.array([1, 7]))
+
+
+# ---- embedding backward -------------------------------------------------------------------------
+
+
+@needs_c
+@FAST
+@given(arrays(), st.integers(1, 70))
+def test_embedding_backward_c_matches_numpy_twin(case, n):
+    rows, rng = case
+    ids = rng.integers(0, rng.integers(1, n + 1), rows.shape[0])  # often a few ids, repeated, in any order
+    # C adds in position order, NumPy's reduceat pairwise: the rounding of a sum grows with its terms
+    rounding = (1e-6 if rows.dtype == np.float32 else 1e-14) * max(1, rows.shape[0]) * max(1, np.abs(rows).max(initial=0))
+    np.testing.assert_allclose(kernels.embedding_backward_c(ids, rows, n),
+                               kernels.embedding_backward_numpy(ids, rows, n), rtol=0, atol=rounding)
+
+
+def test_embedding_backward_sums_each_ids_rows_and_leaves_unused_ids_zero(backend):
+    rows = np.arange(8.0).reshape(4, 2)
+    out = kernels.embedding_backward(np.array([2, 0, 2, 2]), rows, 4)
+    np.testing.assert_array_equal(out, [[2, 3], [0, 0], [0 + 4 + 6, 1 + 5 + 7], [0, 0]])
+    assert kernels.embedding_backward(np.zeros(0, np.int64), np.zeros((0, 3)), 2).tolist() == [[0] * 3] * 2
+
+
+@pytest.mark.parametrize("ids, rows, n, error, message", [
+    (np.array([0, 5]), np.ones((2, 3)), 5, ValueError, r"ids must lie in \[0, 5\), got values from 0 to 5"),
+    (np.array([0, -1]), np.ones((2, 3)), 5, ValueError, r"ids must lie in \[0, 5\)"),
+    (np.array([0.0, 1.0]), np.ones((2, 3)), 5, TypeError, "ids must be a numpy array of integers"),
+    (np.array([0, 1, 2]), np.ones((2, 3)), 5, ValueError, r"ids have shape \(3,\) but rows \(2, 3\) need \(2,\)"),
+    (np.array([0, 1]), np.ones(2), 5, ValueError, "rows must be 2-D"),
+    (np.array([0, 1]), np.ones((2, 3), np.int64), 5, TypeError, "rows has dtype int64"),
+    (np.array([0, 1]), np.ones((2, 3)), -1, ValueError, "n .* must be an integer >= 0, got -1"),
+])
+def test_embedding_backward_refuses_bad_arguments_by_name(backend, ids, rows, n, error, message):
+    with pytest.raises(error, match="embedding_backward: " + message):
+        kernels.embedding_backward(ids, rows, n)
+
+
+@needs_c
+def test_embedding_backward_in_c_refuses_an_id_outside_the_table_by_itself():
+    # called directly, past the Python checks: C must not write outside out
+    ids, rows, out = np.array([0, 3], np.int64), np.ones((2, 4)), np.zeros((3, 4))
+    ffi = kernels._ffi
+    status = kernels._lib.minqkv_embedding_backward_f64(ffi.from_buffer("int64_t[]", ids), ffi.from_buffer("double[]", rows),
+                                                        ffi.from_buffer("double[]", out), 2, 4, 3)
+    assert status != 0 and not out.any()
 
 
 # ---- AdamW ----------------------------------------------------------------------------------------
