@@ -172,8 +172,7 @@ def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
 def reshape(x: Tensor, *shape) -> Tensor:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    _check_reshape(x, shape)
-    out = x.data.reshape(shape)
+    out = _reshaped(x, shape)
     return Tensor.from_op(out, (x,), lambda g: (g.reshape(x.shape),), "reshape")  # g in x's shape
 
 
@@ -183,7 +182,7 @@ def transpose(x: Tensor, *axes) -> Tensor:
         axes = tuple(axes[0])
     axes = axes or tuple(reversed(range(x.ndim)))
     _check_permutation(axes, x.ndim)
-    inverse = np.argsort([a % x.ndim for a in axes])  # the permutation that undoes `axes`
+    inverse = sorted(range(x.ndim), key=lambda i: axes[i] % x.ndim)  # the permutation that undoes `axes`
     return Tensor.from_op(x.data.transpose(axes), (x,),
                           lambda g: (g.transpose(inverse),), "transpose")
 
@@ -605,10 +604,10 @@ def _check_reduction(x, axis, op: str, nonempty: bool = False) -> tuple[Tensor, 
     return x, axes
 
 
-def _check_reshape(x: Tensor, shape: tuple) -> None:
-    stand_in = np.broadcast_to(np.empty((), np.int8), x.shape)  # x's shape, no memory
+def _reshaped(x: Tensor, shape: tuple) -> np.ndarray:
+    """x's data in the new shape; NumPy's own rules decide what fits, the error names the op."""
     try:
-        stand_in.reshape(shape)  # NumPy's own rules decide; with every stride 0 nothing is copied
+        return x.data.reshape(shape)
     except ValueError:
         raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} "
                          f"({x.size} elements) into {shape}") from None
