@@ -546,8 +546,8 @@ def _require_c(op, twin=None):
 
 # The C functions of one dtype, and ctype, the cffi array type of its elements.
 _KERNEL_NAMES = ("gemm", "gemm_workspace", "gemm_naive", "softmax", "softmax_backward", "gelu",
-                 "gelu_backward", "layer_norm", "layer_norm_backward", "cross_entropy", "embedding_backward", "adamw",
-                 "attention", "attention_backward")
+                 "gelu_backward", "layer_norm", "layer_norm_backward", "cross_entropy", "embedding_backward",
+                 "adamw", "attention", "attention_backward")
 _CKernels = collections.namedtuple("_CKernels", ("ctype",) + _KERNEL_NAMES)
 
 

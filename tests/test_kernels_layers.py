@@ -149,7 +149,8 @@ def test_embedding_backward_c_matches_numpy_twin(case, n):
     rows, rng = case
     ids = rng.integers(0, rng.integers(1, n + 1), rows.shape[0])  # often a few ids, repeated, in any order
     # C adds in position order, NumPy's reduceat pairwise: the rounding of a sum grows with its terms
-    rounding = (1e-6 if rows.dtype == np.float32 else 1e-14) * max(1, rows.shape[0]) * max(1, np.abs(rows).max(initial=0))
+    largest = max(1, np.abs(rows).max(initial=0))
+    rounding = (1e-6 if rows.dtype == np.float32 else 1e-14) * max(1, rows.shape[0]) * largest
     np.testing.assert_allclose(kernels.embedding_backward_c(ids, rows, n),
                                kernels.embedding_backward_numpy(ids, rows, n), rtol=0, atol=rounding)
 
@@ -180,7 +181,8 @@ def test_embedding_backward_in_c_refuses_an_id_outside_the_table_by_itself():
     # called directly, past the Python checks: C must not write outside out
     ids, rows, out = np.array([0, 3], np.int64), np.ones((2, 4)), np.zeros((3, 4))
     ffi = kernels._ffi
-    status = kernels._lib.minqkv_embedding_backward_f64(ffi.from_buffer("int64_t[]", ids), ffi.from_buffer("double[]", rows),
+    status = kernels._lib.minqkv_embedding_backward_f64(ffi.from_buffer("int64_t[]", ids),
+                                                        ffi.from_buffer("double[]", rows),
                                                         ffi.from_buffer("double[]", out), 2, 4, 3)
     assert status != 0 and not out.any()
 
