@@ -281,15 +281,20 @@ def _check_layer_norm_backward(x, weight, mean, rstd, dy, has_bias):
                              f"needs {x.shape[:-1] + (1,)} (as layer_norm returns it)")
 
 
+def _check_rows_and_ids(op, rows_name, rows, ids_name, ids):
+    """rows: a float array (P, width) with width >= 1; ids: integers (P,), one for each row."""
+    _check_float_array(op, rows_name, rows)
+    if rows.ndim != 2 or rows.shape[1] == 0:
+        raise ValueError(f"{op}: {rows_name} must be 2-D with at least one column, got shape {rows.shape}")
+    if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
+        raise TypeError(f"{op}: {ids_name} must be a numpy array of integers")
+    if ids.shape != rows.shape[:1]:
+        raise ValueError(f"{op}: {ids_name} have shape {ids.shape} but {rows_name} {rows.shape} "
+                         f"need ({rows.shape[0]},)")
+
+
 def _check_cross_entropy(logits, targets, ignore_index):
-    _check_float_array("cross_entropy", "logits", logits)
-    if logits.ndim != 2 or logits.shape[1] == 0:
-        raise ValueError(f"cross_entropy: logits must be 2-D (rows, V) with V >= 1, got shape {logits.shape}")
-    if not isinstance(targets, np.ndarray) or targets.dtype.kind not in "iu":
-        raise TypeError("cross_entropy: targets must be a numpy array of integers")
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(f"cross_entropy: targets have shape {targets.shape} but logits {logits.shape} "
-                         f"need ({logits.shape[0]},)")
+    _check_rows_and_ids("cross_entropy", "logits", logits, "targets", targets)
     V = logits.shape[1]
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
     if bad.any():
@@ -298,14 +303,7 @@ def _check_cross_entropy(logits, targets, ignore_index):
 
 
 def _check_embedding_backward(ids, rows, n):
-    _check_float_array("embedding_backward", "rows", rows)
-    if rows.ndim != 2 or rows.shape[1] == 0:
-        raise ValueError(f"embedding_backward: rows must be 2-D (P, C) with C >= 1, got shape {rows.shape}")
-    if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
-        raise TypeError("embedding_backward: ids must be a numpy array of integers")
-    if ids.shape != rows.shape[:1]:
-        raise ValueError(f"embedding_backward: ids have shape {ids.shape} but rows {rows.shape} "
-                         f"need ({rows.shape[0]},)")
+    _check_rows_and_ids("embedding_backward", "rows", rows, "ids", ids)
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"embedding_backward: n (the rows of the table) must be an integer >= 0, got {n!r}")
     if ids.size and (ids.min() < 0 or ids.max() >= n):
