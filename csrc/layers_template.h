@@ -223,8 +223,8 @@ int NAME(minqkv_layer_norm_backward)(const REAL *x, const REAL *weight, const RE
  *   losses[r] = logsumexp(logits[r]) - logits[r][t]          (= -log softmax(logits[r])[t])
  *   dlogits[r] = (softmax(logits[r]) - onehot(t)) * scale
  * and for an ignored row losses[r] = 0, dlogits[r] = 0. dlogits may be NULL (no gradient
- * wanted). A target outside [0, V) that is not ignore_index is refused before anything runs. */
-/* Rows [r0, r1) of the cross-entropy: one thread's share (targets already checked). */
+ * wanted). A target outside [0, V) that is not ignore_index is refused before anything runs.
+ * cross_entropy_rows computes rows [r0, r1), one thread's share, once the targets are checked. */
 static HOT_KERNEL void NAME(cross_entropy_rows)(const REAL *logits, const int64_t *targets,
                                                 int64_t ignore_index, REAL *losses, REAL *dlogits,
                                                 REAL scale, int64_t r0, int64_t r1, int64_t V)
