@@ -143,6 +143,30 @@ def test_attention_c_reads_the_heads_of_a_projection_without_copying_them():
 
 
 @needs_c
+def test_attention_c_copies_what_it_streams_head_by_head_from_long_queries_on(monkeypatch):
+    B, T, H, hd = 2, 128, 4, 32
+    rng = np.random.default_rng(6)
+    product = rng.standard_normal((B, T, 3 * H * hd))
+    q, k, v = (heads_of(product, i * H * hd, H, hd) for i in range(3))
+    dy = heads_of(rng.standard_normal((B, T, H * hd)), 0, H, hd)
+    y, lse = kernels.attention_c(q, k, v)
+    grads = kernels.attention_backward_c(q, k, v, None, y, lse, dy)
+    monkeypatch.setattr(kernels, "LONG_QUERIES", T)  # as if these 128 queries were long
+    one_head_array, outputs, gradients = q.nbytes, q.nbytes + q.nbytes // hd, 3 * q.nbytes
+    assert new_bytes_during(lambda: kernels.attention_c(q, k, v)) >= outputs + 2 * one_head_array  # k, v
+    y_long, lse_long = kernels.attention_c(q, k, v)
+    np.testing.assert_array_equal(y_long, y)  # the same sums, read from other memory
+    np.testing.assert_array_equal(lse_long, lse)
+    backward = lambda: kernels.attention_backward_c(q, k, v, None, y, lse, dy)  # noqa: E731
+    assert new_bytes_during(backward) >= gradients + 3 * one_head_array  # q, y, dy
+    for got, want in zip(backward()[:3], grads[:3]):
+        np.testing.assert_array_equal(got, want)
+    # decoding: one query reads its long cache once, where it lies
+    one_query = q[:, :, -1:]
+    assert new_bytes_during(lambda: kernels.attention_c(one_query, k, v)) < one_head_array // 2
+
+
+@needs_c
 def test_the_c_core_refuses_output_rows_that_overlap():
     """The C core's own check: a y layout whose rows overlap would have threads write each other's
     rows; kernels.py never passes one, but C says no rather than race."""
