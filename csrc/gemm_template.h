@@ -264,7 +264,7 @@ int GEMM(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t 
                             B, ldb, batch_stride_b, C, ldc, batch_stride_c, aligned);
         return MINQKV_OK;
     }
-#pragma omp parallel for num_threads(plan.threads) schedule(static)
+#pragma omp parallel for num_threads(plan.threads) schedule(dynamic, 1) /* see BANDS_PER_THREAD */
     for (int64_t unit = 0; unit < units; unit++)
         NAME(gemm_unit)(unit, plan, trans_a, trans_b, M, N, K, A, lda, batch_stride_a,
                         B, ldb, batch_stride_b, C, ldc, batch_stride_c,

@@ -172,6 +172,7 @@ def test_naive_and_blocked_gemm_compute_the_same_product(dtype, trans_a, trans_b
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch, M, K, N", [
     (None, 263, 400, 330),  # big enough to be shared by threads: split into bands of rows
+    (None, 2000, 64, 48),  # tall: more bands than threads, taken as threads free up
     (None, 70, 420, 1200),  # wide: bands of columns
     (3, 263, 400, 330),  # a batch that threads cannot share evenly
     (4, 100, 300, 600),
