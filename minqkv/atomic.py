@@ -5,11 +5,17 @@ is then renamed over the target. A rename within one folder is atomic, so a cras
 leaves either the old file or the new one, never a mixture. A crash mid-write may leave the
 temporary file (name.XXXX.tmp) behind; the target itself is always whole, and
 remove_leftovers deletes such files when the run that owns the folder starts again.
+
+with_path makes a failed write's error name its file. json_text is the JSON these files hold:
+strict JSON, a NaN or infinite float written as null (Python's json would write NaN, which
+other JSON readers refuse).
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -20,18 +26,27 @@ def write_atomically(path, data: bytes | str) -> None:
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary files
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        raise with_path(error, path) if isinstance(error, OSError) else error
+
+
+def with_path(error: OSError, path) -> OSError:
+    """The same system error, naming `path`: a failed write (full disk, file-size limit) names no
+    file, and one inside write_atomically would name the temporary file."""
+    if error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))  # OSError picks the subclass from errno
 
 
 def remove_leftovers(path) -> None:
@@ -43,3 +58,18 @@ def remove_leftovers(path) -> None:
     path = Path(path)
     for leftover in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
         leftover.unlink(missing_ok=True)
+
+
+def json_text(obj, indent=None) -> str:
+    """obj as strict JSON text: a float that is NaN or infinite becomes null."""
+    return json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False)
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(value) for value in obj]
+    return obj

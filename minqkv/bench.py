@@ -1,6 +1,6 @@
 """Speed of minqkv's kernels next to NumPy's, measured side by side in one run.
 
-    rows = run_bench(repeats=20)
+    rows = run_bench(repeats=20)  # threads=(1, 2): the table at each thread count of the C kernels
     print(format_table(rows))
 
 Each row times one kernel call through minqkv.kernels (the active backend, normally the C
@@ -130,26 +130,45 @@ def _row(name, dtype, shape, ours, reference, unit, ours_seconds, reference_seco
     }
 
 
-def run_bench(repeats=20, warmup=3, rounds=3, settle=0.15, seed=0):
+def run_bench(repeats=20, warmup=3, rounds=3, settle=0.15, seed=0, threads=None):
     """Time every kernel against NumPy; returns one dict per case with the keys bench, dtype,
     shape, minqkv, reference, ratio, unit, minqkv_ms, reference_ms, backend and threads
-    (see the module docstring). Takes about 10 s with the defaults."""
+    (see the module docstring). Takes about 10 s with the defaults.
+
+    threads: thread counts for minqkv's kernels, every case timed at each in turn (default: the
+    current count). NumPy keeps its own threads.
+    """
     if repeats < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"run_bench: repeats and rounds must be >= 1 and warmup >= 0, "
                          f"got repeats={repeats}, warmup={warmup}, rounds={rounds}")
-    rng = np.random.default_rng(seed)
     timing = dict(repeats=repeats, warmup=warmup, rounds=rounds, settle=settle)
-    rows = [_matmul_row(*case, rng, timing) for case in _matmul_cases()]
-    return rows + _softmax_rows(rng, timing)
+    rows = []
+    for count in threads or (kernels.get_num_threads(),):
+        rows += _rows_at(count, seed, timing)
+    return rows
+
+
+def _rows_at(threads, seed, timing):
+    """Every case with the kernels on `threads` threads; the count in use is restored after."""
+    previous = kernels.get_num_threads()
+    kernels.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(seed)  # the same arrays at every count
+        rows = [_matmul_row(*case, rng, timing) for case in _matmul_cases()]
+        return rows + _softmax_rows(rng, timing)
+    finally:
+        kernels.set_num_threads(previous)
 
 
 def format_table(rows):
     """The rows of run_bench as an aligned text table."""
-    header = ["bench", "dtype", "shape", "minqkv", "numpy", "unit", "ratio"]
-    lines = [[row["bench"], row["dtype"], row["shape"], f"{row['minqkv']:.1f}",
-              f"{row['reference']:.1f}", row["unit"], f"{row['ratio']:.2f}x"] for row in rows]
+    several = len({row.get("threads") for row in rows}) > 1  # then a column says which count
+    header = ["bench", "dtype", "shape"] + ["threads"] * several + ["minqkv", "numpy", "unit", "ratio"]
+    lines = [[row["bench"], row["dtype"], row["shape"]] + [row["threads"]] * several +
+             [f"{row['minqkv']:.1f}", f"{row['reference']:.1f}", row["unit"], f"{row['ratio']:.2f}x"]
+             for row in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
-    numeric = {3, 4, 6}
+    numeric = {i for i, name in enumerate(header) if name in ("threads", "minqkv", "numpy", "ratio")}
 
     def render(cells):
         return "  ".join(str(cell).rjust(width) if i in numeric else str(cell).ljust(width)

@@ -5,12 +5,17 @@ JSON document under 'meta' (configs, tokenizer, step, RNG states, optimiser scal
 written with write_atomically, so an interrupted save never leaves a broken checkpoint: the
 old one stays until the new one is whole. Loading reads arrays and JSON only, never pickles,
 so a checkpoint cannot run code; a file that is not a whole checkpoint raises CheckpointError.
+Nor can a small crafted file make a load unpack or allocate much: names, sizes, meta and every
+array's declared shape are checked against each other before any array is read or model built.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,16 +58,18 @@ def save_checkpoint(out_dir, model, optimizer, meta: dict) -> Path:
 
 
 def load_checkpoint(path) -> tuple:
-    """-> (meta dict, model arrays {name: array}, optimiser state dict or None)."""
+    """-> (meta dict, model arrays {name: array}, optimiser state dict or None).
+
+    Checks come before the work they guard, so that a small crafted file cannot make the load
+    unpack or allocate much: the member names, then each member's declared size, then meta, then
+    every array's declared shape (its .npy header) against meta's model_config; only then are the
+    arrays read.
+    """
     path = checkpoint_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path} (train with --out DIR first)")
     try:
-        files = _read_arrays(path)
-        meta = json.loads(str(files.pop("meta")))
-        missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
-        if missing:
-            raise KeyError(f"its meta lacks {', '.join(missing)}")
+        meta, files = _read_checked(path)
         optim_state = None
         if "optimizer" in meta:
             optim_state = {**meta["optimizer"], "params": {
@@ -75,19 +82,132 @@ def load_checkpoint(path) -> tuple:
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of every .npz (a zip archive)
+MEMBER_NAME = re.compile(r"meta|model/[\w.]+|optim/[\w.]+/[mv]")  # + '.npy', as np.savez names them
+# meta is JSON stored as one string of 4-byte characters: configs, RNG states and the vocabulary,
+# which even with every Unicode character (each escaped as 6 or 12 ASCII characters) stays below this.
+MAX_META_BYTES = 64 << 20
 
 
-def _read_arrays(path: Path) -> dict:
+class _Refused(Exception):
+    """A check of this module found the file unfit; the message is the reason."""
+
+
+def _read_checked(path: Path) -> tuple:
+    """-> (meta, {member name: array}), each check done before what it guards."""
     with open(path, "rb") as f:
         start = f.read(len(ZIP_MAGIC))
-    if start != ZIP_MAGIC:  # checked first, so np.load never guesses at other formats
-        raise ValueError("the file is empty" if not start else "it is not an .npz archive")
-    # allow_pickle=False: only plain arrays load; a pickled object is refused, never run
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    if start != ZIP_MAGIC:  # checked first, so no reader ever guesses at other formats
+        raise _Refused("the file is empty" if not start else "it is not an .npz archive")
+    with zipfile.ZipFile(path) as archive:
+        members = _members(archive, path.stat().st_size)
+        meta = _read_meta(archive, members.pop("meta"))
+        declared = {name: _declared_shape(archive, info) for name, info in members.items()}
+        _check_shapes(meta, declared)
+        # allow_pickle=False: only plain arrays load; a pickled object is refused, never run
+        return meta, {name: _read_member(archive, info) for name, info in members.items()}
+
+
+def _members(archive: zipfile.ZipFile, file_bytes: int) -> dict:
+    """{name without .npy: ZipInfo}, refusing unknown names and sizes no checkpoint has."""
+    infos = archive.infolist()
+    names = [info.filename.removesuffix(".npy") for info in infos]
+    if "meta" not in names:
+        raise _Refused("it holds no 'meta', the run's configs and step")
+    unexpected = [info.filename for info, name in zip(infos, names) if not MEMBER_NAME.fullmatch(name)]
+    if unexpected or len(set(names)) != len(names):
+        raise _Refused(f"unexpected members {unexpected[:5] or 'repeated names'}: a checkpoint holds "
+                       "'meta', 'model/NAME', 'optim/NAME/m' and 'optim/NAME/v' once each")
+    for info in infos:
+        # save_checkpoint stores members uncompressed, so none unpacks to more than the whole file
+        if info.file_size > file_bytes:
+            raise _Refused(f"member {info.filename!r} unpacks to {info.file_size:,} bytes, more than "
+                           f"the whole file ({file_bytes:,} bytes)")
+    return dict(zip(names, infos))
+
+
+def _read_meta(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict:
+    if info.file_size > MAX_META_BYTES:
+        raise _Refused(f"its meta is {info.file_size:,} bytes, more than the {MAX_META_BYTES:,} any "
+                       "checkpoint's meta needs")
+    shape, dtype = _declared_shape(archive, info)
+    if shape != () or dtype.kind != "U":
+        raise _Refused(f"its meta is a {dtype} array of shape {shape}, not one string")
+    meta = json.loads(str(_read_member(archive, info)))
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise _Refused(f"its meta lacks {', '.join(missing)}")
+    return meta
+
+
+def _declared_shape(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple:
+    """(shape, dtype) from a member's .npy header alone, checked against the member's size."""
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise _Refused(f"member {info.filename!r} is .npy format {version}, which np.savez never writes")
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        header_bytes = f.tell()
+    if dtype.hasobject:
+        raise _Refused(f"member {info.filename!r} holds Python objects, which only unpickling could "
+                       "load (allow_pickle is off: a checkpoint holds numbers)")
+    data_bytes = math.prod(shape) * dtype.itemsize
+    if header_bytes + data_bytes != info.file_size:
+        raise _Refused(f"member {info.filename!r} declares {dtype}{list(shape)} ({data_bytes:,} bytes) "
+                       f"but holds {info.file_size - header_bytes:,} bytes")
+    return shape, dtype
+
+
+def _check_shapes(meta: dict, declared: dict) -> None:
+    """The arrays ({name: (shape, dtype)}) must be the model that meta's model_config describes.
+
+    GPT(config) allocates what the config says, so a small file with a huge n_embd is refused
+    here, before any model is built (each weight's own shape is checked when it is loaded).
+    """
+    from .model import GPTConfig
+
+    config = meta["model_config"]
+    weights = {name[len("model/"):]: d for name, d in declared.items() if name.startswith("model/")}
+    layers = {name.split(".")[1] for name in weights if name.startswith("blocks.")}
+    n_layer = config.get("n_layer") if isinstance(config, dict) else None
+    if n_layer != len(layers):  # checked first: the config's own checks take a moment per layer
+        raise _Refused(f"its model_config says n_layer={n_layer!r}, but the number of layers it "
+                       f"holds weights for is {len(layers)}")
+    expected = parameter_count(GPTConfig.from_dict(config))
+    held = sum(math.prod(shape) for shape, _ in weights.values())
+    if held != expected:
+        raise _Refused(f"its model_config describes a model of {expected:,} parameters, but its "
+                       f"arrays hold {held:,}")
+    for name, (shape, dtype) in declared.items():
+        weight = name[len("optim/"):-len("/m")] if name.startswith("optim/") else None
+        if weight is not None and weights.get(weight) != (shape, dtype):
+            raise _Refused(f"optimiser state {name!r} is {dtype}{list(shape)}, but the weight "
+                           f"model/{weight} is not")
+
+
+def parameter_count(config) -> int:
+    """The parameters GPT(config) has, counted from the sizes alone (nothing is allocated)."""
+    from .variants import non_attention_params
+
+    attention = sum(config.attention_spec(layer).params() for layer in range(config.n_layer))
+    rest = non_attention_params(config.n_embd, config.n_layer, config.block_size, config.vocab_size,
+                                4 * config.n_embd, config.pos)
+    output_head = 0 if config.tie_weights else config.vocab_size * config.n_embd
+    return attention + rest + output_head
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with archive.open(info) as f:
+        array = np.lib.format.read_array(f, allow_pickle=False)
+        if f.read(1):  # also reads to the end, where zipfile compares the checksum
+            raise _Refused(f"member {info.filename!r} has bytes after its array")
+    return array
 
 
 def _reason(error: Exception) -> str:
+    if isinstance(error, _Refused):
+        return str(error)
     text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 

@@ -2,13 +2,22 @@
 
 Each subcommand is a small function that parses its flags into the package's own configs
 and calls the package; nothing here computes anything itself.
+
+Whatever goes wrong is one line on stderr, never a traceback: an error the user can act on
+(bad settings, damaged files, a full disk or read-only folder, a busy run folder) exits with 2;
+Ctrl-C exits with 130 and SIGTERM with 143, and a stopped `train` says how to resume it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import shlex
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -18,16 +27,74 @@ SAMPLE_PROMPT = "ROMEO:\n"
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports the package, which checks MINQKV_NUM_THREADS and MINQKV_BACKEND
+    except ValueError as e:
+        print(f"minqkv: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
     try:
-        return args.run(args) or 0
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
-        print(f"minqkv {args.command}: error: {e}", file=sys.stderr)
+        with _stoppable():
+            return args.run(args) or 0
+    except KeyboardInterrupt as stop:
+        print(f"minqkv {args.command}: {_stopped(args, stop)}", file=sys.stderr)
+        # a sweep wraps the signal it stopped for in its own interrupt (see ablate.SweepInterrupted)
+        terminated = isinstance(stop, Terminated) or isinstance(stop.__cause__, Terminated)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
+        print(f"minqkv {args.command}: error: {_error_text(e)}", file=sys.stderr)
         return 2
+
+
+def _error_text(error: Exception) -> str:
+    """An error's message; a system error's as 'PATH: what the system said'."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        paths = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else error.filename
+        return f"{paths}: {error.strerror}"
+    return str(error)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt, so that a run stops the same clean way."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _stoppable():
+    """SIGTERM raises Terminated, and SIGXFSZ is ignored so that a write past the file-size limit
+    (ulimit -f) fails with OSError EFBIG instead of killing the process. Handlers are restored
+    afterwards; only the main thread may set them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+                signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            if handler is not None:  # None: set outside Python, nothing to restore
+                signal.signal(number, handler)
+
+
+def _stopped(args, stop: KeyboardInterrupt) -> str:
+    """What a stopped command says (its own message, if the command gave one); a run also says
+    what it kept and how to go on."""
+    from .checkpoint import checkpoint_path
+
+    what = str(stop) or ("stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted")
+    if args.command != "train":
+        return what
+    if not checkpoint_path(args.out).exists():
+        return f"{what} before its first checkpoint; nothing to resume"
+    out = shlex.quote(args.out)
+    return f"{what}; its last checkpoint in {args.out} is kept: continue it with `minqkv train --out {out} --resume`"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +131,8 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    if not (value > 0 and math.isfinite(value)):  # float() reads 'inf' and 'nan' too
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return value
 
 
@@ -189,9 +256,10 @@ def cmd_train(args) -> int:
 def _summary(final: dict) -> str:
     metric = (f"val bpc {final['val_bpc']:.3f}" if "val_bpc" in final
               else f"accuracy {100 * final['accuracy']:.1f}%")
+    # None: a resumed run with no step left to time, whose earlier final.json is gone
+    speed = f"{final['tokens_per_s']:,.0f} tokens/s" if final["tokens_per_s"] is not None else "speed not measured"
     lines = [f"{final['variant']}: val loss {final['val_loss']:.4f}, {metric}, "
-             f"{final['params']:,} params, {final['tokens_per_s']:,.0f} tokens/s, "
-             f"{final['wall_s']:.0f} s"]
+             f"{final['params']:,} params, {speed}, {final['wall_s']:.0f} s"]
     if "pruned_codes" in final:
         lines.append(f"pruned to per-layer codes {final['pruned_codes']} ({final['projections_kept']} of "
                      f"{final['projections_total']} projection matrices kept): val loss "
@@ -226,9 +294,26 @@ def _sample_text(ckpt, prompt, tokens, temperature, top_k, seed) -> str:
         raise ValueError("--prompt must not be empty")
     if prompt == SAMPLE_PROMPT and not set(prompt) <= set(tokenizer.chars):
         prompt = tokenizer.chars[0]  # the default prompt needs characters this corpus lacks
-    ids = tokenizer.encode(prompt)[None, :]  # (1, T)
+    ids = _prompt_ids(tokenizer, prompt)  # (1, T)
     out = model.generate(ids, tokens, temperature, top_k, np.random.default_rng(seed))
     return tokenizer.decode(out[0])
+
+
+def _prompt_ids(tokenizer, prompt: str) -> np.ndarray:
+    """--prompt as ids of shape (1, T), or an error naming what the checkpoint cannot read."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        code = ord(prompt[error.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise ValueError(f"--prompt is not UTF-8 text: {what} at character {error.start} cannot be "
+                         "decoded; give the prompt in UTF-8") from None
+    unknown = sorted(set(prompt) - set(tokenizer.chars))
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise ValueError(f"--prompt has characters outside the checkpoint's vocabulary of {tokenizer.vocab_size}: "
+                         f"{shown}; use characters of the text it was trained on")
+    return tokenizer.encode(prompt)[None, :]
 
 
 # ---- variants ----------------------------------------------------------------------------
@@ -307,8 +392,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--step", action="store_true",
                    help="time one training step (forward, backward, AdamW) of minqkv and PyTorch")
     p.add_argument("--threads", type=_thread_list, default=None,
-                   help="thread counts for --step and --long, comma-separated (default 1,2 for --step, "
-                        "1 for --long)")
+                   help="thread counts, comma-separated (default: the current count for the kernel table, "
+                        "1,2 for --step, 1 for --long)")
     p.add_argument("--rounds", type=int, default=5, help="--step: alternating rounds per side")
     p.add_argument("--long", action="store_true",
                    help="attention forward + backward and a training step at T = 1k..8k (batch 1) next to "
@@ -322,13 +407,15 @@ def _add_bench(sub) -> None:
 
 
 def _thread_list(text: str) -> tuple:
+    from .kernels import MAX_NUM_THREADS
+
     try:
         counts = tuple(int(part) for part in text.split(","))
     except ValueError:
         counts = ()
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"--threads {text!r}: give thread counts >= 1 separated by "
-                                         "commas, e.g. --threads 1,2")
+    if not counts or min(counts) < 1 or max(counts) > MAX_NUM_THREADS:
+        raise argparse.ArgumentTypeError(f"--threads {text!r}: give thread counts from 1 to {MAX_NUM_THREADS} "
+                                         "(the most the kernels use) separated by commas, e.g. --threads 1,2")
     return counts
 
 
@@ -361,7 +448,7 @@ def cmd_bench(args) -> int:
         rows = bench.run_step_bench(threads=args.threads or (1, 2), rounds=args.rounds)
         print(json.dumps(rows, indent=2) if args.json else bench.format_step_table(rows))
         return 0
-    rows = bench.run_bench()
+    rows = bench.run_bench(threads=args.threads)
     print(json.dumps(rows, indent=2) if args.json else bench.format_table(rows))
     return 0
 

@@ -2,7 +2,7 @@
 
 Three kinds of corpus share one interface (`Corpus.batch`, `Corpus.eval_batches`):
 
-- a UTF-8 text file of your own (`--data notes.txt`),
+- a UTF-8 text file of your own (`--data notes.txt`): a regular file of at most MAX_TEXT_BYTES,
 - `shakespeare`: the plays as plain "SPEAKER:\\nverse\\n\\n" text (shakespeare.py fetches and
   converts them),
 - `synthetic:TASK`: copy, reverse, sort and multi-query associative recall, generated in code.
@@ -15,6 +15,7 @@ For text, targets are the inputs shifted by one character and the metric is bits
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,10 @@ VALIDATION_FRACTION = 0.1  # the last 10% of a text is the validation split
 LARGEST_TEXT_BLOCK = 256
 # The validation split (10%) must hold one block of 256 characters plus its next-character target.
 MIN_TEXT_CHARS = 10 * (LARGEST_TEXT_BLOCK + 1)  # 2570
+# The most a text file may hold. Encoding keeps each character as an int64 id (8 bytes) beside a
+# 4-byte code point and the text itself, so 256 MiB of text already needs about 4 GiB of memory;
+# and it is some 50 times Shakespeare's plays, more than a char model on a CPU trains through.
+MAX_TEXT_BYTES = 256 << 20
 
 
 # ---- tokenizer ---------------------------------------------------------------------------
@@ -172,13 +177,27 @@ def text_corpus(name: str, text: str) -> TextCorpus:
 
 
 def read_text_file(path) -> str:
-    """The file's text, or an error that says what is wrong with it."""
+    """The file's text, or an error that says what is wrong with it.
+
+    Only a regular file is opened (a FIFO would block, /dev/zero never end), and at most
+    MAX_TEXT_BYTES of it are read.
+    """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist") from None
+    if stat.S_ISDIR(mode):
         raise ValueError(f"data path {str(path)!r} is a directory; pass a UTF-8 text file")
-    raw = path.read_bytes()
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"data path {str(path)!r} is not a regular file (a device, pipe or socket); "
+                         "pass a UTF-8 text file")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_TEXT_BYTES + 1)  # one byte more tells a file that is too large
+    if len(raw) > MAX_TEXT_BYTES:
+        raise ValueError(f"data file {str(path)!r} is larger than {MAX_TEXT_BYTES:,} bytes "
+                         f"({MAX_TEXT_BYTES >> 20} MiB), the most minqkv reads (training needs some 16 bytes "
+                         "of memory per character): train on a part of it")
     if not raw:
         raise ValueError(f"data file {str(path)!r} is empty")
     try:

@@ -1,7 +1,8 @@
 """Optimisation: AdamW, the cosine learning-rate schedule, and gradient clipping.
 
-A parameter is anything with `.data` (a float32 or float64 array, updated in place) and
-`.grad` (an array of the same shape and dtype, or None when it got no gradient this step).
+A parameter is a Tensor (a Parameter) whose `.data` is a float32 or float64 array, updated in
+place (through writable_data(): a graph recorded before the step then refuses backward), and
+whose `.grad` is an array of the same shape and dtype, or None when it got no gradient this step.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ def decays(name: str, param) -> bool:
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    if not lr >= 0:
-        raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
+    # math.isfinite as well: inf passes every '>= 0'
+    if not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"AdamW: lr must be >= 0 and finite, got {lr}")
     if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
         raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {betas}")
-    if not eps > 0:
-        raise ValueError(f"AdamW: eps must be > 0, got {eps}")
-    if not weight_decay >= 0:
-        raise ValueError(f"AdamW: weight_decay must be >= 0, got {weight_decay}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"AdamW: eps must be > 0 and finite, got {eps}")
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"AdamW: weight_decay must be >= 0 and finite, got {weight_decay}")
 
 
 class AdamW:
@@ -63,8 +65,8 @@ class AdamW:
         unknown = sorted(set(self.lr_scale) - set(self.params))
         if unknown:
             raise ValueError(f"AdamW: lr_scale names {unknown}, which are not parameters of this optimiser")
-        if not all(factor > 0 for factor in self.lr_scale.values()):
-            raise ValueError(f"AdamW: every lr_scale factor must be > 0, got {self.lr_scale}")
+        if not all(factor > 0 and math.isfinite(factor) for factor in self.lr_scale.values()):
+            raise ValueError(f"AdamW: every lr_scale factor must be > 0 and finite, got {self.lr_scale}")
         self.step_count = 0  # calls to step()
         self.state = {}  # name -> {"step": int, "m": array, "v": array}, created at the first grad
 
@@ -88,8 +90,8 @@ class AdamW:
     def step(self, lr=None) -> None:
         """Update every parameter that has a grad; `lr` overrides self.lr for this step only."""
         lr = self.lr if lr is None else float(lr)
-        if not lr >= 0:
-            raise ValueError(f"AdamW.step: lr must be >= 0, got {lr}")
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"AdamW.step: lr must be >= 0 and finite, got {lr}")
         for name, param in self.params.items():
             if param.grad is not None:
                 self._update(name, param, lr * self.lr_scale[name] if name in self.lr_scale else lr)
@@ -111,7 +113,7 @@ class AdamW:
         t = state["step"]
         decay_factor = 1.0 - lr * self.weight_decay if self.weight_decay and decays(name, param) else 1.0
         # in place, in one pass over memory (the C core) or as NumPy's in-place formula (its twin)
-        kernels.adamw_update(param.data, grad, state["m"], state["v"], beta1, beta2, decay_factor,
+        kernels.adamw_update(param.writable_data(), grad, state["m"], state["v"], beta1, beta2, decay_factor,
                              step_size=lr / (1.0 - beta1**t), bias2_sqrt=math.sqrt(1.0 - beta2**t),
                              eps=self.eps)
 

@@ -7,6 +7,11 @@ OUT/metrics.jsonl and saves OUT/ckpt.npz atomically. A resumed run (resume_train
 reloads weights, optimiser, step and the random generators (batches, dropout, gate noise), so
 it continues exactly as if never stopped; it refuses settings other than the saved run's and
 data with another vocabulary.
+
+One writer per run folder: a run holds folder_lock(OUT) while it writes there, so a second run
+or a --resume beside a live one is refused with the live one's process id instead of mixing
+metrics or deleting its temporary files. The folder is created only once every check has passed.
+JSON files hold strict JSON (atomic.json_text): a figure that is not a finite number is null.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import remove_leftovers, write_atomically
+from .atomic import json_text, remove_leftovers, with_path, write_atomically
 from .checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint, save_checkpoint
 from .data import IGNORE, CharTokenizer, load_corpus
+from .lock import folder_lock
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm, cosine_lr
 from .tensor import no_grad
@@ -50,6 +56,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):  # inf passes every '> 0', nan every '< 0'
+                raise ValueError(f"{field.name} must be a finite number, got {value}")
         for name in ("steps", "batch_size", "eval_interval", "eval_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -132,10 +142,28 @@ def train(model_config: GPTConfig, train_config: TrainConfig, resume: bool = Fal
         model_settings = {k: v for k, v in asdict(model_config).items() if k != "vocab_size"}
         train_settings = {k: v for k, v in asdict(train_config).items() if k != "out"}
         return resume_training(train_config.out, model_settings, train_settings, progress, on_step, corpus)
-    if checkpoint_path(train_config.out).exists():
-        raise FileExistsError(f"{train_config.out} already holds a checkpoint: pass --resume to "
-                              "continue it, or choose another --out")
+    _check_out_folder(train_config.out)
+    _refuse_a_used_folder(Path(train_config.out))
     return _run(model_config, train_config, None, progress, on_step, corpus)
+
+
+def _check_out_folder(out) -> None:
+    """--out names the run's folder: neither a file nor a path under one, and not a name ending
+    in .npz (a checkpoint file's)."""
+    out = Path(out)
+    if out.suffix == ".npz":
+        raise ValueError(f"--out {out} ends in .npz, like a checkpoint file, but --out names the run's "
+                         f"folder (its checkpoint is FOLDER/{CHECKPOINT_NAME}): choose a name without .npz")
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == out else f": {existing}"
+        raise ValueError(f"--out {out}{where} is a file, not a folder: choose a folder for the run")
+
+
+def _refuse_a_used_folder(out: Path) -> None:
+    if checkpoint_path(out).exists():
+        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to "
+                              "continue it, or choose another --out")
 
 
 def resume_training(out, model_settings: dict | None = None, train_settings: dict | None = None,
@@ -145,6 +173,7 @@ def resume_training(out, model_settings: dict | None = None, train_settings: dic
     model_settings and train_settings name GPTConfig and TrainConfig fields the caller asked
     for; each must equal the saved run's value, except 'steps', which may extend the run.
     """
+    _check_out_folder(out)
     state = load_checkpoint(out)
     model_config, train_config = _resumed_configs(Path(out), state[0], model_settings or {},
                                                   train_settings or {})
@@ -152,7 +181,10 @@ def resume_training(out, model_settings: dict | None = None, train_settings: dic
 
 
 def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on_step, corpus) -> dict:
-    """The loop itself; `state` is a loaded checkpoint to continue, or None for a fresh run."""
+    """Check and build everything, then train while holding the run folder's lock.
+
+    `state` is a loaded checkpoint to continue, or None for a fresh run.
+    """
     out = Path(train_config.out)
     corpus = corpus if corpus is not None else load_corpus(train_config.data, seed=train_config.seed)
     if state is not None:
@@ -160,57 +192,50 @@ def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on
     model, opt = build(model_config, train_config, corpus)
     batch_rng = np.random.default_rng(train_config.seed)
     start = _restore(state, model, opt, batch_rng) if state is not None else 0
-    cfg = model.config
-    eval_batches = corpus.eval_batches("val", train_config.batch_size, cfg.block_size,
+    eval_batches = corpus.eval_batches("val", train_config.batch_size, model.config.block_size,
                                        train_config.eval_iters, seed=train_config.seed)
-    out.mkdir(parents=True, exist_ok=True)  # only now: every check above has passed
-    if state is not None:
-        for name in (CHECKPOINT_NAME, "metrics.jsonl", "final.json"):
-            remove_leftovers(out / name)  # temporary files of writes a crash cut short
-    _truncate_metrics(out / "metrics.jsonl", start)
-    params = model.parameters()
-    step_ms, last_eval = [], {}
     # a run resumed after its last step still reports the loss of that step
     train_loss = state[0].get("train_loss", math.nan) if state is not None else math.nan
+    with folder_lock(out, "run folder"):  # creates the folder: only now, every check above has passed
+        if state is None:
+            _refuse_a_used_folder(out)  # again: another run may have finished here in the meantime
+        else:
+            for name in (CHECKPOINT_NAME, "metrics.jsonl", "final.json"):
+                remove_leftovers(out / name)  # temporary files of writes a crash cut short
+        _truncate_metrics(out / "metrics.jsonl", start)
+        return _loop(model, opt, corpus, train_config, eval_batches, batch_rng, start, train_loss,
+                     progress, on_step)
+
+
+def _loop(model, opt, corpus, train_config, eval_batches, batch_rng, start, train_loss, progress,
+          on_step) -> dict:
+    """Steps start..steps with evaluations and checkpoints, then the summary in OUT/final.json."""
+    out = Path(train_config.out)
+    cfg = model.config
+    params = model.parameters()
+    step_ms, last_eval = [], {}
     wall_start = time.perf_counter()
-    bar = tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
-               disable=not progress, desc=cfg.variant_label(), dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = cosine_lr(step, train_config.lr, train_config.min_lr,
-                       min(train_config.warmup_steps, train_config.steps), train_config.steps)
-        x, y = corpus.batch("train", train_config.batch_size, cfg.block_size, batch_rng)
-        _, loss = model(x, y)
-        objective = loss
-        if train_config.gate_penalty and cfg.gate:
-            objective = loss + train_config.gate_penalty * model.gate_penalty()
-        train_loss = float(loss.data)
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"loss became {train_loss} at step {step}; the last good "
-                                   f"checkpoint in {out} is kept (try a lower --lr)")
-        model.zero_grad()
-        objective.backward()
-        grad_norm = clip_grad_norm(params, train_config.grad_clip)
-        if not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step}; the last good "
-                                   f"checkpoint in {out} is kept (try a lower --lr)")
-        opt.step(lr=lr)
-        step_ms.append(1000 * (time.perf_counter() - t0))
-        tokens_per_s = train_config.batch_size * cfg.block_size / (step_ms[-1] / 1000)
-        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        done = step + 1
-        if done % train_config.eval_interval == 0 or done == train_config.steps:
-            last_eval = evaluate(model, eval_batches, corpus.metric)
-            record = {"step": done, "lr": lr, "train_loss": train_loss, **last_eval,
-                      "tokens_per_s": tokens_per_s}
-            if cfg.gate:
-                record["gates"] = {f"{layer}.{role}": g for (layer, role), g in model.gates().items()}
-            _append_jsonl(out / "metrics.jsonl", record)
-            meta = {**_meta(model, corpus, train_config, done, batch_rng), "train_loss": train_loss}
-            save_checkpoint(out, model, opt, meta)
-        if on_step is not None:
-            on_step(done, train_loss)
-    bar.close()
+    # closed however the loop ends, so that an error or Ctrl-C is reported on a line of its own
+    with tqdm(range(start, train_config.steps), initial=start, total=train_config.steps,
+              disable=not progress, desc=cfg.variant_label(), dynamic_ncols=True) as bar:
+        for step in bar:
+            t0 = time.perf_counter()
+            train_loss, lr = _step(model, opt, params, corpus, train_config, batch_rng, step)
+            step_ms.append(1000 * (time.perf_counter() - t0))
+            tokens_per_s = train_config.batch_size * cfg.block_size / (step_ms[-1] / 1000)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            done = step + 1
+            if done % train_config.eval_interval == 0 or done == train_config.steps:
+                last_eval = evaluate(model, eval_batches, corpus.metric)
+                record = {"step": done, "lr": lr, "train_loss": train_loss, **last_eval,
+                          "tokens_per_s": tokens_per_s}
+                if cfg.gate:
+                    record["gates"] = {f"{layer}.{role}": g for (layer, role), g in model.gates().items()}
+                _append_jsonl(out / "metrics.jsonl", record)
+                meta = {**_meta(model, corpus, train_config, done, batch_rng), "train_loss": train_loss}
+                save_checkpoint(out, model, opt, meta)
+            if on_step is not None:
+                on_step(done, train_loss)
     final = _summary(model, train_config, train_loss, last_eval or
                      evaluate(model, eval_batches, corpus.metric), step_ms, wall_start)
     if cfg.gate:
@@ -219,10 +244,36 @@ def _run(model_config: GPTConfig, train_config: TrainConfig, state, progress, on
     return final
 
 
+def _step(model, opt, params, corpus, train_config, batch_rng, step) -> tuple:
+    """One AdamW step on a fresh batch -> (train loss, learning rate).
+
+    A loss or gradient norm that is not finite stops the run before the update reaches the weights.
+    """
+    cfg, out = model.config, train_config.out
+    lr = cosine_lr(step, train_config.lr, train_config.min_lr,
+                   min(train_config.warmup_steps, train_config.steps), train_config.steps)
+    x, y = corpus.batch("train", train_config.batch_size, cfg.block_size, batch_rng)
+    _, loss = model(x, y)
+    objective = loss
+    if train_config.gate_penalty and cfg.gate:
+        objective = loss + train_config.gate_penalty * model.gate_penalty()
+    train_loss = float(loss.data)
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(f"loss became {train_loss} at step {step}; the last good "
+                               f"checkpoint in {out} is kept (try a lower --lr)")
+    model.zero_grad()
+    objective.backward()
+    grad_norm = clip_grad_norm(params, train_config.grad_clip)
+    if not math.isfinite(grad_norm):
+        raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step}; the last good "
+                               f"checkpoint in {out} is kept (try a lower --lr)")
+    opt.step(lr=lr)
+    return train_loss, lr
+
+
 def _summary(model, train_config, train_loss, last_eval, step_ms, wall_start) -> dict:
     """What a run reports at its end (OUT/final.json): model, losses, speed and memory."""
     cfg = model.config
-    median_ms = float(np.median(step_ms)) if step_ms else float("nan")
     return {
         "variant": cfg.variant_label(),
         "code": cfg.code if cfg.layer_codes is None else ",".join(cfg.layer_codes),
@@ -232,12 +283,33 @@ def _summary(model, train_config, train_loss, last_eval, step_ms, wall_start) ->
         "steps": train_config.steps,
         "train_loss": train_loss,
         **last_eval,
-        "ms_per_step": median_ms,
-        "tokens_per_s": train_config.batch_size * cfg.block_size / (median_ms / 1000),
+        **_speed(train_config, cfg, step_ms),
         "peak_rss_mb": peak_rss_mb(),
         "wall_s": time.perf_counter() - wall_start,
         "seed": train_config.seed,
     }
+
+
+def _speed(train_config, cfg, step_ms: list) -> dict:
+    """Median milliseconds per step and tokens per second.
+
+    A resumed run that had no step left to take keeps the figures its final.json reported (None
+    without one): it has timed nothing itself.
+    """
+    if not step_ms:
+        return {key: _previous_final(train_config.out).get(key) for key in ("ms_per_step", "tokens_per_s")}
+    median_ms = float(np.median(step_ms))
+    return {"ms_per_step": median_ms,
+            "tokens_per_s": train_config.batch_size * cfg.block_size / (median_ms / 1000)}
+
+
+def _previous_final(out) -> dict:
+    """OUT/final.json of an earlier pass of this run, or {} if there is none to read."""
+    try:
+        final = json.loads((Path(out) / "final.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return final if isinstance(final, dict) else {}
 
 
 def _prune_and_report(model, corpus, train_config, eval_batches, out: Path, batch_rng) -> dict:
@@ -328,21 +400,38 @@ def _restore(state, model, opt, batch_rng) -> int:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json_text(record) + "\n")
+    except OSError as error:
+        raise with_path(error, path) from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only metric lines up to `step` (a resumed run rewrites what came after).
 
-    A line without its newline was cut short by a crash; it is dropped with the rest.
+    A line without its newline was cut short by a crash; it is dropped with the rest. Any other
+    line that is not a record stops the resume, naming the file and line.
     """
     if not path.exists():
         return
-    whole_lines = path.read_text().split("\n")[:-1]
-    kept = [line for line in whole_lines if line.strip() and json.loads(line)["step"] <= step]
+    whole_lines = path.read_text(errors="replace").split("\n")[:-1]
+    kept = [line for number, line in enumerate(whole_lines, start=1)
+            if line.strip() and _metric_step(path, number, line) <= step]
     write_atomically(path, "".join(line + "\n" for line in kept))
 
 
+def _metric_step(path: Path, number: int, line: str) -> int:
+    """The step of line `number` of metrics.jsonl."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        step = None
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"{path}:{number} is not a metrics record (a JSON object with an integer "
+                         f"'step'): delete or repair that line, then resume again")
+    return step
+
+
 def _write_json(path: Path, obj) -> None:
-    write_atomically(path, json.dumps(obj, indent=2) + "\n")
+    write_atomically(path, json_text(obj, indent=2) + "\n")

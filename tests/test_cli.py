@@ -1,6 +1,7 @@
 """Specification of the `minqkv` command, called in-process through cli.main (and once as
 `python -m minqkv`)."""
 
+import errno
 import json
 import os
 import re
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from minqkv import __version__
+import minqkv.atomic as atomic_module
+from minqkv import __version__, bench
 from minqkv.attention import ALL_CODES
 from minqkv.checkpoint import load_checkpoint
 from minqkv.cli import main
+from minqkv.lock import folder_lock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAIN = ["--steps", "20", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
@@ -49,12 +52,24 @@ def test_no_command_prints_help(capsys):
     assert "train" in out and "variants" in out
 
 
-def test_python_dash_m_minqkv_runs_the_command():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "minqkv", "--version"], capture_output=True, text=True,
+def run_python_dash_m(*argv, **env_vars):
+    """`python -m minqkv ARGV` in a fresh process (a fresh import of the package)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **env_vars}
+    return subprocess.run([sys.executable, "-m", "minqkv", *argv], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)
+
+
+def test_python_dash_m_minqkv_runs_the_command():
+    done = run_python_dash_m("--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"minqkv {__version__}"
+
+
+def test_a_bad_thread_count_in_the_environment_is_one_line_with_exit_code_2():
+    done = run_python_dash_m("train", MINQKV_NUM_THREADS="abc")
+    assert done.returncode == 2
+    assert done.stderr.startswith("minqkv: error: MINQKV_NUM_THREADS='abc' is not a thread count")
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 # ---- variants ----------------------------------------------------------------------------------
@@ -253,6 +268,21 @@ def test_sample_continues_the_prompt_from_a_checkpoint(capsys, tmp_path, text_fi
                    "--seed", "3")[1] == out
 
 
+def test_sample_refuses_a_prompt_that_is_not_utf8(capsys, tmp_path, text_file):
+    out_dir = trained(capsys, tmp_path, text_file)
+    prompt = os.fsdecode(b"the \xff")  # how Python hands over argv bytes that are not UTF-8
+    code, _, err = run_cli(capsys, "sample", "--ckpt", out_dir, "--prompt", prompt, "--tokens", "3")
+    assert code == 2
+    assert "--prompt is not UTF-8 text: byte 0xff at character 4 cannot be decoded" in err
+
+
+def test_sample_names_the_prompt_characters_outside_the_vocabulary(capsys, tmp_path, text_file):
+    out_dir = trained(capsys, tmp_path, text_file)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", out_dir, "--prompt", "the zoo?", "--tokens", "3")
+    assert code == 2
+    assert "--prompt has characters outside the checkpoint's vocabulary of 25: '?', 'z';" in err
+
+
 def test_sample_from_a_missing_checkpoint_fails_with_exit_code_2(capsys, tmp_path):
     code, _, err = run_cli(capsys, "sample", "--ckpt", str(tmp_path / "nothing"))
     assert code == 2
@@ -311,6 +341,8 @@ def test_train_on_shakespeare_by_default_corpus(capsys, tmp_path):
     ("--prune-threshold", "2", r"prune_threshold must be in \[0, 1\]"),
     ("--n-head", "0", "positive multiple of n_head=0"),
     ("--seed", "-1", "seed must be >= 0"),
+    ("--gate-lr", "inf", "gate_lr must be a finite number, got inf"),
+    ("--gate-penalty", "nan", "gate_penalty must be a finite number, got nan"),
 ])
 def test_train_refuses_a_bad_number_before_making_its_folder(capsys, tmp_path, text_file, flag, value, message):
     code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", str(tmp_path / "run"),
@@ -322,7 +354,10 @@ def test_train_refuses_a_bad_number_before_making_its_folder(capsys, tmp_path, t
 
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--ckpt", "x", "--tokens", "-1"], "argument --tokens: must be an integer >= 0, got -1"),
-    (["sample", "--ckpt", "x", "--temperature", "0"], "argument --temperature: must be a positive number"),
+    (["sample", "--ckpt", "x", "--temperature", "0"], "argument --temperature: must be a finite number > 0"),
+    (["sample", "--ckpt", "x", "--temperature", "inf"], "argument --temperature: must be a finite number > 0, got inf"),
+    (["sample", "--ckpt", "x", "--temperature", "nan"], "argument --temperature: must be a finite number > 0, got nan"),
+    (["bench", "--threads", "1,2000"], "the most the kernels use"),
     (["sample", "--ckpt", "x", "--top-k", "0"], "argument --top-k: must be a positive integer, got 0"),
     (["train", "--sample-tokens", "-3"], "argument --sample-tokens: must be an integer >= 0"),
     (["ablate", "--seeds", "0"], "argument --seeds: must be a positive integer, got 0"),
@@ -411,6 +446,53 @@ def test_train_resume_on_data_rewritten_with_other_characters_fails(capsys, tmp_
     assert "another vocabulary" in err
 
 
+def test_train_resume_of_a_finished_run_without_its_final_json_says_no_speed_was_measured(capsys, tmp_path,
+                                                                                         text_file):
+    out_dir = trained(capsys, tmp_path, text_file)
+    (Path(out_dir) / "final.json").unlink()
+    code, out, err = run_cli(capsys, "train", "--resume", "--out", out_dir, "--sample-tokens", "0", "--quiet")
+    assert code == 0, err
+    assert "speed not measured" in out
+
+
+# ---- the run folder and the file system --------------------------------------------------------
+
+
+def test_train_into_the_folder_of_a_live_run_fails_with_exit_code_2_naming_its_pid(capsys, tmp_path, text_file):
+    out_dir = tmp_path / "run"
+    with folder_lock(out_dir, "run folder"):  # stands for a live run
+        code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", str(out_dir), *TINY_TRAIN)
+    assert code == 2
+    assert err == f"minqkv train: error: run folder {out_dir} is in use by another minqkv process " \
+                  f"(pid {os.getpid()}); wait for it to finish or choose another --out\n"
+
+
+def test_train_out_naming_a_file_fails_with_exit_code_2(capsys, tmp_path, text_file):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = run_cli(capsys, "train", "--data", text_file, "--out", str(notes), *TINY_TRAIN)
+    assert code == 2
+    assert err == f"minqkv train: error: --out {notes} is a file, not a folder: choose a folder for the run\n"
+
+
+def test_a_full_disk_is_one_line_naming_the_file_with_exit_code_2_and_the_checkpoint_kept(capsys, tmp_path,
+                                                                                          text_file, monkeypatch):
+    out_dir = trained(capsys, tmp_path, text_file)
+    before = load_checkpoint(out_dir)
+
+    def disk_full(source, target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a failed write raises it: no file named
+
+    monkeypatch.setattr(atomic_module.os, "replace", disk_full)
+    code, _, err = run_cli(capsys, "train", "--resume", "--out", out_dir, "--steps", "30", "--quiet")
+    monkeypatch.undo()
+    assert code == 2
+    assert err.startswith(f"minqkv train: error: {Path(out_dir) / 'metrics.jsonl'}: No space left on device")
+    assert len(err.strip().splitlines()) == 1
+    after = load_checkpoint(out_dir)
+    assert after[0]["step"] == before[0]["step"] == 20
+
+
 # ---- damaged checkpoints -----------------------------------------------------------------------
 
 
@@ -432,3 +514,19 @@ def test_bench_threads_must_be_a_comma_separated_list_of_counts(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--step", "--threads", "1,zero"])
     assert "--threads '1,zero'" in capsys.readouterr().err
+
+
+def test_bench_threads_above_what_the_kernels_use_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--threads", "2000"])
+    assert info.value.code == 2
+    assert "--threads '2000': give thread counts from 1 to 1024" in capsys.readouterr().err
+
+
+def test_bench_times_the_kernel_table_at_each_thread_count_given(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_matmul_cases", lambda: [("tiny", (8, 8), (8, 8), "float32", False, False)])
+    monkeypatch.setattr(bench, "_softmax_rows", lambda rng, timing: [])
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: None)
+    code, out, _ = run_cli(capsys, "bench", "--threads", "1,2", "--json")
+    assert code == 0
+    assert [row["threads"] for row in json.loads(out)] == [1, 2]

@@ -2,11 +2,14 @@
 checkpoint) leaves a loadable checkpoint, and resuming it gives exactly the uninterrupted run.
 
 Every step is evaluated and saved, so a good share of the run is spent writing checkpoints and
-the seeded random kills land inside writes as well as between them.
+the seeded random kills land inside writes as well as between them. A run stopped politely
+(Ctrl-C, SIGTERM) or by the file system (the file-size limit) says so in one line and keeps its
+checkpoint.
 """
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -33,12 +36,14 @@ def text_file(tmp_path):
     return str(path)
 
 
-def start_training(text_file, out: Path) -> subprocess.Popen:
+def start_training(text_file, out: Path, *extra, preexec_fn=None) -> subprocess.Popen:
     """`minqkv train` in a fresh process, resuming when a checkpoint is there (as a user would)."""
     resume = ["--resume"] if checkpoint_path(out).exists() else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc written: a file-size limit applies to those too
     return subprocess.Popen([sys.executable, "-m", "minqkv", "train", "--data", text_file, "--out", str(out),
-                             *TRAIN, *resume], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             *TRAIN, *extra, *resume], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=preexec_fn)
 
 
 def temporary_files(out: Path) -> set:
@@ -107,3 +112,52 @@ def test_killed_runs_leave_a_loadable_checkpoint_and_resume_to_the_same_losses(t
     final_killed = json.loads((killed / "final.json").read_text())
     for key in ("train_loss", "val_loss", "val_bpc"):
         assert final_killed[key] == final_whole[key], key
+
+
+# ---- stopped by a signal or by the file system -------------------------------------------------------
+
+
+def wait_for_the_first_checkpoint(process, out: Path) -> None:
+    for _ in range(6000):  # a bounded wait (up to a minute), not a timing
+        if checkpoint_path(out).exists() or process.poll() is not None:
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signal_number, exit_code, said", [
+    (signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM"),
+], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_run_says_how_to_resume_in_one_line(text_file, tmp_path, signal_number, exit_code, said):
+    out = tmp_path / "run"
+
+    def default_ctrl_c():  # a shell starts background jobs with SIGINT ignored, and children inherit that
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    process = start_training(text_file, out, "--steps", "5000", preexec_fn=default_ctrl_c)
+    wait_for_the_first_checkpoint(process, out)
+    process.send_signal(signal_number)
+    _, err = process.communicate(timeout=120)
+    err = err.decode()
+    assert process.returncode == exit_code, err
+    assert err == (f"minqkv train: {said}; its last checkpoint in {out} is kept: continue it with "
+                   f"`minqkv train --out {out} --resume`\n")
+    load_checkpoint(out)
+
+
+def test_a_checkpoint_over_the_file_size_limit_is_one_line_and_keeps_the_old_checkpoint(text_file, tmp_path):
+    out = tmp_path / "run"
+    finish(start_training(text_file, out, "--steps", "2"))
+    size = checkpoint_path(out).stat().st_size
+
+    def limit_file_size():  # ulimit -f: a write past it raises SIGXFSZ, which kills unless ignored
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    process = start_training(text_file, out, "--steps", "4", preexec_fn=limit_file_size)
+    _, err = process.communicate(timeout=120)
+    err = err.decode()
+    assert process.returncode == 2, err
+    assert err.startswith(f"minqkv train: error: {checkpoint_path(out)}: File too large"), err
+    assert len(err.strip().splitlines()) == 1
+    assert load_checkpoint(out)[0]["step"] == 2
+    assert not temporary_files(out)

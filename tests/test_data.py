@@ -1,4 +1,7 @@
+import builtins
+import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -143,6 +146,35 @@ def test_missing_file_names_the_path_and_the_valid_specs(tmp_path):
 def test_directory_is_not_a_text_file(tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         load_corpus(str(tmp_path))
+
+
+def test_a_device_is_not_a_text_file():
+    with pytest.raises(ValueError, match="'/dev/null' is not a regular file"):
+        load_corpus("/dev/null")
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path, monkeypatch):
+    """Opening a FIFO for reading waits for a writer: it must be refused from its stat alone."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    real_open = io.open
+
+    def open_anything_but_the_fifo(file, *args, **kwargs):
+        assert os.fspath(file) != str(fifo), "the FIFO was opened"
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", open_anything_but_the_fifo)
+    monkeypatch.setattr(builtins, "open", open_anything_but_the_fifo)
+    with pytest.raises(ValueError, match="pipe' is not a regular file"):
+        load_corpus(str(fifo))
+
+
+def test_a_file_larger_than_the_cap_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_TEXT_BYTES", 3000)
+    path = tmp_path / "big.txt"
+    path.write_text("ab" * 1501, encoding="utf-8")
+    with pytest.raises(ValueError, match="big.txt' is larger than 3,000 bytes"):
+        load_corpus(str(path))
 
 
 def test_empty_file_is_refused(tmp_path):

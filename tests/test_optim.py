@@ -191,6 +191,9 @@ def test_load_state_dict_rejects_unknown_or_misshapen_state():
     "kwargs, message",
     [
         ({"lr": -1.0}, "lr must be >= 0"),
+        ({"lr": math.inf}, "lr must be >= 0 and finite, got inf"),
+        ({"eps": math.inf}, "eps must be > 0 and finite"),
+        ({"weight_decay": math.inf}, "weight_decay must be >= 0 and finite, got inf"),
         ({"betas": (1.0, 0.9)}, "betas"),
         ({"betas": (0.9, -0.1)}, "betas"),
         ({"eps": 0.0}, "eps must be > 0"),
@@ -295,3 +298,9 @@ def test_a_parameter_with_an_lr_scale_moves_that_many_times_further():
 def test_lr_scale_of_an_unknown_parameter_is_refused():
     with pytest.raises(ValueError, match="not parameters"):
         AdamW([("w", Parameter(np.zeros(2)))], lr_scale={"gate_q": 2.0})
+
+
+def test_an_infinite_lr_scale_is_refused():
+    """gate_lr / lr can overflow to inf even when both are finite."""
+    with pytest.raises(ValueError, match="lr_scale factor must be > 0 and finite"):
+        AdamW([("gate_q", Parameter(np.zeros(1)))], lr=1e-300, lr_scale={"gate_q": 1e308 / 1e-300})

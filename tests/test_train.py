@@ -4,6 +4,9 @@ a second."""
 
 import json
 import math
+import os
+import re
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import minqkv.checkpoint as checkpoint_module
 import minqkv.train as train_module
 from minqkv.checkpoint import load_checkpoint, load_model
 from minqkv.data import TASK_TOKENIZER
+from minqkv.lock import FolderBusy, folder_lock
 from minqkv.model import GPTConfig
 from minqkv.train import TrainConfig, TrainingDiverged, train
 
@@ -117,7 +121,7 @@ def test_metrics_get_one_line_per_evaluation(text_file, tmp_path):
 def test_checkpoint_is_written_without_leftover_temporary_files(text_file, tmp_path):
     run(text_file, tmp_path / "run")
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["ckpt.npz", "final.json", "metrics.jsonl"]
+    assert names == [".lock", "ckpt.npz", "final.json", "metrics.jsonl"]  # .lock: see lock.py
     meta, _, _ = load_checkpoint(tmp_path / "run")
     assert meta["step"] == 12
 
@@ -164,9 +168,51 @@ def test_a_run_refused_by_a_later_check_leaves_no_output_folder(text_file, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("below", ["", "run"], ids=["the-file", "a-folder-below-it"])
+def test_an_out_that_names_a_file_is_refused_and_the_file_left_alone(text_file, tmp_path, below):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt is a file, not a folder"):
+        run(text_file, notes / below)
+    assert notes.read_text() == "mine"
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed"])
+def test_an_out_ending_in_npz_is_refused_as_a_checkpoint_files_name(text_file, tmp_path, resume):
+    if resume:
+        run(text_file, tmp_path / "run", steps=4)
+    out = tmp_path / "run" / "ckpt.npz" if resume else tmp_path / "run.npz"
+    with pytest.raises(ValueError, match="ends in .npz, like a checkpoint file"):
+        run(text_file, out, resume=resume, steps=8)
+
+
 def test_resume_without_a_checkpoint_raises(text_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run(text_file, tmp_path / "empty", resume=True)
+
+
+# ---- one writer per run folder -------------------------------------------------------------------
+
+
+def test_a_run_into_the_folder_of_a_live_run_is_refused_naming_its_pid(text_file, tmp_path):
+    out = tmp_path / "run"
+    with folder_lock(out, "run folder"):  # stands for a live run (the lock is per open file, so this works in-process)
+        with pytest.raises(FolderBusy, match=f"run folder {re.escape(str(out))} is in use .*pid {os.getpid()}"):
+            run(text_file, out)
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_a_resume_beside_a_live_run_leaves_its_files_alone(text_file, tmp_path):
+    out = tmp_path / "run"
+    run(text_file, out, steps=4)
+    being_written = out / "ckpt.npz.a1b2c3.tmp"  # the live run's next checkpoint, half written
+    being_written.write_bytes(b"half")
+    metrics = (out / "metrics.jsonl").read_text()
+    with folder_lock(out, "run folder"):
+        with pytest.raises(FolderBusy):
+            run(text_file, out, resume=True, steps=8)
+    assert being_written.exists()
+    assert (out / "metrics.jsonl").read_text() == metrics
 
 
 # ---- exact resume ------------------------------------------------------------------------------
@@ -243,6 +289,36 @@ def test_resuming_a_finished_run_reports_its_last_train_loss(text_file, tmp_path
     first = run(text_file, tmp_path / "run", steps=8)
     again = run(text_file, tmp_path / "run", steps=8, resume=True)
     assert again["train_loss"] == first["train_loss"] and again["val_loss"] == first["val_loss"]
+
+
+def test_resuming_a_finished_run_keeps_its_speed_figures(text_file, tmp_path):
+    first = run(text_file, tmp_path / "run", steps=8)
+    again = run(text_file, tmp_path / "run", steps=8, resume=True)
+    assert (again["ms_per_step"], again["tokens_per_s"]) == (first["ms_per_step"], first["tokens_per_s"])
+    assert math.isfinite(again["tokens_per_s"])
+
+
+def test_a_finished_run_resumed_without_its_final_json_reports_no_speed_and_strict_json(text_file, tmp_path):
+    out = tmp_path / "run"
+    run(text_file, out, steps=8)
+    (out / "final.json").unlink()  # a crash between the last checkpoint and final.json
+    again = run(text_file, out, steps=8, resume=True)
+    assert again["ms_per_step"] is None and again["tokens_per_s"] is None
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads((out / "final.json").read_text(), parse_constant=refuse) == again
+
+
+def test_a_garbage_metrics_line_stops_the_resume_naming_the_file_and_line(text_file, tmp_path):
+    out = tmp_path / "run"
+    run(text_file, out, steps=8)
+    first, second = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(f"{first}\nnot json\n{second}\n")
+    where = re.escape(f"{out / 'metrics.jsonl'}:2")
+    with pytest.raises(ValueError, match=f"{where} is not a metrics record .*delete or repair that line"):
+        run(text_file, out, steps=12, resume=True)
 
 
 def test_resume_cannot_shorten_a_run_below_its_finished_steps(text_file, tmp_path):
@@ -355,3 +431,11 @@ def test_pruning_a_gated_run_with_every_gate_kept_does_not_change_its_loss(text_
 def test_invalid_train_config_raises_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**overrides)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("name", [f.name for f in fields(TrainConfig) if f.type == "float"])
+def test_every_float_setting_must_be_finite(name, value):
+    """inf passes a check such as 'gate_lr > 0' and nan fails none, so both are refused first."""
+    with pytest.raises(ValueError, match=f"{name} must be a finite number, got {value}"):
+        TrainConfig(**{name: value})
