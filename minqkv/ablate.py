@@ -3,7 +3,18 @@
 run_sweep() trains every (variant, seed) pair in a fresh process (so each run's peak memory
 is its own and runs can go in parallel), saves each finished run as it finishes, and then
 writes OUT/results.csv, OUT/results.json and OUT/results.md (and plots when matplotlib is
-installed). Re-running the same command skips finished runs and resumes interrupted ones.
+installed).
+
+What a sweep folder promises:
+- one writer: a sweep holds a lock on OUT while it runs; a second sweep on OUT is refused;
+- one folder per variant: labels that name the same model at the preset's sizes (at 2 heads,
+  'canonical+gqa2' is 'abc') run once, in a folder named by the variant, never twice;
+- no result overwritten: a run with an 'ok' OUT/runs/*/result.json is never trained again;
+- interrupted sweeps resume: Ctrl-C cancels the queued runs and stops the running ones, which
+  keep their checkpoints; the same command again continues them;
+- failed runs are retried: a run recorded as failed trains again when the sweep is re-run,
+  and a run whose process is lost (killed) is tried once more at once;
+- every JSON file is standard JSON: a figure that could not be measured is null, never NaN.
 
 A preset may sweep the gate penalty L: every gated variant then runs once per L, named
 'abc+gate(L=0.01)', and is compared with static variants by the projection matrices it keeps.
@@ -13,21 +24,24 @@ loss is within 5% of canonical's final loss.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import multiprocessing
 import os
-import queue as queue_module
+import signal
+import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import write_atomically
+from .atomic import json_text, write_atomically
 from .attention import ALL_CODES
+from .cluster import ATTEMPTS
+from .lock import folder_lock
 from .model import GPTConfig
 from .train import TrainConfig
 
@@ -80,6 +94,11 @@ CONVERGED = 1.05  # a run has converged at the first step whose val loss <= CONV
 DECODE_TOKENS = 32  # tokens generated to time decoding with the KV cache
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """A sweep stopped by Ctrl-C (its __cause__: the interrupt); the message says what was kept
+    and how to resume, in one line."""
+
+
 # ---- planning: everything is checked before any training starts --------------------------
 
 
@@ -97,7 +116,11 @@ def selected_labels(variants) -> list:
 
 def plan_sweep(preset: str, data: str | None, variants=None, seeds: int | None = None) -> dict:
     """Every run of a sweep; variants=None takes the preset's own list (else the study's),
-    data=None the preset's own data (else Shakespeare)."""
+    data=None the preset's own data (else Shakespeare).
+
+    Each label is normalised to its variant at the preset's sizes; a label that names a variant
+    already listed runs once (the first label is kept), and plan["notes"] says so.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     spec = PRESETS[preset]
@@ -105,21 +128,37 @@ def plan_sweep(preset: str, data: str | None, variants=None, seeds: int | None =
     seeds = spec["seeds"] if seeds is None else seeds
     if seeds <= 0:
         raise ValueError(f"--seeds must be a positive integer, got {seeds}")
-    runs = []
+    runs, notes, first_label = [], [], {}
     for label in selected_labels(spec.get("variants") if variants is None else variants):
-        overrides = GPTConfig.overrides_from_label(label)
-        if overrides.get("n_kv_head") and spec["model"]["n_head"] % overrides["n_kv_head"]:
-            raise ValueError(f"{label!r}: n_kv_head={overrides['n_kv_head']} does not divide "
-                             f"n_head={spec['model']['n_head']} of preset {preset!r}")
-        config = GPTConfig(**{**spec["model"], **overrides})  # raises on impossible variants
-        run = {"label": label, "variant": config.variant_label(), "overrides": overrides}
-        if config.gate and spec.get("gate_penalties"):
+        run = _planned_run(label, spec["model"], preset)
+        if run["variant"] in first_label:
+            notes.append(_same_variant_note(label, first_label[run["variant"]], run, spec["model"]))
+            continue
+        first_label[run["variant"]] = label
+        if run["overrides"].get("gate") and spec.get("gate_penalties"):
             runs += [{**run, "variant": f"{run['variant']}(L={L:g})", "train_overrides": {"gate_penalty": L}}
                      for L in spec["gate_penalties"]]
         else:
             runs.append(run)
     return {"preset": preset, "data": data, "seeds": seeds, "runs": runs,
-            "model": spec["model"], "train": spec["train"]}
+            "model": spec["model"], "train": spec["train"], "notes": notes}
+
+
+def _planned_run(label: str, model: dict, preset: str) -> dict:
+    """{label, variant, overrides}; the variant is the label as the model at these sizes names itself."""
+    overrides = GPTConfig.overrides_from_label(label)
+    if overrides.get("n_kv_head") and model["n_head"] % overrides["n_kv_head"]:
+        raise ValueError(f"{label!r}: n_kv_head={overrides['n_kv_head']} does not divide "
+                         f"n_head={model['n_head']} of preset {preset!r}")
+    config = GPTConfig(**{**model, **overrides})  # raises on impossible variants
+    return {"label": label, "variant": config.variant_label(), "overrides": overrides}
+
+
+def _same_variant_note(label: str, first: str, run: dict, model: dict) -> str:
+    if label == first:
+        return f"{label!r} is listed more than once: it runs once"
+    at = f" at n_head={model['n_head']}" if "n_kv_head" in run["overrides"] else ""
+    return f"{label!r} is the same variant as {first!r} ({run['variant']}){at}: it runs once"
 
 
 def _run_dir(out: Path, variant: str, seed: int) -> Path:
@@ -129,14 +168,14 @@ def _run_dir(out: Path, variant: str, seed: int) -> Path:
 def _check_sweep_file(out: Path, plan: dict) -> None:
     """An output folder belongs to one sweep; refuse to mix results of different settings."""
     path = out / "sweep.json"
+    settings = {key: value for key, value in plan.items() if key != "notes"}  # notes describe the command
     if path.exists():
         existing = json.loads(path.read_text())
-        if existing != plan:
+        if existing != settings:
             raise ValueError(f"{out} holds a different sweep (see {path}); choose another --out "
                              "or delete that folder")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(plan, indent=2) + "\n")
+        write_atomically(path, json_text(settings, indent=2) + "\n")
 
 
 # ---- one run, in its own process ----------------------------------------------------------
@@ -165,9 +204,13 @@ def run_one(job: dict, progress_queue=None, corpus=None) -> dict:
             if progress_queue is not None:
                 progress_queue.put((key, step))
 
-        resume = checkpoint_path(run_dir).exists()  # an interrupted run continues
-        final = train(model_config, train_config, resume=resume, progress=False, on_step=report,
-                      corpus=corpus)
+        # a run that trained to the end keeps the figures it measured (only result.json was lost);
+        # an interrupted one continues from its checkpoint
+        final = _finished_summary(run_dir, train_config.steps)
+        if final is None:
+            resume = checkpoint_path(run_dir).exists()
+            final = train(model_config, train_config, resume=resume, progress=False, on_step=report,
+                          corpus=corpus)
         measured_dir = run_dir / "pruned" if model_config.gate else run_dir
         # sizes, FLOPs and decoding are measured on the model as deployed (pruned if gated)
         result = {**final, **measure_decoding(measured_dir), "eval_curve": _eval_curve(run_dir),
@@ -183,8 +226,17 @@ def run_one(job: dict, progress_queue=None, corpus=None) -> dict:
         result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     result.update(label=job["label"], variant=job["variant"], seed=job["seed"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    write_atomically(run_dir / "result.json", json_text(result, indent=2) + "\n")
     return result
+
+
+def _finished_summary(run_dir: Path, steps: int):
+    """The run's final.json if it trained all `steps`, else None."""
+    path = run_dir / "final.json"
+    if not path.exists():
+        return None
+    final = json.loads(path.read_text())
+    return final if final.get("steps") == steps else None
 
 
 def _eval_curve(run_dir: Path) -> list:
@@ -224,83 +276,209 @@ def measure_decoding(ckpt_dir) -> dict:
 
 def run_sweep(preset: str, data: str | None, out, variants=None, seeds: int | None = None,
               jobs: int = 1, progress: bool = True, dask=None) -> list:
-    """Run (or finish) a sweep and write its tables; returns the aggregated rows."""
+    """Run (or finish) a sweep and write its tables; returns the aggregated rows.
+
+    Raises FolderBusy while another sweep writes `out`, SweepInterrupted on Ctrl-C.
+    """
     if jobs <= 0:
         raise ValueError(f"--jobs must be a positive integer, got {jobs}")
     plan = plan_sweep(preset, data, variants, seeds)
-    data = plan["data"]
     from .data import load_corpus
-    load_corpus(data)  # a bad --data fails here, before any training (and Shakespeare is cached)
+    load_corpus(plan["data"])  # a bad --data fails here, before any training (and Shakespeare is cached)
+    if progress:
+        for note in plan["notes"]:
+            print(f"note: {note}", file=sys.stderr)
     out = Path(out)
-    _check_sweep_file(out, plan)
-
-    jobs_todo, results = [], []
-    for run in plan["runs"]:
-        for seed in range(plan["seeds"]):
-            run_dir = _run_dir(out, run["variant"], seed)
-            done = run_dir / "result.json"
-            if done.exists():
-                results.append(json.loads(done.read_text()))
-                continue
-            jobs_todo.append({**run, "seed": seed, "run_dir": str(run_dir), "data": data,
-                              "model": plan["model"], "train": plan["train"]})
-    if dask is not None:  # a Dask scheduler's address, or 'local' (see cluster.py)
-        from .cluster import run_on_cluster
-        results += run_on_cluster(dask, jobs_todo, jobs, plan["train"]["steps"], progress)
-    else:
-        results += _execute(jobs_todo, jobs, plan["train"]["steps"], progress)
-    rows = aggregate(results, plan)
-    write_results(out, rows, plan)
+    # the runs train in folders below out, each locked by its own training process
+    with folder_lock(out, "sweep folder"):
+        _check_sweep_file(out, plan)
+        results, jobs_todo = _done_and_todo(out, plan)
+        try:
+            if dask is not None:  # a Dask scheduler's address, or 'local' (see cluster.py)
+                from .cluster import run_on_cluster
+                results += run_on_cluster(dask, jobs_todo, jobs, plan["train"]["steps"], progress)
+            else:
+                results += _execute(jobs_todo, jobs, plan["train"]["steps"], progress)
+        except KeyboardInterrupt as stop:  # Ctrl-C, or whatever the caller turned into one (SIGTERM)
+            raise SweepInterrupted(f"interrupted; the finished runs are saved in {out / 'runs'} and the "
+                                   "others keep their last checkpoint: run the same command again to "
+                                   "resume") from stop
+        rows = aggregate(results, plan)
+        write_results(out, rows, plan)
     return rows
 
 
+def _done_and_todo(out: Path, plan: dict) -> tuple:
+    """(the results of the finished runs, a job for every other run); a failed run is done again."""
+    done, todo = [], []
+    for run in plan["runs"]:
+        for seed in range(plan["seeds"]):
+            run_dir = _run_dir(out, run["variant"], seed)
+            result = _saved_result(run_dir)
+            if result is not None and result["status"] == "ok":
+                done.append(result)
+            else:
+                todo.append({**run, "seed": seed, "run_dir": str(run_dir), "data": plan["data"],
+                             "model": plan["model"], "train": plan["train"]})
+    return done, todo
+
+
+def _saved_result(run_dir: Path):
+    path = run_dir / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ---- local processes: at most --jobs at once, each run in a fresh one -------------------------
+
+
 def _execute(jobs_todo: list, n_jobs: int, steps: int, progress: bool) -> list:
+    """Train the jobs, at most n_jobs at once; -> their result records.
+
+    A run whose process dies before saving a result (killed) is started again, once. On Ctrl-C
+    the queued runs never start and the running processes are stopped; their checkpoints stay.
+    """
     if not jobs_todo:
         return []
-    # fresh process per run (peak memory per run); threads split between parallel runs
+    queued = [(job, 1) for job in jobs_todo]  # (job, attempt)
+    running = {}  # process -> (job, attempt, the pipe its steps arrive on)
+    shown, results = {}, []  # shown: each running run's steps already on the bar
+    bar = tqdm(total=len(jobs_todo) * steps, disable=not progress, unit="step",
+               desc=f"{len(jobs_todo)} runs", dynamic_ncols=True)
+    try:
+        with _threads_per_run(n_jobs):
+            while queued or running:
+                while queued and len(running) < n_jobs:
+                    job, attempt = queued.pop(0)
+                    process, pipe = _start(job)
+                    running[process] = (job, attempt, pipe)
+                time.sleep(0.2)  # the bar is redrawn 5 times a second, not at every step
+                for process, (job, attempt, pipe) in list(running.items()):
+                    _show_steps(pipe, shown, bar)
+                    if process.is_alive():
+                        continue
+                    del running[process]
+                    pipe.close()
+                    result = _outcome(job, attempt, process.exitcode, steps, shown, bar)
+                    if result is None:
+                        queued.append((job, attempt + 1))
+                    else:
+                        results.append(result)
+                bar.set_postfix_str(", ".join(f"{k} step {s}" for k, s in shown.items()))
+    except KeyboardInterrupt:
+        _stop(running)
+        raise
+    finally:
+        bar.close()
+    return results
+
+
+@contextlib.contextmanager
+def _threads_per_run(n_jobs: int):
+    """The cores split between parallel runs, through the environment the processes start with."""
     threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
     env = {"MINQKV_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    context = multiprocessing.get_context("spawn")
-    results = []
     try:
-        with context.Manager() as manager, ProcessPoolExecutor(
-                max_workers=n_jobs, mp_context=context, max_tasks_per_child=1) as pool:
-            progress_queue = manager.Queue()
-            pending = {pool.submit(run_one, job, progress_queue) for job in jobs_todo}
-            bar = tqdm(total=len(jobs_todo) * steps, disable=not progress, unit="step",
-                       desc=f"{len(jobs_todo)} runs", dynamic_ncols=True)
-            current: dict = {}
-            while pending:
-                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                _drain(progress_queue, current, bar)
-                for future in finished:
-                    result = future.result()
-                    results.append(result)
-                    key = f"{result['variant']} seed {result['seed']}"
-                    bar.update(steps - current.pop(key, 0))
-                    if result["status"] != "ok":
-                        bar.write(f"{key}: FAILED: {result['error']}")
-                bar.set_postfix_str(", ".join(f"{k} step {s}" for k, s in current.items()))
-            bar.close()
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return results
 
 
-def _drain(progress_queue, current: dict, bar) -> None:
-    while True:
+def _start(job: dict) -> tuple:
+    """run_one(job) in a fresh process; -> (process, the pipe its steps arrive on).
+
+    Each run reports on a pipe of its own: a run killed mid-report cannot block the others, and
+    a run whose sweep died finds the pipe closed and stops.
+    """
+    Path(job["run_dir"], "result.json").unlink(missing_ok=True)  # a failed attempt's: this one writes its own
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    # daemon: should the sweep exit some other way, multiprocessing stops its runs
+    process = context.Process(target=_train_in_child, args=(job, sender), daemon=True)
+    process.start()
+    sender.close()  # the child holds its own end
+    return process, receiver
+
+
+def _train_in_child(job: dict, sender) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the sweep's to handle: it stops this process
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    run_one(job, _PipeProgress(sender))
+
+
+def _exit_on_signal(signum, frame):
+    # exit like a return from Python, so the process releases what it holds (its locks,
+    # multiprocessing's semaphores) instead of leaving the resource tracker a warning
+    raise SystemExit(128 + signum)
+
+
+class _PipeProgress:
+    """run_one's progress queue in a local run: (key, step) up the run's own pipe."""
+
+    def __init__(self, sender):
+        self.sender = sender
+
+    def put(self, item) -> None:
         try:
-            key, step = progress_queue.get_nowait()
-        except queue_module.Empty:
-            return
-        bar.update(step - current.get(key, 0))
-        current[key] = step
+            self.sender.send(item)
+        except BrokenPipeError:  # nobody reads: the sweep is gone
+            raise SystemExit("the sweep that started this run is gone") from None
+
+
+def _show_steps(pipe, shown: dict, bar) -> None:
+    try:
+        while pipe.poll():
+            key, step = pipe.recv()
+            bar.update(step - shown.get(key, 0))
+            shown[key] = step
+    except EOFError:  # the process has exited
+        pass
+
+
+def _outcome(job: dict, attempt: int, exitcode, steps: int, shown: dict, bar):
+    """The result of a run whose process has exited; None: it saved none (killed), try again."""
+    key = f"{job['variant']} seed {job['seed']}"
+    done = shown.pop(key, 0)
+    result = _saved_result(Path(job["run_dir"]))
+    if result is None and attempt < ATTEMPTS:
+        bar.write(f"{key}: its process was lost (exit code {exitcode}); trying again")
+        bar.update(-done)
+        return None
+    if result is None:
+        result = _record_lost(job, exitcode, attempt)
+    bar.update(steps - done)
+    if result["status"] != "ok":
+        bar.write(f"{key}: FAILED: {result['error']}")
+    return result
+
+
+def _record_lost(job: dict, exitcode, attempts: int) -> dict:
+    """The failed record of a run whose process died on every attempt before saving a result."""
+    result = {"status": "failed", "attempts": attempts,
+              "error": f"its training process was lost on each of {attempts} attempts "
+                       f"(last exit code {exitcode})",
+              "label": job["label"], "variant": job["variant"], "seed": job["seed"]}
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(run_dir / "result.json", json_text(result, indent=2) + "\n")
+    return result
+
+
+def _stop(running: dict) -> None:
+    """Stop the running processes now (a checkpoint is written atomically: the last one stays)."""
+    for process in running:
+        process.terminate()
+    for process, (_, _, pipe) in running.items():
+        process.join(timeout=10)
+        if process.is_alive():  # deaf to SIGTERM (stuck in C code): no clean exit, but stopped
+            process.kill()
+            process.join()
+        pipe.close()
 
 
 # ---- tables --------------------------------------------------------------------------------
@@ -351,11 +529,16 @@ def _summarise(ok: list) -> dict:
         summary["projections"] = " | ".join(dict.fromkeys(str(r["projections_kept"]) for r in ok))
     for metric in ("val_loss", "unpruned_val_loss", "val_bpc", "accuracy", "tokens_per_s",
                    "decode_ms_per_token", "kv_cache_bytes_per_token", "peak_rss_mb"):
-        values = [r[metric] for r in ok if metric in r]
+        values = [r[metric] for r in ok if _measured(r.get(metric))]
         if values:
             summary[metric] = float(np.mean(values))
             summary[metric + "_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     return summary
+
+
+def _measured(value) -> bool:
+    """A figure, not a hole: result.json has null (older ones NaN) where a run could not measure one."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 COLUMNS = [  # (key, header, format)
@@ -404,11 +587,12 @@ def format_markdown(rows: list, plan: dict) -> str:
     for r in rows:
         for error in r.get("errors", []):
             lines.append(f"- {r['variant']} failed: {error}")
+    lines += [f"Note: {note}." for note in plan["notes"]]
     return "\n".join(lines) + "\n"
 
 
 def write_results(out: Path, rows: list, plan: dict) -> None:
-    (out / "results.json").write_text(json.dumps({"sweep": plan, "rows": rows}, indent=2) + "\n")
+    (out / "results.json").write_text(json_text({"sweep": plan, "rows": rows}, indent=2) + "\n")
     keys = [k for k, _, _ in COLUMNS] + [k + "_std" for k in sorted(WITH_SPREAD)] + ["seeds", "failed"]
     keys = [k for k in keys if any(k in r for r in rows)]
     with open(out / "results.csv", "w", newline="") as f:

@@ -32,11 +32,12 @@ import time
 import uuid
 from pathlib import Path
 
-from .atomic import write_atomically
+from .atomic import json_text, write_atomically
+from .lock import LOCK_NAME
 
 INSTALL_HINT = "pip install 'minqkv[dask]' (or pip install distributed)"
 PROGRESS_PREFIX = "minqkv-step "  # a line the training process prints after each step
-ATTEMPTS = 2  # a failed or lost run is tried once more
+ATTEMPTS = 2  # a failed or lost run is tried once more (a local sweep: a lost one)
 
 
 def require_distributed():
@@ -161,11 +162,13 @@ def train_in_fresh_process(job: dict, text, threads, backend, report=None) -> di
 
 
 def _run_files(run_dir: Path, checkpoints: bool) -> dict:
-    """Everything the run wrote but result.json (the client writes that last, as 'finished')."""
+    """Everything the run wrote but result.json (the client writes that last, as 'finished') and
+    the worker's lock file."""
     files = {}
     for path in sorted(run_dir.rglob("*")):
         name = path.relative_to(run_dir).as_posix()
-        skip = name == "result.json" or path.suffix == ".tmp" or (path.suffix == ".npz" and not checkpoints)
+        skip = (name in ("result.json", LOCK_NAME) or path.suffix == ".tmp"
+                or (path.suffix == ".npz" and not checkpoints))
         if path.is_file() and not skip:
             files[name] = path.read_bytes()
     return files
@@ -207,12 +210,14 @@ def _main() -> None:
 def run_on_cluster(address: str, jobs_todo: list, n_jobs: int, steps: int, progress: bool,
                    checkpoints: bool = True) -> list:
     """Train jobs_todo on the Dask cluster at `address` ('local': a LocalCluster of n_jobs
-    workers); save each run into its run_dir as it arrives; -> the result records."""
+    workers, fewer when fewer runs are left); save each run into its run_dir as it arrives;
+    -> the result records."""
     distributed = require_distributed()
     if not jobs_todo:
         return []
-    # --dask local: one run per worker process, as --jobs runs one per process
-    cluster = distributed.LocalCluster(n_workers=n_jobs, threads_per_worker=1, processes=True,
+    # --dask local: one run per worker process, as --jobs runs one per process; no idle workers
+    workers = min(n_jobs, len(jobs_todo))
+    cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None) if address == "local" else None
     try:
         with _connect(distributed, cluster or address) as client:
@@ -327,7 +332,7 @@ def _save(task: dict, result: dict, files: dict) -> dict:
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(run_dir / name, content)
     run_dir.mkdir(parents=True, exist_ok=True)  # a failed run may have sent no files
-    write_atomically(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    write_atomically(run_dir / "result.json", json_text(result, indent=2) + "\n")
     return result
 
 

@@ -11,6 +11,13 @@ from minqkv.cli import main
 VARIANTS = "abc,abb,abc+gate"
 
 
+def strict_json(path) -> dict:
+    """The file parsed as standard JSON: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def sweep(out, variants=VARIANTS, jobs=1, seeds=None, data="synthetic:copy"):
     return ablate.run_sweep("tiny", data, out, variants, seeds=seeds, jobs=jobs, progress=False)
 
@@ -201,3 +208,74 @@ def test_a_penalty_sweep_trains_each_penalty_and_plots_quality_against_matrices_
     assert by_name["abc+gate(L=10)"]["projections_kept"] < by_name["abc+gate(L=0)"]["projections_kept"]
     paths = ablate.write_plots(tmp_path, rows)
     assert tmp_path / "pruning.png" in paths and (tmp_path / "pruning.png").stat().st_size > 0
+
+
+# ---- one folder per variant ------------------------------------------------------------------
+
+
+def test_the_study_at_two_heads_plans_canonical_and_its_gqa2_twin_once():
+    plan = ablate.plan_sweep("tiny", "synthetic:copy")  # n_head=2: gqa2 groups nothing
+    variants = [r["variant"] for r in plan["runs"]]
+    assert len(variants) == len(set(variants))
+    assert next(r["label"] for r in plan["runs"] if r["variant"] == "abc") == "canonical"
+    assert ("'canonical+gqa2' is the same variant as 'canonical' (abc) at n_head=2: it runs once"
+            in plan["notes"])
+
+
+def test_a_label_listed_twice_trains_one_run_and_reports_one_seed(tmp_path):
+    rows = sweep(tmp_path, variants="abc,abc", jobs=2)
+    assert [(r["variant"], r["seeds"]) for r in rows] == [("abc", 1)]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["abc-seed0"]
+
+
+def test_a_second_label_for_a_finished_variant_leaves_its_result_untouched(tmp_path):
+    sweep(tmp_path, variants="abc")
+    result = tmp_path / "runs" / "abc-seed0" / "result.json"
+    before = result.read_bytes()
+    rows = sweep(tmp_path, variants="abc,canonical")
+    assert result.read_bytes() == before
+    assert [(r["label"], r["seeds"]) for r in rows] == [("abc", 1)]
+
+
+def test_the_table_notes_which_labels_ran_as_one():
+    plan = ablate.plan_sweep("tiny", "synthetic:copy", "shared-kv,abb")
+    assert "Note: 'abb' is the same variant as 'shared-kv' (abb): it runs once." in ablate.format_markdown([], plan)
+
+
+# ---- results are standard JSON and never lost ------------------------------------------------------
+
+
+def test_results_json_holds_null_for_a_figure_no_run_measured(tmp_path):
+    plan = ablate.plan_sweep("tiny", "synthetic:copy", "abc")
+    ablate.write_results(tmp_path, [{"variant": "abc", "tokens_per_s": float("nan"), "seeds": 1}], plan)
+    assert strict_json(tmp_path / "results.json")["rows"][0]["tokens_per_s"] is None
+
+
+def test_a_finished_run_whose_result_was_lost_keeps_its_measured_speed(tmp_path):
+    sweep(tmp_path, variants="abc")
+    result = tmp_path / "runs" / "abc-seed0" / "result.json"
+    measured = strict_json(result)["tokens_per_s"]
+    result.unlink()
+    sweep(tmp_path, variants="abc")
+    assert strict_json(result)["tokens_per_s"] == measured
+    assert strict_json(tmp_path / "results.json")["rows"][0]["tokens_per_s"] == measured
+
+
+def test_a_run_stopped_after_its_last_checkpoint_writes_standard_json(tmp_path):
+    sweep(tmp_path, variants="abc")
+    run_dir = tmp_path / "runs" / "abc-seed0"
+    for name in ("result.json", "final.json"):  # as if killed right after the last checkpoint
+        (run_dir / name).unlink()
+    rows = sweep(tmp_path, variants="abc")
+    assert strict_json(run_dir / "result.json")["status"] == "ok"
+    assert strict_json(tmp_path / "results.json")["rows"] == rows
+
+
+def test_a_run_recorded_as_failed_trains_again_when_the_sweep_is_rerun(tmp_path):
+    sweep(tmp_path, variants="abc")
+    result = tmp_path / "runs" / "abc-seed0" / "result.json"
+    result.write_text(json.dumps({"status": "failed", "error": "OSError: No space left on device",
+                                  "label": "abc", "variant": "abc", "seed": 0}))
+    [row] = sweep(tmp_path, variants="abc")
+    assert (row["seeds"], row["failed"]) == (1, 0)
+    assert strict_json(result)["status"] == "ok"

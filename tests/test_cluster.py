@@ -15,6 +15,7 @@ import pytest
 
 from minqkv import ablate, cluster
 from minqkv.cli import main
+from minqkv.lock import FolderBusy, folder_lock
 
 if os.environ.get("CI"):
     import distributed  # CI must run these tests: a missing extra fails here instead of skipping
@@ -117,6 +118,30 @@ def test_a_sweep_on_a_local_cluster_matches_one_local_job(local_sweep, tmp_path)
     # the client writes what a local run leaves behind: metrics for the plots, the checkpoint
     assert (out / "runs" / "abb-seed1" / "metrics.jsonl").exists()
     assert (out / "runs" / "abb-seed1" / "ckpt.npz").exists()
+
+
+def test_a_dask_sweep_on_a_folder_in_use_is_refused_before_any_worker_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "LocalCluster", lambda **kwargs: pytest.fail("a cluster was started"))
+    with folder_lock(tmp_path, "sweep folder"), pytest.raises(FolderBusy, match=f"pid {os.getpid()}"):
+        sweep(tmp_path, dask="local", jobs=2)
+    assert not (tmp_path / "runs").exists()
+
+
+class NoCluster(Exception):
+    """Raised by a stand-in for LocalCluster once it has recorded what it was asked for."""
+
+
+def test_a_local_cluster_starts_one_worker_per_run_to_do_at_most(tmp_path, monkeypatch):
+    asked = {}
+
+    def local_cluster(**kwargs):
+        asked.update(kwargs)
+        raise NoCluster
+
+    monkeypatch.setattr(distributed, "LocalCluster", local_cluster)
+    with pytest.raises(NoCluster):
+        sweep(tmp_path, dask="local", jobs=12)  # 2 variants x 2 seeds
+    assert asked["n_workers"] == 4
 
 
 def test_a_sweep_on_a_scheduler_and_two_worker_processes_matches_one_local_job(
