@@ -5,17 +5,12 @@ means the role is the input itself (no projection). 'abc' is the usual attention
 K and V, 'aaa' uses one matrix for all three, '--a' projects only the values, '---' projects
 nothing. There are exactly 15 codes (see ALL_CODES).
 
-A variant is a code (or its name) with modifiers, written as a label such as 'abb+rotate+gqa2':
-n_kv_head (grouped-query attention; 1 = multi-query), rotate (a learned orthogonal rotation R
-per head, K <- K R), pos2d (a learned bias added to the scores for every (query position, key
-position)), gate (learned mixing of each projection with the identity, for pruning), out_proj
-(the output projection on or off), and three modifiers of today's models:
-
-- pos='rope', rotary positions (Su et al. 2021): after the projections, every head's q and k
-  are turned pair of dimensions by pair by an angle proportional to their position (see rope()).
-- out_gate, output gating (Qiu et al. 2025): each head's output times sigmoid(x W_g), per token.
-- latent_kv=R, low-rank latent keys and values (multi-head latent attention, DeepSeek-V2 2024):
-  K and V are up-projected from one latent c = x W_down of width R, and the cache holds c only.
+A variant is a code (or its name) with modifiers, written as a label such as 'abb+rotate+gqa2';
+modifiers.py has their table. Here each is a few lines of project() or forward(): grouped key/value
+heads, a rotation of the keys, a 2-D bias on the scores, gates, no output projection, rotary
+positions (rope(), Su et al. 2021), output gates (out_gates(), Qiu et al. 2025), and latent keys
+and values (up_projected(): K and V from one latent c = x W_down, which is all the cache holds;
+DeepSeek-V2 2024).
 
 A gate is a hard-concrete gate (Louizos, Welling & Kingma 2018): a stretched, clipped sigmoid of
 a learned log-odds log_alpha plus logistic noise in training, and without noise at evaluation,
@@ -29,7 +24,6 @@ attend(q, k, v) is the attention every variant shares. Everything else calls the
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +31,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import ops
+# the code grammar (15 codes, their names, parsing) is the first part of a label: modifiers.py has it
+from .modifiers import ALL_CODES, NAMES, canonical_code, names_of, parse_code  # noqa: F401
 from .nn import Dropout, Module, Parameter
 from .tensor import Tensor, no_grad
 
@@ -44,25 +40,6 @@ if TYPE_CHECKING:
     from .model import GPTConfig
 
 ROLES = "qkv"
-
-# "no-X" and "identity-X" mean that role X is the identity (X = x)
-NAMES = {
-    "canonical": "abc",
-    "shared-qk": "aab",  # the study's "no key": the Query used as Key
-    "shared-kv": "abb",
-    "shared-qv": "aba",
-    "single": "aaa",
-    "shared-qkv": "aaa",
-    "no-query": "-ab",
-    "identity-query": "-ab",
-    "no-key": "a-b",
-    "identity-key": "a-b",
-    "no-value": "ab-",
-    "identity-value": "ab-",
-    "value-only": "--a",
-    "none": "---",
-}
-
 
 ROPE_BASE = 10000.0  # rotary wavelengths run from 2 pi tokens up to nearly 2 pi ROPE_BASE (Su et al.)
 
@@ -92,41 +69,6 @@ def probability_open(log_alpha: Tensor) -> Tensor:
     return ops.sigmoid(log_alpha - GATE_BETA * math.log(-GATE_GAMMA / GATE_ZETA))
 
 
-def canonical_code(code: str) -> str:
-    """Rename letters in order of first appearance: 'bab' -> 'aba', 'cc-' -> 'aa-'."""
-    names: dict[str, str] = {}
-    out = []
-    for ch in code:
-        if ch == "-":
-            out.append("-")
-        else:
-            names.setdefault(ch, "abc"[len(names)])
-            out.append(names[ch])
-    return "".join(out)
-
-
-ALL_CODES = tuple(sorted({canonical_code("".join(c)) for c in itertools.product("abc-", repeat=3)},
-                         key=lambda c: (c.count("-"), c)))
-
-
-def parse_code(spec: str) -> str:
-    """A code ('abb', 'bcc') or a name ('shared-kv') -> the canonical 3-character code."""
-    if not isinstance(spec, str):
-        raise TypeError(f"a code must be a string such as 'abb' or 'shared-kv', got {type(spec).__name__}")
-    key = spec.strip().lower()
-    if key in NAMES:
-        return NAMES[key]
-    if len(key) == 3 and set(key) <= set("abc-"):
-        return canonical_code(key)
-    names = ", ".join(f"{name}={code}" for name, code in NAMES.items())
-    raise ValueError(f"variant {spec!r} is not valid: its code must be three of a, b, c or '-' for "
-                     f"(Q, K, V), e.g. 'abb'; the 15 codes are {', '.join(ALL_CODES)}; names: {names}")
-
-
-def names_of(code: str) -> list:
-    return [name for name, c in NAMES.items() if c == code]
-
-
 def weight_name(roles: str, latent: bool = False) -> str:
     """The parameter name of the weight that serves `roles`: 'w_q', 'w_kv', 'w_qkv', ...; in a
     latent layer the K and V weights are up-projections from the latent: 'w_k_up', 'w_kv_up'."""
@@ -148,6 +90,7 @@ class AttentionSpec:
         _check_code_fits_heads(self)
         _check_sym_init(self)
         _check_latent_kv(self)
+        _check_gate(self)
 
     @property
     def head_dim(self) -> int:
@@ -310,6 +253,23 @@ def _check_latent_kv(s: AttentionSpec) -> None:
             raise ValueError(f"code {s.code!r} with latent_kv={s.config.latent_kv}: Q shares its weight with "
                              f"{role}, but a latent layer replaces the K and V projections by up-projections "
                              "from c = x W_down while Q reads x; untie Q, e.g. 'abc' or 'abb'")
+
+
+def _check_gate(s: AttentionSpec) -> None:
+    """A gate mixes a projection with the identity, z (x W) + (1 - z) x: it needs a role that is
+    projected and as wide as x (see gated_roles)."""
+    if not s.config.gate or s.gated_roles():
+        return
+    reasons = []
+    for role, ch in zip(ROLES, s.code):
+        if ch == "-":
+            reasons.append(f"{role.upper()} is the identity")
+        elif s.latent and role != "q":
+            reasons.append(f"{role.upper()} is up-projected from the latent (latent_kv={s.config.latent_kv})")
+        else:
+            reasons.append(f"{role.upper()} is {s.width(role)} wide (n_kv_head={s.n_kv_head}), x {s.config.n_embd}")
+    raise ValueError(f"code {s.code!r} has nothing to gate: {', '.join(reasons)}; a gate mixes a projection "
+                     "with the identity, z (x W) + (1 - z) x, so it needs a learned Q, K or V as wide as x")
 
 
 # ---- the attention every variant shares ---------------------------------------------------------

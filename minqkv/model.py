@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from . import ops
-from .attention import (ROLES, AttentionSpec, CausalSelfAttention, KVCache, parse_code, probability_open,
-                        weight_name)
+from . import modifiers, ops
+from .attention import ROLES, AttentionSpec, CausalSelfAttention, KVCache, probability_open, weight_name
 from .kernels import softmax_numpy
+from .modifiers import parse_code
 from .nn import MLP, Dropout, Embedding, LayerNorm, Module
 from .tensor import Tensor, no_grad
 
@@ -74,6 +74,11 @@ class GPTConfig:
                                            or self.latent_kv <= 0):
             raise ValueError(f"latent_kv must be a positive integer (the width R of the latent), "
                              f"got {self.latent_kv!r}")
+        if self.latent_kv is not None and self.latent_kv > self.n_embd:
+            raise ValueError(f"latent_kv={self.latent_kv} is wider than n_embd={self.n_embd}: the latent "
+                             "c = x W_down stands in for x, from which K and V are computed, and its rank "
+                             "is at most n_embd, so a wider one adds weights and cached floats, not "
+                             "information; use latent_kv <= n_embd")
         for layer in range(self.n_layer):
             self.attention_spec(layer)  # fails early, with the reason, on a code the heads cannot take
 
@@ -85,20 +90,8 @@ class GPTConfig:
 
     def variant_label(self) -> str:
         """The variant: the code (or the distinct per-layer codes joined by '/') and its modifiers,
-        e.g. 'abb+rotate+gqa2'."""
-        codes = sorted(set(self.code_of(i) for i in range(self.n_layer)))
-        name = "/".join(codes) if self.layer_codes is not None else self.code
-        kv = self.n_kv_head if self.n_kv_head is not None else self.n_head
-        mods = [m for m in ("rotate", "pos2d", "gate") if getattr(self, m)]
-        mods += [name for name, on in (("wide-init", self.wide_init), ("sym-init", self.sym_init)) if on]
-        mods += [POSITION_MODIFIERS[self.pos]] if self.pos != "learned" else []
-        mods += ["out-gate"] if self.out_gate else []
-        mods += [f"latent-kv{self.latent_kv}"] if self.latent_kv is not None else []
-        if kv != self.n_head:
-            mods.append("mqa" if kv == 1 else f"gqa{kv}")
-        if not self.out_proj:
-            mods.append("no-out-proj")
-        return "+".join([name] + mods)
+        e.g. 'abb+rotate+gqa2' (modifiers.py has the table)."""
+        return modifiers.label(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,32 +100,8 @@ class GPTConfig:
     def overrides_from_label(label: str) -> dict:
         """The inverse of variant_label(): 'shared-kv+rotate+gqa2' -> {code: 'abb', rotate: True,
         n_kv_head: 2}; 'abc+rope+out-gate+latent-kv32' -> {code: 'abc', pos: 'rope', out_gate: True,
-        latent_kv: 32}."""
-        name, *mods = label.strip().split("+")
-        overrides: dict = {"code": parse_code(name)}
-        positions = {modifier: pos for pos, modifier in POSITION_MODIFIERS.items()}
-        for mod in mods:
-            if mod in ("rotate", "pos2d", "gate"):
-                overrides[mod] = True
-            elif mod in positions:
-                overrides["pos"] = positions[mod]
-            elif mod == "out-gate":
-                overrides["out_gate"] = True
-            elif mod.startswith("latent-kv") and mod[9:].isdigit() and int(mod[9:]) > 0:
-                overrides["latent_kv"] = int(mod[9:])
-            elif mod == "mqa":
-                overrides["n_kv_head"] = 1
-            elif mod.startswith("gqa") and mod[3:].isdigit() and int(mod[3:]) > 0:
-                overrides["n_kv_head"] = int(mod[3:])
-            elif mod == "no-out-proj":
-                overrides["out_proj"] = False
-            elif mod in ("wide-init", "sym-init"):
-                overrides[mod.replace("-", "_")] = True
-            else:
-                raise ValueError(f"unknown modifier {mod!r} in {label!r}: use rotate, pos2d, gate, rope, "
-                                 "no-pos, out-gate, latent-kvR (a latent R wide), mqa, gqaN (N key/value "
-                                 "heads), no-out-proj, wide-init or sym-init, e.g. 'abb+rotate+gqa2'")
-        return overrides
+        latent_kv: 32}. Each setting once: 'abc+rope+no-pos' is refused (see modifiers.py)."""
+        return modifiers.parse(label)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -142,7 +111,6 @@ class GPTConfig:
 
 OLD_KEYS = {"variant": "code", "layer_variants": "layer_codes"}  # config keys before issue 8
 POSITIONS = ("learned", "rope", "none")
-POSITION_MODIFIERS = {"rope": "rope", "none": "no-pos"}  # pos -> its modifier in a label ('learned': none)
 
 
 class Block(Module):
@@ -231,11 +199,12 @@ class GPT(Module):
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Continue ids (B, T) by sampling, each token conditioned on the last block_size tokens."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer, got {top_k}")
+        """Continue ids (B, T) by sampling, each token conditioned on the last block_size tokens.
+
+        temperature: any positive finite number (a tiny one samples the most likely token);
+        top_k: keep only the k most likely tokens (None: all).
+        """
+        _check_sampling(ids, max_new_tokens, temperature, top_k)
         rng = rng if rng is not None else np.random.default_rng()
         ids = np.asarray(ids, dtype=np.int64)
         with no_grad(), self.evaluating():
@@ -270,15 +239,42 @@ class GPT(Module):
         own = dict(self.named_parameters())
         for name, param in pruned.named_parameters():
             layer_weight = _layer_weight(name, weights)
-            np.copyto(param.data, layer_weight if layer_weight is not None else own[name].data)
+            np.copyto(param.writable_data(), layer_weight if layer_weight is not None else own[name].data)
         pruned.dropout_rng.bit_generator.state = self.dropout_rng.bit_generator.state
         pruned.gate_rng.bit_generator.state = self.gate_rng.bit_generator.state
         return pruned
 
 
+def _check_sampling(ids, max_new_tokens, temperature, top_k) -> None:
+    shape = np.shape(ids)
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(f"ids must have shape (B, T) with at least one row and one token to continue, "
+                         f"got {shape}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise TypeError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not 0 < temperature < math.inf:  # also refuses nan
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))):
+        raise TypeError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+
+
 def _sample_logits(logits: np.ndarray, temperature: float, top_k, rng) -> np.ndarray:
     """logits (B, V) -> one sampled id per row (B, 1)."""
-    z = logits.astype(np.float64) / temperature
+    if not np.isfinite(logits).all():
+        raise RuntimeError("the model's logits are not all finite (NaN or inf): its weights hold "
+                           "NaN or inf, e.g. from a run that diverged; nothing can be sampled")
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)  # <= 0, the most likely token at 0
+    with np.errstate(over="ignore"):
+        # a tiny temperature sends every other token to -inf: exp gives 0 there, and the most
+        # likely token (or the tied ones) is drawn for sure, which is greedy decoding
+        z = z / temperature
     if top_k is not None and top_k < z.shape[-1]:
         kth = np.sort(z, axis=-1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)

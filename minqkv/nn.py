@@ -17,6 +17,8 @@ from .tensor import FLOAT_DTYPES, Tensor
 class Parameter(Tensor):
     """A Tensor that a Module owns and an optimiser updates (requires_grad is always True)."""
 
+    _lock_while_read = True  # read-only while a graph reads it: element writes would corrupt backward (tensor.py)
+
     def __init__(self, data):
         data = np.asarray(data)
         if data.dtype not in FLOAT_DTYPES:
@@ -113,7 +115,7 @@ class Module:
                 raise ValueError(f"load_state_dict: {name} is {value.dtype}{list(value.shape)} "
                                  f"but the model expects {param.dtype}{list(param.shape)}")
         for name, param in params.items():
-            np.copyto(param.data, state[name])
+            np.copyto(param.writable_data(), state[name])  # counted as a change: older graphs refuse backward
 
 
 class Linear(Module):

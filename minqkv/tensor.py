@@ -4,6 +4,29 @@ Every differentiable op (see ops.py) builds its output with `Tensor.from_op`, ha
 over the inputs it read and a small closure that turns the output's gradient into
 gradients for those inputs. `Tensor.backward` sorts the graph once, then walks it
 backwards calling those closures. That is the whole engine.
+
+Backward reads the inputs as they were when the op ran, so an input edited in place in between
+would give a wrong gradient without a word. Two guards refuse that (as PyTorch's version
+counters do, and further):
+
+- every Tensor counts the changes to its data in `_version`: assigning `t.data = ...` (also
+  `t.data += 1`, which assigns) and writers of the package (AdamW's step, load_state_dict, via
+  writable_data()) add one. Each op records its inputs' versions, and backward raises a
+  RuntimeError naming the op and the input when one has changed: recompute the forward.
+- element writes (`w.data[0] = 5`, `np.copyto(w.data, ...)`) assign nothing, so no counter sees
+  them. Instead a Parameter (nn.py: the weights an optimiser and a user edit) is made read-only
+  while a graph reads it: from the first op that records it until a backward() over a graph
+  holding it ends, or until a writer of the package (writable_data()) opens it. Such a write
+  fails at once, with NumPy's "assignment destination is read-only". To edit a weight by hand
+  in that window, assign a new array (`w.data = new`), which the counter sees; to run a model
+  only for a look, run it under no_grad(), which records no graph and locks nothing.
+
+Limits, plainly: element writes into any other array are not caught (assignments are): a plain
+Tensor leaf, even with requires_grad=True, and the output of an op. Locking every leaf would
+refuse finite differences taken by hand beside a graph that is never walked (tutorial 02 does
+that), and an op's output is the package's own. A Parameter is unlocked when a backward() ends,
+so walking the same graph again after element writes is not caught either, and neither is a
+write through a view taken before the lock or through the array's base.
 """
 
 from __future__ import annotations
@@ -32,14 +55,6 @@ def is_grad_enabled() -> bool:
     return _grad_enabled
 
 
-_walk = 0  # backward() walks so far: ops whose outputs share one gradient array tell walks apart by it
-
-
-def backward_walk() -> int:
-    """The number of the backward walk running now (or the last one)."""
-    return _walk
-
-
 class Tensor:
     """An n-dimensional array with an optional gradient.
 
@@ -49,6 +64,7 @@ class Tensor:
     """
 
     __array_ufunc__ = None  # so `ndarray * Tensor` defers to Tensor.__rmul__
+    _lock_while_read = False  # a Parameter's array is read-only while a graph reads it (see above)
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
         data = np.asarray(data, dtype=dtype)
@@ -56,7 +72,9 @@ class Tensor:
             raise TypeError(
                 f"Tensor: requires_grad=True needs float32 or float64 data, got {data.dtype}"
             )
-        self.data = data
+        self._data = data
+        self._version = 0  # changes to data: assignments and writable_data() (see the module's docstring)
+        self._locked = False  # whether this tensor made its array read-only (a Parameter a graph reads)
         self.grad = None
         self.requires_grad = requires_grad
         self._parents: tuple[Tensor, ...] = ()
@@ -72,7 +90,41 @@ class Tensor:
             out._parents = parents
             out._backward = backward
             out._op = op
+            out._parent_versions = tuple(p._version for p in parents)
+            for p in parents:
+                if p._lock_while_read:
+                    p._lock()
         return out
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value) -> None:
+        if value is not self._data:  # a new array (`t.data += 1` hands back the same one, edited)
+            self._data, self._locked = value, False  # the old one stays read-only for the graphs that hold it
+        self._version += 1
+
+    def writable_data(self) -> np.ndarray:
+        """data opened for an in-place write by its owner (an optimiser step, load_state_dict):
+        unlocked, and counted as a change, so a graph recorded before refuses to run backward."""
+        self._unlock()
+        self._version += 1
+        return self._data
+
+    def _lock(self) -> None:
+        if not self._locked and self._data.flags.writeable:
+            self._data.flags.writeable = False
+            self._locked = True
+
+    def _unlock(self) -> None:
+        if self._locked:
+            self._locked = False
+            try:
+                self._data.flags.writeable = True
+            except ValueError:  # a view of an array that is read-only itself: it stays so
+                pass
 
     # Array-like facts.
     @property
@@ -126,21 +178,25 @@ class Tensor:
         if grad.shape != self.shape:
             raise ValueError(f"backward: grad has shape {grad.shape}, expected {self.shape}")
 
-        global _walk
-        _walk += 1
         grads = {id(self): grad}  # gradients of interior nodes live only during this walk
-        for node in reversed(_topological_order(self)):
-            g = grads.pop(id(node), None)
-            if g is None:
-                continue
-            if node._backward is None:  # a leaf: keep its gradient
-                node.grad = g.copy() if node.grad is None else node.grad + g
-                continue
-            for parent, parent_grad in zip(node._parents, node._backward(g)):
-                if parent_grad is None or not parent.requires_grad:
+        order = _topological_order(self)
+        try:
+            for node in reversed(order):
+                g = grads.pop(id(node), None)
+                if g is None:
                     continue
-                key = id(parent)
-                grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
+                if node._backward is None:  # a leaf: keep its gradient
+                    node.grad = g.copy() if node.grad is None else node.grad + g
+                    continue
+                _check_inputs_unchanged(node)
+                for parent, parent_grad in zip(node._parents, node._backward(g)):
+                    if parent_grad is None or not parent.requires_grad:
+                        continue
+                    key = id(parent)
+                    grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
+        finally:
+            for node in order:  # the graph is read: its leaves may be written again
+                node._unlock()
 
     def zero_grad(self) -> None:
         self.grad = None
@@ -202,6 +258,17 @@ class Tensor:
 
     def log(self):
         return _ops().log(self)
+
+
+def _check_inputs_unchanged(node: Tensor) -> None:
+    """Backward reads the inputs an op saw: refuse when one has changed since (see the module's docstring)."""
+    for i, (parent, version) in enumerate(zip(node._parents, node._parent_versions)):
+        if parent._version != version:
+            made_by = f"the output of '{parent._op}'" if parent._op else "a leaf"
+            raise RuntimeError(f"backward: input {i} of '{node._op}' ({made_by}, {parent.dtype} {parent.shape}) "
+                               f"was changed in place after '{node._op}' read it (version {version} -> "
+                               f"{parent._version}), so its gradient would be wrong; recompute the forward "
+                               "after editing, then call backward")
 
 
 def _topological_order(root: Tensor) -> list:

@@ -7,8 +7,8 @@ what dropping W_k saves in a 125M-parameter GPT-2.
 
 from __future__ import annotations
 
-from .attention import ALL_CODES, names_of
 from .model import GPTConfig
+from .modifiers import ALL_CODES, names_of
 
 # n_embd, n_head, n_layer, block_size (context), vocab_size, MLP hidden width
 PRESETS = {

@@ -14,6 +14,7 @@ from minqkv.model import GPT, GPTConfig
 from minqkv.optim import AdamW
 from minqkv.tensor import Tensor, no_grad
 from minqkv.variant_checks import check_variant, variant_cases
+from minqkv.variants import variant_rows
 
 C, H = 16, 4  # width and heads of the small layers below
 SYMMETRIC_CODES = {"aab", "aaa", "--a", "aa-", "---"}
@@ -480,6 +481,23 @@ def test_only_full_width_projections_are_gated():
     assert spec(code="-ab", n_embd=C, n_head=H, gate=True).gated_roles() == "kv"
     assert spec(code="abb", n_embd=C, n_head=H, n_kv_head=2, gate=True).gated_roles() == "q"
     assert spec(code="abc", n_embd=C, n_head=H).gated_roles() == ""
+
+
+@pytest.mark.parametrize("code, sizes, reason", [
+    ("---", {}, "Q is the identity, K is the identity, V is the identity"),
+    ("-ab", dict(n_kv_head=1), "K is 4 wide (n_kv_head=1), x 16"),
+    ("-ab", dict(latent_kv=8), "K is up-projected from the latent (latent_kv=8)"),
+])
+def test_a_gated_layer_with_nothing_to_gate_is_refused_with_the_reason(code, sizes, reason):
+    with pytest.raises(ValueError, match=f"code '{code}' has nothing to gate") as info:
+        spec(code=code, gate=True, **sizes)
+    assert reason in str(info.value)
+
+
+def test_the_variant_table_says_which_codes_have_nothing_to_gate():
+    rows = {row["code"]: row for row in variant_rows(gate=True)}
+    assert "nothing to gate" in rows["---"]["error"]
+    assert "error" not in rows["--a"] and "error" not in rows["a--"]
 
 
 def test_position_bias_starts_at_zero_for_every_head_and_position_pair():

@@ -1,6 +1,8 @@
 """Specification of the char GPT: incremental decoding, sampling, per-layer variants, pruning of
 gated models, configuration checks and labels."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -105,6 +107,7 @@ def test_the_fused_kernel_reads_q_k_v_inside_the_projection_and_dy_inside_the_ou
     buffer of its own), and dy as the (B, T, H, hd) memory that the output projection's backward
     wrote, a view of it."""
     import minqkv.kernels as kernels
+    from minqkv.kernels import runtime
 
     if kernels.get_backend() != "c":
         pytest.skip("the C core is not in use")
@@ -116,7 +119,7 @@ def test_the_fused_kernel_reads_q_k_v_inside_the_projection_and_dy_inside_the_ou
         return array.ctypes.data <= address < array.ctypes.data + array.nbytes
 
     seen, pointers = [], []
-    forward, backward, c_kernels = kernels.attention, kernels.attention_backward, kernels._c_kernels
+    forward, backward, c_function = kernels.attention, kernels.attention_backward, runtime.c_function
     monkeypatch.setattr(kernels, "attention", lambda q, k, v, *rest, **kw: seen.append((q, k, v))
                         or forward(q, k, v, *rest, **kw))
     monkeypatch.setattr(kernels, "attention_backward", lambda q, k, v, bias, y, lse, dy, *rest, **kw:
@@ -124,14 +127,13 @@ def test_the_fused_kernel_reads_q_k_v_inside_the_projection_and_dy_inside_the_ou
 
     def first_three_pointers(c_function):  # q, k and v: the first three arrays a C attention kernel takes
         def spy(*args):
-            arrays = [arg for arg in args if isinstance(arg, kernels._ffi.CData)]
-            pointers.append([int(kernels._ffi.cast("uintptr_t", a)) for a in arrays[:3]])
+            arrays = [arg for arg in args if isinstance(arg, runtime.ffi.CData)]
+            pointers.append([int(runtime.ffi.cast("uintptr_t", a)) for a in arrays[:3]])
             return c_function(*args)
         return spy
 
-    monkeypatch.setattr(kernels, "_c_kernels", lambda dtype: c_kernels(dtype)._replace(
-        attention=first_three_pointers(c_kernels(dtype).attention),
-        attention_backward=first_three_pointers(c_kernels(dtype).attention_backward)))
+    monkeypatch.setattr(runtime, "c_function", lambda name, dtype: first_three_pointers(c_function(name, dtype))
+                        if name in ("attention", "attention_backward") else c_function(name, dtype))
     model = tiny_gpt(**labelled(label)).train()
     logits_loss_and_gradients(model, random_ids(T=BLOCK + 1), maps=None)
     assert len(seen) == len(pointers) == 4  # two layers, forward and backward
@@ -207,6 +209,50 @@ def test_generate_rejects_a_temperature_that_is_not_positive(temperature):
 def test_generate_rejects_a_top_k_that_is_not_positive(top_k):
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         tiny_gpt().generate(random_ids(T=2), 3, top_k=top_k)
+
+
+@pytest.mark.parametrize("temperature", [math.inf, math.nan])
+def test_generate_rejects_a_temperature_that_is_not_finite(temperature):
+    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+        tiny_gpt().generate(random_ids(T=2), 3, temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature", [True, "0.8", None])
+def test_generate_rejects_a_temperature_that_is_not_a_number(temperature):
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        tiny_gpt().generate(random_ids(T=2), 3, temperature=temperature)
+
+
+@pytest.mark.parametrize("top_k", [2.5, True, "3"])
+def test_generate_rejects_a_top_k_that_is_not_an_integer(top_k):
+    with pytest.raises(TypeError, match="top_k must be a positive integer or None"):
+        tiny_gpt().generate(random_ids(T=2), 3, top_k=top_k)
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 3), (3,)])
+def test_generate_needs_a_prompt_of_at_least_one_token_in_a_batch_of_rows(shape):
+    with pytest.raises(ValueError, match="ids must have shape \\(B, T\\) with at least one row and one token"):
+        tiny_gpt().generate(np.zeros(shape, dtype=np.int64), 3)
+
+
+@pytest.mark.parametrize("count, error", [(-1, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_generate_rejects_a_token_count_that_is_not_a_whole_number_at_least_zero(count, error):
+    with pytest.raises(error, match="max_new_tokens must be"):
+        tiny_gpt().generate(random_ids(T=2), count)
+
+
+@pytest.mark.parametrize("temperature", [1e-320, 1e-30])
+def test_a_tiny_temperature_decodes_greedily(temperature):
+    model, prompt = tiny_gpt(), random_ids(B=3, T=2)
+    out = model.generate(prompt, 6, temperature=temperature, rng=np.random.default_rng(0))
+    assert np.array_equal(out, model.generate(prompt, 6, top_k=1, rng=np.random.default_rng(0)))
+
+
+def test_generate_refuses_logits_that_are_not_finite():
+    model = tiny_gpt()
+    model.token_embedding.weight.data[0, 0] = np.nan
+    with pytest.raises(RuntimeError, match="logits are not all finite"):
+        model.generate(random_ids(T=2), 3)
 
 
 def test_generate_appends_tokens_from_the_vocabulary():
@@ -466,6 +512,10 @@ def test_prune_of_an_ungated_model_raises():
     (dict(latent_kv=True), "latent_kv must be a positive integer"),
     (dict(code="aab", latent_kv=4), "Q shares its weight with K"),
     (dict(code="ab-", latent_kv=4), "V is the identity"),
+    (dict(latent_kv=9), "latent_kv=9 is wider than n_embd=8"),
+    (dict(code="---", gate=True), "code '---' has nothing to gate"),
+    (dict(code="-ab", n_kv_head=1, gate=True), "code '-ab' has nothing to gate"),
+    (dict(code="-ab", latent_kv=4, gate=True), "code '-ab' has nothing to gate"),
 ])
 def test_invalid_configurations_raise_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -489,7 +539,7 @@ def test_config_resolves_names_to_codes():
     (dict(code="abc", pos="rope"), "abc+rope"),
     (dict(code="abc", pos="none"), "abc+no-pos"),
     (dict(code="abb", out_gate=True, n_kv_head=1), "abb+out-gate+mqa"),
-    (dict(code="abc", latent_kv=32), "abc+latent-kv32"),
+    (dict(code="abc", latent_kv=8), "abc+latent-kv8"),
     (dict(code="abb", rotate=True, gate=True, pos="rope", out_gate=True, latent_kv=4, n_kv_head=2, out_proj=False),
      "abb+rotate+gate+rope+out-gate+latent-kv4+gqa2+no-out-proj"),
 ])
@@ -581,3 +631,43 @@ def test_model_params_follow_the_dtype():
     model = GPT(GPTConfig(**{**TINY, "dtype": "float32"}))
     assert all(p.dtype == np.float32 for p in model.parameters())
     assert isinstance(model(random_ids())[0], Tensor)
+
+
+# ---- weights edited while a graph reads them ----------------------------------------------------
+
+
+def test_an_optimizer_step_between_forward_and_backward_makes_backward_refuse():
+    from minqkv.optim import AdamW
+
+    model, ids = tiny_gpt().train(), random_ids()
+    opt = AdamW(model.named_parameters(), lr=1e-2)
+    model(ids, ids)[1].backward()  # every parameter has a gradient, so the step writes every one
+    _, loss = model(ids, ids)
+    opt.step()
+    with pytest.raises(RuntimeError, match="changed in place .* recompute the forward"):
+        loss.backward()
+
+
+def test_loading_weights_between_forward_and_backward_makes_backward_refuse():
+    model, ids = tiny_gpt(), random_ids()
+    _, loss = model(ids, ids)
+    model.load_state_dict(tiny_gpt(seed=1).state_dict())
+    with pytest.raises(RuntimeError, match="changed in place"):
+        loss.backward()
+
+
+def test_a_weight_read_by_a_graph_refuses_element_writes_until_backward_has_run():
+    model, ids = tiny_gpt(), random_ids()
+    w = model.blocks[0].attn.w_q
+    _, loss = model(ids, ids)
+    with pytest.raises(ValueError, match="read-only"):
+        w.data[0, 0] = 5.0
+    loss.backward()
+    w.data[0, 0] = 5.0  # the graph is read: the weight is the model's again
+
+
+def test_a_forward_without_a_graph_leaves_the_weights_writable():
+    model, ids = tiny_gpt(), random_ids()
+    with no_grad():
+        model(ids, ids)
+    assert all(p.data.flags.writeable for p in model.parameters())
