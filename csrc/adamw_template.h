@@ -30,7 +30,7 @@ static HOT_KERNEL void PASTE(adamw_span, REAL)(REAL *param, const REAL *grad, RE
 int ADAMW(REAL *param, const REAL *grad, REAL *m, REAL *v, int64_t n, double beta1, double beta2,
           double decay_factor, double step_size, double bias2_sqrt, double eps, int num_threads)
 {
-    if (n < 0 || (n > 0 && (!param || !grad || !m || !v)) || !(bias2_sqrt > 0))
+    if (n < 0 || (n > 0 && (!param || !grad || !m || !v)))
         return MINQKV_BAD_ARGUMENT;
     int threads = threads_for_work((double)n, PARALLEL_MIN_ELEMENTS, num_threads);
 #pragma omp parallel for num_threads(threads) schedule(static)

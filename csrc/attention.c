@@ -9,14 +9,17 @@
  * (Dao et al., 2022). The forward pass saves one number per query, lse = m + log(l), and the
  * backward pass recomputes each probability from it: p = e^(s - lse).
  *
- * Two versions of each pass sit side by side in attention_template.h. The readable one
- * (attention_rows, attention_backward_pairs) goes one query row, or one (query, key) pair, at a
- * time. The fast one (attention_tiles, attention_backward_tiles) cuts the work into tiles of
- * QUERY_TILE queries by KEY_TILE keys and computes each tile as a few small matrix products
- * (scores Q K^T, then P V; in the backward pass also dY V^T, P^T dY, dS^T Q, dS K) whose inner
- * loops keep REGISTER_ROWS x 64 bytes of the result in vector registers, as the GEMM's
- * micro-kernel does. Heads wider than TILED_MAX_HEAD_DIM take the readable version (the tiles,
- * on the stack, are sized for that width).
+ * attention_template.h holds, in the order to read them:
+ *   - minqkv_attention_naive, the readable reference: one query row at a time, in plain loops,
+ *     on contiguous arrays, one thread. Tests check the fast kernel against it.
+ *   - the fast passes (attention_tiles, attention_backward_tiles): the work cut into tiles of
+ *     QUERY_TILE queries by KEY_TILE keys, each tile computed as a few small matrix products
+ *     (scores Q K^T, then P V; in the backward pass also dY V^T, P^T dY, dS^T Q, dS K) whose
+ *     inner loops keep REGISTER_ROWS x 64 bytes of the result in vector registers, as the GEMM's
+ *     micro-kernel does.
+ *   - the passes for heads wider than TILED_MAX_HEAD_DIM, for which the tiles (on the stack)
+ *     are too small: attention_rows (blocks of queries against blocks of keys, no tiles) and
+ *     attention_backward_pairs (one (query, key) pair at a time, itself plain loops).
  *
  * The arrays of (batch row, head, position) rows come with their strides (minqkv_heads_layout),
  * so q, k and v are read inside the projection that made them and y, dq, dk, dv written where

@@ -67,6 +67,62 @@ static ALWAYS_INLINE void NAME(copy_transposed)(const REAL *x, int64_t x_row, in
             tile[d * KEY_TILE + jj] = jj < width ? x[jj * x_row + d] : 0;
 }
 
+/* The score of query row qi against key row kj: scale qi . kj (+ the bias of key j in this row). */
+static REAL NAME(naive_score)(const REAL *qi, const REAL *kj, const REAL *bias_row, int64_t j, int64_t hd,
+                              REAL scale)
+{
+    REAL s = 0;
+    for (int64_t d = 0; d < hd; d++)
+        s += qi[d] * kj[d];
+    return s * scale + (bias_row ? bias_row[j] : 0);
+}
+
+/* The readable reference: what the fast passes below compute, one query row at a time in plain
+ * loops (contiguous arrays, one thread; see minqkv.h for the shapes). For query row i of head h,
+ * which reads key/value head h / (H / Hkv) and sees keys j = 0 .. i + Tk - T:
+ *   m = max_j s_j with s_j = scale q_i . k_j + bias[h][i][j]      (first pass over the keys)
+ *   l = sum_j e^(s_j - m), y_i = sum_j e^(s_j - m) v_j / l         (second pass)
+ *   lse_i = m + log(l)
+ * Subtracting m keeps every exponent <= 0. The scores are computed twice rather than stored, so
+ * nothing is written but y and lse. */
+int NAME(minqkv_attention_naive)(const REAL *q, const REAL *k, const REAL *v, const REAL *bias, REAL *y,
+                                 REAL *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
+                                 int64_t hd, double scale)
+{
+    if (!attention_arguments_valid(q, k, v, y, B, H, Hkv, T, Tk, hd) || (B * T > 0 && !lse))
+        return MINQKV_BAD_ARGUMENT;
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < H; h++) {
+            int64_t kv = h / (H / Hkv);
+            const REAL *k_head = k + (b * Hkv + kv) * Tk * hd, *v_head = v + (b * Hkv + kv) * Tk * hd;
+            for (int64_t i = 0; i < T; i++) {
+                const REAL *qi = q + ((b * H + h) * T + i) * hd;
+                const REAL *bias_row = bias ? bias + (h * T + i) * Tk : NULL;
+                REAL *yi = y + ((b * H + h) * T + i) * hd;
+                int64_t visible = i + Tk - T + 1;
+                REAL m = -INFINITY;
+                for (int64_t j = 0; j < visible; j++) {
+                    REAL s = NAME(naive_score)(qi, k_head + j * hd, bias_row, j, hd, (REAL)scale);
+                    m = s > m ? s : m;
+                }
+                REAL l = 0;
+                for (int64_t d = 0; d < hd; d++)
+                    yi[d] = 0;
+                for (int64_t j = 0; j < visible; j++) {
+                    REAL p = EXP(NAME(naive_score)(qi, k_head + j * hd, bias_row, j, hd, (REAL)scale) - m);
+                    l += p;
+                    for (int64_t d = 0; d < hd; d++)
+                        yi[d] += p * v_head[j * hd + d];
+                }
+                for (int64_t d = 0; d < hd; d++)
+                    yi[d] /= l;
+                lse[(b * H + h) * T + i] = m + LOG(l);
+            }
+        }
+    }
+    return MINQKV_OK;
+}
+
 /* One query head of one batch row in the forward pass, and the key/value head it reads: pointers
  * to their row 0 and the distance between rows in elements (row i of q is q + i * q_row). */
 struct NAME(forward_arrays) {
@@ -77,8 +133,7 @@ struct NAME(forward_arrays) {
 };
 
 /* One head, rows [i0, i1) of its queries (see forward_arrays); row i sees keys 0 .. i + Tk - T.
- * The readable forward pass (attention_tiles below is the fast one), and the one heads wider
- * than TILED_MAX_HEAD_DIM take.
+ * The forward pass of heads wider than TILED_MAX_HEAD_DIM (attention_tiles below takes the others).
  *
  * Loop order, per block of keys [j0, j1): first the scores of every row of the block against
  * every key of it, as outer products: a chunk of the key block is copied transposed into
@@ -213,8 +268,9 @@ static ALWAYS_INLINE void NAME(online_softmax_tile)(struct NAME(forward_tiles) *
     }
 }
 
-/* What attention_rows computes, as small products over tiles of QUERY_TILE queries by KEY_TILE
- * keys (heads up to TILED_MAX_HEAD_DIM wide, zero-padded to whole register tiles): per key tile
+/* The fast forward pass: what minqkv_attention_naive computes, as small products over tiles of
+ * QUERY_TILE queries by KEY_TILE keys (heads up to TILED_MAX_HEAD_DIM wide, zero-padded to whole
+ * register tiles), with the online softmax of attention.c: per key tile
  *   S = Q K^T                 (QT, hd) @ (hd, KT) -> (QT, KT)
  *   P = e^(scale S + bias - m), the online softmax step (online_softmax_tile)
  *   O += P V                  (QT, KT) @ (KT, hd) -> (QT, hd)
@@ -299,9 +355,9 @@ struct NAME(backward_arrays) {
     int first_of_group;             /* the first query head that reads k and v (see the passes) */
 };
 
-/* The backward pass of one query head, one (query, key) pair at a time: the readable version of
- * attention_backward_tiles below, and the one heads wider than TILED_MAX_HEAD_DIM take. For
- * query i and visible key j, recomputed from the saved lse:
+/* The backward pass of one query head, one (query, key) pair at a time, in plain loops: the
+ * readable version of attention_backward_tiles below, and the one heads wider than
+ * TILED_MAX_HEAD_DIM take. For query i and visible key j, recomputed from the saved lse:
  *   p = e^(s - lse_i), dp = dy_i . v_j, ds = p (dp - D_i) with D_i = dy_i . y_i
  *   dv_j += p dy_i;  dk_j += scale ds q_i;  dq_i += scale ds k_j;  dbias[i, j] += ds
  * It adds into dq, dk and dv: the caller zeroes them first. */

@@ -22,9 +22,7 @@
  * which minqkv leaves alone). Measured on a 2-core AMD EPYC VM, one thread -> two, including
  * minqkv.kernels.matmul's own overhead of ~5 us: (64,64)@(64,64), 0.5 Mflop: 11 -> 9 us;
  * (96,96)@(96,96), 1.8 Mflop: 24 -> 16 us; (128,128)@(128,128), 4 Mflop: 50 -> 29 us, and the
- * same gain after a 5 ms pause. So two threads pay from about 1 Mflop up. (The old threshold,
- * 2^26, dated from when minqkv forced OMP_WAIT_POLICY=PASSIVE and every region paid a futex
- * wake-up; it kept every nanoGPT product on one thread.) */
+ * same gain after a 5 ms pause. So two threads pay from about 1 Mflop up. */
 #define PARALLEL_MIN_FLOPS (1 << 20)
 
 struct gemm_plan {
@@ -76,7 +74,7 @@ static struct gemm_plan make_gemm_plan(int64_t batch, int64_t M, int64_t N, int6
 
 /* Sizes and strides that contradict each other (a negative size, a row stride shorter than a
  * row, matrices of the batch that overlap in C) are refused. Whether the buffers really are that
- * long C cannot know: a pointer carries no length, so minqkv/kernels.py checks the arrays. */
+ * long C cannot know: a pointer carries no length, so minqkv/kernels/ checks the arrays. */
 static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N,
                                 int64_t K, const void *A, int64_t lda, int64_t batch_stride_a,
                                 const void *B, int64_t ldb, int64_t batch_stride_b,

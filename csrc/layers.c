@@ -4,7 +4,7 @@
  *   and the backward pass of an embedding (the gradient's rows summed by id).
  *
  * Each one is a plain loop over elements or rows, so it is its own readable reference (and
- * minqkv/kernels.py holds the NumPy twin of each). What makes them faster than the NumPy
+ * minqkv/kernels/layers.py holds the NumPy twin of each). What makes them faster than the NumPy
  * formulas is only that every value is read and written once, with no temporary arrays, and
  * that large calls share their rows (or elements) between OpenMP threads.
  */

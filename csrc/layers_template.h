@@ -114,7 +114,7 @@ int NAME(minqkv_layer_norm)(const REAL *x, const REAL *weight, const REAL *bias,
                             REAL *mean, REAL *rstd, int64_t rows, int64_t C, double eps,
                             int num_threads)
 {
-    if (rows < 0 || C < 1 || !(eps >= 0))
+    if (rows < 0 || C < 1)
         return MINQKV_BAD_ARGUMENT;
     if (rows > 0 && (!x || !weight || !y || !mean || !rstd))
         return MINQKV_BAD_ARGUMENT;

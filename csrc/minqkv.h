@@ -2,10 +2,12 @@
  *
  * Every kernel works on raw row-major arrays described by a pointer, sizes and strides
  * (strides count elements, not bytes). Kernels never allocate, never call Python and keep no
- * global state, so several threads may call them at once on different arrays. They check that
- * sizes and strides agree with each other (an inconsistent call returns MINQKV_BAD_ARGUMENT
- * without touching memory), but C cannot know how long a buffer really is: minqkv/kernels.py
- * checks the arrays themselves, with readable errors, before it calls here.
+ * global state, so several threads may call them at once on different arrays. They check only
+ * what keeps them inside their arrays: sizes and strides that agree with each other, and ids or
+ * targets that index a row (a call that fails returns MINQKV_BAD_ARGUMENT without touching
+ * memory). C cannot know how long a buffer really is: minqkv/kernels/ checks the arrays
+ * themselves, with readable errors, before it calls here. Values (an eps, the AdamW scalars) are
+ * the caller's to check.
  *
  * num_threads: how many OpenMP threads a kernel may use (1 = serial). Small problems run
  * serially whatever is asked, because starting threads would cost more than it saves.
@@ -105,7 +107,7 @@ int minqkv_gelu_backward_f64(const double *x, const double *dy, double *dx, int6
 /* ---- Layer norm over the last axis ----
  *
  *   x, y, dy, dx     : (rows, C), contiguous, C >= 1
- *   weight, bias     : (C,); bias may be NULL (no shift)
+ *   weight, bias     : (C,); bias may be NULL (no shift); eps >= 0 (the caller checks)
  *   mean, rstd       : (rows,), written by the forward pass for the backward pass
  *   dweight, dbias   : (C,), overwritten; dbias may be NULL
  *   forward:  mean = mean(x), rstd = 1 / sqrt(mean((x - mean)^2) + eps), xhat = (x - mean) * rstd,
@@ -157,8 +159,8 @@ int minqkv_embedding_backward_f64(const int64_t *ids, const double *rows, double
  *   m = beta1 m + (1 - beta1) grad;  v = beta2 v + (1 - beta2) grad^2
  *   param = param * decay_factor - step_size * m / (sqrt(v) / bias2_sqrt + eps)
  * with decay_factor = 1 - lr * weight_decay (1: no decay), step_size = lr / (1 - beta1^t) and
- * bias2_sqrt = sqrt(1 - beta2^t) > 0 at the parameter's t-th update. Scalars are rounded once to
- * the element type.
+ * bias2_sqrt = sqrt(1 - beta2^t) at the parameter's t-th update (> 0 for beta2 < 1: the caller
+ * checks its betas). Scalars are rounded once to the element type.
  */
 int minqkv_adamw_f32(float *param, const float *grad, float *m, float *v, int64_t n, double beta1,
                      double beta2, double decay_factor, double step_size, double bias2_sqrt,
@@ -227,5 +229,19 @@ int minqkv_attention_backward_f64(const double *q, minqkv_heads_layout q_layout,
                                   minqkv_heads_layout dv_layout, double *dbias, int64_t B, int64_t H,
                                   int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, double scale,
                                   int num_threads);
+
+/* ---- Naive causal attention: the same forward pass, written as plain loops ----
+ *
+ * The readable reference for minqkv_attention (same numbers up to rounding, far slower, one
+ * thread), in the simplest layout: every array contiguous,
+ *   q, y : (B, H, T, hd)   k, v : (B, Hkv, Tk, hd)   bias : (H, T, Tk) or NULL   lse : (B, H, T)
+ * with the same meaning as above. Returns MINQKV_OK or MINQKV_BAD_ARGUMENT.
+ */
+int minqkv_attention_naive_f32(const float *q, const float *k, const float *v, const float *bias,
+                               float *y, float *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T,
+                               int64_t Tk, int64_t hd, double scale);
+int minqkv_attention_naive_f64(const double *q, const double *k, const double *v, const double *bias,
+                               double *y, double *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T,
+                               int64_t Tk, int64_t hd, double scale);
 
 #endif

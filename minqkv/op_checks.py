@@ -1,7 +1,7 @@
 """The catalogue of gradient checks over every op in ops.py (what `minqkv gradcheck` runs).
 
 Each case names an op, a function of float64 Tensors, and how to draw its inputs. Inputs
-avoid the points where an op has no derivative (relu at 0, log at 0, singular matrices).
+avoid the points where an op has no derivative (log at 0, clip at its bounds, singular matrices).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def _draw(shape, kind: str, rng) -> np.ndarray:
     return x
 
 
-def _fixed_mask(shape, seed=3) -> np.ndarray:
-    return np.random.default_rng(seed).random(shape) < 0.3
+def _split_used_twice(x: Tensor) -> Tensor:
+    # x (3, 4) -> [a * b | 3 a] + x: piece a reaches the output twice, x once more directly
+    a, b = ops.split(x, 2, axis=1)
+    return ops.concat([a * b, a * 3.0], axis=1) + x
 
 
 def _heads(x: Tensor, start: int, n: int, hd: int) -> Tensor:
@@ -83,6 +85,11 @@ def op_cases() -> list:
             [p * float(i + 1) for i, p in enumerate(ops.matmul_each(x, [a, b, c]))], axis=-1),
           [(2, 3, 4), (4, 5), (4, 2), (4, 5)]),
         C("matmul_each one weight", lambda x, w: ops.matmul_each(x, [w])[0], [(3, 4), (4, 2)]),
+        C("matmul_each with a piece unused", lambda x, a, b, c: ops.concat(
+            [p * float(i + 1) for i, p in enumerate(ops.matmul_each(x, [a, b, c])) if i != 1], axis=-1),
+          [(2, 3, 4), (4, 2), (4, 3), (4, 2)]),
+        C("matmul_each with x also used elsewhere", lambda x, a, b: ops.concat(
+            ops.matmul_each(x, [a, b]), axis=-1) * ops.concat([x, x], axis=-1), [(3, 4), (4, 4), (4, 4)]),
         C("sum all", lambda x: ops.sum(x), [(3, 4)]),
         C("sum axis", lambda x: ops.sum(x, axis=1), [(2, 3, 4)]),
         C("sum axes keepdims", lambda x: ops.sum(x, axis=(0, 2), keepdims=True), [(2, 3, 4)]),
@@ -91,7 +98,6 @@ def op_cases() -> list:
         C("reshape", lambda x: ops.reshape(x, (4, 6)), [(2, 3, 4)]),
         C("transpose", lambda x: ops.transpose(x, (2, 0, 1)), [(2, 3, 4)]),
         C("swapaxes", lambda x: ops.swapaxes(x, 1, 2), [(2, 3, 4)]),
-        C("broadcast_to", lambda x: ops.broadcast_to(x, (2, 3, 4)), [(3, 1)]),
         C("getitem slice", lambda x: x[1:, ::2], [(3, 5)]),
         C("getitem repeated index", lambda x: x[np.array([0, 2, 0, 0])], [(3, 4)]),
         C("embedding (gather)", lambda w: ops.embedding(w, _IDS), [(6, 4)]),
@@ -99,11 +105,11 @@ def op_cases() -> list:
         C("split sizes", lambda x: ops.concat(
             [p * float(i + 1) for i, p in enumerate(ops.split(x, [1, 3], axis=-1))], axis=-1), [(2, 4)]),
         C("split equal parts", lambda x: ops.split(x, 3, axis=0)[2], [(6, 2)]),
+        C("split with a piece used twice and x elsewhere", _split_used_twice, [(3, 4)]),
         C("exp", ops.exp, [(3, 4)]),
         C("log", ops.log, [(3, 4)], "positive"),
         C("tanh", ops.tanh, [(3, 4)]),
         C("sigmoid", ops.sigmoid, [(3, 4)]),
-        C("relu", ops.relu, [(3, 4)], "away_from_zero"),
         C("clip", lambda x: ops.clip(x, -0.5, 0.8), [(4, 5)]),
         C("gelu", ops.gelu, [(3, 4)]),
         C("softmax", ops.softmax, [(3, 5)]),
@@ -116,25 +122,19 @@ def op_cases() -> list:
         C("causal_attention on the heads of one projection", _attention_of_one_projection, [(2, 3, 25)]),
         C("causal_attention on views, gqa, bias, Tq<Tk", _attention_of_new_tokens,
           [(2, 3, 9), (2, 5, 10), (4, 3, 5)]),
-        C("log_softmax", ops.log_softmax, [(3, 5)]),
         C("cross_entropy", lambda z: ops.cross_entropy(z, _TARGETS[:, :3].clip(0)), [(2, 3, 7)]),
         C("cross_entropy ignore_index", lambda z: ops.cross_entropy(z, _TARGETS), [(2, 4, 7)]),
         C("layer_norm", ops.layer_norm, [(2, 3, 5), (5,), (5,)]),
         C("layer_norm no bias", lambda x, w: ops.layer_norm(x, w, None), [(4, 6), (6,)]),
         C("dropout", lambda x: ops.dropout(x, 0.3, np.random.default_rng(1)), [(4, 5)]),
-        C("masked_fill", lambda x: ops.masked_fill(x, _fixed_mask((3, 4)), -3.0), [(3, 4)]),
-        C("causal mask + softmax", lambda x: ops.softmax(
-            ops.masked_fill(x, ops.causal_mask(4, 4), float("-inf"))), [(2, 4, 4)]),
-        C("where", lambda a, b: ops.where(_fixed_mask((3, 4)), a, b), [(3, 4), (4,)]),
         C("solve", ops.solve, [(3, 3), (3, 2)], "well_conditioned"),
         C("solve batched", ops.solve, [(2, 4, 4), (2, 4, 3)], "well_conditioned"),
-        C("inverse", ops.inverse, [(2, 3, 3)], "well_conditioned"),
     ]
 
 
 def differentiable_ops() -> set:
     """Names of the public functions in ops.py that carry a gradient: what a catalogue must cover."""
-    not_differentiable = {"unbroadcast", "causal_mask"}
+    not_differentiable = {"unbroadcast"}
     return {name for name, value in vars(ops).items() if callable(value) and not name.startswith("_")
             and getattr(value, "__module__", None) == ops.__name__} - not_differentiable
 

@@ -1,19 +1,19 @@
-"""Differentiable ops. Each op computes its forward with NumPy (or the C core through
-kernels.py) and, right beside it, a closure `backward(g)` that maps the gradient of the
-output to a tuple of gradients for its inputs, with the math in one comment line.
+"""Differentiable ops. Each op computes its forward with NumPy (or a kernel of minqkv.kernels,
+on the C core or its NumPy twin) and, right beside it, a closure `backward(g)` that maps the
+gradient of the output to a tuple of gradients for its inputs, with the math in one comment line.
 
 Read top to bottom: from the simplest ops up to the ones a Transformer is built from.
   arithmetic        add, sub, mul, div, neg, pow (and unbroadcast, which undoes broadcasting)
-  elementwise       exp, log, tanh, sigmoid, relu, gelu
+  elementwise       exp, log, tanh, sigmoid, clip, gelu
   reductions        sum, mean
-  shape, indexing   reshape, transpose, swapaxes, broadcast_to, getitem, embedding, concat, split
-  matmul            through the C core; linear (x @ w + b in one op); matmul_each, several
-                    products of one input as one
-  softmax family    softmax, causal_attention (fused), log_softmax, cross_entropy
-  normalisation     layer_norm, dropout, masked_fill, causal_mask, where
-  linear algebra    solve, inverse (for the orthogonal rotation)
-Input checks sit at the bottom of the file; an op calls them in one line at its top and
-says nothing more about them.
+  shape, indexing   reshape, transpose, swapaxes, getitem, embedding, concat, split
+  matmul            matmul, linear (x @ w + b in one op), matmul_each (several products of one
+                    input as one)
+  softmax family    softmax, causal_attention (fused), cross_entropy
+  normalisation     layer_norm, dropout
+  linear algebra    solve (for the orthogonal rotation)
+An op checks its inputs in one line at its top (the checks are in op_inputs.py, out of the way
+of the math) and says nothing more about them.
 
 dtype rule: float32 stays float32 and float64 stays float64. Mixing the two is an error;
 Python numbers and int/bool arrays are converted to the tensor's dtype.
@@ -21,12 +21,13 @@ Python numbers and int/bool arrays are converted to the tensor's dtype.
 
 from __future__ import annotations
 
-import builtins
-
 import numpy as np
 
 from . import kernels
-from .tensor import FLOAT_DTYPES, Tensor, backward_walk, is_grad_enabled
+from .op_inputs import (as_pair, as_tensor, check_concat, check_cross_entropy, check_embedding, check_layer_norm,
+                        check_linear, check_matmul, check_matmul_each, check_permutation, check_pow, check_reduction,
+                        check_solve, check_split, float_tensor, is_basic_index, reshaped)
+from .tensor import Tensor, is_grad_enabled
 
 # Arithmetic. Binary ops broadcast like NumPy, so their backward sums the gradient back down.
 
@@ -43,7 +44,7 @@ def unbroadcast(grad: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 def add(a, b) -> Tensor:
-    a, b = _pair(a, b, "add")
+    a, b = as_pair(a, b, "add")
 
     def backward(g):  # d(a+b) = g, g
         return unbroadcast(g, a.shape), unbroadcast(g, b.shape)
@@ -52,7 +53,7 @@ def add(a, b) -> Tensor:
 
 
 def sub(a, b) -> Tensor:
-    a, b = _pair(a, b, "sub")
+    a, b = as_pair(a, b, "sub")
 
     def backward(g):  # d(a-b) = g, -g
         return unbroadcast(g, a.shape), unbroadcast(-g, b.shape)
@@ -61,7 +62,7 @@ def sub(a, b) -> Tensor:
 
 
 def mul(a, b) -> Tensor:
-    a, b = _pair(a, b, "mul")
+    a, b = as_pair(a, b, "mul")
 
     def backward(g):  # d(a*b) = g*b, g*a
         return unbroadcast(g * b.data, a.shape), unbroadcast(g * a.data, b.shape)
@@ -70,7 +71,7 @@ def mul(a, b) -> Tensor:
 
 
 def div(a, b) -> Tensor:
-    a, b = _pair(a, b, "div")
+    a, b = as_pair(a, b, "div")
     out = a.data / b.data
 
     def backward(g):  # d(a/b) = g/b, -g*a/b^2
@@ -80,12 +81,12 @@ def div(a, b) -> Tensor:
 
 
 def neg(x: Tensor) -> Tensor:
-    x = _float_tensor(x, "neg")
+    x = float_tensor(x, "neg")
     return Tensor.from_op(-x.data, (x,), lambda g: (-g,), "neg")  # d(-x) = -g
 
 
 def pow(x: Tensor, exponent: float) -> Tensor:
-    x = _check_pow(x, exponent)
+    x = check_pow(x, exponent)
 
     def backward(g):  # d x^p = p x^(p-1) g  (and 0 for p = 0, even at x = 0)
         if exponent == 0:
@@ -99,24 +100,24 @@ def pow(x: Tensor, exponent: float) -> Tensor:
 
 
 def exp(x: Tensor) -> Tensor:
-    x = _float_tensor(x, "exp")
+    x = float_tensor(x, "exp")
     out = np.exp(x.data)
     return Tensor.from_op(out, (x,), lambda g: (g * out,), "exp")  # d e^x = e^x g
 
 
 def log(x: Tensor) -> Tensor:
-    x = _float_tensor(x, "log")
+    x = float_tensor(x, "log")
     return Tensor.from_op(np.log(x.data), (x,), lambda g: (g / x.data,), "log")  # d log x = g/x
 
 
 def tanh(x: Tensor) -> Tensor:
-    x = _float_tensor(x, "tanh")
+    x = float_tensor(x, "tanh")
     out = np.tanh(x.data)
     return Tensor.from_op(out, (x,), lambda g: (g * (1 - out * out),), "tanh")  # d tanh = 1-tanh^2
 
 
 def sigmoid(x: Tensor) -> Tensor:
-    x = _float_tensor(x, "sigmoid")
+    x = float_tensor(x, "sigmoid")
     # written via tanh so large |x| never overflows exp
     out = 0.5 * (1 + np.tanh(0.5 * x.data))
     return Tensor.from_op(out, (x,), lambda g: (g * out * (1 - out),), "sigmoid")  # s(1-s)
@@ -124,7 +125,7 @@ def sigmoid(x: Tensor) -> Tensor:
 
 def clip(x: Tensor, low: float, high: float) -> Tensor:
     """x limited to [low, high] elementwise (hard-concrete gates clip to exactly 0 or 1)."""
-    x = _float_tensor(x, "clip")
+    x = float_tensor(x, "clip")
     if not low <= high:
         raise ValueError(f"clip needs low <= high, got low={low}, high={high}")
     inside = (x.data >= low) & (x.data <= high)  # bounds count as inside, as in torch.clamp
@@ -132,15 +133,9 @@ def clip(x: Tensor, low: float, high: float) -> Tensor:
     return Tensor.from_op(out, (x,), lambda g: (g * inside,), "clip")  # g inside, 0 where clipped
 
 
-def relu(x: Tensor) -> Tensor:
-    x = _float_tensor(x, "relu")
-    positive = x.data > 0
-    return Tensor.from_op(x.data * positive, (x,), lambda g: (g * positive,), "relu")  # g where x > 0
-
-
 def gelu(x: Tensor) -> Tensor:
     """GELU, tanh approximation (as in GPT-2): 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi)."""
-    x = _float_tensor(x, "gelu")
+    x = float_tensor(x, "gelu")
     out = kernels.gelu(x.data)
     # d gelu: 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2), t = tanh(c (x + 0.044715 x^3))
     return Tensor.from_op(out, (x,), lambda g: (kernels.gelu_backward(x.data, g),), "gelu")
@@ -150,7 +145,7 @@ def gelu(x: Tensor) -> Tensor:
 
 
 def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    x, axes = _check_reduction(x, axis, "sum")
+    x, axes = check_reduction(x, axis, "sum")
 
     def backward(g):  # every input element receives the gradient of the sum it fed
         if not keepdims:
@@ -161,7 +156,7 @@ def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
 
 
 def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
-    x, axes = _check_reduction(x, axis, "mean", nonempty=True)
+    x, axes = check_reduction(x, axis, "mean", nonempty=True)
     count = int(np.prod([x.shape[a] for a in axes])) if axes else 1
     return sum(x, axes, keepdims) * (1.0 / count)  # a composition: its backward is sum's and mul's
 
@@ -172,7 +167,7 @@ def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
 def reshape(x: Tensor, *shape) -> Tensor:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    out = _reshaped(x, shape)
+    out = reshaped(x, shape)
     return Tensor.from_op(out, (x,), lambda g: (g.reshape(x.shape),), "reshape")  # g in x's shape
 
 
@@ -181,7 +176,7 @@ def transpose(x: Tensor, *axes) -> Tensor:
     if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
         axes = tuple(axes[0])
     axes = axes or tuple(reversed(range(x.ndim)))
-    _check_permutation(axes, x.ndim)
+    check_permutation(axes, x.ndim)
     inverse = sorted(range(x.ndim), key=lambda i: axes[i] % x.ndim)  # the permutation that undoes `axes`
     return Tensor.from_op(x.data.transpose(axes), (x,),
                           lambda g: (g.transpose(inverse),), "transpose")
@@ -193,19 +188,12 @@ def swapaxes(x: Tensor, axis1: int, axis2: int) -> Tensor:
     return transpose(x, tuple(axes))
 
 
-def broadcast_to(x: Tensor, shape: tuple) -> Tensor:
-    x = _check_broadcast_to(x, shape)
-    out = np.broadcast_to(x.data, shape)
-    # d broadcast_to: sum g over the copies
-    return Tensor.from_op(out, (x,), lambda g: (unbroadcast(g, x.shape),), "broadcast_to")
-
-
 def getitem(x: Tensor, index) -> Tensor:
     """x[index] for any NumPy index; repeated indices accumulate their gradients."""
     if isinstance(index, Tensor):
         index = index.data
     out = x.data[index]
-    basic = _is_basic_index(index)  # slices and integers: no position can repeat
+    basic = is_basic_index(index)  # slices and integers: no position can repeat
 
     def backward(g):  # scatter-add the gradient back where the values came from
         grad = np.zeros_like(x.data)
@@ -220,7 +208,7 @@ def getitem(x: Tensor, index) -> Tensor:
 
 def embedding(weight: Tensor, ids) -> Tensor:
     """Rows of weight (V, C) picked by integer ids (...) -> (..., C)."""
-    weight, ids = _check_embedding(weight, ids)
+    weight, ids = check_embedding(weight, ids)
     out = weight.data[ids]  # (..., C)
 
     def backward(g):  # each row of weight gets the sum of gradients of the positions that used it
@@ -230,7 +218,7 @@ def embedding(weight: Tensor, ids) -> Tensor:
 
 
 def concat(tensors, axis: int = 0) -> Tensor:
-    tensors = _check_concat(list(tensors))
+    tensors = check_concat(list(tensors))
     out = np.concatenate([t.data for t in tensors], axis=axis)
     bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
 
@@ -243,56 +231,44 @@ def concat(tensors, axis: int = 0) -> Tensor:
 def split(x: Tensor, sizes, axis: int = -1) -> list:
     """Split along axis into pieces of the given sizes (a list) or into `sizes` equal parts.
 
-    Backward: x[piece] = g of each piece. The pieces write into one gradient array for x (no
-    sums of full-size arrays): in each backward walk, the first piece to run creates it and hands
-    it on, the others fill in their part. The pieces' one parent is a private identity node
-    (joint), which runs after all of them: it zeroes the parts of pieces that got no gradient,
-    so the array needs no zero fill of its own, and no other gradient of x is added to it before
-    all are in."""
-    sizes = _check_split(x.shape[axis], sizes)
+    Backward: each piece's gradient goes to its place in one array for x, written once (no sums
+    of full-size arrays). The pieces hang from a private identity node, joint, and send it their
+    gradients as _Pieces, which the engine's sum collects; joint runs after all of them and writes
+    them into one array, with zeros where a piece got no gradient. Nothing outlives the walk."""
+    sizes = check_split(x.shape[axis], sizes)
     axis = axis % x.ndim
     indexes, start = [], 0
     for size in sizes:
         indexes.append((slice(None),) * axis + (slice(start, start + size),))
         start += size
-    shared = {"walk": None, "grad": None, "written": set()}
 
-    def joint_backward(g):  # every piece that got a gradient has written it: zero the others' parts
+    def joint_backward(pieces):  # each piece's gradient in its place, zeros where none came
+        grad = np.empty_like(x.data)
         for i, index in enumerate(indexes):
-            if i not in shared["written"]:
-                g[index] = 0
-        shared["grad"] = None  # keep no reference
-        return (g,)
+            grad[index] = pieces.grads[i] if i in pieces.grads else 0
+        return (grad,)
 
     joint = Tensor.from_op(x.data, (x,), joint_backward, "split")
-    return [Tensor.from_op(x.data[index], (joint,), _split_piece_backward(i, index, shared, x), "split")
-            for i, index in enumerate(indexes)]
+    return [Tensor.from_op(x.data[index], (joint,), _piece_backward(i), "split") for i, index in enumerate(indexes)]
 
 
-def _split_piece_backward(i: int, index: tuple, shared: dict, x: Tensor):
-    def backward(g):  # the piece's gradient into x's array at index; the walk's first piece hands it on
-        first = shared["walk"] != backward_walk() or shared["grad"] is None
-        if first:
-            shared["walk"], shared["grad"], shared["written"] = backward_walk(), np.empty_like(x.data), set()
-        shared["grad"][index] = g
-        shared["written"].add(i)
-        return (shared["grad"] if first else None,)
+def _piece_backward(i: int):
+    return lambda g: (_Pieces({i: g}),)  # piece i's gradient, for joint to put in its place
 
-    return backward
+
+class _Pieces:
+    """The gradient of a split tensor as its pieces send it: {piece number: gradient}. The engine
+    adds the gradients a node receives; adding two of these collects their pieces (each piece
+    sends once per backward walk), so the whole array is written once, by the split's joint."""
+
+    def __init__(self, grads: dict):
+        self.grads = grads
+
+    def __add__(self, other: "_Pieces") -> "_Pieces":
+        return _Pieces({**self.grads, **other.grads})
 
 
 # Matmul, on the C core.
-
-
-def matmul_each(x: Tensor, weights: list) -> list:
-    """[x @ w for w in weights], computed as one product: x (..., K) @ [w_1 | w_2 | ...] (K, N1 + N2 + ...).
-
-    One wide GEMM runs faster than several narrow ones (an attention layer's Q, K and V, say).
-    A composition of concat, matmul and split, so it needs no backward of its own."""
-    if len(weights) <= 1:
-        return [matmul(x, w) for w in weights]
-    joined = matmul(x, concat(weights, axis=1))  # (..., N1 + N2 + ...)
-    return split(joined, [w.shape[1] for w in weights], axis=-1)
 
 
 def matmul(a, b) -> Tensor:
@@ -304,7 +280,7 @@ def matmul(a, b) -> Tensor:
     per query head of its group), and the C core copies an operand whose matrices are stored
     neither row- nor column-major.
     """
-    a, b = _check_matmul(a, b)
+    a, b = check_matmul(a, b)
     if b.ndim == 2:
         return _matmul_weight(a, b)
     return _matmul_batched(a, b)
@@ -315,7 +291,7 @@ def linear(x, w, bias=None) -> Tensor:
 
     The bias is added into the fresh product in place, so no second (..., N) array is made
     (matmul then add would write one more array the size of the output, and keep two nodes)."""
-    x, w = _check_linear(x, w, bias)
+    x, w = check_linear(x, w, bias)
     return _matmul_weight(x, w, bias)
 
 
@@ -360,12 +336,38 @@ def _matmul_batched(a: Tensor, b: Tensor) -> Tensor:
     return Tensor.from_op(out, (a, b), backward, "matmul")
 
 
+def matmul_each(x: Tensor, weights: list) -> list:
+    """[x @ w for w in weights], computed as one product: x (..., K) @ [w_1 | w_2 | ...] (K, N1 + N2 + ...).
+
+    One wide GEMM runs faster than several narrow ones (an attention layer's Q, K and V, say), and
+    the backward pass is one product each way too. The pieces are split from the joined product."""
+    if len(weights) <= 1:
+        return [matmul(x, w) for w in weights]
+    x, weights = check_matmul_each(x, weights)
+    K = x.shape[-1]
+    joined_weights = np.concatenate([w.data for w in weights], axis=1)  # (K, N)
+    N = joined_weights.shape[1]
+    x2 = x.data.reshape(-1, K)  # (P, K)
+    out = kernels.matmul(x2, joined_weights).reshape(x.shape[:-1] + (N,))  # (..., N)
+    bounds = np.cumsum([w.shape[1] for w in weights])[:-1]
+
+    def backward(g):  # g = [g_1 | g_2 | ...]: dx = g [w_1 | w_2 | ...]^T, dw_i = x^T g_i (one product, cut)
+        g2 = g.reshape(-1, N)  # (P, N)
+        grad_x = kernels.matmul(g2, joined_weights, trans_b=True).reshape(x.shape) if x.requires_grad else None
+        if not any(w.requires_grad for w in weights):
+            return (grad_x,) + (None,) * len(weights)
+        return (grad_x, *np.split(kernels.matmul(x2, g2, trans_a=True), bounds, axis=1))  # (K, N) cut
+
+    joined = Tensor.from_op(out, (x, *weights), backward, "matmul_each")
+    return split(joined, [w.shape[1] for w in weights], axis=-1)
+
+
 # The softmax family: attention's softmax and the loss.
 
 
 def softmax(x: Tensor, causal: bool = False) -> Tensor:
     """Softmax over the last axis (C core). causal=True masks key j > query i + (Tk - Tq)."""
-    x = _float_tensor(x, "softmax")
+    x = float_tensor(x, "softmax")
     out = kernels.softmax(x.data, causal=causal)
     # d softmax: y * (g - sum(g*y))
     return Tensor.from_op(out, (x,), lambda g: (kernels.softmax_backward(out, g),), "softmax")
@@ -384,9 +386,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
     q, k and v) are stored token by token, (B, T, H, hd) in memory, so that merging the heads
     back into (B, T, H * hd), and undoing the heads' split in the backward pass, are views too.
     """
-    q = _float_tensor(q, "causal_attention", "q")  # shapes are checked by the kernel, by name
-    k, v = _as_tensor(k, q, "causal_attention", "k"), _as_tensor(v, q, "causal_attention", "v")
-    bias = _as_tensor(bias, q, "causal_attention", "bias") if bias is not None else None
+    q = float_tensor(q, "causal_attention", "q")  # shapes are checked by the kernel, by name
+    k, v = as_tensor(k, q, "causal_attention", "k"), as_tensor(v, q, "causal_attention", "v")
+    bias = as_tensor(bias, q, "causal_attention", "bias") if bias is not None else None
     bias_data = bias.data if bias is not None else None
     y, lse = kernels.attention(q.data, k.data, v.data, bias_data)  # (B, H, T, hd), (B, H, T)
     parents = (q, k, v) if bias is None else (q, k, v, bias)
@@ -400,23 +402,6 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
     return Tensor.from_op(y, parents, backward, "causal_attention")
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    # log softmax over the last axis, stable: x - max - log(sum(exp(x - max)))
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def log_softmax(x: Tensor) -> Tensor:
-    """log softmax over the last axis."""
-    x = _float_tensor(x, "log_softmax")
-    out = _log_softmax(x.data)
-
-    def backward(g):  # g - softmax * sum(g)
-        return (g - np.exp(out) * g.sum(axis=-1, keepdims=True),)
-
-    return Tensor.from_op(out, (x,), backward, "log_softmax")
-
-
 def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
     """Mean negative log-likelihood of integer targets under softmax(logits), fused.
 
@@ -424,7 +409,7 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
     if every position is ignored the loss is 0 with zero gradient. The kernel computes the
     gradient in the same pass as the loss (when one is needed), so backward only scales it.
     """
-    logits, targets = _check_cross_entropy(logits, targets, ignore_index)
+    logits, targets = check_cross_entropy(logits, targets, ignore_index)
     flat_targets = targets.reshape(-1)  # (N,)
     count = max(int(np.count_nonzero(flat_targets != ignore_index)), 1)
     want_grad = is_grad_enabled() and logits.requires_grad
@@ -438,12 +423,12 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
     return Tensor.from_op(np.asarray(loss, dtype=logits.dtype), (logits,), backward, "cross_entropy")
 
 
-# Normalisation, dropout and masking.
+# Normalisation and dropout.
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Normalise the last axis to zero mean, unit variance, then scale and shift (fused)."""
-    x = _check_layer_norm(x, weight, bias)
+    x = check_layer_norm(x, weight, bias, eps)
     out, mean, rstd = kernels.layer_norm(x.data, weight.data, bias.data if bias is not None else None, eps)
     parents = (x, weight) if bias is None else (x, weight, bias)
 
@@ -463,40 +448,12 @@ def dropout(x: Tensor, p: float, rng: np.random.Generator, training: bool = True
     return Tensor.from_op(x.data * keep, (x,), lambda g: (g * keep,), "dropout")  # g * keep
 
 
-def masked_fill(x: Tensor, mask, value: float) -> Tensor:
-    """x with `value` where the boolean mask (broadcast to x) is True; no gradient flows there."""
-    x = _float_tensor(x, "masked_fill")
-    mask = _boolean(np.asarray(mask), "masked_fill", "mask")
-    out = np.where(mask, np.asarray(value, dtype=x.dtype), x.data)
-    # d masked_fill: g where kept, 0 where filled (summed back if the mask broadcast x)
-    return Tensor.from_op(out, (x,), lambda g: (unbroadcast(np.where(mask, 0, g), x.shape),),
-                          "masked_fill")
-
-
-def causal_mask(Tq: int, Tk: int) -> np.ndarray:
-    """Boolean (Tq, Tk): True where query i must NOT see key j (j > i + Tk - Tq)."""
-    return np.triu(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
-
-
-def where(condition, a, b) -> Tensor:
-    """Elementwise choice: a where condition is True, else b."""
-    a, b = _pair(a, b, "where")
-    condition = _boolean(np.asarray(condition.data if isinstance(condition, Tensor) else condition),
-                         "where", "condition")
-
-    def backward(g):  # the gradient goes to whichever side was chosen
-        return (unbroadcast(np.where(condition, g, 0), a.shape),
-                unbroadcast(np.where(condition, 0, g), b.shape))
-
-    return Tensor.from_op(np.where(condition, a.data, b.data), (a, b), backward, "where")
-
-
-# Linear algebra, for the orthogonal rotation (a Cayley transform).
+# Linear algebra, for the orthogonal rotation (a Cayley transform: R = (I + A)^-1 (I - A)).
 
 
 def solve(A: Tensor, B: Tensor) -> Tensor:
     """X with A X = B, for A (..., n, n) and B (..., n, k)."""
-    A, B = _check_solve(A, B)
+    A, B = check_solve(A, B)
     X = np.linalg.solve(A.data, B.data)
 
     def backward(g):  # dB = A^-T g, dA = -dB X^T
@@ -507,223 +464,10 @@ def solve(A: Tensor, B: Tensor) -> Tensor:
     return Tensor.from_op(X, (A, B), backward, "solve")
 
 
-def inverse(A: Tensor) -> Tensor:
-    """A^-1 for A (..., n, n)."""
-    A = _check_square(_float_tensor(A, "inverse", "A"), "inverse")
-    Y = np.linalg.inv(A.data)
-
-    def backward(g):  # dA = -Y^T g Y^T
-        Yt = np.swapaxes(Y, -1, -2)
-        return (-(Yt @ g @ Yt),)
-
-    return Tensor.from_op(Y, (A,), backward, "inverse")
-
-
-# Input checks. Each returns its inputs in the form the op uses (Tensors of one dtype, a tuple
-# of axes, a list of sizes) or raises an error that names the op and says what was wrong.
-
-
-def _pair(a, b, op: str, broadcast: bool = True) -> tuple[Tensor, Tensor]:
-    """Turn the operands of a binary op into two Tensors of one float dtype."""
-    like = a if isinstance(a, Tensor) else b
-    a, b = _as_tensor(a, like, op, "a"), _as_tensor(b, like, op, "b")
-    if broadcast:
-        try:
-            np.broadcast_shapes(a.shape, b.shape)
-        except ValueError:
-            raise ValueError(f"{op}: shapes {a.shape} and {b.shape} do not broadcast "
-                             "(trailing dimensions must be equal or 1)") from None
-    return a, b
-
-
-def _as_tensor(x, like: Tensor, op: str, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        if x.dtype != like.dtype:
-            raise _dtype_mismatch(op, f"{name} is {x.dtype}", f"the other operand is {like.dtype}")
-        return x
-    array = np.asarray(x)
-    if array.dtype in FLOAT_DTYPES and array.ndim > 0 and array.dtype != like.dtype:
-        raise _dtype_mismatch(op, f"{name} is a {array.dtype} array", f"the tensor is {like.dtype}")
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"{op}: {name} must be a number, a numeric array or a Tensor, "
-                        f"got {type(x).__name__}")
-    return Tensor(array.astype(like.dtype, copy=False))
-
-
-def _dtype_mismatch(op: str, this: str, other: str) -> TypeError:
-    return TypeError(f"{op}: {this} but {other}; dtypes never change silently, convert one explicitly")
-
-
-def _float_tensor(x, op: str, name: str = "x") -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32 or float64, got {x.dtype}")
-    return x
-
-
-def _integers(x, op: str, name: str) -> np.ndarray:
-    """The integer array in x (a Tensor, an array or a list)."""
-    array = x.data if isinstance(x, Tensor) else np.asarray(x)
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"{op}: {name} must be integers, got {array.dtype}")
-    return array
-
-
-def _boolean(array: np.ndarray, op: str, name: str) -> np.ndarray:
-    if array.dtype != np.bool_:
-        raise TypeError(f"{op}: {name} must be boolean, got {array.dtype}")
-    return array
-
-
-def _is_basic_index(index) -> bool:
-    """Whether an index only slices and picks (ints, slices, ..., None): no element twice."""
-    parts = index if isinstance(index, tuple) else (index,)
-    return all(isinstance(part, (slice, int, np.integer)) or part is Ellipsis or part is None
-               for part in parts)
-
-
-def _check_pow(x, exponent) -> Tensor:
-    x = _float_tensor(x, "pow")
-    if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
-        raise TypeError(f"pow: exponent must be a Python number, got {type(exponent).__name__}")
-    return x
-
-
-def _check_reduction(x, axis, op: str, nonempty: bool = False) -> tuple[Tensor, tuple]:
-    """x and its reduced axes as a tuple of non-negative ints (all axes for axis=None)."""
-    x = _float_tensor(x, op)
-    every_axis = tuple(range(x.ndim))
-    axes = every_axis if axis is None else (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-    for a in axes:
-        if not -x.ndim <= a < max(x.ndim, 1):
-            raise ValueError(f"{op}: axis {a} is out of range for a tensor with {x.ndim} dimensions")
-    axes = tuple(a % max(x.ndim, 1) for a in axes)
-    if nonempty and any(x.shape[a] == 0 for a in axes):
-        raise ValueError(f"{op}: cannot average over an empty axis (shape {x.shape})")
-    return x, axes
-
-
-def _reshaped(x: Tensor, shape: tuple) -> np.ndarray:
-    """x's data in the new shape; NumPy's own rules decide what fits, the error names the op."""
-    try:
-        return x.data.reshape(shape)
-    except ValueError:
-        raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} "
-                         f"({x.size} elements) into {shape}") from None
-
-
-def _check_permutation(axes: tuple, ndim: int) -> None:
-    in_range = all(-ndim <= a < ndim for a in axes)
-    if not in_range or sorted(a % ndim for a in axes) != list(range(ndim)):
-        raise ValueError(f"transpose: axes {axes} are not a permutation of {ndim} axes")
-
-
-def _check_broadcast_to(x, shape: tuple) -> Tensor:
-    x = _float_tensor(x, "broadcast_to")
-    try:
-        np.broadcast_to(x.data, shape)  # a view: costs nothing
-    except ValueError:
-        raise ValueError(f"broadcast_to: shape {x.shape} cannot broadcast to {shape}") from None
-    return x
-
-
-def _check_embedding(weight, ids) -> tuple[Tensor, np.ndarray]:
-    weight = _float_tensor(weight, "embedding", "weight")
-    ids = _integers(ids, "embedding", "ids")
-    if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
-        raise ValueError(f"embedding: ids must lie in [0, {weight.shape[0]}), "
-                         f"got values from {ids.min()} to {ids.max()}")
-    return weight, ids
-
-
-def _check_concat(tensors: list) -> list:
-    if not tensors:
-        raise ValueError("concat: need at least one tensor")
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        raise TypeError(f"concat: all tensors must share one dtype, got {sorted(map(str, dtypes))}")
-    return tensors
-
-
-def _check_split(n: int, sizes) -> list:
-    """The piece sizes as a list: `sizes` itself, or n cut into `sizes` equal parts."""
-    if isinstance(sizes, int):
-        if sizes <= 0 or n % sizes:
-            raise ValueError(f"split: cannot cut length {n} into {sizes} equal parts")
-        sizes = [n // sizes] * sizes
-    if any(size < 0 for size in sizes):
-        raise ValueError(f"split: sizes {list(sizes)} must not be negative")
-    if builtins.sum(sizes) != n:
-        raise ValueError(f"split: sizes {list(sizes)} add to {builtins.sum(sizes)}, not {n}")
-    return sizes
-
-
-def _check_matmul(a, b) -> tuple[Tensor, Tensor]:
-    a, b = _pair(a, b, "matmul", broadcast=False)
-    if a.ndim < 2 or b.ndim < 2:
-        raise ValueError(f"matmul: both operands need at least 2 dimensions, got shapes "
-                         f"{a.shape} and {b.shape}; reshape vectors to (1, K) or (K, 1)")
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"matmul: a has shape {a.shape} and b has shape {b.shape}; "
-                         f"inner dimensions {a.shape[-1]} and {b.shape[-2]} must match")
-    return a, b
-
-
-def _check_linear(x, w, bias) -> tuple[Tensor, Tensor]:
-    x, w = _check_matmul(x, w)
-    if w.ndim != 2:
-        raise ValueError(f"linear: w must be a matrix (K, N), got shape {w.shape}")
-    if bias is None:
-        return x, w
-    if not isinstance(bias, Tensor):
-        raise TypeError(f"linear: bias must be a Tensor or None, got {type(bias).__name__}")
-    if bias.shape != (w.shape[1],) or bias.dtype != w.dtype:
-        raise ValueError(f"linear: bias must have shape ({w.shape[1]},) and w's dtype {w.dtype}, "
-                         f"got {bias.shape} {bias.dtype}")
-    return x, w
-
-
-def _check_cross_entropy(logits, targets, ignore_index: int) -> tuple[Tensor, np.ndarray]:
-    logits = _float_tensor(logits, "cross_entropy", "logits")
-    targets = _integers(targets, "cross_entropy", "targets")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"cross_entropy: targets have shape {targets.shape} but logits "
-                         f"{logits.shape} need targets of shape {logits.shape[:-1]}")
-    V, flat = logits.shape[-1], targets.reshape(-1)
-    bad = (flat != ignore_index) & ((flat < 0) | (flat >= V))
-    if bad.any():
-        raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or equal "
-                         f"ignore_index={ignore_index}; found {flat[bad][0]}")
-    return logits, targets
-
-
-def _check_layer_norm(x, weight: Tensor, bias: Tensor | None) -> Tensor:
-    x = _float_tensor(x, "layer_norm")
-    C = x.shape[-1]
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and param.dtype != x.dtype:
-            raise _dtype_mismatch("layer_norm", f"{name} is {param.dtype}", f"x is {x.dtype}")
-    if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
-        raise ValueError(f"layer_norm: weight and bias must have shape ({C},) for input {x.shape}")
-    return x
+# The one check an op shares with a module: nn.Dropout checks its p at construction.
 
 
 def _check_dropout_p(p: float, who: str) -> None:
     """A dropout probability must lie in [0, 1) (also used by nn.Dropout, naming itself)."""
     if not 0 <= p < 1:
         raise ValueError(f"{who}: p must be in [0, 1), got {p}")
-
-
-def _check_square(A: Tensor, op: str) -> Tensor:
-    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"{op}: A must be square (..., n, n), got {A.shape}")
-    return A
-
-
-def _check_solve(A, B) -> tuple[Tensor, Tensor]:
-    A, B = _pair(A, B, "solve", broadcast=False)
-    _check_square(A, "solve")
-    if B.ndim < 2 or B.shape[-2] != A.shape[-1]:
-        raise ValueError(f"solve: B must have shape (..., {A.shape[-1]}, k), got {B.shape}")
-    return A, B

@@ -1,4 +1,5 @@
-"""minqkv.kernels: the C core against its NumPy twins, the softmax contract, and the errors.
+"""minqkv.kernels: the registry and the backend switch, matmul and softmax (the C core against its
+NumPy twins, the softmax contract, the errors), threads and the memory settings.
 
 Tests marked `needs_c` compare the C kernels with the NumPy twins, calling both by name
 (matmul_c against matmul_numpy), and are skipped when the extension is not built. The behaviour
@@ -7,6 +8,7 @@ independently of the code, so the file also passes with MINQKV_BACKEND=numpy and
 compiler. The threads test is in test_kernels_threads.py.
 """
 
+import inspect
 import os
 import subprocess
 import sys
@@ -16,7 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import minqkv
 from minqkv import kernels
+from minqkv.kernels import runtime
 
 needs_c = pytest.mark.skipif(not kernels.HAVE_C,
                              reason="the C extension minqkv._ccore is not built (pip install -e .)")
@@ -96,11 +100,13 @@ def assert_same_product(got, want, op_a, op_b):
     assert np.all(np.abs(got.astype(np.float64) - want)[finite] <= bound[finite])
 
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(minqkv.__file__)))
+
+
 def _run_python(code, **environment):
     """Run code in a fresh interpreter that imports this minqkv; return the finished process."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
     env = dict(os.environ, **environment)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=package_root)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
 
 
 # ---- matmul -------------------------------------------------------------------------------
@@ -192,8 +198,7 @@ def test_matmul_c_gives_the_same_bits_on_any_thread_count(dtype, batch, M, K, N,
 
 @needs_c
 def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
-    from minqkv._ccore import ffi, lib
-
+    lib, pointer = runtime.lib, runtime.pointer
     a = np.ones((330, 330), np.float32)  # big enough to be shared by threads
     out = np.zeros_like(a)
     size_for_one = lib.minqkv_gemm_workspace_f32(1, 330, 330, 330, 1)
@@ -201,7 +206,6 @@ def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
         pytest.skip("the C core is built without OpenMP (MINQKV_OPENMP=0): one thread, one slice")
     assert size_for_one < lib.minqkv_gemm_workspace_f32(1, 330, 330, 330, 2)  # a slice per thread
     workspace = np.empty(size_for_one, np.float32)
-    pointer = lambda x: ffi.from_buffer("float[]", x)  # noqa: E731
     arguments = (0, 0, 1, 330, 330, 330, pointer(a), 330, 0, pointer(a), 330, 0, pointer(out), 330, 0,
                  pointer(workspace), workspace.size)
     assert lib.minqkv_gemm_f32(*arguments, 2) == lib.MINQKV_BAD_ARGUMENT
@@ -244,8 +248,7 @@ def test_matmul_c_with_one_a_for_the_whole_batch(dtype, trans_a, threads):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("trans_a", [False, True])
 def test_c_gemm_reads_a_in_place_with_a_row_stride_longer_than_a_row(dtype, trans_a):
-    from minqkv._ccore import ffi, lib
-
+    lib, pointer = runtime.lib, runtime.pointer
     M, K, N, lda = 13, 20, 17, 29  # 13 rows: two whole tiles of 6 rows and one of 1
     rng = np.random.default_rng(4)
     rows, cols = (K, M) if trans_a else (M, K)
@@ -256,9 +259,7 @@ def test_c_gemm_reads_a_in_place_with_a_row_stride_longer_than_a_row(dtype, tran
     out = np.zeros((M, N), dtype)
     gemm, workspace_size = ((lib.minqkv_gemm_f32, lib.minqkv_gemm_workspace_f32) if dtype == np.float32
                             else (lib.minqkv_gemm_f64, lib.minqkv_gemm_workspace_f64))
-    ctype = "float[]" if dtype == np.float32 else "double[]"
     workspace = np.empty(workspace_size(1, M, N, K, 2), dtype)
-    pointer = lambda x: ffi.from_buffer(ctype, x)  # noqa: E731
     status = gemm(int(trans_a), 0, 1, M, N, K, pointer(a_memory), lda, 0, pointer(b), N, 0,
                   pointer(out), N, 0, pointer(workspace), workspace.size, 2)
     assert status == lib.MINQKV_OK
@@ -542,7 +543,22 @@ def test_softmax_backward_rejects_integer_gradient(backend):
         kernels.softmax_backward(np.ones((2, 3)), np.ones((2, 3), np.int64))
 
 
-# ---- backend and threads --------------------------------------------------------------------
+# ---- the registry, backend and threads -------------------------------------------------------
+
+
+def test_every_kernel_has_both_twins_with_one_signature():
+    assert set(kernels.KERNELS) == set(kernels.BACKENDS)
+    assert set(kernels.KERNELS["c"]) == set(kernels.KERNELS["numpy"])
+    for name, reference in kernels.KERNELS["numpy"].items():
+        twin = kernels.KERNELS["c"][name]
+        assert (reference.__name__, twin.__name__) == (f"{name}_numpy", f"{name}_c")
+        assert inspect.signature(twin) == inspect.signature(reference) == inspect.signature(getattr(kernels, name))
+
+
+def test_a_kernel_runs_the_function_the_registry_names_for_the_backend(backend, monkeypatch):
+    calls = []
+    monkeypatch.setitem(kernels.KERNELS[backend], "gelu", lambda x: calls.append(x) or "ran")
+    assert kernels.gelu(1.5) == "ran" and calls == [1.5]
 
 
 def test_bad_backend_name_lists_the_valid_ones():
@@ -553,7 +569,7 @@ def test_bad_backend_name_lists_the_valid_ones():
 def test_bad_backend_environment_variable(monkeypatch):
     monkeypatch.setenv("MINQKV_BACKEND", "fortran")
     with pytest.raises(ValueError, match=r"MINQKV_BACKEND 'fortran' is not a minqkv backend"):
-        kernels._initial_backend()
+        runtime._initial_backend()
 
 
 @pytest.mark.parametrize("value, chosen", [(None, "c"), ("", "c"), ("numpy", "numpy"), (" NumPy ", "numpy"),
@@ -565,12 +581,12 @@ def test_initial_backend_follows_the_environment(monkeypatch, value, chosen):
         monkeypatch.setenv("MINQKV_BACKEND", value)
     if chosen == "c" and not kernels.HAVE_C:
         chosen = "numpy"  # and a loud warning, tested below
-    assert kernels._initial_backend() == chosen
+    assert runtime._initial_backend() == chosen
 
 
 def test_asking_for_c_without_the_extension_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(kernels, "HAVE_C", False)
-    monkeypatch.setattr(kernels, "_IMPORT_ERROR", ImportError("no module"), raising=False)
+    monkeypatch.setattr(runtime, "HAVE_C", False)
+    monkeypatch.setattr(runtime, "_IMPORT_ERROR", ImportError("no module"))
     with pytest.raises(RuntimeError, match=r"backend 'c' is not available.*pip install -e"):
         kernels.set_backend("c")
     with pytest.raises(RuntimeError, match=r"matmul_c: the C core is not available.*or use matmul_numpy"):
@@ -640,13 +656,13 @@ def test_a_huge_thread_count_is_capped_and_the_kernels_still_run(threads):
 def test_bad_num_threads_environment_variable_names_it(monkeypatch, value):
     monkeypatch.setenv("MINQKV_NUM_THREADS", value)
     with pytest.raises(ValueError, match=rf"MINQKV_NUM_THREADS='{value}' is not a thread count: use a whole number"):
-        kernels._initial_num_threads()
+        runtime._initial_num_threads()
 
 
 @pytest.mark.parametrize("value, count", [("3", 3), (" 2 ", 2), ("1", 1)])
 def test_num_threads_environment_variable_sets_the_count(monkeypatch, value, count):
     monkeypatch.setenv("MINQKV_NUM_THREADS", value)
-    assert kernels._initial_num_threads() == count
+    assert runtime._initial_num_threads() == count
 
 
 @needs_c
@@ -729,6 +745,5 @@ def test_freed_arrays_are_reused_without_page_faults_unless_switched_off():
 def test_minqkv_leaves_the_openmp_wait_policy_to_libgomp_and_the_user():
     env = {name: value for name, value in os.environ.items() if name not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     code = "import os, minqkv.kernels\nprint(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(kernels.__file__)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
     assert done.stdout.split() == ["None", "None"], done.stderr

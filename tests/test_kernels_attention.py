@@ -1,4 +1,5 @@
-"""minqkv.kernels.attention: the fused causal attention, C against its NumPy twin, and its errors.
+"""minqkv.kernels.fused_attention: the fused causal attention, C against its NumPy twin and against
+the C core's row-by-row reference, and its errors.
 
 The NumPy twin (attention_numpy) stores the score matrices; attention.attend, which the model
 uses, is checked against the fused op in tests/test_attention.py, and the op's float64 gradient
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minqkv import kernels
+from minqkv.kernels import fused_attention, runtime
 
 needs_c = pytest.mark.skipif(not kernels.HAVE_C,
                              reason="the C extension minqkv._ccore is not built (pip install -e .)")
@@ -86,6 +88,28 @@ def test_attention_c_matches_numpy_twin(case):
                                        err_msg=name)
 
 
+@needs_c
+@FAST
+@given(attention_cases())
+def test_attention_c_matches_the_row_by_row_reference(case):
+    q, k, v, bias, _ = case
+    tolerance = TOLERANCE[q.dtype]
+    y, lse = kernels.attention_c(q, k, v, bias)
+    y_naive, lse_naive = kernels.attention_naive_c(q, k, v, bias)
+    assert y_naive.flags.c_contiguous and y_naive.shape == y.shape and lse_naive.shape == lse.shape
+    np.testing.assert_allclose(y, y_naive, **tolerance)
+    np.testing.assert_allclose(lse, lse_naive, **tolerance)
+
+
+@needs_c
+def test_the_row_by_row_reference_averages_the_visible_values_of_equal_keys():
+    T = 5
+    v = np.arange(2 * T, dtype=np.float64).reshape(1, 1, T, 2)
+    y, lse = kernels.attention_naive_c(np.zeros((1, 1, T, 2)), np.zeros((1, 1, T, 2)), v)
+    np.testing.assert_allclose(y[0, 0], [v[0, 0, :i + 1].mean(axis=0) for i in range(T)])
+    np.testing.assert_allclose(lse[0, 0], np.log(np.arange(1, T + 1)))  # every score is 0
+
+
 def test_attention_c_matches_its_result_on_contiguous_copies_for_views_with_any_strides():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 40, 3, 2, 8))
@@ -151,7 +175,7 @@ def test_attention_c_copies_what_it_streams_head_by_head_from_long_queries_on(mo
     dy = heads_of(rng.standard_normal((B, T, H * hd)), 0, H, hd)
     y, lse = kernels.attention_c(q, k, v)
     grads = kernels.attention_backward_c(q, k, v, None, y, lse, dy)
-    monkeypatch.setattr(kernels, "LONG_QUERIES", T)  # as if these 128 queries were long
+    monkeypatch.setattr(fused_attention, "LONG_QUERIES", T)  # as if these 128 queries were long
     one_head_array, outputs, gradients = q.nbytes, q.nbytes + q.nbytes // hd, 3 * q.nbytes
     assert new_bytes_during(lambda: kernels.attention_c(q, k, v)) >= outputs + 2 * one_head_array  # k, v
     y_long, lse_long = kernels.attention_c(q, k, v)
@@ -169,17 +193,15 @@ def test_attention_c_copies_what_it_streams_head_by_head_from_long_queries_on(mo
 @needs_c
 def test_the_c_core_refuses_output_rows_that_overlap():
     """The C core's own check: a y layout whose rows overlap would have threads write each other's
-    rows; kernels.py never passes one, but C says no rather than race."""
-    from minqkv.kernels import _ffi, _lib
-
+    rows; minqkv.kernels never passes one, but C says no rather than race."""
+    lib, P = runtime.lib, runtime.pointer
     B, H, T, hd = 1, 2, 4, 8
     q, y, lse = np.zeros((B, H, T, hd)), np.zeros((B, H, T, hd)), np.zeros((B, H, T))
-    P = lambda a: _ffi.cast("double *", a.ctypes.data)  # noqa: E731
     contiguous = (H * T * hd, T * hd, hd)
-    for y_layout, status in ((contiguous, _lib.MINQKV_OK), ((H * T * hd, T * hd, hd - 1), _lib.MINQKV_BAD_ARGUMENT),
-                             ((H * T * hd, hd, hd), _lib.MINQKV_BAD_ARGUMENT), ((0, T * hd, hd), _lib.MINQKV_OK)):
-        assert _lib.minqkv_attention_f64(P(q), contiguous, P(q), contiguous, P(q), contiguous, _ffi.NULL,
-                                         P(y), y_layout, P(lse), B, H, H, T, T, hd, 0.5, 1) == status, y_layout
+    for y_layout, status in ((contiguous, lib.MINQKV_OK), ((H * T * hd, T * hd, hd - 1), lib.MINQKV_BAD_ARGUMENT),
+                             ((H * T * hd, hd, hd), lib.MINQKV_BAD_ARGUMENT), ((0, T * hd, hd), lib.MINQKV_OK)):
+        assert lib.minqkv_attention_f64(P(q), contiguous, P(q), contiguous, P(q), contiguous, P(None),
+                                        P(y), y_layout, P(lse), B, H, H, T, T, hd, 0.5, 1) == status, y_layout
 
 
 def test_attention_of_one_key_returns_its_value(backend):

@@ -46,8 +46,7 @@ def dropout_mask(shape, seed=1):
 
 
 def torch_causal(x):
-    """Softmax where query i sees key j only when j <= i + (Tk - Tq); the mask is built here,
-    not by ops.causal_mask, so a wrong causal_mask cannot agree with itself."""
+    """Softmax where query i sees key j only when j <= i + (Tk - Tq), the mask built here."""
     Tq, Tk = x.shape[-2:]
     hidden = torch.arange(Tk)[None, :] > torch.arange(Tq)[:, None] + (Tk - Tq)
     return torch.softmax(x.masked_fill(hidden, float("-inf")), dim=-1)
@@ -70,9 +69,6 @@ KERNEL_CASES = [
     Case("softmax 4-D", ops.softmax, lambda x: torch.softmax(x, -1), [normal(2, 2, 3, 3)]),
     Case("softmax causal", lambda x: ops.softmax(x, causal=True), torch_causal, [normal(2, 4, 4)]),
     Case("softmax causal Tq<Tk", lambda x: ops.softmax(x, causal=True), torch_causal, [normal(2, 2, 5)]),
-    Case("masked_fill -inf + softmax",
-         lambda x: ops.softmax(ops.masked_fill(x, ops.causal_mask(4, 4), float("-inf"))),
-         torch_causal, [normal(2, 4, 4)]),
 ]
 
 CASES = [
@@ -88,7 +84,6 @@ CASES = [
     Case("log", ops.log, torch.log, [positive(3, 4)]),
     Case("tanh", ops.tanh, torch.tanh, [normal(3, 4) * 3]),
     Case("sigmoid", ops.sigmoid, torch.sigmoid, [normal(3, 4) * 5]),
-    Case("relu", ops.relu, torch.relu, [away_from_zero(3, 4)]),
     Case("clip", lambda x: ops.clip(x, -0.5, 0.8), lambda x: torch.clamp(x, -0.5, 0.8), [normal(4, 5)]),
     Case("gelu", ops.gelu, lambda x: F.gelu(x, approximate="tanh"), [normal(3, 4) * 3]),
     Case("sum all", lambda x: ops.sum(x), torch.sum, [normal(3, 4)]),
@@ -103,8 +98,6 @@ CASES = [
     Case("transpose reversed", lambda x: ops.transpose(x), lambda x: x.permute(2, 1, 0),
          [normal(2, 3, 4)]),
     Case("swapaxes", lambda x: ops.swapaxes(x, 1, 2), lambda x: x.transpose(1, 2), [normal(2, 3, 4)]),
-    Case("broadcast_to", lambda x: ops.broadcast_to(x, (2, 3, 4)), lambda x: x.expand(2, 3, 4),
-         [normal(3, 1)]),
     Case("getitem slice", lambda x: x[1:, ::2], lambda x: x[1:, ::2], [normal(3, 5)]),
     Case("getitem repeated index", lambda x: x[np.array([0, 2, 0, 0])],
          lambda x: x[torch.tensor([0, 2, 0, 0])], [normal(3, 4)]),
@@ -123,7 +116,6 @@ CASES = [
     Case("causal_attention", lambda q, k, v: ops.causal_attention(q, k, v),
          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
          [normal(2, 2, 5, 4), normal(2, 2, 5, 4, seed=1), normal(2, 2, 5, 4, seed=2)]),
-    Case("log_softmax", ops.log_softmax, lambda x: torch.log_softmax(x, -1), [normal(3, 5) * 4]),
     Case("cross_entropy", lambda z: ops.cross_entropy(z, TARGETS.clip(0)),
          lambda z: F.cross_entropy(z.reshape(-1, 7), torch.from_numpy(TARGETS.clip(0)).reshape(-1)),
          [normal(2, 4, 7)]),
@@ -137,16 +129,11 @@ CASES = [
          lambda x, w: F.layer_norm(x, (6,), w, None, eps=1e-5), [normal(4, 6), normal(6, seed=1)]),
     Case("dropout", lambda x: ops.dropout(x, DROPOUT_P, np.random.default_rng(1)),
          lambda x: x * torch.from_numpy(dropout_mask((4, 5))), [normal(4, 5)]),
-    Case("masked_fill", lambda x: ops.masked_fill(x, MASK, -3.0),
-         lambda x: x.masked_fill(torch.from_numpy(MASK), -3.0), [normal(3, 4)]),
-    Case("where", lambda a, b: ops.where(MASK, a, b), lambda a, b: torch.where(torch.from_numpy(MASK), a, b),
-         [normal(3, 4), normal(4, seed=1)]),
     Case("solve", ops.solve, torch.linalg.solve, [well_conditioned(3, 3), normal(3, 2, seed=1)]),
     Case("solve batched", ops.solve, torch.linalg.solve,
          [well_conditioned(2, 4, 4), normal(2, 4, 3, seed=1)]),
     Case("solve broadcast A", ops.solve, torch.linalg.solve,
          [well_conditioned(3, 3), normal(2, 3, 2, seed=1)]),
-    Case("inverse", ops.inverse, torch.linalg.inv, [well_conditioned(2, 3, 3)]),
 ]
 
 
