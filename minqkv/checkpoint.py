@@ -165,7 +165,7 @@ def _check_shapes(meta: dict, declared: dict) -> None:
     GPT(config) allocates what the config says, so a small file with a huge n_embd is refused
     here, before any model is built (each weight's own shape is checked when it is loaded).
     """
-    from .model import GPTConfig
+    from .model import GPTConfig, parameter_count
 
     config = meta["model_config"]
     weights = {name[len("model/"):]: d for name, d in declared.items() if name.startswith("model/")}
@@ -184,17 +184,6 @@ def _check_shapes(meta: dict, declared: dict) -> None:
         if weight is not None and weights.get(weight) != (shape, dtype):
             raise _Refused(f"optimiser state {name!r} is {dtype}{list(shape)}, but the weight "
                            f"model/{weight} is not")
-
-
-def parameter_count(config) -> int:
-    """The parameters GPT(config) has, counted from the sizes alone (nothing is allocated)."""
-    from .variants import non_attention_params
-
-    attention = sum(config.attention_spec(layer).params() for layer in range(config.n_layer))
-    rest = non_attention_params(config.n_embd, config.n_layer, config.block_size, config.vocab_size,
-                                4 * config.n_embd, config.pos)
-    output_head = 0 if config.tie_weights else config.vocab_size * config.n_embd
-    return attention + rest + output_head
 
 
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:

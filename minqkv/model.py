@@ -113,6 +113,25 @@ OLD_KEYS = {"variant": "code", "layer_variants": "layer_codes"}  # config keys b
 POSITIONS = ("learned", "rope", "none")
 
 
+def non_attention_params(n_embd: int, n_layer: int, block_size: int, vocab_size: int,
+                         mlp_hidden: int, pos: str = "learned") -> int:
+    """Embeddings (tied output head), MLPs with biases, and LayerNorms: the part no code touches
+    (only the positions: a learned table has block_size x n_embd entries, rotary ones none)."""
+    embeddings = vocab_size * n_embd + (block_size * n_embd if pos == "learned" else 0)
+    mlp = 2 * n_embd * mlp_hidden + mlp_hidden + n_embd
+    layer_norms = 2 * 2 * n_embd
+    return embeddings + n_layer * (mlp + layer_norms) + 2 * n_embd
+
+
+def parameter_count(config: GPTConfig) -> int:
+    """The parameters GPT(config) has, counted from the sizes alone (nothing is allocated)."""
+    attention = sum(config.attention_spec(layer).params() for layer in range(config.n_layer))
+    rest = non_attention_params(config.n_embd, config.n_layer, config.block_size, config.vocab_size,
+                                4 * config.n_embd, config.pos)
+    output_head = 0 if config.tie_weights else config.vocab_size * config.n_embd
+    return attention + rest + output_head
+
+
 class Block(Module):
     def __init__(self, config: GPTConfig, layer: int, dtype, rng, dropout_rng, gate_rng):
         C = config.n_embd

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from minqkv import ablate
-from minqkv.cli import main
+from minqkv.lab import ablate
+from minqkv.lab.cli import main
 
 VARIANTS = "abc,abb,abc+gate"
 

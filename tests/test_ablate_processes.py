@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from minqkv import ablate
-from minqkv.cli import main
+from minqkv.lab import ablate
+from minqkv.lab.cli import main
 
 # a sweep that trains far longer than any test waits: the tests stop it
 LONG_SWEEP = """
 import sys
-from minqkv import ablate
-from minqkv.cli import main
+from minqkv.lab import ablate
+from minqkv.lab.cli import main
 tiny = ablate.PRESETS["tiny"]
 ablate.PRESETS["tiny-long"] = {**tiny, "train": {**tiny["train"], "steps": 1_000_000}}
 sys.exit(main(["ablate", "--preset", "tiny-long", "--data", "synthetic:copy", "--out", sys.argv[1],

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from minqkv.analysis import (analyze_checkpoint, analyze_model, attention_weights, effective_rank,
+from minqkv.lab.analysis import (analyze_checkpoint, analyze_model, attention_weights, effective_rank,
                              energy_rank, format_report, match_margins, principal_cosines,
                              random_subspace_cosine, save_heatmaps, score_asymmetry)
 from minqkv.model import GPT, GPTConfig

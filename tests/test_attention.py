@@ -13,8 +13,8 @@ from minqkv.attention import (ALL_CODES, AttentionSpec, CausalSelfAttention, KVC
 from minqkv.model import GPT, GPTConfig
 from minqkv.optim import AdamW
 from minqkv.tensor import Tensor, no_grad
-from minqkv.variant_checks import check_variant, variant_cases
-from minqkv.variants import variant_rows
+from minqkv.lab.variant_checks import check_variant, variant_cases
+from minqkv.lab.variants import variant_rows
 
 C, H = 16, 4  # width and heads of the small layers below
 SYMMETRIC_CODES = {"aab", "aaa", "--a", "aa-", "---"}

@@ -14,9 +14,9 @@ import pytest
 import minqkv.atomic as atomic_module
 import minqkv.checkpoint as checkpoint_module
 from minqkv.atomic import json_text, write_atomically
-from minqkv.checkpoint import CheckpointError, load_checkpoint, load_model, parameter_count, save_checkpoint
+from minqkv.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from minqkv.data import CharTokenizer
-from minqkv.model import GPT, GPTConfig
+from minqkv.model import GPT, GPTConfig, parameter_count
 from minqkv.optim import AdamW
 
 DAMAGED = "is damaged or not a minqkv checkpoint"

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 import minqkv.atomic as atomic_module
-from minqkv import __version__, bench
+from minqkv import __version__
+from minqkv.lab import bench
 from minqkv.attention import ALL_CODES
 from minqkv.checkpoint import load_checkpoint
-from minqkv.cli import main
+from minqkv.lab.cli import main
 from minqkv.lock import folder_lock
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from minqkv import ablate, cluster
-from minqkv.cli import main
+from minqkv.lab import ablate, cluster
+from minqkv.lab.cli import main
 from minqkv.lock import FolderBusy, folder_lock
 
 if os.environ.get("CI"):

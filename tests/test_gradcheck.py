@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from minqkv import cli, ops
-from minqkv.gradcheck import CheckResult, check, format_table, gradcheck
+from minqkv import ops
+from minqkv.lab import cli
+from minqkv.lab.gradcheck import CheckResult, check, format_table, gradcheck
 from minqkv.tensor import Tensor
 
 

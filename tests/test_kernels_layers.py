@@ -5,7 +5,7 @@ The property tests draw shapes and values with hypothesis and compare minqkv_*_c
 (skipped without the C core); the behaviour tests run on every backend. The kernels check their
 arrays; values (targets and ids in range, eps) are checked by the ops (tests/test_ops.py), and C
 refuses an index outside its table by itself. The float64 gradient checks of the ops built on
-these kernels are in minqkv/op_checks.py (gelu, layer_norm, cross_entropy, embedding), which
+these kernels are in minqkv/lab/op_checks.py (gelu, layer_norm, cross_entropy, embedding), which
 tests/test_gradcheck.py runs.
 """
 

@@ -10,7 +10,7 @@ import minqkv.model as model_module
 from minqkv.attention import ALL_CODES
 from minqkv.model import GPT, GPTConfig
 from minqkv.tensor import Tensor, no_grad
-from minqkv.variant_checks import tiny_model
+from minqkv.lab.variant_checks import tiny_model
 
 VOCAB, BLOCK, WIDTH = 7, 8, 8
 TINY = dict(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=4, n_embd=WIDTH, dtype="float64")

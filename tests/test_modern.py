@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from minqkv.ablate import PRESETS, plan_sweep
-from minqkv.analysis import analyze_model, describe_out_gates, format_report, sink_mass, uniform_sink_mass
+from minqkv.lab.ablate import PRESETS, plan_sweep
+from minqkv.lab.analysis import analyze_model, describe_out_gates, format_report, sink_mass, uniform_sink_mass
 from minqkv.attention import CausalSelfAttention, KVCache, attend, rope
 from minqkv.checkpoint import load_model, save_checkpoint
 from minqkv.data import CharTokenizer
 from minqkv.model import GPT, GPTConfig
 from minqkv.optim import AdamW
 from minqkv.tensor import Tensor, no_grad
-from minqkv.variants import variant_rows
+from minqkv.lab.variants import variant_rows
 
 C, H = 16, 4
 VOCAB, BLOCK = 7, 8

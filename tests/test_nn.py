@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minqkv import ops
-from minqkv.gradcheck import gradcheck
+from minqkv.lab.gradcheck import gradcheck
 from minqkv.nn import MLP, Dropout, Embedding, LayerNorm, Linear, Module, Parameter
 from minqkv.tensor import Tensor
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
 from minqkv import kernels, ops
-from minqkv.gradcheck import check
-from minqkv.op_checks import _draw, differentiable_ops, op_cases
+from minqkv.lab.gradcheck import check
+from minqkv.lab.op_checks import _draw, differentiable_ops, op_cases
 from minqkv.tensor import Tensor
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from minqkv import ops
 from minqkv.nn import Parameter
-from minqkv.op_checks import _draw, op_cases
+from minqkv.lab.op_checks import _draw, op_cases
 from minqkv.tensor import Tensor, is_grad_enabled, no_grad
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minqkv import ops
-from minqkv.op_checks import _draw, differentiable_ops
+from minqkv.lab.op_checks import _draw, differentiable_ops
 from minqkv.tensor import Tensor
 
 torch = pytest.importorskip("torch")

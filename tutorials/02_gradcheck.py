@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-import minqkv.cli
+import minqkv.lab.cli
 from minqkv import ops
-from minqkv.gradcheck import gradcheck
+from minqkv.lab.gradcheck import gradcheck
 from minqkv.tensor import Tensor
 
 parser = argparse.ArgumentParser(description="Lesson 2: gradient checking")
@@ -86,7 +86,7 @@ plt.close(fig)
 print("wrote", out / "02_gradcheck_eps.png")
 
 # %% [markdown]
-# ## 2. The relative error, and `minqkv.gradcheck`
+# ## 2. The relative error, and `minqkv.lab.gradcheck`
 #
 # For a tensor input, we do the same for each element in turn. To check a function with a
 # non-scalar output, `gradcheck` first reduces it to one number, L = sum(out * R) with a fixed
@@ -135,7 +135,7 @@ assert by_hand < 1e-8 and max(package) < 1e-6
 # is untouched, so every output of the program stays correct; only learning would suffer.
 #
 # We swap the broken op into the module (the checks look up `ops.tanh` when they run),
-# run the command through its Python entry point `minqkv.cli.main`, and put the original back
+# run the command through its Python entry point `minqkv.lab.cli.main`, and put the original back
 # in a `finally` so the rest of the program is never affected.
 
 # %%
@@ -150,7 +150,7 @@ def run_gradcheck_command() -> tuple:
     """Run `minqkv gradcheck`, return (exit code, the table's failing lines)."""
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
-        code = minqkv.cli.main(["gradcheck"])
+        code = minqkv.lab.cli.main(["gradcheck"])
     lines = text.getvalue().splitlines()
     return code, [line for line in lines if "FAIL" in line] + lines[-1:]
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from minqkv.analysis import score_asymmetry
+from minqkv.lab.analysis import score_asymmetry
 from minqkv.attention import ALL_CODES, CausalSelfAttention, attend, names_of, parse_code
 from minqkv.model import GPT, GPTConfig
 from minqkv.tensor import Tensor, no_grad
-from minqkv.variants import format_rows, variant_rows
+from minqkv.lab.variants import format_rows, variant_rows
 
 parser = argparse.ArgumentParser(description="Lesson 5: the fifteen codes")
 parser.add_argument("--out", default=None, help="folder for the PNGs (default: a temporary folder)")
@@ -69,7 +69,7 @@ for code in ALL_CODES:
 # ## 2. What each code costs
 #
 # Three figures tell the codes apart, per layer, without training anything
-# (`minqkv.variants.variant_rows`, or `minqkv variants` on the command line):
+# (`minqkv.lab.variants.variant_rows`, or `minqkv variants` on the command line):
 #
 # * **parameters**: C x C per distinct letter, plus the output projection W_o (C x C, kept by
 #   every code here). `abc` has 4 C^2, `abb` 3 C^2, `aaa` 2 C^2, `---` only W_o.
@@ -129,7 +129,7 @@ print("wrote", out / "05_costs.png")
 #   scores, S = Q Q^T / sqrt(hd) + B, and nothing makes B symmetric.
 #
 # To see them without training, we set R's generator and B to random values, as training
-# would move them. `score_asymmetry` (from `minqkv.analysis`) measures
+# would move them. `score_asymmetry` (from `minqkv.lab.analysis`) measures
 # ||S - S^T|| / (2 ||S||): 0 for symmetric, about 0.7 for unrelated entries.
 
 # %%

@@ -20,7 +20,7 @@ import numpy as np
 from minqkv.attention import attend
 from minqkv.model import GPT, GPTConfig
 from minqkv.tensor import Tensor, no_grad
-from minqkv.variants import preset_rows
+from minqkv.lab.variants import preset_rows
 
 parser = argparse.ArgumentParser(description="Lesson 6: the KV cache")
 parser.add_argument("--out", default=None, help="folder for the PNG (default: a temporary folder)")
@@ -113,7 +113,7 @@ assert measured["abb"] * 2 == measured["abc"] and measured["abb+mqa"] * 2 * 4 ==
 
 # %% [markdown]
 # At the size of GPT-2 small (C = 768, 12 heads, 12 layers), in float32 bytes, as the context
-# grows (figures from `minqkv.variants.preset_rows`, no model built):
+# grows (figures from `minqkv.lab.variants.preset_rows`, no model built):
 
 # %%
 import matplotlib  # noqa: E402

@@ -11,7 +11,7 @@
 # An **ablation** removes one part of a system, keeps everything else fixed, and measures what
 # is lost. Here the part is a projection: does the model get worse when K and V share a weight
 # (`abb`), when one weight serves Q, K and V (`aaa`), when nothing is projected (`---`)?
-# minqkv's bench (`minqkv.ablate`, or `minqkv ablate` in a shell) trains the variants side by
+# minqkv's bench (`minqkv.lab.ablate`, or `minqkv ablate` in a shell) trains the variants side by
 # side under identical settings and tabulates them. This lesson runs a small one and reads it.
 #
 # One Python detail first. The bench starts each training run in a fresh Python process with
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minqkv import ablate
+from minqkv.lab import ablate
 
 RUNNING = __name__ == "__main__"  # False in the bench's worker processes
 

@@ -11,7 +11,7 @@
 # model give a second kind of evidence: if W_q and W_k of a canonical model end up reading the
 # same few directions of the input, tying them (`aab`) costs little; if a projection uses only
 # a handful of directions, most of its C x C numbers are not doing much. This lesson trains a
-# small canonical model and reads its weights with `minqkv.analysis` (the `minqkv analyze`
+# small canonical model and reads its weights with `minqkv.lab.analysis` (the `minqkv analyze`
 # command prints the same report for any checkpoint).
 
 # %%
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minqkv.analysis import (analyze_model, describe_matrix, effective_rank, energy_rank, format_report,
+from minqkv.lab.analysis import (analyze_model, describe_matrix, effective_rank, energy_rank, format_report,
                              principal_cosines, random_subspace_cosine, role_overlaps, role_weight,
                              save_heatmaps)
 from minqkv.attention import CausalSelfAttention

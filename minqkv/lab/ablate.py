@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import json_text, write_atomically
-from .attention import ALL_CODES
+from ..atomic import json_text, write_atomically
+from ..attention import ALL_CODES
 from .cluster import ATTEMPTS
-from .lock import folder_lock
-from .model import GPTConfig
-from .train import TrainConfig
+from ..lock import folder_lock
+from ..model import GPTConfig
+from ..train import TrainConfig
 
 # The study's selection: what the literature compares (the README's variants table names the sources).
 STUDY_VARIANTS = ["canonical", "shared-qk", "shared-kv", "single", "single+rotate", "value-only",
@@ -189,8 +189,8 @@ def run_one(job: dict, progress_queue=None, corpus=None) -> dict:
     run_dir = Path(job["run_dir"])
     key = f"{job['variant']} seed {job['seed']}"
     try:
-        from .checkpoint import checkpoint_path
-        from .train import train
+        from ..checkpoint import checkpoint_path
+        from ..train import train
 
         model_config = GPTConfig(**{**job["model"], **job["overrides"], "seed": job["seed"]})
         train_config = TrainConfig(**{**job["train"], **job.get("train_overrides", {}), "data": job["data"],
@@ -247,8 +247,8 @@ def _eval_curve(run_dir: Path) -> list:
 
 def measure_decoding(ckpt_dir) -> dict:
     """Milliseconds per generated token with the KV cache, the cache's bytes per token, FLOPs."""
-    from .checkpoint import load_model
-    from .tensor import no_grad
+    from ..checkpoint import load_model
+    from ..tensor import no_grad
 
     model, _, _ = load_model(ckpt_dir)
     prompt_len = max(1, min(8, model.config.block_size - DECODE_TOKENS))
@@ -283,7 +283,7 @@ def run_sweep(preset: str, data: str | None, out, variants=None, seeds: int | No
     if jobs <= 0:
         raise ValueError(f"--jobs must be a positive integer, got {jobs}")
     plan = plan_sweep(preset, data, variants, seeds)
-    from .data import load_corpus
+    from ..data import load_corpus
     load_corpus(plan["data"])  # a bad --data fails here, before any training (and Shakespeare is cached)
     if progress:
         for note in plan["notes"]:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ops
-from .tensor import Tensor, no_grad
+from .. import ops
+from ..tensor import Tensor, no_grad
 
 DEFAULT_TOLERANCE = 1e-6
 

@@ -7,7 +7,7 @@ start as processes to Dask's distributed scheduler instead. Workers share no fol
     ------                                  ------
     check every worker's fingerprint
     submit run_task(task) per run   ---->   check the fingerprint again (a worker may join late)
-      task = job + corpus text (files)      train in a fresh process (python -m minqkv.cluster)
+      task = job + corpus text (files)      train in a fresh process (python -m minqkv.lab.cluster)
                                             in a temporary folder, reporting steps as it goes
     write the run's files and        <----  return the result record and the run's files
       result.json as each task ends           (metrics, final.json and, optionally, checkpoints)
@@ -32,8 +32,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .atomic import json_text, write_atomically
-from .lock import LOCK_NAME
+from ..atomic import json_text, write_atomically
+from ..lock import LOCK_NAME
 
 INSTALL_HINT = "pip install 'minqkv[dask]' (or pip install distributed)"
 PROGRESS_PREFIX = "minqkv-step "  # a line the training process prints after each step
@@ -66,7 +66,7 @@ def fingerprint() -> dict:
 
 def _c_core_hash() -> str:
     try:
-        from . import _ccore
+        from .. import _ccore
     except ImportError:
         return "not built"
     if not hasattr(_ccore.lib, "minqkv_csrc_sha256"):  # built before the hash was recorded
@@ -145,7 +145,7 @@ def train_in_fresh_process(job: dict, text, threads, backend, report=None) -> di
     run_dir = Path(job["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / "stderr.txt", "w+") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "minqkv.cluster"], env=env, text=True,
+        process = subprocess.Popen([sys.executable, "-m", "minqkv.lab.cluster"], env=env, text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
         process.stdin.write(json.dumps({"job": job, "text": text}))
         process.stdin.close()
@@ -195,7 +195,7 @@ class _StdoutProgress:
 
 def _main() -> None:
     from .ablate import run_one
-    from .data import text_corpus
+    from ..data import text_corpus
 
     message = json.load(sys.stdin)
     job, text = message["job"], message["text"]
@@ -263,7 +263,7 @@ def threads_per_run(client) -> dict:
 
 def _text_to_ship(data: str):
     """A file's text travels with each task; Shakespeare and the synthetic tasks are made on the worker."""
-    from .data import read_text_file
+    from ..data import read_text_file
 
     return None if data == "shakespeare" or data.startswith("synthetic:") else read_text_file(data)
 

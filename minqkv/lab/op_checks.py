@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
+from .. import ops
 from .gradcheck import CheckResult, check
-from .tensor import Tensor
+from ..tensor import Tensor
 
 
 @dataclass

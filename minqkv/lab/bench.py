@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from . import kernels
+from .. import kernels
 
 
 def _median_seconds(call, repeats, warmup):
@@ -216,7 +216,7 @@ DECODE_TOKENS = 64  # tokens decoded after the prompt, per study model
 
 def _config(shape, seed, overrides=None):
     """minqkv's GPTConfig of a (n_layer, n_head, n_embd, block_size, batch_size) shape."""
-    from .model import GPTConfig
+    from ..model import GPTConfig
 
     n_layer, n_head, n_embd, block_size, _ = shape
     return GPTConfig(vocab_size=VOCAB_SIZE, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
@@ -226,8 +226,8 @@ def _config(shape, seed, overrides=None):
 def _step_minqkv(shape, seed, overrides=None):
     """A function that runs one training step of minqkv's GPT on a fixed random batch; overrides
     (e.g. code='abb' or layer_codes=[...]) change the variant."""
-    from .model import GPT
-    from .optim import AdamW
+    from ..model import GPT
+    from ..optim import AdamW
 
     _, _, _, block_size, batch_size = shape
     model = GPT(_config(shape, seed, overrides))
@@ -326,8 +326,8 @@ def _peak_rss_mb():
 
 def _attention_minqkv(T, seed):
     """Forward and backward of minqkv's fused causal attention (ops.causal_attention), batch 1."""
-    from . import ops
-    from .tensor import Tensor
+    from .. import ops
+    from ..tensor import Tensor
 
     rng = np.random.default_rng(seed)
     n_head, head_dim = LONG_SHAPE
@@ -364,8 +364,8 @@ def _attention_torch(T, seed):
 def _decode_minqkv(shape, seed, overrides, new_tokens):
     """A function that decodes one more token (greedy) with the KV cache, after a prompt that
     leaves room for new_tokens tokens in the block; the prompt is read (prefilled) here."""
-    from .model import GPT
-    from .tensor import no_grad
+    from ..model import GPT
+    from ..tensor import no_grad
 
     model = GPT(_config(shape, seed, overrides)).eval()
     block_size = shape[3]
@@ -451,7 +451,7 @@ class _Side:
         self._json = json
         env = dict(os.environ, MINQKV_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                    OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        code = (f"from minqkv.bench import step_worker; "
+        code = (f"from minqkv.lab.bench import step_worker; "
                 f"step_worker({side!r}, {workload!r}, {threads}, {warmup})")
         self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import ALL_CODES, parse_code
+from ..attention import ALL_CODES, parse_code
 from .gradcheck import CheckResult, check
-from .model import GPT, GPTConfig
+from ..model import GPT, GPTConfig
 
 # labels beyond the 15 plain codes (GPTConfig.overrides_from_label reads them)
 MODIFIER_LABELS = ["aaa+rotate", "aab+rotate", "aaa+pos2d", "aab+pos2d", "abc+gate", "aaa+gate",

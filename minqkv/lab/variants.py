@@ -7,8 +7,8 @@ what dropping W_k saves in a 125M-parameter GPT-2.
 
 from __future__ import annotations
 
-from .model import GPTConfig
-from .modifiers import ALL_CODES, names_of
+from ..model import GPTConfig, non_attention_params
+from ..modifiers import ALL_CODES, names_of
 
 # n_embd, n_head, n_layer, block_size (context), vocab_size, MLP hidden width
 PRESETS = {
@@ -17,16 +17,6 @@ PRESETS = {
     "gpt2-medium": dict(n_embd=1024, n_head=16, n_layer=24, block_size=1024, vocab_size=50257, mlp_hidden=4096),
     "bert-base": dict(n_embd=768, n_head=12, n_layer=12, block_size=512, vocab_size=30522, mlp_hidden=3072),
 }
-
-
-def non_attention_params(n_embd: int, n_layer: int, block_size: int, vocab_size: int,
-                         mlp_hidden: int, pos: str = "learned") -> int:
-    """Embeddings (tied output head), MLPs with biases, and LayerNorms: the part no code touches
-    (only the positions: a learned table has block_size x n_embd entries, rotary ones none)."""
-    embeddings = vocab_size * n_embd + (block_size * n_embd if pos == "learned" else 0)
-    mlp = 2 * n_embd * mlp_hidden + mlp_hidden + n_embd
-    layer_norms = 2 * 2 * n_embd
-    return embeddings + n_layer * (mlp + layer_norms) + 2 * n_embd
 
 
 def variant_rows(n_embd: int = 128, n_head: int = 4, n_kv_head: int | None = None,

@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 
 SAMPLE_PROMPT = "ROMEO:\n"
 
@@ -86,7 +86,7 @@ def _stoppable():
 def _stopped(args, stop: KeyboardInterrupt) -> str:
     """What a stopped command says (its own message, if the command gave one); a run also says
     what it kept and how to go on."""
-    from .checkpoint import checkpoint_path
+    from ..checkpoint import checkpoint_path
 
     what = str(stop) or ("stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted")
     if args.command != "train":
@@ -206,8 +206,8 @@ def _add_train(sub) -> None:
 
 
 def _configs_with(field: str) -> list:
-    from .model import GPTConfig
-    from .train import TrainConfig
+    from ..model import GPTConfig
+    from ..train import TrainConfig
 
     return [c for c in (GPTConfig, TrainConfig) if field in c.__dataclass_fields__]
 
@@ -227,7 +227,7 @@ def _given_settings(args, config) -> dict:
 def _variant_settings(label: str, flags: dict) -> dict:
     """--variant 'abb+rotate+gqa2' -> {code: 'abb', rotate: True, n_kv_head: 2}; a modifier flag
     given as well must agree with the label."""
-    from .model import GPTConfig
+    from ..model import GPTConfig
 
     settings = GPTConfig.overrides_from_label(label)
     clashes = [f"{field}={flags[field]!r}" for field in settings if field in flags and flags[field] != settings[field]]
@@ -237,8 +237,8 @@ def _variant_settings(label: str, flags: dict) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .model import GPTConfig
-    from .train import TrainConfig, resume_training, train
+    from ..model import GPTConfig
+    from ..train import TrainConfig, resume_training, train
 
     model_settings, train_settings = _given_settings(args, GPTConfig), _given_settings(args, TrainConfig)
     if args.resume:
@@ -287,7 +287,7 @@ def cmd_sample(args) -> int:
 
 
 def _sample_text(ckpt, prompt, tokens, temperature, top_k, seed) -> str:
-    from .checkpoint import load_model
+    from ..checkpoint import load_model
 
     model, tokenizer, _ = load_model(ckpt)
     if not prompt:
@@ -350,7 +350,7 @@ def cmd_variants(args) -> int:
 
 def _modifier_settings(modifiers, n_kv_head) -> dict:
     """--modifiers 'rope+out-gate' and --n-kv-head -> GPTConfig fields besides the code."""
-    from .model import GPTConfig
+    from ..model import GPTConfig
 
     settings = GPTConfig.overrides_from_label("abc+" + modifiers) if modifiers else {}
     settings.pop("code", None)
@@ -407,7 +407,7 @@ def _add_bench(sub) -> None:
 
 
 def _thread_list(text: str) -> tuple:
-    from .kernels import MAX_NUM_THREADS
+    from ..kernels import MAX_NUM_THREADS
 
     try:
         counts = tuple(int(part) for part in text.split(","))

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .attention import ROLES, CausalSelfAttention
-from .checkpoint import load_model
-from .data import load_corpus
-from .tensor import Tensor, no_grad
+from ..attention import ROLES, CausalSelfAttention
+from ..checkpoint import load_model
+from ..data import load_corpus
+from ..tensor import Tensor, no_grad
 
 RANDOM_BASELINE_DRAWS = 16  # random subspace pairs averaged for the baseline
 TOP_SINGULAR_VALUES_SHOWN = 6  # in the text report
