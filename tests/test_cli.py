@@ -1,6 +1,7 @@
 """Specification of the `minqkv` command, called in-process through cli.main (and once as
 `python -m minqkv`)."""
 
+import argparse
 import errno
 import json
 import os
@@ -190,6 +191,23 @@ def test_train_writes_its_files_and_prints_a_summary_and_a_sample(capsys, tmp_pa
     assert len(sample) == len("ROMEO:\n") + 30 + 1  # prompt, 30 sampled characters, print's newline
 
 
+def test_train_says_where_it_saved_the_run_and_how_to_sample_from_it(capsys, tmp_path, text_file):
+    out_dir = str(tmp_path / "run")
+    code, out, _ = run_cli(capsys, "train", "--data", text_file, "--out", out_dir, "--sample-tokens", "0",
+                           *TINY_TRAIN)
+    assert code == 0
+    assert f"saved in {out_dir}: sample with `minqkv sample --out {out_dir}`" in out
+    code, sampled, _ = run_cli(capsys, "sample", "--out", out_dir, "--prompt", "the ", "--sample-tokens", "5")
+    assert code == 0 and sampled.startswith("the ")
+
+
+def test_sample_and_analyze_accept_the_run_folder_as_ckpt_too(capsys, tmp_path, text_file):
+    out_dir = str(tmp_path / "run")
+    run_cli(capsys, "train", "--data", text_file, "--out", out_dir, "--sample-tokens", "0", *TINY_TRAIN)
+    by_out = run_cli(capsys, "sample", "--out", out_dir, "--prompt", "the ", "--sample-tokens", "8")
+    by_ckpt = run_cli(capsys, "sample", "--ckpt", out_dir, "--prompt", "the ", "--tokens", "8")
+    assert by_out == by_ckpt and by_out[0] == 0
+
 def test_train_with_gates_reports_the_decisions_and_the_matrices_kept(capsys, tmp_path, text_file):
     out_dir = tmp_path / "run"
     code, out, _ = run_cli(capsys, "train", "--data", text_file, "--out", str(out_dir), "--gate",
@@ -260,32 +278,32 @@ def test_train_into_a_used_folder_fails_with_exit_code_2(capsys, tmp_path, text_
 def test_sample_continues_the_prompt_from_a_checkpoint(capsys, tmp_path, text_file):
     out_dir = str(tmp_path / "run")
     run_cli(capsys, "train", "--data", text_file, "--out", out_dir, "--sample-tokens", "0", *TINY_TRAIN)
-    code, out, _ = run_cli(capsys, "sample", "--ckpt", out_dir, "--prompt", "the ", "--tokens", "12",
+    code, out, _ = run_cli(capsys, "sample", "--out", out_dir, "--prompt", "the ", "--sample-tokens", "12",
                            "--seed", "3")
     assert code == 0
     text = out[:-1]  # print adds one newline
     assert text.startswith("the ") and len(text) == 4 + 12
-    assert run_cli(capsys, "sample", "--ckpt", out_dir, "--prompt", "the ", "--tokens", "12",
+    assert run_cli(capsys, "sample", "--out", out_dir, "--prompt", "the ", "--sample-tokens", "12",
                    "--seed", "3")[1] == out
 
 
 def test_sample_refuses_a_prompt_that_is_not_utf8(capsys, tmp_path, text_file):
     out_dir = trained(capsys, tmp_path, text_file)
     prompt = os.fsdecode(b"the \xff")  # how Python hands over argv bytes that are not UTF-8
-    code, _, err = run_cli(capsys, "sample", "--ckpt", out_dir, "--prompt", prompt, "--tokens", "3")
+    code, _, err = run_cli(capsys, "sample", "--out", out_dir, "--prompt", prompt, "--sample-tokens", "3")
     assert code == 2
     assert "--prompt is not UTF-8 text: byte 0xff at character 4 cannot be decoded" in err
 
 
 def test_sample_names_the_prompt_characters_outside_the_vocabulary(capsys, tmp_path, text_file):
     out_dir = trained(capsys, tmp_path, text_file)
-    code, _, err = run_cli(capsys, "sample", "--ckpt", out_dir, "--prompt", "the zoo?", "--tokens", "3")
+    code, _, err = run_cli(capsys, "sample", "--out", out_dir, "--prompt", "the zoo?", "--sample-tokens", "3")
     assert code == 2
     assert "--prompt has characters outside the checkpoint's vocabulary of 25: '?', 'z';" in err
 
 
 def test_sample_from_a_missing_checkpoint_fails_with_exit_code_2(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "sample", "--ckpt", str(tmp_path / "nothing"))
+    code, _, err = run_cli(capsys, "sample", "--out", str(tmp_path / "nothing"))
     assert code == 2
     assert "no checkpoint" in err
 
@@ -354,16 +372,16 @@ def test_train_refuses_a_bad_number_before_making_its_folder(capsys, tmp_path, t
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["sample", "--ckpt", "x", "--tokens", "-1"], "argument --tokens: must be an integer >= 0, got -1"),
-    (["sample", "--ckpt", "x", "--temperature", "0"], "argument --temperature: must be a finite number > 0"),
-    (["sample", "--ckpt", "x", "--temperature", "inf"], "argument --temperature: must be a finite number > 0, got inf"),
-    (["sample", "--ckpt", "x", "--temperature", "nan"], "argument --temperature: must be a finite number > 0, got nan"),
+    (["sample", "--out", "x", "--sample-tokens", "-1"], "argument --sample-tokens/--tokens: must be an integer >= 0, got -1"),
+    (["sample", "--out", "x", "--temperature", "0"], "argument --temperature: must be a finite number > 0"),
+    (["sample", "--out", "x", "--temperature", "inf"], "argument --temperature: must be a finite number > 0, got inf"),
+    (["sample", "--out", "x", "--temperature", "nan"], "argument --temperature: must be a finite number > 0, got nan"),
     (["bench", "--threads", "1,2000"], "the most the kernels use"),
-    (["sample", "--ckpt", "x", "--top-k", "0"], "argument --top-k: must be a positive integer, got 0"),
+    (["sample", "--out", "x", "--top-k", "0"], "argument --top-k: must be a positive integer, got 0"),
     (["train", "--sample-tokens", "-3"], "argument --sample-tokens: must be an integer >= 0"),
     (["ablate", "--seeds", "0"], "argument --seeds: must be a positive integer, got 0"),
     (["ablate", "--jobs", "-2"], "argument --jobs: must be a positive integer, got -2"),
-    (["analyze", "--ckpt", "x", "--subspace-dim", "0"], "argument --subspace-dim: must be a positive integer"),
+    (["analyze", "--out", "x", "--subspace-dim", "0"], "argument --subspace-dim: must be a positive integer"),
     (["variants", "--n-embd", "0"], "argument --n-embd: must be a positive integer, got 0"),
     (["variants", "--block-size", "-1"], "argument --block-size: must be a positive integer"),
 ])
@@ -504,7 +522,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_with_exit_code_2(capsys, tmp_p
     out_dir = trained(capsys, tmp_path, text_file)
     path = Path(out_dir) / "ckpt.npz"
     path.write_bytes(damaged)
-    argv = ["train", "--resume", "--out", out_dir] if command == "train" else [command, "--ckpt", out_dir]
+    argv = ["train", "--resume", "--out", out_dir] if command == "train" else [command, "--out", out_dir]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.startswith(f"minqkv {command}: error: checkpoint {path} is damaged or not a minqkv checkpoint (")
@@ -531,3 +549,37 @@ def test_bench_times_the_kernel_table_at_each_thread_count_given(capsys, monkeyp
     code, out, _ = run_cli(capsys, "bench", "--threads", "1,2", "--json")
     assert code == 0
     assert [row["threads"] for row in json.loads(out)] == [1, 2]
+
+
+# ---- help --------------------------------------------------------------------------------------
+
+
+def test_every_flag_of_every_subcommand_has_help_text():
+    from minqkv.lab.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {action.option_strings[0]}" for name, parser in subcommands.choices.items()
+               for action in parser._actions if action.option_strings and not action.help]
+    assert missing == []
+
+
+def test_help_shows_the_default_of_a_flag_that_has_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "seed of the sampling (default: 0)" in text and "(default: 0.8)" in text
+
+
+def test_variants_modifiers_alone_lists_every_modifier_of_the_table(capsys):
+    from minqkv.modifiers import MODIFIERS
+
+    code, out, _ = run_cli(capsys, "variants", "--modifiers")
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == [row.written() for row in MODIFIERS]
+
+
+def test_train_has_a_flag_for_every_field_a_modifier_sets():
+    from minqkv.lab.cli import RUN_FLAGS
+    from minqkv.modifiers import MODIFIERS
+
+    assert {row.field for row in MODIFIERS} <= {field for _, field, _, _ in RUN_FLAGS}

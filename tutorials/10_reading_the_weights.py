@@ -198,7 +198,7 @@ for path in save_heatmaps(model, line, out, tokenizer):
 # **What you learned:** singular values show how many input directions a projection uses
 # (effective rank summarises them); principal angles show whether two projections read the
 # same directions, which only means something above the random baseline; tied variants are
-# the limit where the overlap is 1; `minqkv analyze --ckpt RUN` prints this report for any run.
+# the limit where the overlap is 1; `minqkv analyze --out RUN` prints this report for any run.
 
 # %%
 for role in "qk":  # training concentrated the query and key projections on fewer directions

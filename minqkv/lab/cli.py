@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from .. import __version__
+from ..modifiers import flag_rows, listing
 
 SAMPLE_PROMPT = "ROMEO:\n"
 
@@ -109,7 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_ablate(sub)
     _add_analyze(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each flag's default (when it has one) and keeps the epilog's lines."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default == argparse.SUPPRESS)
+        if action.option_strings and shown and "default:" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+MODIFIERS_EPILOG = "modifiers (after a code, joined by '+', as in abb+rotate+gqa2):\n" + listing()
+LIST_MODIFIERS = "list"  # `variants --modifiers` with no value
+
+
+def _add_run_folder(p) -> None:
+    """The folder of a training run: --out, as `train` names it (--ckpt is the same flag)."""
+    p.add_argument("--out", "--ckpt", dest="out", required=True, help="the --out folder of a training run")
 
 
 # ---- numbers that flags accept (argparse turns a ValueError into a usage error, exit code 2)
@@ -149,38 +172,28 @@ RUN_FLAGS = [
     ("--data", "data", str, "shakespeare | PATH to a UTF-8 text | synthetic:TASK"),
     ("--steps", "steps", int, "training steps; with --resume, extends the run to this many"),
     ("--seed", "seed", int, "seed of the weights, the batches and dropout"),
-    ("--n-layer", "n_layer", int, None),
-    ("--n-head", "n_head", int, None),
-    ("--n-kv-head", "n_kv_head", int, "key/value heads (grouped-query attention; 1: multi-query)"),
+    ("--n-layer", "n_layer", int, "transformer blocks"),
+    ("--n-head", "n_head", int, "query heads per block"),
     ("--n-embd", "n_embd", int, "width of the model"),
     ("--block-size", "block_size", int, "context length"),
-    ("--dropout", "dropout", float, None),
+    ("--dropout", "dropout", float, "dropout probability on attention weights and residual branches"),
     ("--dtype", "dtype", str, "float32 | float64"),
-    ("--batch-size", "batch_size", int, None),
+    ("--batch-size", "batch_size", int, "sequences per step"),
     ("--lr", "lr", float, "peak learning rate"),
     ("--min-lr", "min_lr", float, "learning rate at the end of the cosine decay"),
-    ("--warmup-steps", "warmup_steps", int, None),
-    ("--weight-decay", "weight_decay", float, None),
-    ("--grad-clip", "grad_clip", float, None),
+    ("--warmup-steps", "warmup_steps", int, "steps of linear warm-up before the cosine decay"),
+    ("--weight-decay", "weight_decay", float, "AdamW's decoupled weight decay (matrices only)"),
+    ("--grad-clip", "grad_clip", float, "largest global gradient norm; larger ones are scaled down"),
     ("--eval-interval", "eval_interval", int, "evaluate and save a checkpoint every this many steps"),
     ("--eval-iters", "eval_iters", int, "validation batches per evaluation"),
-    ("--beta1", "beta1", float, None),
-    ("--beta2", "beta2", float, None),
+    ("--beta1", "beta1", float, "AdamW's decay rate of the gradient's running mean"),
+    ("--beta2", "beta2", float, "AdamW's decay rate of the squared gradient's running mean"),
     ("--gate-penalty", "gate_penalty", float, "gated models: weight L of the expected number of open gates "
                                               "in the objective (larger L shuts more projections)"),
     ("--gate-lr", "gate_lr", float, "gated models: peak learning rate of the gates (same schedule, no decay)"),
     ("--prune-threshold", "prune_threshold", float, "gated models: a deterministic gate at or below this "
                                                     "becomes the identity (0: only shut gates)"),
-    ("--rotate", "rotate", bool, "learned orthogonal rotation of K per head"),
-    ("--pos2d", "pos2d", bool, "learned 2-D positional bias on the scores"),
-    ("--gate", "gate", bool, "hard-concrete gates on the projections, pruned after training"),
-    ("--wide-init", "wide_init", bool, "Q/K/V weights start with std 1/sqrt(n_embd), not 0.02"),
-    ("--sym-init", "sym_init", bool, "W_k starts as a copy of W_q (codes with separate W_q, W_k)"),
-    ("--no-out-proj", "out_proj", bool, "drop the output projection"),
-    ("--pos", "pos", str, "positions: learned (a table) | rope (rotary, in attention) | none"),
-    ("--out-gate", "out_gate", bool, "a sigmoid gate per head on the attention output (Qiu et al. 2025)"),
-    ("--latent-kv", "latent_kv", int, "R: K and V up-projected from one latent R wide, which the KV cache "
-                                      "holds instead (multi-head latent attention)"),
+    *flag_rows(),  # the modifiers of a label, as flags: --rotate, --pos rope, --n-kv-head 2, ...
     ("--no-tie", "tie_weights", bool, "separate output head (no weight tying)"),
 ]
 
@@ -188,7 +201,8 @@ RUN_FLAGS = [
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a char GPT with one attention variant",
                        description="Train a character-level GPT. With no arguments: the canonical "
-                       "variant on Shakespeare, then a sample.")
+                       "variant on Shakespeare, then a sample.", formatter_class=HelpFormatter,
+                       epilog=MODIFIERS_EPILOG)
     p.add_argument("--out", default="out", help="folder for checkpoint and metrics")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out (other flags must match it; --steps may extend it)")
@@ -197,7 +211,8 @@ def _add_train(sub) -> None:
             p.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             default = getattr(_configs_with(field)[0](), field)
-            help_text = f"{help_text or ''} (default: {default})".strip()
+            if default is not None:
+                help_text = f"{help_text} (default: {default})"
             p.add_argument(flag, type=kind, default=None, help=help_text)
     p.add_argument("--sample-tokens", type=non_negative_int, default=300,
                    help="characters to sample at the end (0: none)")
@@ -247,6 +262,8 @@ def cmd_train(args) -> int:
         final = train(GPTConfig(**model_settings), TrainConfig(**train_settings, out=args.out),
                       progress=not args.quiet)
     print(_summary(final))
+    out = shlex.quote(args.out)
+    print(f"saved in {args.out}: sample with `minqkv sample --out {out}`, inspect with `minqkv analyze --out {out}`")
     if args.sample_tokens > 0 and "val_bpc" in final:
         print(f"\n--- sample ({args.sample_tokens} characters, temperature 0.8) ---")
         print(_sample_text(args.out, SAMPLE_PROMPT, args.sample_tokens, 0.8, None, final["seed"]))
@@ -272,17 +289,20 @@ def _summary(final: dict) -> str:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a trained checkpoint")
-    p.add_argument("--ckpt", required=True, help="the --out folder of a training run")
-    p.add_argument("--prompt", default=SAMPLE_PROMPT)
-    p.add_argument("--tokens", type=non_negative_int, default=300)
-    p.add_argument("--temperature", type=positive_float, default=0.8)
-    p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    _add_run_folder(p)
+    p.add_argument("--prompt", default=SAMPLE_PROMPT, help="text the sample continues")
+    p.add_argument("--sample-tokens", "--tokens", dest="sample_tokens", type=non_negative_int, default=300,
+                   help="characters to generate")
+    p.add_argument("--temperature", type=positive_float, default=0.8,
+                   help="divides the logits: below 1 sharper, above 1 more random")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample only among the k most likely characters (default: all)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sampling")
     p.set_defaults(run=cmd_sample)
 
 
 def cmd_sample(args) -> int:
-    print(_sample_text(args.ckpt, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
+    print(_sample_text(args.out, args.prompt, args.sample_tokens, args.temperature, args.top_k, args.seed))
     return 0
 
 
@@ -322,23 +342,31 @@ def _prompt_ids(tokenizer, prompt: str) -> np.ndarray:
 def _add_variants(sub) -> None:
     from .variants import PRESETS
 
-    p = sub.add_parser("variants", help="parameters, FLOPs and KV cache of every variant")
-    p.add_argument("--n-embd", type=positive_int, default=128, help="width of the model")
-    p.add_argument("--n-head", type=positive_int, default=4)
-    p.add_argument("--n-kv-head", type=positive_int, default=None)
-    p.add_argument("--block-size", type=positive_int, default=128, help="context length for FLOPs")
+    from ..model import GPTConfig
+
+    default = GPTConfig()
+    p = sub.add_parser("variants", help="parameters, FLOPs and KV cache of every variant",
+                       formatter_class=HelpFormatter, epilog=MODIFIERS_EPILOG)
+    p.add_argument("--n-embd", type=positive_int, default=default.n_embd, help="width of the model")
+    p.add_argument("--n-head", type=positive_int, default=default.n_head, help="query heads")
+    p.add_argument("--n-kv-head", type=positive_int, default=None,
+                   help="key/value heads (grouped-query attention; 1: multi-query; default: --n-head)")
+    p.add_argument("--block-size", type=positive_int, default=default.block_size, help="context length for FLOPs")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="sizes of a known model (overrides --n-embd, --n-head, --block-size)")
-    p.add_argument("--modifiers", default=None,
-                   help="modifiers for every code, written as in a label: e.g. rope, out-gate, latent-kv64, "
-                        "rope+out-gate (codes that cannot take them say why)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--modifiers", nargs="?", const=LIST_MODIFIERS, default=None,
+                   help="modifiers for every code, written as in a label, e.g. rope+out-gate (codes that "
+                        "cannot take them say why); alone: list the modifiers")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(run=cmd_variants)
 
 
 def cmd_variants(args) -> int:
     from .variants import format_rows, preset_rows, variant_rows
 
+    if args.modifiers == LIST_MODIFIERS:
+        print(listing())
+        return 0
     modifiers = _modifier_settings(args.modifiers, args.n_kv_head)
     if args.preset:
         rows = preset_rows(args.preset, **modifiers)
@@ -365,7 +393,7 @@ def _modifier_settings(modifiers, n_kv_head) -> dict:
 def _add_gradcheck(sub) -> None:
     p = sub.add_parser("gradcheck", help="float64 finite-difference check of every op or variant")
     p.add_argument("--variant", default=None, help="check a tiny GPT with this variant, or 'all'")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=cmd_gradcheck)
 
 
@@ -388,7 +416,7 @@ def cmd_gradcheck(args) -> int:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="GFLOPS of the C core next to NumPy/OpenBLAS; --step: a training "
                                      "step next to PyTorch")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--step", action="store_true",
                    help="time one training step (forward, backward, AdamW) of minqkv and PyTorch")
     p.add_argument("--threads", type=_thread_list, default=None,
@@ -460,20 +488,21 @@ def _add_ablate(sub) -> None:
     from .ablate import PRESETS
 
     p = sub.add_parser("ablate", help="train many variants side by side and tabulate them")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                   help="the sweep: sizes, steps, seeds and variants (the README lists them)")
     p.add_argument("--data", default=None,
                    help="shakespeare | PATH | synthetic:TASK (default: the preset's own, else shakespeare)")
     p.add_argument("--out", default="ablate-out", help="folder for runs and result tables")
     p.add_argument("--variants", default=None,
                    help="'study', 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa' "
-                        "(default: the preset's own list, else 'study')"),
+                        "(default: the preset's own list, else 'study')")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (default: the preset's)")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
     p.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run each run as a task on a Dask cluster: tcp://HOST:8786, or 'local' for "
                         "a LocalCluster of --jobs workers (needs pip install 'minqkv[dask]')")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only (no PNGs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_ablate)
 
 
@@ -498,19 +527,19 @@ def cmd_ablate(args) -> int:
 
 def _add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="spectra, subspace overlaps and score symmetry of a checkpoint")
-    p.add_argument("--ckpt", required=True, help="the --out folder of a training run")
+    _add_run_folder(p)
     p.add_argument("--data", default=None, help="held-out text (default: the run's own data)")
     p.add_argument("--heatmaps", default=None, help="folder for attention heat-map PNGs")
     p.add_argument("--subspace-dim", type=positive_int, default=None,
                    help="dimension r of the subspaces compared (default: the smaller effective rank)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=cmd_analyze)
 
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze_checkpoint, format_report
 
-    result = analyze_checkpoint(args.ckpt, data=args.data, heatmaps_dir=args.heatmaps,
+    result = analyze_checkpoint(args.out, data=args.data, heatmaps_dir=args.heatmaps,
                                 subspace_dim=args.subspace_dim)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     for path in result.get("heatmaps", []):
