@@ -19,7 +19,8 @@ past +-2.4. The expected number of open gates is a differentiable penalty that c
 projections.
 
 Attention is two functions: CausalSelfAttention.project(x) -> q, k, v is the variant, and
-attend(q, k, v) is the attention every variant shares. Everything else calls these two.
+attend(q, k, v) is the attention every variant shares. Everything else calls these two, or,
+to read the attention itself (analysis), scores_and_weights(q, k), the first half of attend.
 """
 
 from __future__ import annotations
@@ -92,17 +93,9 @@ class AttentionSpec:
         _check_latent_kv(self)
         _check_gate(self)
 
-    @property
-    def head_dim(self) -> int:
-        return self.config.n_embd // self.config.n_head
-
-    @property
-    def n_kv_head(self) -> int:
-        return self.config.n_head if self.config.n_kv_head is None else self.config.n_kv_head
-
     def width(self, role: str) -> int:
-        """Output width of a role: Q has all heads, K and V have n_kv_head heads."""
-        return self.config.n_embd if role == "q" else self.n_kv_head * self.head_dim
+        """Output width of a role: Q has all heads, K and V have the config's kv_heads heads."""
+        return self.config.n_embd if role == "q" else self.config.kv_heads * self.config.head_dim
 
     @property
     def latent(self) -> bool:
@@ -170,10 +163,10 @@ class AttentionSpec:
 
     def params(self) -> int:
         """Learned parameters of this layer's attention (a tied weight counts once, identity is free)."""
-        c, hd = self.config, self.head_dim
+        c, hd = self.config, self.config.head_dim
         total = self.matrix_sizes()
         total += c.n_embd * c.n_embd if c.out_proj else 0
-        total += self.n_kv_head * hd ** 2 if c.rotate else 0
+        total += c.kv_heads * hd ** 2 if c.rotate else 0
         total += c.n_head * c.block_size ** 2 if c.pos2d else 0
         total += len(self.gated_roles())
         total += c.n_embd * c.n_head if c.out_gate else 0
@@ -186,12 +179,12 @@ class AttentionSpec:
         W_up into the query and output weights, which minqkv does not do) up-projects every cached
         latent again at each step, 2 R (width_k + width_v) more FLOPs per cached token.
         """
-        c, hd = self.config, self.head_dim
+        c, hd = self.config, self.config.head_dim
         context = c.block_size if context is None else context
         flops = 2 * self.matrix_sizes()
         flops += 3 * c.n_embd * len(self.gated_roles())  # g*p + (1-g)*x
         flops += 3 * (c.n_embd + self.width("k")) if c.pos == "rope" else 0  # 4 products, 2 sums a pair
-        flops += 2 * self.n_kv_head * hd ** 2 if c.rotate else 0
+        flops += 2 * c.kv_heads * hd ** 2 if c.rotate else 0
         flops += 2 * 2 * context * c.n_embd  # scores q.k and the weighted sum of values
         flops += c.n_head * context if c.pos2d else 0
         flops += 2 * c.n_embd * c.n_head + c.n_embd if c.out_gate else 0  # x W_g, then y * gate
@@ -209,7 +202,7 @@ class AttentionSpec:
 
 def _check_code_fits_heads(s: AttentionSpec) -> None:
     """With fewer key/value heads than query heads, K and V are narrower than x and than Q."""
-    H, Hkv = s.config.n_head, s.n_kv_head
+    H, Hkv = s.config.n_head, s.config.kv_heads
     if Hkv == H:
         return
     q, k, v = s.code
@@ -233,7 +226,7 @@ def _check_sym_init(s: AttentionSpec) -> None:
         raise ValueError(f"sym-init starts W_k as a copy of W_q, but code {s.code!r} has no separate "
                          "learned W_q and W_k reading x (it needs a code such as abc or abb, without latent-kv)")
     if s.width("q") != s.width("k"):
-        raise ValueError(f"sym-init needs K as wide as Q; with n_kv_head={s.n_kv_head} < "
+        raise ValueError(f"sym-init needs K as wide as Q; with n_kv_head={s.config.kv_heads} < "
                          f"n_head={s.config.n_head} K is {s.width('k')} wide, Q {s.width('q')}")
 
 
@@ -267,7 +260,8 @@ def _check_gate(s: AttentionSpec) -> None:
         elif s.latent and role != "q":
             reasons.append(f"{role.upper()} is up-projected from the latent (latent_kv={s.config.latent_kv})")
         else:
-            reasons.append(f"{role.upper()} is {s.width(role)} wide (n_kv_head={s.n_kv_head}), x {s.config.n_embd}")
+            reasons.append(f"{role.upper()} is {s.width(role)} wide (n_kv_head={s.config.kv_heads}), "
+                           f"x {s.config.n_embd}")
     raise ValueError(f"code {s.code!r} has nothing to gate: {', '.join(reasons)}; a gate mixes a projection "
                      "with the identity, z (x W) + (1 - z) x, so it needs a learned Q, K or V as wide as x")
 
@@ -275,34 +269,49 @@ def _check_gate(s: AttentionSpec) -> None:
 # ---- the attention every variant shares ---------------------------------------------------------
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout=None,
-           maps: bool = True) -> tuple:
-    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, Tk, hd) -> y (B, T, H*hd), scores, weights.
+def scores_and_weights(q: Tensor, k: Tensor, bias: Tensor | None = None) -> tuple:
+    """Scores and weights of queries q (B, H, T, hd) over keys k (B, Hkv, Tk, hd), each (B, H, T, Tk).
 
-    Query i sits at position Tk - T + i: it sees keys 0 .. Tk - T + i. bias (H, T, Tk) is added
-    to the scores; dropout, a callable, acts on the weights. scores (before the mask) and
-    weights (after the softmax, before dropout) are (B, H, T, Tk), for analysis.
-
-    maps=False says the scores and weights are not wanted: then, unless dropout is active, one
-    fused kernel (ops.causal_attention) computes y without ever storing a (T, Tk) matrix, and
-    scores and weights are None. The steps below are its reference.
+    scores = q k^T / sqrt(hd) + bias (H, T, Tk), before the causal mask; weights = their causal
+    softmax. Query i sits at position Tk - T + i: it sees keys 0 .. Tk - T + i. A group of
+    H / Hkv query heads reads one key head (GQA).
     """
     B, H, T, hd = q.shape
-    dropout_active = dropout is not None and getattr(dropout, "p", 1) > 0 and getattr(dropout, "training", True)
-    if not maps and not dropout_active:
-        y = ops.causal_attention(q, k, v, bias)  # (B, H, T, hd), stored as (B, T, H, hd)
-        return ops.transpose(y, (0, 2, 1, 3)).reshape(B, T, H * hd), None, None  # views, no copy
     Hkv, Tk = k.shape[1], k.shape[2]
     q = q.reshape(B, Hkv, H // Hkv, T, hd)  # (B, Hkv, G, T, hd): a group of G query heads per key head
     k = k.reshape(B, Hkv, 1, Tk, hd)  # (B, Hkv, 1, Tk, hd): broadcast over the G heads of its group
-    v = v.reshape(B, Hkv, 1, Tk, hd)  # (B, Hkv, 1, Tk, hd)
     scores = (q @ ops.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))  # (B, Hkv, G, T, Tk)
     if bias is not None:
         scores = scores + bias.reshape(Hkv, H // Hkv, T, Tk)  # (H, T, Tk) -> (Hkv, G, T, Tk)
     weights = ops.softmax(scores, causal=True)  # (B, Hkv, G, T, Tk), zero where key j > Tk - T + i
-    y = (dropout(weights) if dropout is not None else weights) @ v  # (B, Hkv, G, T, hd)
-    y = ops.transpose(y.reshape(B, H, T, hd), (0, 2, 1, 3)).reshape(B, T, H * hd)  # (B, T, H*hd)
-    return y, scores.reshape(B, H, T, Tk), weights.reshape(B, H, T, Tk)
+    return scores.reshape(B, H, T, Tk), weights.reshape(B, H, T, Tk)
+
+
+def weighted_values(weights: Tensor, v: Tensor) -> Tensor:
+    """weights (B, H, T, Tk) of values v (B, Hkv, Tk, hd) -> y (B, T, H*hd), the heads side by side."""
+    B, H, T, Tk = weights.shape
+    Hkv, hd = v.shape[1], v.shape[3]
+    y = weights.reshape(B, Hkv, H // Hkv, T, Tk) @ v.reshape(B, Hkv, 1, Tk, hd)  # (B, Hkv, G, T, hd)
+    return ops.transpose(y.reshape(B, H, T, hd), (0, 2, 1, 3)).reshape(B, T, H * hd)  # (B, T, H*hd)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout=None) -> Tensor:
+    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, Tk, hd) -> y (B, T, H*hd).
+
+    y = weighted_values(dropout(weights), v), with the weights of scores_and_weights(q, k, bias):
+    those two functions are the math, step by step. Whenever it can, attend computes the same y
+    with one fused kernel (ops.causal_attention, flash-style) that never stores a (T, Tk) matrix.
+    It cannot while dropout (a callable acting on the weights) is active, in training with p > 0:
+    the kernel never holds the weights to drop, so attend then takes the step-by-step path, which
+    stores the (B, H, T, Tk) weights, O(T^2) memory per head.
+    """
+    dropout_active = dropout is not None and getattr(dropout, "p", 1) > 0 and getattr(dropout, "training", True)
+    if dropout_active:
+        _, weights = scores_and_weights(q, k, bias)  # (B, H, T, Tk)
+        return weighted_values(dropout(weights), v)
+    B, H, T, hd = q.shape
+    y = ops.causal_attention(q, k, v, bias)  # (B, H, T, hd), stored as (B, T, H, hd)
+    return ops.transpose(y, (0, 2, 1, 3)).reshape(B, T, H * hd)  # views, no copy
 
 
 # ---- rotary positions ----------------------------------------------------------------------------
@@ -416,7 +425,7 @@ class CausalSelfAttention(Module):
         self.gate_rng = gate_rng if gate_rng is not None else np.random.default_rng(0)
         if c.rotate:
             # R = Cayley(S - S^T) is the identity at S = 0
-            self.rotation_param = Parameter(np.zeros((spec.n_kv_head, spec.head_dim, spec.head_dim), dtype))
+            self.rotation_param = Parameter(np.zeros((c.kv_heads, c.head_dim, c.head_dim), dtype))
         if c.pos2d:
             self.pos_bias = Parameter(np.zeros((c.n_head, c.block_size, c.block_size), dtype))
         if c.out_gate:
@@ -424,8 +433,7 @@ class CausalSelfAttention(Module):
             # where a sigmoid learns fastest in either direction (an open start would need a bias)
             self.w_out_gate = Parameter(np.zeros((c.n_embd, c.n_head), dtype))  # (C, H)
         if c.out_proj:
-            # GPT-2's scaled init of residual projections
-            w_o = rng.standard_normal((c.n_embd, c.n_embd)) * (0.02 / math.sqrt(2 * c.n_layer))
+            w_o = rng.standard_normal((c.n_embd, c.n_embd)) * c.residual_init_std
             self.w_o = Parameter(w_o.astype(dtype))
         drop_rng = dropout_rng if dropout_rng is not None else rng
         self.attn_dropout = Dropout(c.dropout, drop_rng)
@@ -439,7 +447,7 @@ class CausalSelfAttention(Module):
         x W with x; rotary positions turn q and k; the rotation turns each key head. With a cache,
         x holds only the new tokens and k, v also cover the cached ones (Tk = past + T).
         """
-        s = self.spec
+        s, c = self.spec, self.spec.config
         past = cache.length if cache is not None else 0
         q, k, v = self.sources(x)  # (B, T, width); a latent layer's k and v: its latent c (B, T, R)
         q = self.positioned(q, past)
@@ -451,11 +459,11 @@ class CausalSelfAttention(Module):
             k = self.positioned(k, past)  # turned before caching, as each key's turn is its own
             if cache is not None:
                 k, v = self._extend_cache(cache, k, v)  # (B, past + T, width)
-        q = self.split_heads(q, s.config.n_head)  # (B, H, T, hd)
-        k = self.split_heads(k, s.n_kv_head)  # (B, Hkv, Tk, hd)
-        v = self.split_heads(v, s.n_kv_head)  # (B, Hkv, Tk, hd)
-        if s.config.rotate:
-            Hkv, hd = s.n_kv_head, s.head_dim
+        q = self.split_heads(q, c.n_head)  # (B, H, T, hd)
+        k = self.split_heads(k, c.kv_heads)  # (B, Hkv, Tk, hd)
+        v = self.split_heads(v, c.kv_heads)  # (B, Hkv, Tk, hd)
+        if c.rotate:
+            Hkv, hd = c.kv_heads, c.head_dim
             k = k @ self.rotation().reshape(1, Hkv, hd, hd)  # K R: (B, Hkv, Tk, hd) @ (1, Hkv, hd, hd)
         return q, k, v
 
@@ -486,7 +494,7 @@ class CausalSelfAttention(Module):
         """t (B, T, width) at positions start, start + 1, ...: turned by rotary positions, else as it is."""
         if self.spec.config.pos != "rope":
             return t
-        return rope(t, np.arange(start, start + t.shape[1]), self.spec.head_dim)
+        return rope(t, np.arange(start, start + t.shape[1]), self.spec.config.head_dim)
 
     def weight(self, letter: str) -> Parameter:
         """The weight (C, width) of one letter of the code, shared by every role with that letter
@@ -529,15 +537,15 @@ class CausalSelfAttention(Module):
         return ops.sigmoid(x @ self.w_out_gate)  # (B, T, C) @ (C, H) -> (B, T, H)
 
     def rotation(self) -> Tensor:
-        """(n_kv_head, hd, hd) orthogonal matrices: R = (I + A)^-1 (I - A), A = S - S^T skew."""
+        """(kv_heads, hd, hd) orthogonal matrices: R = (I + A)^-1 (I - A), A = S - S^T skew."""
         S = self.rotation_param
         A = S - ops.swapaxes(S, -1, -2)
-        eye = np.broadcast_to(np.eye(self.spec.head_dim, dtype=S.dtype), S.shape)
+        eye = np.broadcast_to(np.eye(self.spec.config.head_dim, dtype=S.dtype), S.shape)
         return ops.solve(A + eye, eye - A)
 
     def split_heads(self, t: Tensor, n: int) -> Tensor:
         B, T, _ = t.shape
-        return ops.transpose(t.reshape(B, T, n, self.spec.head_dim), (0, 2, 1, 3))  # (B, n, T, hd)
+        return ops.transpose(t.reshape(B, T, n, self.spec.config.head_dim), (0, 2, 1, 3))  # (B, n, T, hd)
 
     def _extend_cache(self, cache: KVCache, k: Tensor, v: Tensor) -> tuple:
         shared = self.spec.k_and_v_share_cache()
@@ -545,28 +553,30 @@ class CausalSelfAttention(Module):
         k_all = Tensor(k_all)
         return k_all, (k_all if shared else Tensor(v_all))
 
+    def score_bias(self, past: int, T: int) -> Tensor | None:
+        """The pos2d bias (H, T, Tk) on the scores of T queries after `past` tokens; None without pos2d."""
+        c = self.spec.config
+        if not c.pos2d:
+            return None
+        if past + T > c.block_size:
+            raise ValueError(f"pos2d attention covers {c.block_size} positions; got {past + T}")
+        return self.pos_bias[:, past:past + T, :past + T]
+
     # ---- forward ----------------------------------------------------------------------------
-    def forward(self, x: Tensor, cache: KVCache | None = None, maps: list | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         """x (B, T, C) -> (B, T, C). With a cache, x holds only the new tokens.
 
-        maps, if a list, receives this layer's (scores, weights) arrays (B, H, T, Tk) and its output
-        gates (B, T, H) (None without out_gate) for analysis.
+        attend runs the fused kernel, with no (T, Tk) matrix, unless dropout is active (see attend).
         """
         c = self.spec.config
         T = x.shape[1]
-        past = cache.length if cache is not None else 0
-        if past + T > c.block_size and c.pos2d:
-            raise ValueError(f"pos2d attention covers {c.block_size} positions; got {past + T}")
+        bias = self.score_bias(cache.length if cache is not None else 0, T)  # (H, T, Tk) or None
         q, k, v = self.project(x, cache)
-        bias = self.pos_bias[:, past:past + T, :past + T] if c.pos2d else None  # (H, T, Tk)
-        # without maps (and without active dropout) attend runs the fused kernel: no (T, Tk) matrix
-        y, scores, weights = attend(q, k, v, bias, self.attn_dropout, maps=maps is not None)  # (B, T, C)
-        gates = self.out_gates(x) if c.out_gate else None  # (B, T, H)
-        if gates is not None:
-            B, H, hd = x.shape[0], c.n_head, self.spec.head_dim
+        y = attend(q, k, v, bias, self.attn_dropout)  # (B, T, C)
+        if c.out_gate:
+            B, H, hd = x.shape[0], c.n_head, c.head_dim
+            gates = self.out_gates(x)  # (B, T, H)
             y = (y.reshape(B, T, H, hd) * gates.reshape(B, T, H, 1)).reshape(B, T, H * hd)
-        if maps is not None:
-            maps.append((scores.data, weights.data, None if gates is None else gates.data))
         if c.out_proj:
             y = y @ self.w_o
         return self.resid_dropout(y)

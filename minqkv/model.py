@@ -16,8 +16,6 @@ import numpy as np
 
 from . import modifiers, ops
 from .attention import ROLES, AttentionSpec, CausalSelfAttention, KVCache, probability_open, weight_name
-from .kernels import softmax_numpy
-from .modifiers import parse_code
 from .nn import MLP, Dropout, Embedding, LayerNorm, Module
 from .tensor import Tensor, no_grad
 
@@ -47,9 +45,9 @@ class GPTConfig:
     seed: int = 0
 
     def __post_init__(self):
-        self.code = parse_code(self.code)
+        self.code = modifiers.parse_code(self.code)
         if self.layer_codes is not None:
-            self.layer_codes = [parse_code(code) for code in self.layer_codes]
+            self.layer_codes = [modifiers.parse_code(code) for code in self.layer_codes]
             if len(self.layer_codes) != self.n_layer:
                 raise ValueError(f"layer_codes has {len(self.layer_codes)} codes "
                                  f"but n_layer={self.n_layer}")
@@ -67,9 +65,9 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos not in POSITIONS:
             raise ValueError(f"pos must be one of {', '.join(map(repr, POSITIONS))}, got {self.pos!r}")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+        if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"pos='rope' turns pairs of dimensions in each head, so the head width "
-                             f"n_embd / n_head = {self.n_embd // self.n_head} must be even")
+                             f"n_embd / n_head = {self.head_dim} must be even")
         if self.latent_kv is not None and (isinstance(self.latent_kv, bool) or not isinstance(self.latent_kv, int)
                                            or self.latent_kv <= 0):
             raise ValueError(f"latent_kv must be a positive integer (the width R of the latent), "
@@ -81,6 +79,26 @@ class GPTConfig:
                              "information; use latent_kv <= n_embd")
         for layer in range(self.n_layer):
             self.attention_spec(layer)  # fails early, with the reason, on a code the heads cannot take
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one head, hd = C / n_head."""
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is None (no grouping)."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Width of the MLP's hidden layer: 4 C, as in GPT-2."""
+        return 4 * self.n_embd
+
+    @property
+    def residual_init_std(self) -> float:
+        """GPT-2's scaled init of the projections that write into the residual stream."""
+        return 0.02 / math.sqrt(2 * self.n_layer)
 
     def code_of(self, layer: int) -> str:
         return self.layer_codes[layer] if self.layer_codes is not None else self.code
@@ -105,11 +123,12 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        """The config saved by to_dict(), also from checkpoints written before 'code' was 'variant'."""
-        return cls(**{OLD_KEYS.get(key, key): value for key, value in d.items()})
+        """The config saved by to_dict(); the keys 'variant' and 'layer_variants' are read as
+        'code' and 'layer_codes' (KEY_ALIASES), and a missing field takes its default."""
+        return cls(**{KEY_ALIASES.get(key, key): value for key, value in d.items()})
 
 
-OLD_KEYS = {"variant": "code", "layer_variants": "layer_codes"}  # config keys before issue 8
+KEY_ALIASES = {"variant": "code", "layer_variants": "layer_codes"}  # saved configs may use these names
 POSITIONS = ("learned", "rope", "none")
 
 
@@ -127,7 +146,7 @@ def parameter_count(config: GPTConfig) -> int:
     """The parameters GPT(config) has, counted from the sizes alone (nothing is allocated)."""
     attention = sum(config.attention_spec(layer).params() for layer in range(config.n_layer))
     rest = non_attention_params(config.n_embd, config.n_layer, config.block_size, config.vocab_size,
-                                4 * config.n_embd, config.pos)
+                                config.mlp_hidden, config.pos)
     output_head = 0 if config.tie_weights else config.vocab_size * config.n_embd
     return attention + rest + output_head
 
@@ -138,11 +157,11 @@ class Block(Module):
         self.ln_1 = LayerNorm(C, dtype=dtype)
         self.attn = CausalSelfAttention(config.attention_spec(layer), dtype, rng, dropout_rng, gate_rng)
         self.ln_2 = LayerNorm(C, dtype=dtype)
-        self.mlp = MLP(C, 4 * C, config.dropout, dtype, rng,
-                       proj_std=0.02 / math.sqrt(2 * config.n_layer), dropout_rng=dropout_rng)
+        self.mlp = MLP(C, config.mlp_hidden, config.dropout, dtype, rng,
+                       proj_std=config.residual_init_std, dropout_rng=dropout_rng)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, maps: list | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, maps)  # (B, T, C)
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -164,38 +183,39 @@ class GPT(Module):
         if not config.tie_weights:
             self.output_embedding = Embedding(config.vocab_size, config.n_embd, dtype, rng)  # (V, C)
 
-    def forward(self, ids: np.ndarray, targets: np.ndarray | None = None, caches: list | None = None,
-                maps: list | None = None):
+    def forward(self, ids: np.ndarray, targets: np.ndarray | None = None, caches: list | None = None):
         """ids (B, T) ints -> logits (B, T, V), and the mean cross-entropy if targets are given.
 
         With caches (one KVCache per block), ids are only the new tokens after the cached ones.
-        maps, if a list, receives every layer's attention (scores, weights), for analysis.
         """
-        ids = np.asarray(ids)
-        if ids.ndim != 2:
-            raise ValueError(f"ids must have shape (B, T), got {ids.shape}")
-        B, T = ids.shape
-        past = caches[0].length if caches else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size="
-                             f"{self.config.block_size}")
-        x = self.token_embedding(ids)  # (B, T, C)
-        if self.config.pos == "learned":
-            x = x + self.position_embedding(np.arange(past, past + T))  # (B, T, C) + (T, C)
-        x = self.drop(x)
+        x = self.embed(ids, caches[0].length if caches else 0)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches else None, maps)
+            x = block(x, caches[i] if caches else None)
         x = self.ln_f(x)
         head = self.token_embedding.weight if self.config.tie_weights else self.output_embedding.weight  # (V, C)
         logits = x @ ops.swapaxes(head, 0, 1)  # (B, T, C) @ (C, V) -> (B, T, V)
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
+    def embed(self, ids: np.ndarray, past: int = 0) -> Tensor:
+        """ids (B, T) ints at positions past .. past + T - 1 -> x (B, T, C), the first block's input."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"ids must have shape (B, T), got {ids.shape}")
+        T = ids.shape[1]
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size="
+                             f"{self.config.block_size}")
+        x = self.token_embedding(ids)  # (B, T, C)
+        if self.config.pos == "learned":
+            x = x + self.position_embedding(np.arange(past, past + T))  # (B, T, C) + (T, C)
+        return self.drop(x)
+
     def flops_per_token(self) -> int:
         """Forward FLOPs per token at full context: attention layers, MLPs and the output head."""
         c = self.config
         attention = sum(block.attn.spec.flops_per_token() for block in self.blocks)
-        return attention + c.n_layer * 2 * (2 * c.n_embd * 4 * c.n_embd) + 2 * c.n_embd * c.vocab_size
+        return attention + c.n_layer * 2 * (2 * c.n_embd * c.mlp_hidden) + 2 * c.n_embd * c.vocab_size
 
     def gates(self) -> dict:
         """{(layer, role): deterministic gate in [0, 1]} for a gated model (0: shut, 1: open)."""
@@ -297,7 +317,8 @@ def _sample_logits(logits: np.ndarray, temperature: float, top_k, rng) -> np.nda
     if top_k is not None and top_k < z.shape[-1]:
         kth = np.sort(z, axis=-1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
-    p = softmax_numpy(z)  # (B, V) float64; the -inf of top-k become zeros
+    p = np.exp(z)  # (B, V) float64, max 1 (the most likely token's z is 0); the -inf of top-k become 0
+    p /= p.sum(axis=-1, keepdims=True)  # softmax: z already had its row maximum subtracted
     return np.array([[rng.choice(len(row), p=row)] for row in p], dtype=np.int64)
 
 

@@ -146,7 +146,7 @@ def label(config) -> str:
 
 def _setting(config, field: str):
     value = getattr(config, field)
-    if field == "n_kv_head" and value == config.n_head:
+    if field == "n_kv_head" and config.kv_heads == config.n_head:
         return None  # a key/value head per query head is no grouping: as if not given
     return value
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import ops
+from .op_inputs import check_dropout_p
 from .tensor import FLOAT_DTYPES, Tensor
 
 
@@ -160,7 +161,7 @@ class Dropout(Module):
     """Dropout drawing from a generator that the owner shares (so checkpoints can save its state)."""
 
     def __init__(self, p: float, rng: np.random.Generator):
-        ops._check_dropout_p(p, "Dropout")  # at construction, so a bad p fails before training
+        check_dropout_p(p, "Dropout")  # at construction, so a bad p fails before training
         self.p = p
         self.rng = rng
 

@@ -202,6 +202,12 @@ def check_layer_norm(x, weight, bias, eps: float) -> Tensor:
     return x
 
 
+def check_dropout_p(p: float, op: str) -> None:
+    """A dropout probability lies in [0, 1); nn.Dropout checks its p with this too, at construction."""
+    if not 0 <= p < 1:
+        raise ValueError(f"{op}: p must be in [0, 1), got {p}")
+
+
 def check_solve(A, B) -> tuple[Tensor, Tensor]:
     A, B = as_pair(A, B, "solve", broadcast=False)
     if A.ndim < 2 or A.shape[-1] != A.shape[-2]:

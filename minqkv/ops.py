@@ -24,9 +24,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .op_inputs import (as_pair, as_tensor, check_concat, check_cross_entropy, check_embedding, check_layer_norm,
-                        check_linear, check_matmul, check_matmul_each, check_permutation, check_pow, check_reduction,
-                        check_solve, check_split, float_tensor, is_basic_index, reshaped)
+from .op_inputs import (as_pair, as_tensor, check_concat, check_cross_entropy, check_dropout_p, check_embedding,
+                        check_layer_norm, check_linear, check_matmul, check_matmul_each, check_permutation,
+                        check_pow, check_reduction, check_solve, check_split, float_tensor, is_basic_index,
+                        reshaped)
 from .tensor import Tensor, is_grad_enabled
 
 # Arithmetic. Binary ops broadcast like NumPy, so their backward sums the gradient back down.
@@ -379,7 +380,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
     q (B, H, T, hd), k and v (B, Hkv, Tk, hd) (query head h reads key/value head h // (H // Hkv)),
     bias (H, T, Tk) or None -> (B, H, T, hd). Query i sees keys j <= i + Tk - T. The forward pass
     keeps one number per query (the log of its softmax denominator); the backward pass recomputes
-    the scores from it. attention.attend computes the same, step by step, keeping the matrices.
+    the scores from it. attention.scores_and_weights and attention.weighted_values compute the
+    same, step by step, keeping the matrices; attention.attend runs this op unless dropout is active.
 
     No layout copies: q, k and v may be views with gaps, such as the heads of one (B, T, 3C)
     projection seen as (B, H, T, hd), and the kernel reads them there; y (and the gradients of
@@ -441,7 +443,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
 
 def dropout(x: Tensor, p: float, rng: np.random.Generator, training: bool = True) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p) (identity when not training)."""
-    _check_dropout_p(p, "dropout")
+    check_dropout_p(p, "dropout")
     if not training or p == 0:
         return x
     keep = (rng.random(x.shape) >= p).astype(x.dtype) * (1.0 / (1.0 - p))
@@ -462,12 +464,3 @@ def solve(A: Tensor, B: Tensor) -> Tensor:
         return unbroadcast(grad_a, A.shape), unbroadcast(grad_b, B.shape)
 
     return Tensor.from_op(X, (A, B), backward, "solve")
-
-
-# The one check an op shares with a module: nn.Dropout checks its p at construction.
-
-
-def _check_dropout_p(p: float, who: str) -> None:
-    """A dropout probability must lie in [0, 1) (also used by nn.Dropout, naming itself)."""
-    if not 0 <= p < 1:
-        raise ValueError(f"{who}: p must be in [0, 1), got {p}")

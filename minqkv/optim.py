@@ -25,16 +25,31 @@ def decays(name: str, param) -> bool:
     return np.ndim(param.data) == 2 and "emb" not in name.lower()
 
 
-def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    # math.isfinite as well: inf passes every '>= 0'
-    if not (lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"AdamW: lr must be >= 0 and finite, got {lr}")
-    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
-        raise ValueError(f"AdamW: betas must be two numbers in [0, 1), got {betas}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"AdamW: eps must be > 0 and finite, got {eps}")
-    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise ValueError(f"AdamW: weight_decay must be >= 0 and finite, got {weight_decay}")
+# What each of AdamW's numbers must be: (test, the rule in words)
+HYPERPARAMETER_RULES = {
+    "lr": (lambda x: x >= 0, ">= 0"),
+    "beta1": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "beta2": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "eps": (lambda x: x > 0, "> 0"),
+    "weight_decay": (lambda x: x >= 0, ">= 0"),
+}
+
+
+def check_hyperparameters(**numbers) -> None:
+    """Check AdamW's numbers given by name (lr, beta1, beta2, eps, weight_decay), each once, here:
+    AdamW calls this, and so does TrainConfig for the ones it sets. Errors name the field."""
+    for name, value in numbers.items():
+        if not math.isfinite(value):  # first, as inf passes '>= 0'
+            raise ValueError(f"{name} must be a finite number, got {value}")
+        test, rule = HYPERPARAMETER_RULES[name]
+        if not test(value):
+            raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+def _check_betas(betas) -> None:
+    if len(betas) != 2:
+        raise ValueError(f"AdamW: betas must be two numbers (beta1, beta2), got {betas}")
+    check_hyperparameters(beta1=betas[0], beta2=betas[1])
 
 
 class AdamW:
@@ -55,7 +70,8 @@ class AdamW:
 
     def __init__(self, named_params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                  lr_scale: dict | None = None):
-        _check_hyperparameters(lr, betas, eps, weight_decay)
+        _check_betas(betas)
+        check_hyperparameters(lr=lr, eps=eps, weight_decay=weight_decay)
         self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
         self.betas = (float(betas[0]), float(betas[1]))
         self.params = {}  # name -> param, in the order given
@@ -90,8 +106,7 @@ class AdamW:
     def step(self, lr=None) -> None:
         """Update every parameter that has a grad; `lr` overrides self.lr for this step only."""
         lr = self.lr if lr is None else float(lr)
-        if not (lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"AdamW.step: lr must be >= 0 and finite, got {lr}")
+        check_hyperparameters(lr=lr)
         for name, param in self.params.items():
             if param.grad is not None:
                 self._update(name, param, lr * self.lr_scale[name] if name in self.lr_scale else lr)
@@ -133,7 +148,8 @@ class AdamW:
 
     def load_state_dict(self, d: dict) -> None:
         """Restore what state_dict() returned, hyperparameters included."""
-        _check_hyperparameters(d["lr"], d["betas"], d["eps"], d["weight_decay"])
+        _check_betas(d["betas"])
+        check_hyperparameters(lr=d["lr"], eps=d["eps"], weight_decay=d["weight_decay"])
         state = {}
         for name, saved in d["params"].items():
             if name not in self.params:

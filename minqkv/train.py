@@ -31,8 +31,11 @@ from .checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint, save_
 from .data import IGNORE, CharTokenizer, load_corpus
 from .lock import folder_lock
 from .model import GPT, GPTConfig
-from .optim import AdamW, clip_grad_norm, cosine_lr
+from .optim import AdamW, check_hyperparameters, clip_grad_norm, cosine_lr
 from .tensor import no_grad
+
+
+OPTIMIZER_FIELDS = ("lr", "beta1", "beta2", "weight_decay")  # checked by optim.check_hyperparameters
 
 
 @dataclass
@@ -56,10 +59,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_hyperparameters(**{name: getattr(self, name) for name in OPTIMIZER_FIELDS})
         for field in fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):  # inf passes every '> 0', nan every '< 0'
-                raise ValueError(f"{field.name} must be a finite number, got {value}")
+            if field.name not in OPTIMIZER_FIELDS and isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value}")  # inf passes '> 0'
         for name in ("steps", "batch_size", "eval_interval", "eval_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -67,17 +71,13 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        for name in ("lr", "gate_lr"):
+        for name in ("lr", "gate_lr"):  # AdamW takes lr = 0; a run that learns needs more
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("weight_decay", "gate_penalty"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.gate_penalty < 0:
+            raise ValueError(f"gate_penalty must be >= 0, got {self.gate_penalty}")
         if self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
         if not 0 <= self.prune_threshold <= 1:
@@ -394,7 +394,7 @@ def _restore(state, model, opt, batch_rng) -> int:
     opt.load_state_dict(optim_state)
     batch_rng.bit_generator.state = meta["batch_rng"]
     model.dropout_rng.bit_generator.state = meta["dropout_rng"]
-    if "gate_rng" in meta:  # checkpoints before hard-concrete gates have none
+    if "gate_rng" in meta:  # without it, the gates' noise starts from the seed
         model.gate_rng.bit_generator.state = meta["gate_rng"]
     return int(meta["step"])
 

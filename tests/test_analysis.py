@@ -3,10 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from minqkv.lab.analysis import (analyze_checkpoint, analyze_model, attention_weights, effective_rank,
-                             energy_rank, format_report, match_margins, principal_cosines,
-                             random_subspace_cosine, save_heatmaps, score_asymmetry)
+from minqkv.attention import scores_and_weights
+from minqkv.lab.analysis import (analyze_checkpoint, analyze_model, attention_maps, attention_weights, effective_rank,
+                                 energy_rank, format_report, match_margins, principal_cosines,
+                                 random_subspace_cosine, save_heatmaps, score_asymmetry)
 from minqkv.model import GPT, GPTConfig
+from minqkv.tensor import no_grad
 from minqkv.train import TrainConfig, train
 
 VOCAB, BLOCK = 11, 16
@@ -185,6 +187,28 @@ def test_attention_weights_are_causal_and_rows_sum_to_one():
     assert len(weights) == 2 and weights[0].shape == (3, 2, BLOCK, BLOCK)
     np.testing.assert_allclose(weights[1].sum(-1), 1.0, rtol=1e-5)
     assert np.all(np.triu(weights[0], k=1) == 0)
+
+
+def test_attention_maps_are_each_layers_scores_and_weights_of_the_input_the_model_gives_it():
+    model, ids = tiny_model("abb", pos2d=True, out_gate=True), batches(1)[0][0]
+    maps = attention_maps(model, ids)
+    with no_grad():
+        x = model.blocks[0](model.embed(ids))  # layer 1's input (B, T, C)
+        attn = model.blocks[1].attn
+        q, k, _ = attn.project(model.blocks[1].ln_1(x))
+        scores, weights = scores_and_weights(q, k, attn.score_bias(0, BLOCK))
+        gates = attn.out_gates(model.blocks[1].ln_1(x))
+    for got, want in zip(maps[1], (scores, weights, gates)):
+        np.testing.assert_allclose(got, want.data, rtol=1e-6, atol=1e-7)
+
+
+def test_attention_maps_of_a_training_model_use_no_dropout_and_leave_it_training():
+    model, ids = tiny_model("abc", dropout=0.5), batches(1)[0][0]
+    state = model.dropout_rng.bit_generator.state
+    first, second = attention_maps(model, ids), attention_maps(model, ids)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a[1], b[1])
+    assert model.training and model.dropout_rng.bit_generator.state == state
 
 
 # ---- a checkpoint ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minqkv.attention import (ALL_CODES, AttentionSpec, CausalSelfAttention, KVCache, attend,
-                              hard_concrete, names_of, parse_code)
+                              hard_concrete, names_of, parse_code, scores_and_weights, weighted_values)
 from minqkv.model import GPT, GPTConfig
 from minqkv.optim import AdamW
 from minqkv.tensor import Tensor, no_grad
@@ -43,11 +43,10 @@ def max_asymmetry(scores: np.ndarray) -> float:
 
 
 def scores_of(attn: CausalSelfAttention, x: Tensor) -> np.ndarray:
-    """The layer's scores (B, H, T, T) before mask and softmax, as its forward computed them."""
-    maps = []
+    """The layer's scores (B, H, T, T) before mask and softmax, from its own q and k."""
     with no_grad():
-        attn(x, maps=maps)
-    return maps[0][0]
+        q, k, _ = attn.project(x)
+        return scores_and_weights(q, k, attn.score_bias(0, x.shape[1]))[0].data
 
 
 def heads(x: np.ndarray, n: int = H) -> np.ndarray:
@@ -237,7 +236,14 @@ def loop_attention(q, k, v) -> np.ndarray:
 @pytest.mark.parametrize("T, Tk", [(5, 5), (2, 5), (1, 4)], ids=["full", "2-new-after-3-cached", "1-new"])
 def test_attend_equals_causal_attention_written_one_query_at_a_time(T, Tk):
     q, k, v = random_qkv(T, Tk)  # the T queries are the last T of Tk positions
-    y, _, _ = attend(q, k, v)
+    y = attend(q, k, v)
+    np.testing.assert_allclose(y.data, loop_attention(q.data, k.data, v.data), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("T, Tk", [(5, 5), (2, 5), (1, 4)], ids=["full", "2-new-after-3-cached", "1-new"])
+def test_the_weighted_values_of_the_step_by_step_weights_are_causal_attention_one_query_at_a_time(T, Tk):
+    q, k, v = random_qkv(T, Tk)
+    y = weighted_values(scores_and_weights(q, k)[1], v)  # (B, T, H*hd)
     np.testing.assert_allclose(y.data, loop_attention(q.data, k.data, v.data), rtol=1e-12, atol=1e-12)
 
 
@@ -247,7 +253,7 @@ def test_attend_merges_the_heads_of_the_fused_kernels_output_without_a_copy(monk
     outputs = []
     fused = kernels.attention
     monkeypatch.setattr(kernels, "attention", lambda *args: outputs.append(fused(*args)) or outputs[-1])
-    y, _, _ = attend(*random_qkv(5, 5), maps=False)  # (B, T, H*hd)
+    y = attend(*random_qkv(5, 5))  # (B, T, H*hd)
     assert np.shares_memory(y.data, outputs[0][0])
 
 
@@ -256,15 +262,16 @@ def test_grouped_key_heads_attend_like_each_key_head_repeated_for_its_group():
     q, k, v = random_qkv(5, 5, Hkv)
     # query head h reads key head h // 2
     repeated = [Tensor(np.repeat(t.data, H // Hkv, axis=1)) for t in (k, v)]
-    grouped, scores, _ = attend(q, k, v)
-    full, full_scores, _ = attend(q, *repeated)
-    np.testing.assert_allclose(grouped.data, full.data, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(scores.data, full_scores.data, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(attend(q, k, v).data, attend(q, *repeated).data, rtol=1e-13, atol=1e-13)
+    for grouped, full in zip(scores_and_weights(q, k), scores_and_weights(q, repeated[0])):
+        np.testing.assert_allclose(grouped.data, full.data, rtol=1e-13, atol=1e-13)
+    weights = scores_and_weights(q, k)[1]
+    np.testing.assert_allclose(weighted_values(weights, v).data, attend(q, k, v).data, rtol=1e-13, atol=1e-13)
 
 
-def test_attend_returns_scores_before_the_mask_and_causal_weights_after_the_softmax():
+def test_scores_are_before_the_mask_and_weights_causal_after_the_softmax():
     q, k, v = random_qkv(4, 4)
-    _, scores, weights = attend(q, k, v)
+    scores, weights = scores_and_weights(q, k)
     expected = q.data @ np.swapaxes(k.data, -1, -2) / math.sqrt(3)  # (B, H, T, T), nothing masked
     np.testing.assert_allclose(scores.data, expected, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(weights.data.sum(-1), 1.0, rtol=1e-12)
@@ -537,26 +544,46 @@ def test_attention_takes_its_dtype_from_the_config_unless_told():
 
 
 @pytest.mark.parametrize("n_kv_head, with_bias, T, Tk", [(4, False, 6, 6), (2, True, 6, 6), (1, True, 3, 7)])
-def test_attend_without_maps_is_the_fused_kernel_with_the_same_values_and_gradients(n_kv_head, with_bias, T, Tk):
+def test_attend_is_the_step_by_step_attention_in_one_fused_kernel_with_the_same_values_and_gradients(
+        n_kv_head, with_bias, T, Tk):
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(shape) for shape in [(2, 4, T, 8), (2, n_kv_head, Tk, 8), (2, n_kv_head, Tk, 8)]]
     if with_bias:
         inputs.append(rng.standard_normal((4, T, Tk)))
+
+    def step_by_step(q, k, v, bias=None):
+        return weighted_values(scores_and_weights(q, k, bias)[1], v)
+
     results = []
-    for maps in (True, False):
+    for attention in (step_by_step, attend):
         tensors = [Tensor(x, requires_grad=True) for x in inputs]
-        y, scores, weights = attend(*tensors, maps=maps)
-        assert (scores is None) == (not maps) and (weights is None) == (not maps)
+        y = attention(*tensors)
         (y * Tensor((np.arange(y.data.size).reshape(y.shape) % 7).astype(float))).sum().backward()
         results.append([y.data] + [t.grad for t in tensors])
     for fused, reference in zip(results[1], results[0]):
         np.testing.assert_allclose(fused, reference, rtol=1e-10, atol=1e-12)
 
 
-def test_attend_keeps_the_step_by_step_path_while_dropout_is_active():
+@pytest.mark.parametrize("p, training, fused_calls", [(0.5, True, 0), (0.5, False, 1), (0.0, True, 1)],
+                         ids=["dropout-active", "evaluation", "p-zero"])
+def test_attend_runs_the_fused_kernel_unless_dropout_is_active(monkeypatch, p, training, fused_calls):
+    from minqkv import kernels
     from minqkv.nn import Dropout
 
+    calls = []
+    fused = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *args, **kw: calls.append(1) or fused(*args, **kw))
     rng = np.random.default_rng(0)
     q = k = v = Tensor(rng.standard_normal((1, 2, 4, 8)))
-    _, scores, weights = attend(q, k, v, dropout=Dropout(0.5, rng), maps=False)
-    assert scores is not None and weights is not None
+    attend(q, k, v, dropout=Dropout(p, rng).train(training))
+    assert len(calls) == fused_calls
+
+
+def test_attend_with_active_dropout_drops_the_step_by_step_weights():
+    from minqkv.nn import Dropout
+
+    q, k, v = random_qkv(5, 5)
+    weights = scores_and_weights(q, k)[1]  # (B, H, T, T)
+    y = attend(q, k, v, dropout=Dropout(0.5, np.random.default_rng(3)))
+    dropped = Dropout(0.5, np.random.default_rng(3))(weights)  # the same draws
+    np.testing.assert_allclose(y.data, weighted_values(dropped, v).data, rtol=1e-13, atol=1e-13)

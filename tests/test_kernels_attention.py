@@ -1,9 +1,9 @@
 """minqkv.kernels.fused_attention: the fused causal attention, C against its NumPy twin and against
 the C core's row-by-row reference, and its errors.
 
-The NumPy twin (attention_numpy) stores the score matrices; attention.attend, which the model
-uses, is checked against the fused op in tests/test_attention.py, and the op's float64 gradient
-in minqkv/lab/op_checks.py ('causal_attention').
+The NumPy twin (attention_numpy) stores the score matrices; attention.attend runs this op, and
+tests/test_attention.py checks it against the step-by-step scores_and_weights + weighted_values;
+the op's float64 gradient is checked in minqkv/lab/op_checks.py ('causal_attention').
 """
 
 import tracemalloc

@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
+import minqkv.attention as attention_module
 import minqkv.model as model_module
-from minqkv.attention import ALL_CODES
+from minqkv.attention import ALL_CODES, scores_and_weights, weighted_values
 from minqkv.model import GPT, GPTConfig
 from minqkv.tensor import Tensor, no_grad
 from minqkv.lab.variant_checks import tiny_model
@@ -66,37 +67,42 @@ FUSED_CASES = [pytest.param(labelled(label), id=label) for label in
                ["abc", "abb", "--a", "aab+pos2d", "abb+gqa2", "abc+mqa", "abb+rotate", "abc+gate"]]
 
 
-def logits_loss_and_gradients(model: GPT, ids: np.ndarray, maps: list | None) -> list:
+def logits_loss_and_gradients(model: GPT, ids: np.ndarray) -> list:
     model.zero_grad()
-    logits, loss = model(ids[:, :-1], ids[:, 1:], maps=maps)
+    logits, loss = model(ids[:, :-1], ids[:, 1:])
     loss.backward()
     return [logits.data, loss.data] + [p.grad for _, p in model.named_parameters()]
 
 
+def step_by_step_attend(q, k, v, bias=None, dropout=None):
+    """attend without its fused kernel (and without dropout): the reference path."""
+    return weighted_values(scores_and_weights(q, k, bias)[1], v)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-12), ("float32", 2e-6)])
 @pytest.mark.parametrize("overrides", FUSED_CASES)
-def test_the_fused_attention_path_gives_the_reference_paths_logits_loss_and_gradients(overrides, dtype, tolerance):
+def test_the_fused_attention_path_gives_the_reference_paths_logits_loss_and_gradients(monkeypatch, overrides, dtype,
+                                                                                    tolerance):
     model = tiny_gpt(**overrides, dtype=dtype)
     ids = random_ids(T=BLOCK + 1)
-    reference = logits_loss_and_gradients(model, ids, maps=[])  # maps asked: the step-by-step attend
-    fused = logits_loss_and_gradients(model, ids, maps=None)
+    fused = logits_loss_and_gradients(model, ids)
+    monkeypatch.setattr(attention_module, "attend", step_by_step_attend)
+    reference = logits_loss_and_gradients(model, ids)
     for got, want in zip(fused, reference):
         assert got.dtype == np.dtype(dtype)
         np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("maps, training, dropout, fused_calls", [
-    (None, True, 0.0, 2), (None, False, 0.5, 2), ([], True, 0.0, 0), (None, True, 0.5, 0)],
-    ids=["training", "evaluation-with-dropout-off", "maps-asked", "dropout-active"])
-def test_the_model_runs_the_fused_kernel_unless_maps_are_asked_or_dropout_is_active(monkeypatch, maps, training,
-                                                                                   dropout, fused_calls):
+@pytest.mark.parametrize("training, dropout, fused_calls", [(True, 0.0, 2), (False, 0.5, 2), (True, 0.5, 0)],
+                         ids=["training", "evaluation-with-dropout-off", "dropout-active"])
+def test_the_model_runs_the_fused_kernel_unless_dropout_is_active(monkeypatch, training, dropout, fused_calls):
     import minqkv.kernels as kernels
 
     calls = []
     fused = kernels.attention
     monkeypatch.setattr(kernels, "attention", lambda *args, **kw: calls.append(1) or fused(*args, **kw))
     model = tiny_gpt(dropout=dropout).train(training)
-    model(random_ids(), maps=maps)
+    model(random_ids())
     assert len(calls) == fused_calls
 
 
@@ -135,7 +141,7 @@ def test_the_fused_kernel_reads_q_k_v_inside_the_projection_and_dy_inside_the_ou
     monkeypatch.setattr(runtime, "c_function", lambda name, dtype: first_three_pointers(c_function(name, dtype))
                         if name in ("attention", "attention_backward") else c_function(name, dtype))
     model = tiny_gpt(**labelled(label)).train()
-    logits_loss_and_gradients(model, random_ids(T=BLOCK + 1), maps=None)
+    logits_loss_and_gradients(model, random_ids(T=BLOCK + 1))
     assert len(seen) == len(pointers) == 4  # two layers, forward and backward
     for (q, k, v, *dy), addresses in zip(seen, pointers):
         product = buffer(q)
@@ -146,14 +152,15 @@ def test_the_fused_kernel_reads_q_k_v_inside_the_projection_and_dy_inside_the_ou
 
 
 @pytest.mark.parametrize("overrides", FUSED_CASES)
-def test_kv_cache_decoding_on_the_fused_path_equals_the_reference_paths_full_logits(overrides):
+def test_kv_cache_decoding_on_the_fused_path_equals_the_reference_paths_full_logits(monkeypatch, overrides):
     model = tiny_gpt(**overrides)
     ids = random_ids()
     caches = model.new_caches()
     with no_grad():
         chunks = [model(ids[:, :3], caches=caches)[0].data]
         chunks += [model(ids[:, t:t + 1], caches=caches)[0].data for t in range(3, BLOCK)]
-        reference = model(ids, maps=[])[0].data
+        monkeypatch.setattr(attention_module, "attend", step_by_step_attend)
+        reference = model(ids)[0].data
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), reference, rtol=0, atol=1e-12)
 
 
@@ -605,18 +612,18 @@ def test_config_round_trips_through_a_dict():
     assert GPTConfig.from_dict(config.to_dict()) == config
 
 
-def test_config_reads_a_dict_saved_before_positions_gates_and_latents_were_fields_as_learned_positions():
-    old = GPTConfig(**TINY).to_dict()
+def test_a_config_dict_without_pos_out_gate_and_latent_kv_takes_their_defaults():
+    saved = GPTConfig(**TINY).to_dict()
     for key in ("pos", "out_gate", "latent_kv"):
-        del old[key]
-    config = GPTConfig.from_dict(old)
+        del saved[key]
+    config = GPTConfig.from_dict(saved)
     assert (config.pos, config.out_gate, config.latent_kv) == ("learned", False, None)
     assert "position_embedding.weight" in dict(GPT(config).named_parameters())
 
 
-def test_config_reads_a_dict_saved_before_code_was_called_variant():
-    old = {**TINY, "variant": "abb", "layer_variants": ["abc", "aab"]}
-    config = GPTConfig.from_dict(old)
+def test_config_reads_the_keys_variant_and_layer_variants_as_code_and_layer_codes():
+    aliased = {**TINY, "variant": "abb", "layer_variants": ["abc", "aab"]}
+    config = GPTConfig.from_dict(aliased)
     assert config.layer_codes == ["abc", "aab"] and config.code == "abb"
     assert "variant" not in config.to_dict() and "layer_variants" not in config.to_dict()
 

@@ -9,7 +9,7 @@ import pytest
 
 from minqkv.lab.ablate import PRESETS, plan_sweep
 from minqkv.lab.analysis import analyze_model, describe_out_gates, format_report, sink_mass, uniform_sink_mass
-from minqkv.attention import CausalSelfAttention, KVCache, attend, rope
+from minqkv.attention import CausalSelfAttention, KVCache, attend, rope, scores_and_weights
 from minqkv.checkpoint import load_model, save_checkpoint
 from minqkv.data import CharTokenizer
 from minqkv.model import GPT, GPTConfig
@@ -43,10 +43,9 @@ def heads(x: np.ndarray, n: int = H) -> np.ndarray:
 
 
 def scores_of(attn: CausalSelfAttention, x: Tensor) -> np.ndarray:
-    maps = []
     with no_grad():
-        attn(x, maps=maps)
-    return maps[0][0]  # (B, H, T, T)
+        q, k, _ = attn.project(x)
+        return scores_and_weights(q, k, attn.score_bias(0, x.shape[1]))[0].data  # (B, H, T, T)
 
 
 def rotation_matrix(p: int, hd: int) -> np.ndarray:
@@ -213,7 +212,7 @@ def test_an_output_gate_scales_its_heads_whole_output_before_the_output_projecti
     with no_grad():
         y = attn(x).data
         q, k, v = attn.project(x)
-        plain, _, _ = attend(q, k, v)  # (B, T, C)
+        plain = attend(q, k, v)  # (B, T, C)
     gates = 1 / (1 + np.exp(-(x.data @ attn.w_out_gate.data)))  # (B, T, H)
     gated = plain.data.reshape(2, 6, H, C // H) * gates[..., None]
     np.testing.assert_allclose(y, gated.reshape(2, 6, C) @ attn.w_o.data, rtol=1e-12, atol=1e-12)

@@ -191,11 +191,12 @@ def test_load_state_dict_rejects_unknown_or_misshapen_state():
     "kwargs, message",
     [
         ({"lr": -1.0}, "lr must be >= 0"),
-        ({"lr": math.inf}, "lr must be >= 0 and finite, got inf"),
-        ({"eps": math.inf}, "eps must be > 0 and finite"),
-        ({"weight_decay": math.inf}, "weight_decay must be >= 0 and finite, got inf"),
-        ({"betas": (1.0, 0.9)}, "betas"),
-        ({"betas": (0.9, -0.1)}, "betas"),
+        ({"lr": math.inf}, "lr must be a finite number, got inf"),
+        ({"eps": math.inf}, "eps must be a finite number, got inf"),
+        ({"weight_decay": math.inf}, "weight_decay must be a finite number, got inf"),
+        ({"betas": (1.0, 0.9)}, r"beta1 must be in \[0, 1\), got 1.0"),
+        ({"betas": (0.9, -0.1)}, r"beta2 must be in \[0, 1\), got -0.1"),
+        ({"betas": (0.9,)}, "betas must be two numbers"),
         ({"eps": 0.0}, "eps must be > 0"),
         ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
     ],
@@ -203,6 +204,14 @@ def test_load_state_dict_rejects_unknown_or_misshapen_state():
 def test_bad_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdamW(make_params(), **kwargs)
+
+
+@pytest.mark.parametrize("lr, message", [(-1.0, "lr must be >= 0, got -1.0"), (math.nan, "lr must be a finite number")])
+def test_a_bad_lr_for_one_step_is_refused(lr, message):
+    named = make_params()
+    set_grads(named, np.random.default_rng(1))
+    with pytest.raises(ValueError, match=message):
+        AdamW(named).step(lr=lr)
 
 
 def test_duplicate_names_and_shared_parameters_are_refused():

@@ -18,6 +18,8 @@ from minqkv.checkpoint import load_checkpoint, load_model
 from minqkv.data import TASK_TOKENIZER
 from minqkv.lock import FolderBusy, folder_lock
 from minqkv.model import GPTConfig
+from minqkv.nn import Parameter
+from minqkv.optim import AdamW
 from minqkv.train import TrainConfig, TrainingDiverged, train
 
 MODEL = dict(n_layer=1, n_head=2, n_embd=16, block_size=8)
@@ -431,6 +433,17 @@ def test_pruning_a_gated_run_with_every_gate_kept_does_not_change_its_loss(text_
 def test_invalid_train_config_raises_with_the_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**overrides)
+
+
+@pytest.mark.parametrize("train_setting, optimizer_setting", [
+    (dict(beta1=1.0), dict(betas=(1.0, 0.99))), (dict(beta2=-0.5), dict(betas=(0.9, -0.5))),
+    (dict(weight_decay=-0.1), dict(weight_decay=-0.1)), (dict(lr=math.inf), dict(lr=math.inf))])
+def test_the_optimizers_numbers_are_refused_by_one_check_with_one_message(train_setting, optimizer_setting):
+    with pytest.raises(ValueError) as from_config:
+        TrainConfig(**train_setting)
+    with pytest.raises(ValueError) as from_optimizer:
+        AdamW([("w", Parameter(np.zeros((2, 2))))], **optimizer_setting)
+    assert str(from_config.value) == str(from_optimizer.value)
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])

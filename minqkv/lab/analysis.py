@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..attention import ROLES, CausalSelfAttention
+from ..attention import ROLES, CausalSelfAttention, scores_and_weights
 from ..checkpoint import load_model
 from ..data import load_corpus
 from ..tensor import Tensor, no_grad
@@ -164,8 +164,8 @@ def role_overlaps(attn: CausalSelfAttention, subspace_dim: int | None = None) ->
         if wa.shape == wb.shape:
             cos = wa.ravel() @ wb.ravel() / (np.linalg.norm(wa) * np.linalg.norm(wb))
             flat_cos = float(np.clip(cos, -1.0, 1.0))  # a cosine; rounding may step just past 1
-        overlaps.append({"a": a, "b": b, "tied": tied,
-                         "weight": attn.spec.weight_name(letter) if tied else None, "dim": r, "mean_cos": float(cosines.mean()),
+        overlaps.append({"a": a, "b": b, "tied": tied, "weight": attn.spec.weight_name(letter) if tied else None,
+                         "dim": r, "mean_cos": float(cosines.mean()),
                          "random_baseline_mean_cos": random_subspace_cosine(wa.shape[0], r, r),
                          "flat_cos": flat_cos})
     return overlaps
@@ -175,14 +175,23 @@ def role_overlaps(attn: CausalSelfAttention, subspace_dim: int | None = None) ->
 
 
 def attention_maps(model, ids) -> list:
-    """One (scores, weights, out_gates) triple per layer for ids (B, T), from one forward pass.
+    """One (scores, weights, out_gates) triple per layer for ids (B, T), dropout off.
 
-    scores (B, H, T, T) are before the causal mask and the softmax, weights after; out_gates
-    (B, T, H) are the output gates, None without them; dropout is off.
+    Block by block, each layer's own project() gives q and k of its input, and
+    scores_and_weights() their scores (B, H, T, T), before the causal mask and the softmax, and
+    weights after; out_gates (B, T, H) are the output gates, None without them. The block itself
+    then runs as in the model's forward (the fused kernel) and gives the next layer its input.
     """
-    maps: list = []
+    maps = []
     with no_grad(), model.evaluating():
-        model(np.asarray(ids), maps=maps)
+        x = model.embed(ids)  # (B, T, C)
+        for block in model.blocks:
+            attn, attn_input = block.attn, block.ln_1(x)  # (B, T, C)
+            q, k, _ = attn.project(attn_input)  # (B, H, T, hd), (B, Hkv, T, hd)
+            scores, weights = scores_and_weights(q, k, attn.score_bias(0, x.shape[1]))  # (B, H, T, T) each
+            gates = attn.out_gates(attn_input).data if attn.spec.config.out_gate else None  # (B, T, H)
+            maps.append((scores.data, weights.data, gates))
+            x = block(x)
     return maps
 
 
