@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from minqkv.lab import ablate
+from minqkv.lab import ablate, ablate_plots, ablate_run, ablate_tables
 from minqkv.lab.cli import main
 
 VARIANTS = "abc,abb,abc+gate"
@@ -59,7 +59,7 @@ def test_the_gated_row_reports_the_pruned_model(finished):
 
 def test_measured_caches_of_rotary_shared_kv_and_of_a_latent_follow_the_cost_table(tmp_path):
     rows = {r["variant"]: r for r in sweep(tmp_path, "abc,abb,abb+rope,abc+latent-kv8")}
-    floats = ablate.PRESETS["tiny"]["model"]["n_embd"]  # one layer, float32: 4 bytes a float
+    floats = ablate.SWEEP_PRESETS["tiny"]["model"]["n_embd"]  # one layer, float32: 4 bytes a float
     assert rows["abb"]["kv_cache_bytes_per_token"] == 4 * floats
     assert rows["abb+rope"]["kv_cache_bytes_per_token"] == rows["abc"]["kv_cache_bytes_per_token"] == 4 * 2 * floats
     assert rows["abc+latent-kv8"]["kv_cache_bytes_per_token"] == 4 * 8
@@ -113,11 +113,11 @@ def test_a_failing_run_is_recorded_and_does_not_raise(tmp_path):
     plan = ablate.plan_sweep("tiny", "synthetic:copy", "abc")
     job = {**plan["runs"][0], "seed": 0, "run_dir": str(tmp_path / "run"), "data": "no-such-file.txt",
            "model": plan["model"], "train": plan["train"]}
-    result = ablate.run_one(job)
+    result = ablate_run.run_one(job)
     assert result["status"] == "failed" and "no-such-file.txt" in result["error"]
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["status"] == "failed"
-    row = ablate.aggregate([saved], plan)[0]
+    row = ablate_tables.aggregate([saved], plan)[0]
     assert row["failed"] == 1 and "val_loss" not in row
 
 
@@ -127,18 +127,18 @@ def test_a_run_whose_sweep_was_killed_stops_and_keeps_its_checkpoint(tmp_path, m
     job = {**plan["runs"][0], "seed": 0, "run_dir": str(tmp_path / "run"), "data": "synthetic:copy",
            "model": plan["model"], "train": plan["train"]}
     parents = iter([100] + [100] * 5 + [1] * 100)  # the sweep's pid at the start, then init's
-    monkeypatch.setattr(ablate.os, "getppid", lambda: next(parents))
+    monkeypatch.setattr(ablate_run.os, "getppid", lambda: next(parents))
     with pytest.raises(SystemExit, match="the sweep that started this run is gone"):
-        ablate.run_one(job)
+        ablate_run.run_one(job)
     assert (tmp_path / "run" / "ckpt.npz").exists() and not (tmp_path / "run" / "result.json").exists()
 
 
 def test_seeds_that_pruned_differently_stay_in_one_markdown_cell():
     plan = ablate.plan_sweep("tiny", "synthetic:copy", "abc")
     row = {"variant": "abc+gate(L=0.03)", "code": "a-b,--a | abc,--a", "val_loss": 1.0, "seeds": 1}
-    line = ablate.format_markdown([row], plan).splitlines()[2]
+    line = ablate_tables.format_markdown([row], plan).splitlines()[2]
     assert "a-b,--a \\| abc,--a" in line
-    header = ablate.format_markdown([row], plan).splitlines()[0]
+    header = ablate_tables.format_markdown([row], plan).splitlines()[0]
     assert line.replace("\\|", "").count("|") == header.count("|")
 
 
@@ -177,12 +177,12 @@ def test_every_row_reports_the_steps_to_reach_canonical_final_loss_times_1_05(fi
 
 def test_steps_to_reach_is_the_first_evaluated_step_at_or_below_the_target_mean_over_seeds():
     runs = [{"eval_curve": [[100, 3.0], [200, 2.0], [300, 1.0]]}, {"eval_curve": [[100, 1.5], [200, 1.0]]}]
-    assert ablate.steps_to_reach(runs, 2.0) == 150.0
+    assert ablate_tables.steps_to_reach(runs, 2.0) == 150.0
 
 
 def test_a_run_that_never_reaches_the_target_shows_a_dash():
-    assert ablate.steps_to_reach([{"eval_curve": [[100, 3.0], [200, 2.5]]}], 2.0) is None
-    assert ablate._cell({"steps_to_target": None}, "steps_to_target", "{:,.0f}") == "-"
+    assert ablate_tables.steps_to_reach([{"eval_curve": [[100, 3.0], [200, 2.5]]}], 2.0) is None
+    assert ablate_tables._cell({"steps_to_target": None}, "steps_to_target", "{:,.0f}") == "-"
 
 
 def test_the_prune_preset_runs_each_gated_variant_once_per_penalty_next_to_static_variants():
@@ -191,7 +191,7 @@ def test_the_prune_preset_runs_each_gated_variant_once_per_penalty_next_to_stati
     assert variants[:5] == ["abc", "aab", "abb", "aaa", "--a"]
     gated = [r for r in plan["runs"] if r["overrides"].get("gate")]
     assert len(gated) >= 4
-    assert sorted(r["train_overrides"]["gate_penalty"] for r in gated) == ablate.PRESETS["prune"]["gate_penalties"]
+    assert sorted(r["train_overrides"]["gate_penalty"] for r in gated) == ablate.SWEEP_PRESETS["prune"]["gate_penalties"]
     assert gated[0]["variant"] == "abc+gate(L=0.003)"
     assert plan["model"] == dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
     assert {k: plan["train"][k] for k in ("steps", "batch_size", "lr", "min_lr", "warmup_steps")} == dict(
@@ -199,14 +199,14 @@ def test_the_prune_preset_runs_each_gated_variant_once_per_penalty_next_to_stati
 
 
 def test_a_penalty_sweep_trains_each_penalty_and_plots_quality_against_matrices_kept(tmp_path, monkeypatch):
-    tiny = {**ablate.PRESETS["tiny"], "variants": "abc,aab,abc+gate", "gate_penalties": [0.0, 10.0]}
+    tiny = {**ablate.SWEEP_PRESETS["tiny"], "variants": "abc,aab,abc+gate", "gate_penalties": [0.0, 10.0]}
     tiny["train"] = {**tiny["train"], "steps": 20, "warmup_steps": 0, "gate_lr": 2.0}
-    monkeypatch.setitem(ablate.PRESETS, "tiny-prune", tiny)
+    monkeypatch.setitem(ablate.SWEEP_PRESETS, "tiny-prune", tiny)
     rows = ablate.run_sweep("tiny-prune", "synthetic:copy", tmp_path, progress=False)
     by_name = {r["variant"]: r for r in rows}
     assert by_name["abc"]["projections"] == "3/3" and by_name["aab"]["projections"] == "2/3"
     assert by_name["abc+gate(L=10)"]["projections_kept"] < by_name["abc+gate(L=0)"]["projections_kept"]
-    paths = ablate.write_plots(tmp_path, rows)
+    paths = ablate_plots.write_plots(tmp_path, rows)
     assert tmp_path / "pruning.png" in paths and (tmp_path / "pruning.png").stat().st_size > 0
 
 
@@ -239,7 +239,7 @@ def test_a_second_label_for_a_finished_variant_leaves_its_result_untouched(tmp_p
 
 def test_the_table_notes_which_labels_ran_as_one():
     plan = ablate.plan_sweep("tiny", "synthetic:copy", "shared-kv,abb")
-    assert "Note: 'abb' is the same variant as 'shared-kv' (abb): it runs once." in ablate.format_markdown([], plan)
+    assert "Note: 'abb' is the same variant as 'shared-kv' (abb): it runs once." in ablate_tables.format_markdown([], plan)
 
 
 # ---- results are standard JSON and never lost ------------------------------------------------------
@@ -247,7 +247,7 @@ def test_the_table_notes_which_labels_ran_as_one():
 
 def test_results_json_holds_null_for_a_figure_no_run_measured(tmp_path):
     plan = ablate.plan_sweep("tiny", "synthetic:copy", "abc")
-    ablate.write_results(tmp_path, [{"variant": "abc", "tokens_per_s": float("nan"), "seeds": 1}], plan)
+    ablate_tables.write_results(tmp_path, [{"variant": "abc", "tokens_per_s": float("nan"), "seeds": 1}], plan)
     assert strict_json(tmp_path / "results.json")["rows"][0]["tokens_per_s"] is None
 
 

@@ -19,8 +19,8 @@ LONG_SWEEP = """
 import sys
 from minqkv.lab import ablate
 from minqkv.lab.cli import main
-tiny = ablate.PRESETS["tiny"]
-ablate.PRESETS["tiny-long"] = {**tiny, "train": {**tiny["train"], "steps": 1_000_000}}
+tiny = ablate.SWEEP_PRESETS["tiny"]
+ablate.SWEEP_PRESETS["tiny-long"] = {**tiny, "train": {**tiny["train"], "steps": 1_000_000}}
 sys.exit(main(["ablate", "--preset", "tiny-long", "--data", "synthetic:copy", "--out", sys.argv[1],
                "--variants", sys.argv[2], "--jobs", sys.argv[3], "--quiet", "--no-plots"]))
 """

@@ -696,7 +696,7 @@ def test_bench_rows_and_table_have_the_documented_fields():
 
 
 def test_step_bench_times_minqkv_and_says_when_torch_is_absent():
-    from minqkv.lab.bench import format_step_table, run_step_bench
+    from minqkv.lab.bench_step import format_step_table, run_step_bench
 
     rows = run_step_bench(threads=(1, 2), shapes=("nanogpt-cpu",), rounds=2, steps_per_round=1, warmup=0,
                           with_torch=False)
@@ -710,7 +710,7 @@ def test_step_bench_times_minqkv_and_says_when_torch_is_absent():
 
 
 def test_step_bench_refuses_an_unknown_shape():
-    from minqkv.lab.bench import run_step_bench
+    from minqkv.lab.bench_step import run_step_bench
 
     with pytest.raises(ValueError, match="unknown shape 'huge'"):
         run_step_bench(shapes=("huge",), with_torch=False)

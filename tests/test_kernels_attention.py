@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minqkv import kernels
+from minqkv.lab.bench_step import torch_available
 from minqkv.kernels import fused_attention, runtime
 
 needs_c = pytest.mark.skipif(not kernels.HAVE_C,
@@ -262,7 +263,7 @@ STUDY_COLUMNS = {"model", "codes", "T", "threads", "kv_cache_mb", "decode_ms_per
 
 
 def test_long_bench_times_attention_steps_and_the_study_and_says_when_torch_is_absent():
-    from minqkv.lab.bench import STUDY_MODELS, format_long_table, run_long_bench
+    from minqkv.lab.bench_step import STUDY_MODELS, format_long_table, run_long_bench
 
     result = run_long_bench(lengths=(65, 130), rounds=1, with_torch=False)
     assert [row["T"] for row in result["attention"]] == [row["T"] for row in result["step"]] == [65, 130]
@@ -279,9 +280,9 @@ def test_long_bench_times_attention_steps_and_the_study_and_says_when_torch_is_a
     assert "PyTorch is not installed" in table and "decode tok/s" in table and "step memory" in table
 
 
-@pytest.mark.skipif(not __import__("minqkv.lab.bench").bench.torch_available(), reason="PyTorch is not installed")
+@pytest.mark.skipif(not torch_available(), reason="PyTorch is not installed")
 def test_long_bench_puts_pytorch_beside_minqkv_when_it_is_installed():
-    from minqkv.lab.bench import format_long_table, run_long_bench
+    from minqkv.lab.bench_step import format_long_table, run_long_bench
 
     result = run_long_bench(lengths=(65,), rounds=1, with_torch=True)
     for row in result["attention"] + result["step"]:
@@ -292,7 +293,7 @@ def test_long_bench_puts_pytorch_beside_minqkv_when_it_is_installed():
 
 @pytest.mark.parametrize("lengths", [(), (64,), (128, 0)])
 def test_long_bench_refuses_lengths_that_leave_no_room_to_decode(lengths):
-    from minqkv.lab.bench import run_long_bench
+    from minqkv.lab.bench_step import run_long_bench
 
-    with pytest.raises(ValueError, match="lengths must be above DECODE_TOKENS"):
+    with pytest.raises(ValueError, match="lengths must be above STUDY_DECODE_TOKENS"):
         run_long_bench(lengths=lengths, with_torch=False)

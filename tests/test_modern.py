@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from minqkv.lab.ablate import PRESETS, plan_sweep
+from minqkv.lab.ablate import SWEEP_PRESETS, plan_sweep
 from minqkv.lab.analysis import analyze_model, describe_out_gates, format_report, sink_mass, uniform_sink_mass
 from minqkv.attention import CausalSelfAttention, KVCache, attend, rope, scores_and_weights
 from minqkv.checkpoint import load_model, save_checkpoint
@@ -342,7 +342,7 @@ def test_the_modern_preset_pairs_each_code_with_rotary_positions_and_adds_gates_
 
 
 def test_the_modern_presets_latent_caches_as_many_floats_as_shared_kv():
-    model = PRESETS["modern"]["model"]
+    model = SWEEP_PRESETS["modern"]["model"]
     latent = next(run for run in plan_sweep("modern", "shakespeare")["runs"] if "latent" in run["variant"])
     cache = {label: GPTConfig(**model, **overrides).attention_spec(0).kv_cache_floats_per_token()
              for label, overrides in [("latent", latent["overrides"]), ("abb", dict(code="abb"))]}

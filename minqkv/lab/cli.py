@@ -341,7 +341,7 @@ def _prompt_ids(tokenizer, prompt: str) -> np.ndarray:
 
 
 def _add_variants(sub) -> None:
-    from .variants import PRESETS
+    from .variants import MODEL_PRESETS
 
     from ..model import GPTConfig
 
@@ -353,7 +353,7 @@ def _add_variants(sub) -> None:
     p.add_argument("--n-kv-head", type=positive_int, default=None,
                    help="key/value heads (grouped-query attention; 1: multi-query; default: --n-head)")
     p.add_argument("--block-size", type=positive_int, default=default.block_size, help="context length for FLOPs")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+    p.add_argument("--preset", choices=sorted(MODEL_PRESETS), default=None,
                    help="sizes of a known model (overrides --n-embd, --n-head, --block-size)")
     p.add_argument("--modifiers", nargs="?", const=LIST_MODIFIERS, default=None,
                    help="modifiers for every code, written as in a label, e.g. rope+out-gate (codes that "
@@ -449,33 +449,33 @@ def _thread_list(text: str) -> tuple:
 
 
 def _length_list(text: str) -> tuple:
-    from .bench import DECODE_TOKENS
+    from .bench_step import STUDY_DECODE_TOKENS
 
     try:
         lengths = tuple(int(part) for part in text.split(","))
     except ValueError:
         lengths = ()
-    if not lengths or min(lengths) <= DECODE_TOKENS:
-        raise argparse.ArgumentTypeError(f"--lengths {text!r}: give sequence lengths above {DECODE_TOKENS} (the "
+    if not lengths or min(lengths) <= STUDY_DECODE_TOKENS:
+        raise argparse.ArgumentTypeError(f"--lengths {text!r}: give sequence lengths above {STUDY_DECODE_TOKENS} (the "
                                          "tokens decoded after the prompt) separated by commas, e.g. --lengths 1024,8192")
     return lengths
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from . import bench, bench_step
 
     if args.step and args.profile:
-        print(bench.profile_step())
+        print(bench_step.profile_step())
         return 0
     if args.long:
-        result = bench.run_long_bench(lengths=args.lengths or bench.LONG_LENGTHS, threads=args.threads or (1,))
-        print(json.dumps(result, indent=2) if args.json else bench.format_long_table(result))
+        result = bench_step.run_long_bench(lengths=args.lengths or bench_step.LONG_LENGTHS, threads=args.threads or (1,))
+        print(json.dumps(result, indent=2) if args.json else bench_step.format_long_table(result))
         return 0
     if args.step:
-        if not bench.torch_available() and not args.json:
+        if not bench_step.torch_available() and not args.json:
             print("PyTorch is not installed: timing minqkv's side only", file=sys.stderr)
-        rows = bench.run_step_bench(threads=args.threads or (1, 2), rounds=args.rounds)
-        print(json.dumps(rows, indent=2) if args.json else bench.format_step_table(rows))
+        rows = bench_step.run_step_bench(threads=args.threads or (1, 2), rounds=args.rounds)
+        print(json.dumps(rows, indent=2) if args.json else bench_step.format_step_table(rows))
         return 0
     rows = bench.run_bench(threads=args.threads)
     print(json.dumps(rows, indent=2) if args.json else bench.format_table(rows))
@@ -486,10 +486,10 @@ def cmd_bench(args) -> int:
 
 
 def _add_ablate(sub) -> None:
-    from .ablate import PRESETS
+    from .ablate import SWEEP_PRESETS
 
     p = sub.add_parser("ablate", help="train many variants side by side and tabulate them")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+    p.add_argument("--preset", choices=sorted(SWEEP_PRESETS), default="quick",
                    help="the sweep: sizes, steps, seeds and variants (the README lists them)")
     p.add_argument("--data", default=None,
                    help="shakespeare | PATH | synthetic:TASK (default: the preset's own, else shakespeare)")
@@ -508,7 +508,9 @@ def _add_ablate(sub) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import format_markdown, plan_sweep, run_sweep, write_plots
+    from .ablate import plan_sweep, run_sweep
+    from .ablate_plots import write_plots
+    from .ablate_tables import format_markdown
 
     rows = run_sweep(args.preset, args.data, args.out, args.variants, args.seeds, args.jobs,
                      progress=not args.quiet, dask=args.dask)

@@ -34,10 +34,10 @@ from pathlib import Path
 
 from ..atomic import json_text, write_atomically
 from ..lock import LOCK_NAME
+from .ablate_run import ATTEMPTS, run_one
 
 INSTALL_HINT = "pip install 'minqkv[dask]' (or pip install distributed)"
 PROGRESS_PREFIX = "minqkv-step "  # a line the training process prints after each step
-ATTEMPTS = 2  # a failed or lost run is tried once more (a local sweep: a lost one)
 
 
 def require_distributed():
@@ -54,13 +54,15 @@ def require_distributed():
 
 
 def fingerprint() -> dict:
-    """What makes two minqkv installs train alike: version, C core sources, Python sources."""
+    """What makes two minqkv installs train alike: version, C core sources, Python sources (every
+    module of the package, kernels/ and lab/ included)."""
     import minqkv
 
     package = Path(minqkv.__file__).parent
     python = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        python.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        python.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return {"version": minqkv.__version__, "c_core": _c_core_hash(), "python": python.hexdigest()}
 
 
@@ -132,7 +134,7 @@ def run_task(task: dict) -> dict:
 
 
 def train_in_fresh_process(job: dict, text, threads, backend, report=None) -> dict:
-    """ablate.run_one(job) in a new Python process, as the local path runs it.
+    """run_one(job) (ablate_run.py) in a new Python process, as the local path runs it.
 
     A fresh process keeps each run's peak memory its own and gets its thread count from the
     environment; `text` is the corpus file's content when the job's data is a file path.
@@ -194,7 +196,6 @@ class _StdoutProgress:
 
 
 def _main() -> None:
-    from .ablate import run_one
     from ..data import text_corpus
 
     message = json.load(sys.stdin)
@@ -286,10 +287,10 @@ def _submit_and_collect(client, tasks: list, topic: str, steps: int, progress: b
     try:
         while pending:
             time.sleep(0.2)
-            _drain(events, current, finished, bar)
+            _show_event_steps(events, current, finished, bar)
             for future in [f for f in pending if f.done()]:
                 task, attempt = pending.pop(future)
-                result, files = _outcome(future)
+                result, files = _result_of_task(future)
                 key = f"{task['job']['variant']} seed {task['job']['seed']}"
                 shown = current.pop(key, 0)
                 if result["status"] != "ok" and attempt < ATTEMPTS:
@@ -313,7 +314,7 @@ def _submit_and_collect(client, tasks: list, topic: str, steps: int, progress: b
     return results
 
 
-def _outcome(future) -> tuple:
+def _result_of_task(future) -> tuple:
     """(result record, files) of a finished task; a task that raised (a lost worker, a refused
     fingerprint) becomes a failed record like one from run_one."""
     try:
@@ -336,7 +337,8 @@ def _save(task: dict, result: dict, files: dict) -> dict:
     return result
 
 
-def _drain(events, current: dict, finished: set, bar) -> None:
+def _show_event_steps(events, current: dict, finished: set, bar) -> None:
+    """Move the bar by the steps the runs have reported as Dask events since the last look."""
     while True:
         try:
             key, step = events.get_nowait()

@@ -1,8 +1,8 @@
 """The variant table: what each of the 15 codes costs at given sizes, with no training at all.
 
-Figures come from AttentionSpec (attention.py): one layer's code read with a GPTConfig's sizes.
-Presets give the shapes of well-known models so that published claims can be checked, e.g.
-what dropping W_k saves in a 125M-parameter GPT-2.
+Figures come from AttentionSpec (attention.py): one layer's code read with a GPTConfig's sizes
+(by default GPTConfig's own). MODEL_PRESETS give the shapes of well-known models so that
+published claims can be checked, e.g. what dropping W_k saves in a 125M-parameter GPT-2.
 """
 
 from __future__ import annotations
@@ -11,21 +11,26 @@ from ..model import GPTConfig, non_attention_params
 from ..modifiers import ALL_CODES, names_of
 
 # n_embd, n_head, n_layer, block_size (context), vocab_size, MLP hidden width
-PRESETS = {
-    "char": dict(n_embd=128, n_head=4, n_layer=4, block_size=128, vocab_size=65, mlp_hidden=512),
+MODEL_PRESETS = {
+    # minqkv's own model: GPTConfig's defaults, with its MLP of 4 x n_embd
+    "char": dict(n_embd=GPTConfig.n_embd, n_head=GPTConfig.n_head, n_layer=GPTConfig.n_layer,
+                 block_size=GPTConfig.block_size, vocab_size=GPTConfig.vocab_size,
+                 mlp_hidden=GPTConfig().mlp_hidden),
     "gpt2-small": dict(n_embd=768, n_head=12, n_layer=12, block_size=1024, vocab_size=50257, mlp_hidden=3072),
     "gpt2-medium": dict(n_embd=1024, n_head=16, n_layer=24, block_size=1024, vocab_size=50257, mlp_hidden=4096),
     "bert-base": dict(n_embd=768, n_head=12, n_layer=12, block_size=512, vocab_size=30522, mlp_hidden=3072),
 }
 
 
-def variant_rows(n_embd: int = 128, n_head: int = 4, n_kv_head: int | None = None,
-                 block_size: int = 128, n_layer: int = 1, vocab_size: int = 0,
-                 mlp_hidden: int = 0, codes=ALL_CODES, **modifiers) -> list:
+def variant_rows(n_embd: int = GPTConfig.n_embd, n_head: int = GPTConfig.n_head,
+                 n_kv_head: int | None = GPTConfig.n_kv_head, block_size: int = GPTConfig.block_size,
+                 n_layer: int = 1, vocab_size: int = 0, mlp_hidden: int = 0, codes=ALL_CODES,
+                 **modifiers) -> list:
     """One dict per code: per-layer parameters, FLOPs and KV-cache floats, symmetry, and the
     change against canonical 'abc' with the same modifiers (GPTConfig fields such as pos='rope',
     out_gate=True, latent_kv=64). Codes that cannot take the sizes or modifiers are reported as
-    errors, with the reason."""
+    errors, with the reason. With vocab_size, each row also counts a whole model of n_layer
+    layers (vocab_size=0: attention only)."""
     rows, base = [], None
     for code in ["abc"] + [c for c in codes if c != "abc"]:
         try:
@@ -54,10 +59,11 @@ def variant_rows(n_embd: int = 128, n_head: int = 4, n_kv_head: int | None = Non
     return sorted((r for r in rows if r["code"] in order), key=lambda r: order[r["code"]])
 
 
-def preset_rows(name: str, n_kv_head: int | None = None, **modifiers) -> list:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return variant_rows(n_kv_head=n_kv_head, **PRESETS[name], **modifiers)
+def preset_rows(name: str, n_kv_head: int | None = GPTConfig.n_kv_head, **modifiers) -> list:
+    """variant_rows at the sizes of one of MODEL_PRESETS, the whole model counted."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(MODEL_PRESETS)}")
+    return variant_rows(n_kv_head=n_kv_head, **MODEL_PRESETS[name], **modifiers)
 
 
 def format_rows(rows: list) -> str:

@@ -1,0 +1,90 @@
+"""The plots of a sweep (optional: matplotlib): validation curves, final metric, parameters against
+quality, and for a sweep of the gate penalty, quality against the Q/K/V matrices kept.
+
+    paths = write_plots(out, rows)   # rows: ablate_tables.aggregate's; PNGs in the sweep folder
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .ablate_run import run_folder
+
+
+def write_plots(out, rows: list) -> list:
+    """Validation curves, final metric with seed spread, parameters against the metric, and for a
+    sweep of the gate penalty the metric against the Q/K/V matrices kept."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'minqkv[plot]' (the tables are written)") from None
+    out = Path(out)
+    done = [r for r in rows if "val_loss" in r]
+    metric = "val_bpc" if any("val_bpc" in r for r in done) else "accuracy"
+    paths = [out / "curves.png", out / "final.png", out / "tradeoff.png"]
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, row in enumerate(done):
+        color = f"C{i % 10}"
+        for seed in range(row["seeds"]):  # seed 0 named in the legend, the others thinner
+            steps, values = _curve(out, row["variant"], metric, seed)
+            ax.plot(steps, values, color=color, linestyle=("-", "--", ":")[i // 10 % 3],
+                    label=row["variant"] if seed == 0 else None, linewidth=1.5 if seed == 0 else 0.8)
+    ax.set(xlabel="step", ylabel=metric, title="validation during training (every seed; gated: before pruning)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = [r["variant"] for r in done]
+    ax.bar(names, [r[metric] for r in done], yerr=[r.get(metric + "_std", 0) for r in done], capsize=3)
+    low = min(r[metric] for r in done)
+    ax.set_ylim(low * 0.95 if metric == "val_bpc" else 0, None)
+    ax.set(ylabel=metric, title=f"final {metric} (error bars: std over seeds)")
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+    fig.savefig(paths[1], dpi=120, bbox_inches="tight")
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for row in done:
+        ax.scatter(row["attention_params"], row[metric])
+        ax.annotate(row["variant"], (row["attention_params"], row[metric]), fontsize=7)
+    ax.set(xlabel="attention parameters", ylabel=metric, title="parameters against quality")
+    fig.savefig(paths[2], dpi=120, bbox_inches="tight")
+    swept = [r for r in done if "(L=" in r["variant"] and "projections_kept" in r]
+    if swept:
+        paths.append(_plot_pruning(plt, out / "pruning.png", done, swept, metric))
+    plt.close("all")
+    return paths
+
+
+def _plot_pruning(plt, path: Path, done: list, swept: list, metric: str) -> Path:
+    """Static variants as points, the gated sweep (pruned models) as a curve, against matrices kept."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    static = [r for r in done if r not in swept and "projections_kept" in r]
+    for row in static:
+        ax.scatter(row["projections_kept"], row[metric], color="tab:gray")
+        ax.annotate(row["variant"], (row["projections_kept"], row[metric]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    swept = sorted(swept, key=lambda r: r["projections_kept"])
+    ax.errorbar([r["projections_kept"] for r in swept], [r[metric] for r in swept],
+                yerr=[r.get(metric + "_std", 0) for r in swept], marker="o", capsize=3, color="tab:blue",
+                label="gated, pruned (one point per L)")
+    for row in swept:
+        ax.annotate(row["variant"].split("(")[1].rstrip(")"), (row["projections_kept"], row[metric]),
+                    fontsize=8, xytext=(4, -10), textcoords="offset points", color="tab:blue")
+    ax.set(xlabel="attention Q/K/V projection matrices kept", ylabel=metric,
+           title="pruning by hard-concrete gates against static variants")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _curve(out: Path, variant: str, metric: str, seed: int = 0) -> tuple:
+    path = run_folder(out, variant, seed) / "metrics.jsonl"
+    if not path.exists():
+        return [], []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in records], [r.get(metric, math.nan) for r in records]
