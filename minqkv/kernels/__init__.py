@@ -47,7 +47,7 @@ from .layers import (cross_entropy_c, cross_entropy_numpy, embedding_backward_c,
                      gelu_backward_c, gelu_backward_numpy, gelu_c, gelu_numpy, layer_norm_backward_c,
                      layer_norm_backward_numpy, layer_norm_c, layer_norm_numpy)
 from .row_softmax import softmax_backward_c, softmax_backward_numpy, softmax_c, softmax_numpy
-from .runtime import (BACKENDS, FLOAT_DTYPES, HAVE_C, KEEPS_FREED_MEMORY, MAX_NUM_THREADS, MMAP_THRESHOLD_BYTES,
+from .runtime import (BACKENDS, HAVE_C, KEEPS_FREED_MEMORY, MAX_NUM_THREADS, MMAP_THRESHOLD_BYTES,
                       TRIM_THRESHOLD_BYTES, get_backend, get_num_threads, set_backend, set_num_threads)
 
 # The registry: backend -> kernel name -> function; both twins of a kernel take the same arguments.

@@ -16,7 +16,6 @@ import warnings
 
 import numpy as np
 
-from ..tensor import FLOAT_DTYPES
 
 # minqkv leaves OpenMP's wait policy to libgomp's default (idle threads spin for milliseconds
 # before they sleep) or to the user's OMP_WAIT_POLICY / GOMP_SPINCOUNT. Measured on 2 cores, 2
@@ -207,14 +206,15 @@ def check_status(op, status):
 
 # ---- checks at the kernel boundary ----------------------------------------------------------
 
-_FLOAT32, _FLOAT64 = FLOAT_DTYPES
+# the dtypes the C core is compiled for (each kernel template once per dtype, csrc/*_template.h)
+KERNEL_DTYPES = _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
 def check_float_array(op, name, x):
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{op}: {name} must be a numpy.ndarray of float32 or float64, "
                         f"got {type(x).__name__}")
-    if x.dtype is not _FLOAT32 and x.dtype is not _FLOAT64 and x.dtype not in FLOAT_DTYPES:
+    if x.dtype is not _FLOAT32 and x.dtype is not _FLOAT64 and x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{op}: {name} has dtype {x.dtype} but float32 or float64 was expected; "
                         f"minqkv never casts silently, convert it first, e.g. {name}.astype(np.float32)")
 
