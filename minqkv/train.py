@@ -236,7 +236,7 @@ def _loop(model, opt, corpus, train_config, eval_batches, batch_rng, start, trai
                 save_checkpoint(out, model, opt, meta)
             if on_step is not None:
                 on_step(done, train_loss)
-    final = _summary(model, train_config, train_loss, last_eval or
+    final = _final_record(model, train_config, train_loss, last_eval or
                      evaluate(model, eval_batches, corpus.metric), step_ms, wall_start)
     if cfg.gate:
         final.update(_prune_and_report(model, corpus, train_config, eval_batches, out, batch_rng))
@@ -271,7 +271,7 @@ def _step(model, opt, params, corpus, train_config, batch_rng, step) -> tuple:
     return train_loss, lr
 
 
-def _summary(model, train_config, train_loss, last_eval, step_ms, wall_start) -> dict:
+def _final_record(model, train_config, train_loss, last_eval, step_ms, wall_start) -> dict:
     """What a run reports at its end (OUT/final.json): model, losses, speed and memory."""
     cfg = model.config
     return {

@@ -262,7 +262,7 @@ def cmd_train(args) -> int:
     else:
         final = train(GPTConfig(**model_settings), TrainConfig(**train_settings, out=args.out),
                       progress=not args.quiet)
-    print(_summary(final))
+    print(_result_lines(final))
     out = shlex.quote(args.out)
     print(f"saved in {args.out}: sample with `minqkv sample --out {out}`, inspect with `minqkv analyze --out {out}`")
     if args.sample_tokens > 0 and "val_bpc" in final:
@@ -271,7 +271,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _summary(final: dict) -> str:
+def _result_lines(final: dict) -> str:
     metric = (f"val bpc {final['val_bpc']:.3f}" if "val_bpc" in final
               else f"accuracy {100 * final['accuracy']:.1f}%")
     # None: a resumed run with no step left to time, whose earlier final.json is gone

@@ -40,7 +40,7 @@ def _split_used_twice(x: Tensor) -> Tensor:
     return ops.concat([a * b, a * 3.0], axis=1) + x
 
 
-def _heads(x: Tensor, start: int, n: int, hd: int) -> Tensor:
+def _head_view(x: Tensor, start: int, n: int, hd: int) -> Tensor:
     """Columns [start, start + n * hd) of x (B, T, width) as n heads (B, n, T, hd): a view with
     rows `width` apart, as a layer hands them to the fused attention."""
     B, T, _ = x.shape
@@ -49,12 +49,12 @@ def _heads(x: Tensor, start: int, n: int, hd: int) -> Tensor:
 
 def _attention_of_one_projection(x: Tensor) -> Tensor:
     # x (2, 3, 25): q, k, v of 2 heads of 4 each, and one column nobody reads
-    return ops.causal_attention(_heads(x, 0, 2, 4), _heads(x, 8, 2, 4), _heads(x, 16, 2, 4))
+    return ops.causal_attention(_head_view(x, 0, 2, 4), _head_view(x, 8, 2, 4), _head_view(x, 16, 2, 4))
 
 
 def _attention_of_new_tokens(x: Tensor, cached: Tensor, bias: Tensor) -> Tensor:
     # x (2, 3, 9): 4 query heads of 2; cached (2, 5, 10): 2 key and 2 value heads of 2, 2 spare columns
-    return ops.causal_attention(_heads(x, 0, 4, 2), _heads(cached, 1, 2, 2), _heads(cached, 5, 2, 2), bias)
+    return ops.causal_attention(_head_view(x, 0, 4, 2), _head_view(cached, 1, 2, 2), _head_view(cached, 5, 2, 2), bias)
 
 
 _IDS = np.array([[0, 3, 3], [5, 1, 0]])  # repeated ids: gradients must accumulate
