@@ -97,3 +97,11 @@ def test_the_listing_has_each_modifier_on_its_own_line_as_written_in_a_label():
     lines = modifiers.listing().splitlines()
     assert [line.split()[0] for line in lines] == [row.written() for row in MODIFIERS]
     assert "latent-kvR" in modifiers.listing() and "gqaN" in modifiers.listing()
+
+
+def test_the_readme_names_every_modifier_of_the_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [row.written() for row in MODIFIERS if row.token not in readme]
+    assert missing == []
