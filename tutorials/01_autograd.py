@@ -1,13 +1,18 @@
 # %% [markdown]
 # # Lesson 1: a gradient, by hand and by the engine
 #
-# Run: `python tutorials/01_autograd.py` (about a second). Opens as a notebook in Jupyter or VS Code.
+# Run: `python tutorials/01_autograd.py` (times: tutorials/README.md). To step through it cell
+# by cell (`# %%` marks a cell), see tutorials/README.md.
 #
 # Training a network means nudging every weight a little in the direction that lowers the loss.
 # That direction is the **gradient**: for each input, how fast the output changes when that
-# input moves. This lesson computes one gradient three ways: by hand with the chain rule, by
-# minqkv's autograd engine, and by reading the engine's 30-line `backward` to see there is no
-# magic in it.
+# input moves. We write it df/dw ("the derivative of f with respect to w"): if w moves by a
+# tiny amount h, f moves by about df/dw * h. A network has millions of weights, so this has to
+# be computed automatically: that is **autograd**, and minqkv has a small one.
+#
+# This lesson computes one gradient three ways: by hand with the chain rule, by minqkv's
+# autograd engine, and by reading the engine's short `backward` (about 35 lines) to see there
+# is no magic in it.
 
 # %%
 import argparse
@@ -32,8 +37,9 @@ args, _ = parser.parse_known_args()
 #     z = u + b        # -0.7
 #     f = tanh(z)
 #
-# The chain rule says: to know how f moves with w, multiply the local slopes along the path from
-# w to f. Walk the steps **backwards**, starting from df/df = 1:
+# Each step alone has an easy slope (its **local** slope). The chain rule says: to know how f
+# moves with w, multiply the local slopes along the path from w to f. Walk the steps
+# **backwards**, starting from df/df = 1:
 #
 #     df/dz = 1 - tanh(z)^2             (the slope of tanh)
 #     df/du = df/dz * dz/du = df/dz * 1 (an addition passes the gradient through)
@@ -68,8 +74,11 @@ assert abs(slope - df_dw) < 1e-8
 #
 # A minqkv `Tensor` wraps a NumPy array. When you compute with Tensors, every operation in
 # `minqkv.ops` (the operators `*`, `+`, `@` are shortcuts to it) returns a new Tensor that
-# remembers **which Tensors it was made from** and a small **closure** that knows the local
-# slopes of that one operation. `requires_grad=True` marks the inputs we want gradients for.
+# remembers **which Tensors it was made from** and a small **closure** (a function defined
+# inside the op, which keeps the op's inputs) that knows the local slopes of that one
+# operation. Together these records form a **graph** of the computation. `requires_grad=True`
+# marks the inputs we want gradients for; `backward()` walks the graph from the output and
+# leaves each input's gradient in its `.grad`.
 
 # %%
 xt = Tensor(np.array(x), requires_grad=True)
@@ -99,7 +108,7 @@ def show(t: Tensor, depth: int = 0) -> None:
 show(ft)
 
 # %% [markdown]
-# ## 3. Micrograd-sized: a matrix expression
+# ## 3. A matrix expression
 #
 # Nothing changes when the values are arrays. Take a batch of 4 inputs with 3 features,
 # a weight matrix of shape (3, 2), and the loss L = sum(tanh(X W)). By the chain rule,
@@ -120,8 +129,9 @@ assert np.allclose(W.grad, by_hand)
 
 # %% [markdown]
 # One rule matters once a value is used twice: its gradient is the **sum** over every path.
-# For g(a) = a * a + a at a = 3, the two paths through `a * a` each give a = 3, the path
-# through `+ a` gives 1, so dg/da = 3 + 3 + 1 = 7.
+# For g(a) = a * a + a at a = 3, `a` reaches g three times. Through the product it arrives as
+# the left factor and as the right one, and each of those paths gives "the other input", 3;
+# the path through `+ a` gives 1. So dg/da = 3 + 3 + 1 = 7 (and indeed d(a^2 + a)/da = 2a + 1).
 
 # %%
 a = Tensor(np.array(3.0), requires_grad=True)

@@ -1,7 +1,8 @@
 # %% [markdown]
 # # Lesson 3: the C core, and why the same sums can run 100 times faster
 #
-# Run: `python tutorials/03_c_core.py` (about 5 seconds). Draws `03_gemm_speed.png`.
+# Run: `python tutorials/03_c_core.py [--out FOLDER]` (times: tutorials/README.md). Draws
+# `03_gemm_speed.png`.
 # `--sizes 64,128,256,512,1024` also times n = 1024 (the naive loop then takes seconds per
 # product): the gap between the two C GEMMs keeps widening as the matrices outgrow the caches.
 #
@@ -21,12 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # NumPy's GEMM on one thread too: read when NumPy loads
+import numpy as np  # noqa: E402
 
-import minqkv
-from minqkv import kernels
-from minqkv.model import GPT, GPTConfig
-from minqkv.tensor import no_grad
+import minqkv  # noqa: E402
+from minqkv import kernels  # noqa: E402
+from minqkv.model import GPT, GPTConfig  # noqa: E402
+from minqkv.tensor import no_grad  # noqa: E402
 
 parser = argparse.ArgumentParser(description="Lesson 3: the C core")
 parser.add_argument("--out", default=None, help="folder for the PNG (default: a temporary folder)")
@@ -89,27 +91,38 @@ if header.exists():
 # * **threads**: large products are split between cores.
 #
 # The naive loop reads B down a column, jumping a whole row of memory at every step, so it
-# waits on memory most of the time. Same arithmetic, very different speed. We time both on one
-# thread (the naive one has only one), next to NumPy (which calls OpenBLAS, the same ideas
-# tuned by experts, and may use every core). Timings on a shared machine are noisy: they are
-# printed and drawn, never asserted.
+# waits on memory most of the time. Same arithmetic, very different speed. We time both C
+# GEMMs on one thread (the naive one has only one), next to NumPy, which calls OpenBLAS (the
+# same ideas tuned by experts). OpenBLAS reads its thread count once, when NumPy is loaded: the
+# first cell set `OPENBLAS_NUM_THREADS=1` before importing NumPy, so all three lines measure
+# one core (in a notebook, only if that cell ran before anything else imported NumPy; the
+# label says what OpenBLAS was asked for). On a busy machine a many-threaded OpenBLAS waits
+# for its slowest thread, and its line jumps up and down from one size to the next.
+#
+# Timings on a shared machine are noisy: another program can take the core in the middle of
+# one measurement. So the three functions take turns, round after round (a burst of load then
+# slows all three alike, instead of one of them), and we keep each one's fastest round, the one
+# least disturbed; the median is printed beside it. Even so the numbers are only printed and
+# drawn, never asserted.
 
 # %%
 threads_before = kernels.get_num_threads()
 kernels.set_num_threads(1)
 
 
-def best_time(fn, *fn_args, repeats=3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*fn_args)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def seconds_per_call(fn, A, B, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn(A, B)
+    return (time.perf_counter() - t0) / calls
 
 
 rng = np.random.default_rng(0)
-timings = {"naive C (3 loops)": [], "blocked C": [], "NumPy / OpenBLAS": []}
+gemms = {"naive": kernels.matmul_naive_c, "blocked": kernels.matmul_c, "NumPy": np.matmul}
+labels = {"naive": "naive C, 1 thread", "blocked": "blocked C, 1 thread",
+          "NumPy": f"NumPy / OpenBLAS, OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}"}
+timings = {name: [] for name in gemms}  # the fastest round per size, in seconds per product
+rounds = 5
 for n in sizes:
     A = rng.standard_normal((n, n)).astype(np.float32)
     B = rng.standard_normal((n, n)).astype(np.float32)
@@ -117,12 +130,16 @@ for n in sizes:
     # float32 sums in another order round differently: equal to about 1e-6 of their size
     assert np.allclose(naive, blocked, rtol=1e-4, atol=1e-4 * np.sqrt(n))
     assert np.allclose(blocked, A.astype(np.float64) @ B, rtol=1e-4, atol=1e-4 * np.sqrt(n))
-    for name, fn in zip(timings, (kernels.matmul_naive_c, kernels.matmul_c, np.matmul)):
-        timings[name].append(best_time(fn, A, B))
-    naive_s, blocked_s, numpy_s = (timings[name][-1] for name in timings)
-    print(f"n={n:4}: naive {1e3 * naive_s:8.2f} ms   blocked {1e3 * blocked_s:7.2f} ms   "
-          f"NumPy {1e3 * numpy_s:7.2f} ms   naive/blocked = {naive_s / blocked_s:5.1f}x   "
-          f"(blocked: {2 * n ** 3 / blocked_s / 1e9:.1f} GFLOP/s)")
+    calls = max(1, 2 ** 23 // n ** 3)  # small products repeated: a round of a few microseconds is all noise
+    per_round = {name: [] for name in gemms}
+    for _ in range(rounds):  # the three take turns: load hits all of them, not one
+        for name, fn in gemms.items():
+            per_round[name].append(seconds_per_call(fn, A, B, calls))
+    for name in gemms:
+        timings[name].append(min(per_round[name]))
+    cells = [f"{name} {1e3 * min(t):7.2f} ms (median {1e3 * np.median(t):7.2f})" for name, t in per_round.items()]
+    ratio = min(per_round["naive"]) / min(per_round["blocked"])
+    print(f"n={n:4}:  " + "   ".join(cells) + f"   naive/blocked = {ratio:5.1f}x")
 kernels.set_num_threads(threads_before)
 
 # %%
@@ -134,9 +151,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 fig, ax = plt.subplots(figsize=(6, 4))
 for name, seconds in timings.items():
     gflops = [2 * n ** 3 / s / 1e9 for n, s in zip(sizes, seconds)]
-    ax.plot(sizes, gflops, marker="o", label=name)
-ax.set(xscale="log", yscale="log", xlabel="n (square matrices, float32, one thread)",
-       ylabel="GFLOP/s (higher is faster)", title="the same sums, in a different order")
+    ax.plot(sizes, gflops, marker="o", label=labels[name])
+ax.set(xscale="log", yscale="log", xlabel="n (n x n times n x n, float32)",
+       ylabel="GFLOP/s, fastest of 5 rounds", title="the same sums, in a different order")
 ax.set_xticks(sizes, [str(n) for n in sizes])
 ax.minorticks_off()
 ax.legend()

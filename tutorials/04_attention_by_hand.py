@@ -1,7 +1,8 @@
 # %% [markdown]
 # # Lesson 4: one attention head by hand, then minqkv's
 #
-# Run: `python tutorials/04_attention_by_hand.py` (about a second). Draws `04_attention.png`.
+# Run: `python tutorials/04_attention_by_hand.py [--out FOLDER]` (times: tutorials/README.md).
+# Draws `04_attention.png`.
 #
 # Attention is the one place in a Transformer where positions talk to each other. Every other
 # layer treats each position on its own. This lesson writes causal self-attention in plain
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minqkv.attention import CausalSelfAttention, attend
+from minqkv.attention import CausalSelfAttention, attend, scores_and_weights
 from minqkv.model import GPTConfig
 from minqkv.tensor import Tensor, no_grad
 
@@ -40,8 +41,8 @@ out.mkdir(parents=True, exist_ok=True)
 T, C = 8, 16
 config = GPTConfig(code="abc", n_embd=C, n_head=1, n_layer=1, block_size=T, dtype="float64")
 attn = CausalSelfAttention(config.attention_spec(0), dtype=np.float64, rng=np.random.default_rng(0))
-for name, param in attn.named_parameters():
-    param.data[:] = np.random.default_rng(len(name)).standard_normal(param.shape) * 0.25  # livelier than init
+for seed, (name, param) in enumerate(attn.named_parameters()):  # a seed of its own for each matrix
+    param.data[:] = np.random.default_rng(100 + seed).standard_normal(param.shape) * 0.25  # livelier than init
 x = np.random.default_rng(1).standard_normal((1, T, C))  # (B, T, C)
 print("weights:", {name: p.shape for name, p in attn.named_parameters()})
 
@@ -68,6 +69,16 @@ v = x[0] @ W_v
 S = q @ k.T / np.sqrt(C)  # (T, T): S[i, j] = q_i . k_j / sqrt(d)
 
 # %% [markdown]
+# W_q and W_k are different matrices, so "how much i looks for j" (S[i, j]) and "how much j
+# looks for i" (S[j, i]) are different numbers: the scores are not symmetric. Lesson 5 shows
+# what changes when one matrix serves as both.
+
+# %%
+assert not np.allclose(W_q, W_k)  # four independent matrices, not one drawn four times
+print(f"largest |S - S^T|: {np.abs(S - S.T).max():.2f} (largest |S|: {np.abs(S).max():.2f})")
+assert not np.allclose(S, S.T)
+
+# %% [markdown]
 # ## 3. The causal mask
 #
 # A language model predicts the next character from the ones before it. If position i could
@@ -91,14 +102,16 @@ print("row 0 sees only itself:", A[0].round(3))
 # minqkv splits attention in two: `project(x) -> q, k, v` is the part that differs between
 # variants (which weights, shared or not, identity or not); `attend(q, k, v)` is the part every
 # variant shares (scores, mask, softmax, weighted sum). Heads are an axis of their own, so
-# shapes are q (B, H, T, hd). `attend` returns the output with heads merged back (B, T, C),
-# the scores before the mask and the weights after the softmax. Calling the layer itself runs
-# both and then W_o.
+# shapes are q (B, H, T, hd). `attend` returns the output with heads merged back (B, T, C);
+# to look at the attention itself, `scores_and_weights(q, k)` returns the scores before the
+# mask and the weights after the softmax. Calling the layer itself runs `project`, `attend`
+# and then W_o.
 
 # %%
 with no_grad():
     q_m, k_m, v_m = attn.project(Tensor(x))  # each (1, 1, T, C): one head of width C
-    y_m, scores_m, weights_m = attend(q_m, k_m, v_m)  # (1, T, C), (1, 1, T, T), (1, 1, T, T)
+    y_m = attend(q_m, k_m, v_m)  # (1, T, C)
+    scores_m, weights_m = scores_and_weights(q_m, k_m)  # (1, 1, T, T) each
     out_m = attn(Tensor(x))  # (1, T, C)
 for name, mine, theirs in [("scores", S, scores_m.data[0, 0]), ("weights", A, weights_m.data[0, 0]),
                            ("y", y_by_hand, y_m.data[0]), ("output", out_by_hand, out_m.data[0])]:
@@ -147,7 +160,8 @@ y_heads = np.concatenate(heads, axis=1)  # (T, H * hd) = (T, C)
 
 with no_grad():
     q4, k4, v4 = attn4.project(Tensor(x))  # (1, H, T, hd) each
-    y4, _, weights4 = attend(q4, k4, v4)
+    y4 = attend(q4, k4, v4)  # (1, T, C)
+    _, weights4 = scores_and_weights(q4, k4)  # (1, H, T, T)
 print(f"{H} heads by hand vs minqkv: max difference {np.abs(y_heads - y4.data[0]).max():.1e}")
 assert np.allclose(y_heads, y4.data[0], rtol=0, atol=1e-12)
 
@@ -155,8 +169,9 @@ assert np.allclose(y_heads, y4.data[0], rtol=0, atol=1e-12)
 # ## 6. A picture
 #
 # Top row, the single head: the raw scores (every query against every key), the same scores
-# with the future masked (white), and the weights after softmax. Bottom row: the weights of the
-# four heads, each its own pattern over the same positions.
+# with the future masked (white), the weights after softmax, and S - S^T, which is not zero:
+# the canonical head's scores have a direction. Bottom row: the weights of the four heads,
+# each its own pattern over the same positions, on one colour scale from 0 to 1.
 
 # %%
 import matplotlib  # noqa: E402
@@ -164,16 +179,19 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-fig, axes = plt.subplots(2, 4, figsize=(13, 6.5), layout="constrained")
-panels = [(S, "scores S = q k^T / sqrt(d)"), (S_masked, "future masked (-inf)"), (A, "weights: softmax of each row")]
-for ax, (matrix, title) in zip(axes[0], panels):
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis")
+fig, axes = plt.subplots(2, 4, figsize=(15, 7), layout="constrained")
+limit = np.abs(S - S.T).max()
+panels = [(S, "scores S = q k^T / sqrt(d)", {}), (S_masked, "future masked (white)", {}),
+          (A, "weights: row softmax", {"vmin": 0, "vmax": 1}),
+          (S - S.T, "S - S^T (not zero)", {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit})]
+for ax, (matrix, title, style) in zip(axes[0], panels):
+    image = ax.imshow(np.ma.masked_invalid(matrix), **{"cmap": "viridis", **style})
     ax.set(title=title, xlabel="key position j", ylabel="query position i")
     fig.colorbar(image, ax=ax, shrink=0.8)
-axes[0, 3].axis("off")
 for h, ax in enumerate(axes[1]):
-    ax.imshow(weights4.data[0, h], cmap="viridis", vmin=0, vmax=1)
+    image = ax.imshow(weights4.data[0, h], cmap="viridis", vmin=0, vmax=1)
     ax.set(title=f"head {h} of {H}: weights", xlabel="key position j", ylabel="query position i")
+fig.colorbar(image, ax=axes[1], shrink=0.8, label="weight")
 fig.savefig(out / "04_attention.png", dpi=100)
 plt.close(fig)
 print("wrote", out / "04_attention.png")
@@ -181,9 +199,11 @@ print("wrote", out / "04_attention.png")
 # %% [markdown]
 # **What you learned:** attention is four matrix products, a mask and a softmax; minqkv's
 # `project` makes q, k, v and `attend` does the rest, and both agree with the NumPy written
-# here to 1e-12; the causal mask keeps the future out; heads are slices of the channels.
+# here to 1e-12; with separate W_q and W_k the scores are not symmetric; the causal mask keeps
+# the future out; heads are slices of the channels.
 
 # %%
 assert np.allclose(np.tril(A).sum(axis=1), 1.0) and np.all(A[future] == 0)
+assert not np.allclose(W_q, W_k) and not np.allclose(S, S.T)
 assert (out / "04_attention.png").exists()
 print("lesson 4 done")

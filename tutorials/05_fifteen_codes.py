@@ -1,8 +1,8 @@
 # %% [markdown]
 # # Lesson 5: fifteen ways to build attention
 #
-# Run: `python tutorials/05_fifteen_codes.py` (a few seconds). Draws `05_costs.png` and
-# `05_symmetry.png`.
+# Run: `python tutorials/05_fifteen_codes.py [--out FOLDER]` (times: tutorials/README.md). Draws
+# `05_costs.png` and `05_symmetry.png`.
 #
 # Lesson 4 used three separate projections, W_q, W_k and W_v. Must they be separate? Could the
 # query and the key share one matrix? Could the value be the input itself? minqkv names every
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from minqkv.lab.analysis import score_asymmetry
-from minqkv.attention import ALL_CODES, CausalSelfAttention, attend, names_of, parse_code
+from minqkv.attention import ALL_CODES, CausalSelfAttention, attend, names_of, parse_code, scores_and_weights
 from minqkv.model import GPT, GPTConfig
 from minqkv.tensor import Tensor, no_grad
 from minqkv.lab.variants import format_rows, variant_rows
@@ -59,7 +59,7 @@ for code in ALL_CODES:
     attn = CausalSelfAttention(config.attention_spec(0), dtype=np.float64)
     with no_grad():
         q, k, v = attn.project(x)
-        y, _, _ = attend(q, k, v)
+        y = attend(q, k, v)  # (2, T, C)
         logits, _ = GPT(config)(ids)
     weights = [name for name, _ in attn.named_parameters() if name.startswith("w_") and name != "w_o"]
     print(f"{code}  weights {' '.join(weights) or '(none)':14} q {q.shape} -> y {y.shape}, GPT logits {logits.shape}")
@@ -150,31 +150,37 @@ for label, modifiers in cases:
     with no_grad():
         q, k, v = attn.project(x)
         bias = attn.pos_bias if config.pos2d else None  # (H, T, T)
-        _, scores, _ = attend(q, k, v, bias)  # scores (B, H, T, T), before the mask
+        scores, _ = scores_and_weights(q, k, bias)  # (B, H, T, T), before the mask
     S = scores.data[0, 0]
-    maps[label] = S
+    maps[label] = (S, score_asymmetry(scores.data))
     symmetric = config.attention_spec(0).symmetric()
     print(f"{label:11} symmetric by construction: {symmetric!s:5}  max |S - S^T| = "
           f"{np.abs(S - S.T).max():.1e}   asymmetry {score_asymmetry(scores.data):.3f}")
     assert np.allclose(S, S.T, rtol=0, atol=1e-12) == symmetric
 
 # %%
-fig, axes = plt.subplots(len(maps), 3, figsize=(9, 3 * len(maps)), layout="constrained")
-for row, (label, S) in zip(axes, maps.items()):
-    limit = np.abs(S).max()
-    for ax, (matrix, title) in zip(row, [(S, "S"), (S.T, "S^T"), (S - S.T, "S - S^T")]):
-        ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
-        ax.set(title=f"{label}: {title}", xticks=[], yticks=[])
+fig, axes = plt.subplots(len(maps), 3, figsize=(10, 3 * len(maps)), layout="constrained")
+for row, (label, (S, asymmetry)) in zip(axes, maps.items()):
+    limit = np.abs(S - S.T).max(initial=np.abs(S).max())  # one scale per row: S - S^T seen at S's size
+    titles = [f"{label}: S", f"{label}: S^T", f"S - S^T: max {np.abs(S - S.T).max():.1e}\nasymmetry {asymmetry:.3f}"]
+    for ax, matrix, title in zip(row, [S, S.T, S - S.T], titles):
+        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set(title=title, xticks=[], yticks=[])
+    fig.colorbar(image, ax=row, shrink=0.9, label="score")
 fig.savefig(out / "05_symmetry.png", dpi=90)
 plt.close(fig)
 print("wrote", out / "05_symmetry.png")
 
 # %% [markdown]
-# In the picture, the first row's S - S^T is blank: `aab` is symmetric to the last bit, and
-# its diagonal (each token with itself) stands out, as Cauchy-Schwarz predicts. The
-# rotation and the 2-D bias each fill it in. Whether the network *uses* that freedom is a
-# question for training: lesson 8 compares the variants and lesson 10 measures the learned
-# asymmetry.
+# In the picture each row has one colour scale (its colour bar), so S - S^T is drawn at the
+# size of S itself, and its largest value is written above it. The rows' scales differ up to a
+# hundred times (fresh weights give scores of a few hundredths; the random 2-D bias adds numbers
+# of size 1), which is why the titles also give the asymmetry, a ratio that does not depend on
+# the scale. The first row's S - S^T is blank: `aab` is symmetric to the last bit, and its
+# diagonal (each token with itself) stands out, as Cauchy-Schwarz predicts. The rotation and
+# the 2-D bias each fill it in, as `abc` does with its separate W_q and W_k. Whether the
+# network *uses* that freedom is a question for training: lesson 8 compares the variants and
+# lesson 10 measures the learned asymmetry.
 #
 # **What you learned:** a code says which projections exist and which are shared; the 15
 # codes differ in parameters, FLOPs and KV cache in ways you can count; tying Q and K makes the

@@ -1,7 +1,8 @@
 # %% [markdown]
 # # Lesson 6: the KV cache, and the variants that shrink it
 #
-# Run: `python tutorials/06_kv_cache.py` (a few seconds). Draws `06_kv_cache.png`.
+# Run: `python tutorials/06_kv_cache.py [--out FOLDER]` (times: tutorials/README.md). Draws
+# `06_kv_cache.png`.
 #
 # A language model writes one token at a time, and each new token attends to all the tokens
 # before it. Recomputing the whole sequence for every new token would repeat almost all the
@@ -141,7 +142,7 @@ print("wrote", out / "06_kv_cache.png")
 #
 # With H query heads and Hkv key/value heads, each key/value head serves G = H / Hkv
 # consecutive query heads: query head h reads key/value head h // G. `attend` does this by
-# reshaping q to (B, Hkv, G, T, hd) and letting each key head broadcast over its group, so the
+# grouping the query heads in blocks of G and letting each key head serve its block, so the
 # keys are never copied. The result must be what ordinary multi-head attention gives when each
 # key/value head is simply **repeated** G times, which we check:
 
@@ -154,10 +155,10 @@ q = Tensor(rng.standard_normal((B, H, T, hd)))
 k = Tensor(rng.standard_normal((B, Hkv, T, hd)))
 v = Tensor(rng.standard_normal((B, Hkv, T, hd)))
 with no_grad():
-    y_grouped, _, _ = attend(q, k, v)  # (B, T, H * hd)
+    y_grouped = attend(q, k, v)  # (B, T, H * hd)
     k_repeated = Tensor(np.repeat(k.data, G, axis=1))  # (B, H, T, hd): head h // G copied to h
     v_repeated = Tensor(np.repeat(v.data, G, axis=1))
-    y_repeated, _, _ = attend(q, k_repeated, v_repeated)
+    y_repeated = attend(q, k_repeated, v_repeated)
 print(f"grouped vs repeated keys: max difference {np.abs(y_grouped.data - y_repeated.data).max():.1e}")
 assert np.allclose(y_grouped.data, y_repeated.data, rtol=0, atol=1e-12)
 

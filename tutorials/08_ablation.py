@@ -1,12 +1,13 @@
 # %% [markdown]
 # # Lesson 8: an ablation, and when a difference is real
 #
-# Run: `python tutorials/08_ablation.py` (about a minute on 2 cores). Draws `08_seeds.png`, and
-# the bench's own `curves.png`, `final.png` and `tradeoff.png` in the `ablation/` subfolder.
-# `--steps 1000 --seeds 3` (12 runs, about 3 minutes) gives the differences room to grow: there
-# `abc` ends about 0.08 bits per character ahead of `abb` and 0.22 ahead of `aaa` and `---`, and
-# the paired differences are 7 to 35 times their noise, although the spread of each variant over
-# seeds (about 0.05) is not much smaller than the `abb` gap: pairing is what makes it clear.
+# Run: `python tutorials/08_ablation.py [--out FOLDER]` (times: tutorials/README.md). Draws
+# `08_seeds.png`, and the bench's own `curves.png`, `final.png` and `tradeoff.png` in the
+# `ablation/` subfolder. `--steps 1000 --seeds 3` (12 runs of five times the steps, in place of
+# 8) gives the differences room to grow: there `abc` ends about 0.08 bits per character ahead
+# of `abb` and 0.22 ahead of `aaa` and `---`, and the paired differences are 7 to 35 times their
+# noise, although the spread of each variant over seeds (about 0.05) is not much smaller than
+# the `abb` gap: pairing is what makes it clear.
 #
 # An **ablation** removes one part of a system, keeps everything else fixed, and measures what
 # is lost. Here the part is a projection: does the model get worse when K and V share a weight
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minqkv.lab import ablate
+from minqkv.lab import ablate, ablate_plots, ablate_tables
 
 RUNNING = __name__ == "__main__"  # False in the bench's worker processes
 
@@ -36,9 +37,9 @@ RUNNING = __name__ == "__main__"  # False in the bench's worker processes
 # ## 1. The plan
 #
 # A sweep is a **preset** (model and training settings shared by every run), the data, the
-# variants, and a number of seeds. The bench's presets are `tiny` (seconds, for its own tests),
-# `quick` (the README's five-minute demonstration) and `standard` (the study: half an hour).
-# For a lesson that runs in a minute we add a smaller preset of our own to the bench's table:
+# variants, and a number of seeds. The bench's presets are `tiny` (for its own tests),
+# `quick` (the README's short demonstration) and `standard` (the study, many times longer).
+# For a lesson-sized sweep we add a smaller preset of our own to the bench's table:
 # a one-layer model, 32 wide, on Shakespeare.
 #
 # `plan_sweep` checks everything before any training starts (a variant that cannot exist with
@@ -55,7 +56,7 @@ if RUNNING:
     out = Path(args.out or tempfile.mkdtemp(prefix="minqkv-lesson08-"))
     out.mkdir(parents=True, exist_ok=True)
 
-    ablate.PRESETS["lesson"] = dict(
+    ablate.SWEEP_PRESETS["lesson"] = dict(
         model=dict(n_layer=1, n_head=4, n_embd=32, block_size=32),
         train=dict(steps=args.steps, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20,
                    eval_interval=max(1, args.steps // 8), eval_iters=8),
@@ -84,7 +85,7 @@ if RUNNING:
 if RUNNING:
     sweep_dir = out / "ablation"
     rows = ablate.run_sweep("lesson", "shakespeare", sweep_dir, args.variants, jobs=1, progress=False)
-    print(ablate.format_markdown(rows, plan))
+    print(ablate_tables.format_markdown(rows, plan))
 
 # %% [markdown]
 # ## 3. Reading the table
@@ -97,12 +98,13 @@ if RUNNING:
 # * **train tokens/s**, **decode ms/token**: speed (noisy on a shared machine); **KV bytes/token**:
 #   the cache of lesson 6, measured on the trained model.
 #
-# The bench also draws the validation curves of seed 0, the final metric with its spread, and
-# parameters against quality:
+# The bench also draws the validation curves (every seed: seed 0 thick and named in the legend,
+# the others thin, in the same colour), the final metric with its spread, and parameters
+# against quality:
 
 # %%
 if RUNNING:
-    for path in ablate.write_plots(sweep_dir, rows):
+    for path in ablate_plots.write_plots(sweep_dir, rows):
         print("wrote", path)
 
 # %% [markdown]

@@ -1,7 +1,8 @@
 # %% [markdown]
 # # Lesson 9: gates that decide, and pruning that costs nothing
 #
-# Run: `python tutorials/09_gates_and_pruning.py [--out FOLDER]`  (about a minute on 2 cores)
+# Run: `python tutorials/09_gates_and_pruning.py [--out FOLDER]` (times: tutorials/README.md). Draws
+# `gates.png`.
 #
 # Does every layer need its Q, K and V projections? A gated model lets training answer per layer
 # and per role: `role = z (x W) + (1 - z) x`, where z = 1 keeps the projection and z = 0 replaces
@@ -22,10 +23,11 @@ from minqkv.model import GPTConfig
 from minqkv.tensor import Tensor, no_grad
 from minqkv.train import TrainConfig, train
 
-parser = argparse.ArgumentParser(description=__doc__)
+parser = argparse.ArgumentParser(description="Lesson 9: gates and pruning")
 parser.add_argument("--out", default=None, help="folder for the run and the plot (default: a temporary one)")
-args = parser.parse_args()
-out = Path(args.out or tempfile.mkdtemp(prefix="minqkv-lesson9-"))
+args, _ = parser.parse_known_args()  # known args only: a Jupyter kernel passes arguments of its own
+out = Path(args.out or tempfile.mkdtemp(prefix="minqkv-lesson09-"))
+out.mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
 # ## The gate
@@ -97,8 +99,9 @@ print(f"val loss before pruning {final['val_loss_before_pruning']:.4f}, "
 # %% [markdown]
 # ## Watching the decisions
 #
-# The gate trajectories: every gate starts open; the penalty pushes, the loss pushes back, and
-# each one lands on 0 or 1.
+# The gate trajectories, one panel per gate (a row per layer, a column per role), so that
+# gates on the same value never hide each other: every gate starts open; the penalty pushes,
+# the loss pushes back, and each one lands on 0 or 1.
 
 # %%
 records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -111,11 +114,40 @@ try:
 except ImportError:
     print("no plot: pip install matplotlib")
 else:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, name in enumerate(records[0]["gates"]):
-        # a small offset per gate, so that lines on 0 or 1 do not hide each other
-        ax.plot(steps, [r["gates"][name] + 0.01 * i for r in records], label=f"layer {name}")
-    ax.set(xlabel="step", ylabel="gate z (evaluation)", title="hard-concrete gates deciding")
-    ax.legend(fontsize=7, ncol=2)
-    fig.savefig(out / "gates.png", dpi=120, bbox_inches="tight")
+    names = list(records[0]["gates"])  # "layer.role", e.g. "0.q"
+    layers = sorted({name.split(".")[0] for name in names}, key=int)
+    roles = [role for role in "qkv" if any(name.endswith("." + role) for name in names)]
+    fig, axes = plt.subplots(len(layers), len(roles), figsize=(3 * len(roles), 2.2 * len(layers)),
+                             sharex=True, sharey=True, layout="constrained", squeeze=False)
+    for name in names:
+        layer, role = name.split(".")
+        ax = axes[layers.index(layer), roles.index(role)]
+        z = [r["gates"][name] for r in records]
+        ax.plot(steps, z, color="tab:blue")
+        ax.set_title(f"layer {layer}, {role.upper()}: ends {'open' if z[-1] == 1 else 'shut' if z[-1] == 0 else z[-1]}",
+                     fontsize=10)
+    for ax in axes.flat:
+        ax.set(ylim=(-0.08, 1.08), yticks=[0, 0.5, 1])
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("gate z")
+    fig.suptitle("hard-concrete gates deciding (z at evaluation, true values)")
+    fig.savefig(out / "gates.png", dpi=110)
+    plt.close(fig)
     print("gate trajectories:", out / "gates.png")
+
+# %% [markdown]
+# **What you learned:** a hard-concrete gate is exactly 0 or 1 once its log-odds pass +-2.4;
+# the penalty on the expected number of open gates makes training decide, per layer and per
+# role, which projections to keep; and pruning the decided model changes none of its logits.
+
+# %%
+assert all(g in (0.0, 1.0) for g in final["gates"].values()), "every gate should end exactly open or shut"
+assert final["projections_kept"] == sum(g == 1.0 for g in final["gates"].values())
+assert final["projections_kept"] < final["projections_total"], "the penalty should have shut some gate"
+assert pruned.num_parameters() < gated.num_parameters()
+assert np.abs(pruned_logits - gated_logits).max() <= 1e-5
+assert abs(final["val_loss_after_pruning"] - final["val_loss_before_pruning"]) < 1e-4
+print("lesson 9 done")

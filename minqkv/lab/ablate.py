@@ -372,11 +372,3 @@ def _stop(running: dict) -> None:
             process.kill()
             process.join()
         pipe.close()
-
-
-# ---- old names, for the callers not yet moved to the new ones (cli.py, tests/test_modern.py, -----
-# ---- tutorials/08_ablation.py); delete once they import from ablate_tables and ablate_plots -----
-from .ablate_plots import write_plots  # noqa: E402,F401
-from .ablate_tables import format_markdown  # noqa: E402,F401
-
-PRESETS = SWEEP_PRESETS
