@@ -20,6 +20,7 @@ def write_plots(out, rows: list) -> list:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.transforms import offset_copy
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'minqkv[plot]' (the tables are written)") from None
     out = Path(out)
@@ -34,7 +35,7 @@ def write_plots(out, rows: list) -> list:
             steps, values = _curve(out, row["variant"], metric, seed)
             ax.plot(steps, values, color=color, linestyle=("-", "--", ":")[i // 10 % 3],
                     label=row["variant"] if seed == 0 else None, linewidth=1.5 if seed == 0 else 0.8)
-    ax.set(xlabel="step", ylabel=metric, title="validation during training (every seed; gated: before pruning)")
+    ax.set(xlabel="step", ylabel=metric, title="validation during training (every seed, thick: seed 0; gated: before pruning)")
     ax.legend(fontsize=7, ncol=2)
     fig.savefig(paths[0], dpi=120, bbox_inches="tight")
 
@@ -48,9 +49,16 @@ def write_plots(out, rows: list) -> list:
     fig.savefig(paths[1], dpi=120, bbox_inches="tight")
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for row in done:
-        ax.scatter(row["attention_params"], row[metric])
-        ax.annotate(row["variant"], (row["attention_params"], row[metric]), fontsize=7)
+    values = [r[metric] for r in done]
+    gap = 0.035 * ((max(values) - min(values)) or 1)  # about one line of 7-point text on this plot
+    right_of_marker = offset_copy(ax.transData, fig=fig, x=6, units="points")  # a marker hides a leading '-'
+    last_label = {}  # variants with one parameter count share an x: a label too close moves up
+    for row in sorted(done, key=lambda r: r[metric]):
+        x, y = row["attention_params"], row[metric]
+        label_y = max(y, last_label.get(x, -math.inf) + gap)
+        ax.scatter(x, y)
+        ax.text(x, label_y, row["variant"], fontsize=7, va="center", transform=right_of_marker)
+        last_label[x] = label_y
     ax.set(xlabel="attention parameters", ylabel=metric, title="parameters against quality")
     fig.savefig(paths[2], dpi=120, bbox_inches="tight")
     swept = [r for r in done if "(L=" in r["variant"] and "projections_kept" in r]
