@@ -371,6 +371,9 @@ def _layer_lines(layer: dict) -> list:
 # ---- heat maps -------------------------------------------------------------------------
 
 
+VISIBLE = {" ": "·", "\n": "¶", "\t": "→"}  # characters drawn as ticks
+
+
 def save_heatmaps(model, x, out_dir, tokenizer=None) -> list:
     """One PNG per layer of the attention weights of one sequence x (T,) or (1, T), heads side by side.
 
@@ -385,19 +388,21 @@ def save_heatmaps(model, x, out_dir, tokenizer=None) -> list:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chars = tokenizer.decode(ids[0]) if tokenizer is not None and ids.shape[1] <= 48 else None
+    T = ids.shape[1]
+    side = max(2.6, 0.12 * T) if chars is not None else 2.6  # inches: room for one tick per character
     paths = []
     for layer, weights in enumerate(attention_weights(model, ids)):  # weights (1, H, T, T)
         H = weights.shape[1]
-        fig = Figure(figsize=(2.6 * H + 0.6, 3.0), layout="constrained")
+        fig = Figure(figsize=(side * H + 1.0, side + 0.9), layout="constrained")
         axes = fig.subplots(1, H, squeeze=False)[0]
         for h, ax in enumerate(axes):
             image = ax.imshow(weights[0, h], cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_title(f"head {h}", fontsize=9)
             ax.set_xlabel("key position", fontsize=8)
             if chars is not None:
-                ticks = range(len(chars))
-                ax.set_xticks(ticks, list(chars), fontsize=6)
-                ax.set_yticks(ticks, list(chars), fontsize=6)
+                shown = [VISIBLE.get(ch, ch) for ch in chars]  # a space or newline tick would be blank
+                ax.set_xticks(range(T), shown, fontsize=7, fontfamily="monospace")
+                ax.set_yticks(range(T), shown, fontsize=7, fontfamily="monospace")
         axes[0].set_ylabel("query position", fontsize=8)
         fig.colorbar(image, ax=list(axes), shrink=0.8)
         fig.suptitle(f"layer {layer} ({model.blocks[layer].attn.spec.code}): attention weights", fontsize=10)
