@@ -19,6 +19,10 @@ from .tensor import FLOAT_DTYPES, Tensor
 
 def as_pair(a, b, op: str, broadcast: bool = True) -> tuple[Tensor, Tensor]:
     """Turn the operands of a binary op into two Tensors of one float dtype."""
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        raise TypeError(f"{op}: at least one operand must be a Tensor, got {type(a).__name__} and "
+                        f"{type(b).__name__}; numbers and arrays take the dtype of the "
+                        "Tensor they meet, so wrap one first, e.g. Tensor(np.float64(1.0))")
     like = a if isinstance(a, Tensor) else b
     a, b = as_tensor(a, like, op, "a"), as_tensor(b, like, op, "b")
     if broadcast:
@@ -48,9 +52,14 @@ def dtype_mismatch(op: str, this: str, other: str) -> TypeError:
     return TypeError(f"{op}: {this} but {other}; dtypes never change silently, convert one explicitly")
 
 
-def float_tensor(x, op: str, name: str = "x") -> Tensor:
+def tensor_input(x, op: str, name: str = "x") -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
+    return x
+
+
+def float_tensor(x, op: str, name: str = "x") -> Tensor:
+    tensor_input(x, op, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32 or float64, got {x.dtype}")
     return x
@@ -79,14 +88,21 @@ def check_pow(x, exponent) -> Tensor:
 
 
 def check_reduction(x, axis, op: str, nonempty: bool = False) -> tuple[Tensor, tuple]:
-    """x and its reduced axes as a tuple of non-negative ints (all axes for axis=None)."""
+    """x and its reduced axes as a tuple of non-negative ints (all axes for axis=None).
+
+    As in PyTorch, a 0-d tensor takes axis 0 or -1 as if it had one axis of length 1: the result
+    is the tensor itself (no axis is left to reduce)."""
     x = float_tensor(x, op)
     every_axis = tuple(range(x.ndim))
     axes = every_axis if axis is None else (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if axes == () and x.ndim:
+        raise ValueError(f"{op}: axis=() reduces no axis in NumPy but every axis in PyTorch; "
+                         "pass axis=None to reduce them all")
+    ndim = max(x.ndim, 1)
     for a in axes:
-        if not -x.ndim <= a < max(x.ndim, 1):
+        if not -ndim <= a < ndim:
             raise ValueError(f"{op}: axis {a} is out of range for a tensor with {x.ndim} dimensions")
-    axes = tuple(a % max(x.ndim, 1) for a in axes)
+    axes = tuple(a % ndim for a in axes) if x.ndim else ()
     if nonempty and any(x.shape[a] == 0 for a in axes):
         raise ValueError(f"{op}: cannot average over an empty axis (shape {x.shape})")
     return x, axes
@@ -99,6 +115,13 @@ def reshaped(x: Tensor, shape: tuple) -> np.ndarray:
     except ValueError:
         raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} "
                          f"({x.size} elements) into {shape}") from None
+
+
+def check_axis(axis: int, ndim: int, op: str, name: str = "axis") -> int:
+    """axis as a non-negative int, or an error naming it and the tensor's number of dimensions."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{op}: {name} {axis} is out of range for a tensor with {ndim} dimensions")
+    return axis % ndim
 
 
 def check_permutation(axes: tuple, ndim: int) -> None:
@@ -119,6 +142,10 @@ def check_embedding(weight, ids) -> tuple[Tensor, np.ndarray]:
 def check_concat(tensors: list) -> list:
     if not tensors:
         raise ValueError("concat: need at least one tensor")
+    for i, t in enumerate(tensors):
+        tensor_input(t, "concat", f"tensors[{i}]")
+    if tensors[0].ndim == 0:
+        raise ValueError("concat: 0-d tensors have no axis to join along; reshape them to (1,) first")
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) > 1:
         raise TypeError(f"concat: all tensors must share one dtype, got {sorted(map(str, dtypes))}")

@@ -16,7 +16,12 @@ An op checks its inputs in one line at its top (the checks are in op_inputs.py, 
 of the math) and says nothing more about them.
 
 dtype rule: float32 stays float32 and float64 stays float64. Mixing the two is an error;
-Python numbers and int/bool arrays are converted to the tensor's dtype.
+Python numbers and int/bool arrays are converted to the tensor's dtype (so an op needs one Tensor).
+
+Shapes: every shape NumPy accepts, 0-size and 0-d included, gives what PyTorch gives: an empty
+product is an empty array, a sum over nothing is 0, and an input that fed no output gets a zero
+gradient (tests/test_ops_shapes.py checks each op against torch.autograd). Refused where PyTorch
+answers nan: the mean of nothing, cross_entropy over a vocabulary of 0.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .op_inputs import (as_pair, as_tensor, check_concat, check_cross_entropy, check_dropout_p, check_embedding,
-                        check_layer_norm, check_linear, check_matmul, check_matmul_each, check_permutation,
-                        check_pow, check_reduction, check_solve, check_split, float_tensor, is_basic_index,
-                        reshaped)
+from .op_inputs import (as_pair, as_tensor, check_axis, check_concat, check_cross_entropy, check_dropout_p,
+                        check_embedding, check_layer_norm, check_linear, check_matmul, check_matmul_each,
+                        check_permutation, check_pow, check_reduction, check_solve, check_split, float_tensor,
+                        is_basic_index, reshaped, tensor_input)
 from .tensor import Tensor, is_grad_enabled
 
 # Arithmetic. Binary ops broadcast like NumPy, so their backward sums the gradient back down.
@@ -139,7 +144,8 @@ def gelu(x: Tensor) -> Tensor:
     x = float_tensor(x, "gelu")
     out = kernels.gelu(x.data)
     # d gelu: 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2), t = tanh(c (x + 0.044715 x^3))
-    return Tensor.from_op(out, (x,), lambda g: (kernels.gelu_backward(x.data, g),), "gelu")
+    # np.asarray: on 0-d tensors NumPy arithmetic hands back a scalar, and the kernel takes arrays
+    return Tensor.from_op(out, (x,), lambda g: (kernels.gelu_backward(x.data, np.asarray(g)),), "gelu")
 
 
 # Reductions.
@@ -168,7 +174,7 @@ def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
 def reshape(x: Tensor, *shape) -> Tensor:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    out = reshaped(x, shape)
+    out = reshaped(tensor_input(x, "reshape"), shape)
     return Tensor.from_op(out, (x,), lambda g: (g.reshape(x.shape),), "reshape")  # g in x's shape
 
 
@@ -176,6 +182,7 @@ def transpose(x: Tensor, *axes) -> Tensor:
     """Permute axes (all of them given) or, with no axes, reverse them."""
     if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
         axes = tuple(axes[0])
+    x = tensor_input(x, "transpose")
     axes = axes or tuple(reversed(range(x.ndim)))
     check_permutation(axes, x.ndim)
     inverse = sorted(range(x.ndim), key=lambda i: axes[i] % x.ndim)  # the permutation that undoes `axes`
@@ -184,6 +191,8 @@ def transpose(x: Tensor, *axes) -> Tensor:
 
 
 def swapaxes(x: Tensor, axis1: int, axis2: int) -> Tensor:
+    x = tensor_input(x, "swapaxes")
+    axis1, axis2 = check_axis(axis1, x.ndim, "swapaxes", "axis1"), check_axis(axis2, x.ndim, "swapaxes", "axis2")
     axes = list(range(x.ndim))
     axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
     return transpose(x, tuple(axes))
@@ -191,6 +200,7 @@ def swapaxes(x: Tensor, axis1: int, axis2: int) -> Tensor:
 
 def getitem(x: Tensor, index) -> Tensor:
     """x[index] for any NumPy index; repeated indices accumulate their gradients."""
+    x = tensor_input(x, "getitem")
     if isinstance(index, Tensor):
         index = index.data
     out = x.data[index]
@@ -213,13 +223,17 @@ def embedding(weight: Tensor, ids) -> Tensor:
     out = weight.data[ids]  # (..., C)
 
     def backward(g):  # each row of weight gets the sum of gradients of the positions that used it
-        return (kernels.embedding_backward(ids.reshape(-1), g.reshape(-1, weight.shape[1]), weight.shape[0]),)
+        if weight.shape[1] == 0:  # rows of width 0: nothing to add (the kernel takes one column at least)
+            return (np.zeros_like(weight.data),)
+        rows = g.reshape(ids.size, weight.shape[1])  # (positions, C); explicit sizes: positions may be 0
+        return (kernels.embedding_backward(ids.reshape(-1), rows, weight.shape[0]),)
 
     return Tensor.from_op(out, (weight,), backward, "embedding")
 
 
 def concat(tensors, axis: int = 0) -> Tensor:
     tensors = check_concat(list(tensors))
+    axis = check_axis(axis, tensors[0].ndim, "concat")
     out = np.concatenate([t.data for t in tensors], axis=axis)
     bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
 
@@ -236,8 +250,8 @@ def split(x: Tensor, sizes, axis: int = -1) -> list:
     of full-size arrays). The pieces hang from a private identity node, joint, and send it their
     gradients as _Pieces, which the engine's sum collects; joint runs after all of them and writes
     them into one array, with zeros where a piece got no gradient. Nothing outlives the walk."""
+    axis = check_axis(axis, tensor_input(x, "split").ndim, "split")
     sizes = check_split(x.shape[axis], sizes)
-    axis = axis % x.ndim
     indexes, start = [], 0
     for size in sizes:
         indexes.append((slice(None),) * axis + (slice(start, start + size),))
@@ -299,14 +313,15 @@ def linear(x, w, bias=None) -> Tensor:
 def _matmul_weight(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     # (..., M, K) @ (K, N) [+ bias (N,)]: fold all leading dims into rows, one 2-D GEMM
     K, N = b.shape
-    a2 = a.data.reshape(-1, K)  # (P, K)
+    P = int(np.prod(a.shape[:-1]))  # explicit: reshape(-1, K) cannot tell P when a is empty
+    a2 = a.data.reshape(P, K)  # (P, K)
     out = kernels.matmul(a2, b.data)  # (P, N)
     if bias is not None:
         out += bias.data  # into the product just made: nothing else holds it yet
     out = out.reshape(a.shape[:-1] + (N,))
 
     def backward(g):  # dA = g B^T, dB = A^T g, dbias = g summed over rows
-        g2 = g.reshape(-1, N)  # (P, N)
+        g2 = g.reshape(P, N)  # (P, N)
         grad_a = kernels.matmul(g2, b.data, trans_b=True).reshape(a.shape) if a.requires_grad else None
         grad_b = kernels.matmul(a2, g2, trans_a=True) if b.requires_grad else None
         if bias is None:
@@ -321,12 +336,13 @@ def _matmul_batched(a: Tensor, b: Tensor) -> Tensor:
     # (..., M, K) @ (..., K, N): broadcast batch dims, fold them into one batch axis
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
-    a3 = np.broadcast_to(a.data, batch + (M, K)).reshape(-1, M, K)  # (Z, M, K)
-    b3 = np.broadcast_to(b.data, batch + (K, N)).reshape(-1, K, N)  # (Z, K, N)
+    Z = int(np.prod(batch))  # explicit: reshape(-1, M, K) cannot tell Z when an operand is empty
+    a3 = np.broadcast_to(a.data, batch + (M, K)).reshape(Z, M, K)  # (Z, M, K)
+    b3 = np.broadcast_to(b.data, batch + (K, N)).reshape(Z, K, N)  # (Z, K, N)
     out = kernels.matmul(a3, b3).reshape(batch + (M, N))
 
     def backward(g):  # dA = g B^T, dB = A^T g, then sum over broadcast batch dims
-        g3 = g.reshape(-1, M, N)
+        g3 = g.reshape(Z, M, N)
         grad_a = grad_b = None
         if a.requires_grad:
             grad_a = unbroadcast(kernels.matmul(g3, b3, trans_b=True).reshape(batch + (M, K)), a.shape)
@@ -348,12 +364,13 @@ def matmul_each(x: Tensor, weights: list) -> list:
     K = x.shape[-1]
     joined_weights = np.concatenate([w.data for w in weights], axis=1)  # (K, N)
     N = joined_weights.shape[1]
-    x2 = x.data.reshape(-1, K)  # (P, K)
+    P = int(np.prod(x.shape[:-1]))  # explicit: reshape(-1, K) cannot tell P when x is empty
+    x2 = x.data.reshape(P, K)  # (P, K)
     out = kernels.matmul(x2, joined_weights).reshape(x.shape[:-1] + (N,))  # (..., N)
     bounds = np.cumsum([w.shape[1] for w in weights])[:-1]
 
     def backward(g):  # g = [g_1 | g_2 | ...]: dx = g [w_1 | w_2 | ...]^T, dw_i = x^T g_i (one product, cut)
-        g2 = g.reshape(-1, N)  # (P, N)
+        g2 = g.reshape(P, N)  # (P, N)
         grad_x = kernels.matmul(g2, joined_weights, trans_b=True).reshape(x.shape) if x.requires_grad else None
         if not any(w.requires_grad for w in weights):
             return (grad_x,) + (None,) * len(weights)
@@ -369,6 +386,8 @@ def matmul_each(x: Tensor, weights: list) -> list:
 def softmax(x: Tensor, causal: bool = False) -> Tensor:
     """Softmax over the last axis (C core). causal=True masks key j > query i + (Tk - Tq)."""
     x = float_tensor(x, "softmax")
+    if x.ndim == 0 and not causal:  # as in PyTorch, one row of one element: 1, with gradient 0
+        return reshape(softmax(reshape(x, (1,))), ())
     out = kernels.softmax(x.data, causal=causal)
     # d softmax: y * (g - sum(g*y))
     return Tensor.from_op(out, (x,), lambda g: (kernels.softmax_backward(out, g),), "softmax")
@@ -415,8 +434,9 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
     flat_targets = targets.reshape(-1)  # (N,)
     count = max(int(np.count_nonzero(flat_targets != ignore_index)), 1)
     want_grad = is_grad_enabled() and logits.requires_grad
-    losses, dlogits = kernels.cross_entropy(logits.data.reshape(-1, logits.shape[-1]), flat_targets,
-                                            ignore_index, scale=1.0 / count, want_grad=want_grad)  # (N,), (N, V)
+    rows = logits.data.reshape(flat_targets.size, logits.shape[-1])  # (N, V); explicit sizes: N may be 0
+    losses, dlogits = kernels.cross_entropy(rows, flat_targets, ignore_index, scale=1.0 / count,
+                                            want_grad=want_grad)  # (N,), (N, V)
     loss = losses.sum() / count
 
     def backward(g):  # (softmax - onehot(target)) / count on counted rows, 0 elsewhere
@@ -431,8 +451,12 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Normalise the last axis to zero mean, unit variance, then scale and shift (fused)."""
     x = check_layer_norm(x, weight, bias, eps)
-    out, mean, rstd = kernels.layer_norm(x.data, weight.data, bias.data if bias is not None else None, eps)
     parents = (x, weight) if bias is None else (x, weight, bias)
+    if x.ndim and x.shape[-1] == 0 and all(p.shape == (0,) for p in parents[1:]):
+        # rows of no elements (the kernels take one or more): an empty result, zero gradients, as in PyTorch
+        return Tensor.from_op(x.data.copy(), parents, lambda g: tuple(np.zeros_like(p.data) for p in parents),
+                              "layer_norm")
+    out, mean, rstd = kernels.layer_norm(x.data, weight.data, bias.data if bias is not None else None, eps)
 
     def backward(g):  # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = g * weight
         dx, dweight, dbias = kernels.layer_norm_backward(x.data, weight.data, mean, rstd, g, bias is not None)
@@ -443,6 +467,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5
 
 def dropout(x: Tensor, p: float, rng: np.random.Generator, training: bool = True) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p) (identity when not training)."""
+    x = float_tensor(x, "dropout")
     check_dropout_p(p, "dropout")
     if not training or p == 0:
         return x

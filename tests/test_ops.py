@@ -357,6 +357,75 @@ def test_sum_over_out_of_range_axis_is_reported():
         ops.sum(Tensor(np.ones((2, 3))), axis=2)
 
 
+@pytest.mark.parametrize("name", ["sum", "mean"])
+@pytest.mark.parametrize("axis", [0, -1, None])
+def test_reducing_a_0d_tensor_over_axis_0_or_minus_1_returns_it_as_torch_does(name, axis, backend):
+    torch = pytest.importorskip("torch")
+    x = leaf(2.5)
+    out = getattr(ops, name)(x, axis=axis, keepdims=True)
+    expected = getattr(torch, name)(torch.tensor(2.5, dtype=torch.float64), **({} if axis is None else {"dim": axis}))
+    assert out.shape == tuple(expected.shape) == ()
+    assert out.item() == expected.item()
+    out.backward()
+    assert x.grad.shape == () and x.grad == 1.0
+
+
+@pytest.mark.parametrize("name", ["sum", "mean"])
+@pytest.mark.parametrize("axis", [1, -2])
+def test_reducing_a_0d_tensor_over_another_axis_names_the_axis_and_ndim(name, axis):
+    with pytest.raises(ValueError, match=f"{name}: axis {axis} is out of range for a tensor with 0 dimensions"):
+        getattr(ops, name)(leaf(2.5), axis=axis)
+
+
+@pytest.mark.parametrize("name", ["add", "sub", "mul", "div", "matmul", "linear", "solve"])
+def test_an_op_of_two_plain_numbers_asks_for_a_tensor(name, backend):
+    with pytest.raises(TypeError, match=f"{name if name != 'linear' else 'matmul'}: at least one operand "
+                                        "must be a Tensor, got int and float"):
+        getattr(ops, name)(1, 2.0)
+
+
+@pytest.mark.parametrize("name", ["add", "sub", "mul", "div"])
+def test_a_number_and_a_tensor_take_the_tensors_dtype_as_in_torch(name, backend):
+    torch = pytest.importorskip("torch")
+    for dtype, torch_dtype in [(np.float32, torch.float32), (np.float64, torch.float64)]:
+        x = np.array([1.5, -2.0, 4.0], dtype)
+        for ours, theirs in [(getattr(ops, name)(Tensor(x), 3), getattr(torch, name)(torch.from_numpy(x), 3)),
+                             (getattr(ops, name)(3, Tensor(x)), getattr(torch, name)(3, torch.from_numpy(x)))]:
+            assert ours.dtype == dtype
+            np.testing.assert_allclose(ours.data, theirs.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", [lambda x: ops.reshape(x, (1,)), ops.transpose, lambda x: ops.swapaxes(x, 0, 0),
+                                lambda x: ops.getitem(x, ()), lambda x: ops.split(x, 1),
+                                lambda x: ops.concat([x]), lambda x: ops.dropout(x, 0.5, np.random.default_rng(0))])
+def test_a_shape_op_on_a_plain_number_asks_for_a_tensor(op):
+    with pytest.raises(TypeError, match="must be a Tensor, got float"):
+        op(2.0)
+
+
+def test_summing_over_no_axes_is_refused_as_numpy_and_torch_disagree():
+    with pytest.raises(ValueError, match=r"sum: axis=\(\) reduces no axis in NumPy but every axis in PyTorch"):
+        ops.sum(leaf(np.ones((2, 3))), axis=())
+
+
+@pytest.mark.parametrize("op, message", [
+    (lambda x: ops.swapaxes(x, 0, 5), "swapaxes: axis2 5 is out of range for a tensor with 2 dimensions"),
+    (lambda x: ops.split(x, 1, axis=-3), "split: axis -3 is out of range for a tensor with 2 dimensions"),
+    (lambda x: ops.concat([x, x], axis=2), "concat: axis 2 is out of range for a tensor with 2 dimensions"),
+    (lambda x: ops.split(x[0, 0], 1, axis=0), "split: axis 0 is out of range for a tensor with 0 dimensions"),
+    (lambda x: ops.concat([x[0, 0], x[0, 0]]), "concat: 0-d tensors have no axis to join along"),
+])
+def test_an_axis_out_of_range_names_the_axis_and_ndim(op, message):
+    with pytest.raises(ValueError, match=message):
+        op(leaf(np.ones((2, 3))))
+
+
+def test_attention_with_heads_of_width_0_is_refused():
+    q = Tensor(np.ones((1, 2, 3, 0)))
+    with pytest.raises(ValueError, match="causal attention needs Tk >= T and hd >= 1"):
+        ops.causal_attention(q, q, q)
+
+
 def test_pow_with_tensor_exponent_is_rejected():
     with pytest.raises(TypeError, match="exponent must be a Python number"):
         ops.pow(Tensor(np.ones(2)), Tensor(np.ones(2)))

@@ -30,7 +30,7 @@ def _check_attention(op, q, k, v, bias, saved=()):
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != hd:
         raise ValueError(f"{op}: k {k.shape} and v {v.shape} must both be (B={B}, Hkv, Tk, hd={hd}) "
                          f"for q {q.shape}")
-    if Hkv == 0 or H % Hkv:
+    if (Hkv == 0 and H > 0) or (Hkv > 0 and H % Hkv):  # no heads at all (H = Hkv = 0) is an empty result
         raise ValueError(f"{op}: q has {H} heads but k and v have {Hkv}; the key/value heads must "
                          "divide the query heads (grouped-query attention)")
     if Tk < T or hd == 0:
@@ -59,10 +59,11 @@ def _attention_scores(q, k, bias, scale):
     B, H, T, hd = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(hd) if scale is None else scale
-    grouped = q.reshape(B, Hkv, H // Hkv, T, hd)
+    G = H // Hkv if Hkv else 0  # query heads per key/value head
+    grouped = q.reshape(B, Hkv, G, T, hd)
     scores = (grouped @ np.swapaxes(k, -1, -2)[:, :, None]) * np.asarray(scale, q.dtype)
     if bias is not None:
-        scores = scores + bias.reshape(Hkv, H // Hkv, T, Tk)
+        scores = scores + bias.reshape(Hkv, G, T, Tk)
     visible = np.arange(Tk)[None, :] <= np.arange(T)[:, None] + (Tk - T)  # (T, Tk)
     return np.where(visible, scores, -np.inf).astype(q.dtype, copy=False), visible
 
@@ -126,6 +127,8 @@ def attention_c(q, k, v, bias=None, scale=None):
     y is written token by token."""
     runtime.require_c("attention")
     _check_attention("attention", q, k, v, bias)
+    if q.shape[1] == 0:  # no heads: an empty result, and C would divide by Hkv = 0
+        return attention_numpy(q, k, v, bias, scale)
     long = q.shape[2] >= LONG_QUERIES
     (q, q_layout), (k, k_layout), (v, v_layout) = _heads(q), _heads(k, copy=long), _heads(v, copy=long)
     bias = runtime.contiguous(bias) if bias is not None else None
@@ -146,6 +149,8 @@ def attention_naive_c(q, k, v, bias=None, scale=None):
     except that y is a plain C-contiguous (B, H, T, hd) array."""
     runtime.require_c("attention_naive", twin="attention_numpy")
     _check_attention("attention_naive", q, k, v, bias)
+    if q.shape[1] == 0:  # no heads: an empty result, and C would divide by Hkv = 0
+        return attention_numpy(q, k, v, bias, scale)
     q, k, v = runtime.contiguous(q), runtime.contiguous(k), runtime.contiguous(v)
     bias = runtime.contiguous(bias) if bias is not None else None
     B, H, T, hd = q.shape
@@ -165,7 +170,8 @@ def attention_backward_numpy(q, k, v, bias, y, lse, dy, scale=None, want_dbias=T
     there is no bias or want_dbias is false. dq, dk and dv are stored token by token."""
     _check_attention("attention_backward", q, k, v, bias, (y, lse, dy))
     B, H, T, hd = q.shape
-    Hkv, Tk, G = k.shape[1], k.shape[2], H // k.shape[1]
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = H // Hkv if Hkv else 0
     scale = 1.0 / np.sqrt(hd) if scale is None else scale
     scores, visible = _attention_scores(q, k, bias, scale)
     p = np.where(visible, np.exp(scores - lse.reshape(B, Hkv, G, T, 1)), 0)  # (B, Hkv, G, T, Tk)
@@ -187,6 +193,8 @@ def attention_backward_c(q, k, v, bias, y, lse, dy, scale=None, want_dbias=True)
     written token by token, so they overlap no input."""
     runtime.require_c("attention_backward")
     _check_attention("attention_backward", q, k, v, bias, (y, lse, dy))
+    if q.shape[1] == 0:  # no heads: empty gradients, and C would divide by Hkv = 0
+        return attention_backward_numpy(q, k, v, bias, y, lse, dy, scale, want_dbias)
     long = q.shape[2] >= LONG_QUERIES
     (k, k_layout), (v, v_layout) = _heads(k), _heads(v)
     (q, q_layout), (y, y_layout), (dy, dy_layout) = (_heads(x, copy=long) for x in (q, y, dy))
