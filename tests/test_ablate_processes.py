@@ -38,9 +38,14 @@ WAIT_S = 60  # a bound for waits on other processes, never reached when things w
 
 
 def start_long_sweep(out: Path, variants: str, jobs: int) -> subprocess.Popen:
-    """The sweep in its own session, as a terminal runs a command (Ctrl-C reaches its whole group)."""
+    """The sweep in its own session, as a terminal runs a command (Ctrl-C reaches its whole group).
+
+    SIGINT is set back to its default in the child: a shell that started the tests in the
+    background made them ignore it, and an ignored signal stays ignored across exec.
+    """
     return subprocess.Popen([sys.executable, "-c", LONG_SWEEP, str(out), variants, str(jobs)],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(condition, what: str) -> None:
