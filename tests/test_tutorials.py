@@ -13,8 +13,14 @@ import pytest
 TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("[0-9][0-9]_*.py"))
 
 
-def test_the_course_has_its_ten_lessons():
-    assert [path.name[:2] for path in TUTORIALS] == [f"{n:02d}" for n in range(1, 11)]
+def test_the_lessons_are_numbered_one_after_another_from_01():
+    assert len(TUTORIALS) >= 10
+    assert [path.name[:2] for path in TUTORIALS] == [f"{n:02d}" for n in range(1, len(TUTORIALS) + 1)]
+
+
+def test_the_course_readme_lists_every_lesson():
+    readme = (TUTORIALS[0].parent / "README.md").read_text()
+    assert [path.name for path in TUTORIALS if f"({path.name})" not in readme] == []
 
 
 def draws(path: Path) -> bool:
