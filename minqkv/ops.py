@@ -411,8 +411,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
     k, v = as_tensor(k, q, "causal_attention", "k"), as_tensor(v, q, "causal_attention", "v")
     bias = as_tensor(bias, q, "causal_attention", "bias") if bias is not None else None
     bias_data = bias.data if bias is not None else None
-    y, lse = kernels.attention(q.data, k.data, v.data, bias_data)  # (B, H, T, hd), (B, H, T)
     parents = (q, k, v) if bias is None else (q, k, v, bias)
+    if _heads_of_no_width(q, k, v):  # hd = 0: nothing to attend to, as in PyTorch; the kernels take hd >= 1
+        return Tensor.from_op(np.zeros(q.shape, q.dtype), parents,
+                              lambda g: tuple(np.zeros(p.shape, p.dtype) for p in parents), "causal_attention")
+    y, lse = kernels.attention(q.data, k.data, v.data, bias_data)  # (B, H, T, hd), (B, H, T)
 
     def backward(g):  # ds = p (g v^T - rowsum(g * y)); dq = ds k / sqrt(hd), dk = ds^T q / sqrt(hd), dv = p^T g
         want_dbias = bias is not None and bias.requires_grad
@@ -421,6 +424,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
         return (dq, dk, dv) if bias is None else (dq, dk, dv, dbias)
 
     return Tensor.from_op(y, parents, backward, "causal_attention")
+
+
+def _heads_of_no_width(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """q, k and v are 4-D with head width 0 and otherwise fit together: the empty attention (y has
+    no elements; every gradient is zero). Anything that does not fit goes on to the kernel's checks."""
+    if not (q.ndim == k.ndim == v.ndim == 4 and q.shape[3] == k.shape[3] == v.shape[3] == 0):
+        return False
+    (B, H, T, _), (Bk, Hkv, Tk, _) = q.shape, k.shape
+    return k.shape == v.shape and B == Bk and Tk >= T and (H == Hkv == 0 or (Hkv > 0 and H % Hkv == 0))
 
 
 def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:

@@ -420,10 +420,19 @@ def test_an_axis_out_of_range_names_the_axis_and_ndim(op, message):
         op(leaf(np.ones((2, 3))))
 
 
-def test_attention_with_heads_of_width_0_is_refused():
-    q = Tensor(np.ones((1, 2, 3, 0)))
-    with pytest.raises(ValueError, match="causal attention needs Tk >= T and hd >= 1"):
-        ops.causal_attention(q, q, q)
+def test_attention_with_heads_of_width_0_is_empty_with_zero_gradients():
+    q = Tensor(np.ones((1, 2, 3, 0)), requires_grad=True)
+    bias = Tensor(np.ones((2, 3, 3)), requires_grad=True)
+    y = ops.causal_attention(q, q, q, bias)
+    assert y.shape == (1, 2, 3, 0)
+    ops.sum(y).backward()
+    assert q.grad.shape == (1, 2, 3, 0) and np.array_equal(bias.grad, np.zeros((2, 3, 3)))
+
+
+def test_attention_with_heads_of_width_0_that_do_not_fit_is_refused():
+    q, k = Tensor(np.ones((1, 2, 3, 0))), Tensor(np.ones((1, 2, 2, 0)))  # 2 keys for 3 queries
+    with pytest.raises(ValueError, match="causal attention needs Tk >= T"):
+        ops.causal_attention(q, k, k)
 
 
 def test_pow_with_tensor_exponent_is_rejected():

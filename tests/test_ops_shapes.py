@@ -232,8 +232,16 @@ def sdpa(q, k, v, bias=None):
 ATTENTION_SHAPES = [
     ((2, 2, 5, 4), (2, 2, 5, 4)), ((1, 1, 1, 1), (1, 1, 1, 1)), ((2, 4, 3, 2), (2, 2, 5, 2)),
     ((0, 2, 3, 4), (0, 2, 3, 4)), ((2, 0, 3, 4), (2, 0, 3, 4)), ((2, 2, 0, 4), (2, 2, 3, 4)),
-    ((2, 2, 0, 4), (2, 2, 0, 4)),
+    ((2, 2, 0, 4), (2, 2, 0, 4)), ((2, 2, 3, 0), (2, 2, 5, 0)), ((2, 4, 3, 0), (2, 2, 3, 0)),
 ]
+
+
+def torch_fused_attention(q, k, v, bias):
+    """PyTorch's own fused attention with a causal bias (what sdpa spells out), for head width 0, where
+    sdpa's 1 / sqrt(hd) is 1 / 0: PyTorch returns the empty result and no gradient for the bias."""
+    T, Tk = q.shape[2], k.shape[2]
+    causal = torch.where(torch.ones(T, Tk, dtype=torch.bool).tril(Tk - T), 0.0, float("-inf")).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal + bias)
 
 
 def attention_cases():
@@ -242,6 +250,8 @@ def attention_cases():
                       [(2, 4, 3, 2), (2, 2, 5, 2), (2, 2, 5, 2), (4, 3, 5)]))
     cases.append(Case("causal_attention bias", ops.causal_attention, sdpa,
                       [(2, 4, 0, 2), (2, 2, 5, 2), (2, 2, 5, 2), (4, 0, 5)]))
+    cases.append(Case("causal_attention bias", ops.causal_attention, torch_fused_attention,
+                      [(2, 2, 3, 0), (2, 2, 5, 0), (2, 2, 5, 0), (2, 3, 5)]))
     return cases
 
 
