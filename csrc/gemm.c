@@ -99,28 +99,35 @@ static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t
  * it gives its three API functions (declared in minqkv.h); SUFFIX ends its private helpers.
  * The template #undefs all of these at its end, ready for the next dtype. */
 
-/* float32: a 6 x 16 tile is 12 AVX2 registers (of 16) or 6 AVX-512 registers.
- * KC x NR x 4 bytes = 16 KiB of packed B per panel (L1), MC x KC x 4 = 120 KiB of A (L2). */
+/* float32: a 6 x 32 tile is 12 AVX-512 registers (of 32). An Intel core issues two 16-wide
+ * fused multiply-adds per cycle, each ready 4 cycles later, so it needs 8 independent sums in
+ * flight: the 6 x 16 tile before this one (6 registers) kept it at 55-75% of its peak. Measured on
+ * the 16-core Intel Xeon host (a C program timing minqkv_gemm_f32 alone, best of many calls),
+ * GFLOPS at 1 thread: (768,128)@(128,384) 96 -> 162, 512^3 109 -> 107 (OpenBLAS 149); at 16
+ * threads: 512^3 705 -> 890, (4096,128)@(128,512) 963 -> 1046 (OpenBLAS 908-1061). On the 2-core
+ * AMD EPYC (Zen 4 runs AVX-512 at half width) both tiles give 100-107, its peak. On a CPU with
+ * AVX2 alone the tile takes 24 registers of 16 and spills: 6 x 16 would suit it better.
+ * KC x NR x 4 bytes = 32 KiB of packed B per panel (L1), MC x KC x 4 = 120 KiB of A (L2). */
 #define REAL float
 #define GEMM minqkv_gemm_f32
 #define GEMM_NAIVE minqkv_gemm_naive_f32
 #define GEMM_WORKSPACE minqkv_gemm_workspace_f32
 #define SUFFIX f32
 #define MR 6
-#define NR 16
+#define NR 32
 #define KC 256
 #define MC 120
 #define NC 2048
 #include "gemm_template.h"
 
-/* float64: the same tile in bytes, 6 x 8 doubles. */
+/* float64: the same tile in bytes, 6 x 16 doubles. */
 #define REAL double
 #define GEMM minqkv_gemm_f64
 #define GEMM_NAIVE minqkv_gemm_naive_f64
 #define GEMM_WORKSPACE minqkv_gemm_workspace_f64
 #define SUFFIX f64
 #define MR 6
-#define NR 8
+#define NR 16
 #define KC 256
 #define MC 120
 #define NC 1024

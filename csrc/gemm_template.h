@@ -80,8 +80,8 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
  * A is read where it lies (row_step lda and col_step 1, or 1 and lda when op(A) is A^T): the
  * micro-kernel only ever broadcasts single values of A, so it does not need them contiguous.
  *
- * Loop order p, r, c: for each p, one row of NR values of b is loaded (64 bytes: one AVX-512
- * or two AVX2 registers) and each A value is broadcast and multiplied into row r of the tile.
+ * Loop order p, r, c: for each p, one row of NR values of b is loaded (128 bytes: two AVX-512
+ * registers) and each A value is broadcast and multiplied into row r of the tile.
  * ROWS is a constant at every call (see tile below), so the compiler unrolls r and c completely
  * and keeps the whole tile in registers: the inner loop does only loads and fused multiply-adds.
  * With a variable bound the tile would live on the stack, zeroed and copied out one value at a

@@ -220,7 +220,7 @@ def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 12, 125])  # every row count of a tile (MR = 6), past MC = 120
 def test_matmul_c_reads_a_in_place_in_tiles_of_every_row_count(dtype, trans_a, trans_b, M):
     rng = np.random.default_rng(M)
-    for N in (1, 7, 8, 9, 15, 16, 17, 32):  # around NR (16 for float32, 8 for float64) and N = 32
+    for N in (1, 7, 15, 16, 17, 31, 32, 33, 63, 65):  # around NR (32 for float32, 16 for float64) and 2 NR
         for K in (1, 32, 257):  # one product, the attention's head size, past KC = 256
             a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(dtype)
             b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(dtype)
@@ -742,8 +742,18 @@ def test_freed_arrays_are_reused_without_page_faults_unless_switched_off():
 
 
 
-def test_minqkv_leaves_the_openmp_wait_policy_to_libgomp_and_the_user():
-    env = {name: value for name, value in os.environ.items() if name not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+def _wait_policy_seen_by_libgomp(**settings):
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "MINQKV_WAIT_POLICY")}
     code = "import os, minqkv.kernels\nprint(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
-    assert done.stdout.split() == ["None", "None"], done.stderr
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **settings},
+                          cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_the_wait_policy_is_left_to_libgomp_on_spin_and_set_passive_on_passive():
+    assert _wait_policy_seen_by_libgomp(MINQKV_WAIT_POLICY="spin") == ["None", "None"]
+    assert _wait_policy_seen_by_libgomp(MINQKV_WAIT_POLICY="passive") == ["None", "PASSIVE"]
+    # the user's own OpenMP setting always wins
+    assert _wait_policy_seen_by_libgomp(MINQKV_WAIT_POLICY="passive", OMP_WAIT_POLICY="ACTIVE") == ["None", "ACTIVE"]

@@ -128,3 +128,55 @@ if __name__ == "__main__":
     wrong = hammer()
     print(f"wrong results: {sorted(set(wrong))}" if wrong else "no wrong results")
     sys.exit(1 if wrong else 0)
+
+
+# ---- the wait policy chosen at import (runtime.choose_wait_policy): decided from numbers, no timing
+
+from minqkv.kernels.runtime import choose_wait_policy, wait_policy_for_children  # noqa: E402
+
+
+def test_threads_sleep_at_once_when_the_machine_is_busy():
+    assert choose_wait_policy(load_1min=2.0, cores=2, threads=2, environ={}) == "PASSIVE"
+
+
+def test_threads_keep_libgomps_spin_on_an_idle_machine():
+    assert choose_wait_policy(load_1min=0.1, cores=16, threads=16, environ={}) is None
+
+
+def test_a_single_thread_never_changes_the_policy():
+    assert choose_wait_policy(load_1min=8.0, cores=2, threads=1, environ={}) is None
+
+
+def test_an_unknown_load_leaves_libgomp_alone():
+    assert choose_wait_policy(load_1min=None, cores=2, threads=2, environ={}) is None
+
+
+@pytest.mark.parametrize("environ", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"},
+                                     {"MINQKV_WAIT_POLICY": "spin"}])
+def test_the_users_choice_wins_on_a_busy_machine(environ):
+    assert choose_wait_policy(load_1min=8.0, cores=2, threads=2, environ=environ) is None
+
+
+def test_minqkv_wait_policy_passive_forces_it_on_an_idle_machine():
+    assert choose_wait_policy(load_1min=0.0, cores=16, threads=16, environ={"MINQKV_WAIT_POLICY": "passive"}) == "PASSIVE"
+
+
+def test_an_unknown_minqkv_wait_policy_is_refused_by_name():
+    with pytest.raises(ValueError, match="MINQKV_WAIT_POLICY='sometimes'"):
+        choose_wait_policy(load_1min=0.0, cores=2, threads=2, environ={"MINQKV_WAIT_POLICY": "sometimes"})
+
+
+def test_children_inherit_the_parents_policy_instead_of_guessing_again(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert wait_policy_for_children() == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert wait_policy_for_children() == {"MINQKV_WAIT_POLICY": "spin"}
+
+
+def test_a_busy_import_sets_omp_wait_policy_before_libgomp_starts():
+    code = "import os, minqkv.kernels.runtime as r; print(r.WAIT_POLICY_SET, os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", code], env=dict(env, MINQKV_WAIT_POLICY="passive"),
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["PASSIVE", "PASSIVE"]

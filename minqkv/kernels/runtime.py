@@ -17,26 +17,6 @@ import warnings
 import numpy as np
 
 
-# minqkv leaves OpenMP's wait policy to libgomp's default (idle threads spin for milliseconds
-# before they sleep) or to the user's OMP_WAIT_POLICY / GOMP_SPINCOUNT. Measured on 2 cores, 2
-# threads: sleeping at once (PASSIVE) makes every kernel call wake its threads, which kept small
-# GEMMs on one thread, and shorter spins (3,000 or 10,000) let the threads fall asleep between
-# calls made back to back from Python, erratically (the (768,128)@(128,128) GEMM at 0.18-0.33x
-# OpenBLAS in some runs, 1.02-1.05x in others). The price of the default is paid on a machine
-# shared with busy processes: a thread spins through its time slice waiting for one that is not
-# running. A training step of the nanoGPT shape beside two busy processes took 844 ms with the
-# default and 62-133 ms with OMP_WAIT_POLICY=PASSIVE, which is what to set on such a machine.
-
-try:
-    from .._ccore import ffi, lib
-
-    HAVE_C = True
-    _IMPORT_ERROR = None
-except ImportError as _error:
-    ffi = lib = None
-    HAVE_C = False
-    _IMPORT_ERROR = _error
-
 BACKENDS = ("c", "numpy")
 MAX_ELEMENTS = np.iinfo(np.int64).max // 16  # so that byte offsets in C cannot overflow
 MAX_NUM_THREADS = 1024  # larger requests are capped: far beyond any useful count, and a C int
@@ -75,11 +55,86 @@ def _initial_num_threads():
             raise ValueError(f"MINQKV_NUM_THREADS={text!r} is not a thread count: use a whole number "
                              f">= 1, e.g. MINQKV_NUM_THREADS=4 (counts above {MAX_NUM_THREADS} are capped)")
         return min(int(text), MAX_NUM_THREADS)
+    return min(_available_cores(), MAX_NUM_THREADS)
+
+
+def _available_cores():
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return min(cores, MAX_NUM_THREADS)
+        return os.cpu_count() or 1
+
+
+# ---- OpenMP's wait policy --------------------------------------------------------------------
+
+# libgomp's default wait policy lets idle threads spin for milliseconds before they sleep, so a
+# kernel called right after another finds its threads awake. Measured on 2 cores, 2 threads:
+# sleeping at once (PASSIVE) makes every kernel call wake its threads, which kept small GEMMs on
+# one thread, and shorter spins (3,000 or 10,000) let the threads fall asleep between calls made
+# back to back from Python, erratically (the (768,128)@(128,128) GEMM at 0.18-0.33x OpenBLAS in
+# some runs, 1.02-1.05x in others). The price of spinning is paid on a busy machine: a thread spins
+# through its time slice waiting for one that is not running. A training step of the nanoGPT shape
+# beside two busy processes took 844 ms with the default and 62-133 ms with PASSIVE.
+#
+# So when minqkv is imported and its threads would not each find an idle core (1-minute load
+# average + threads > cores), it sets OMP_WAIT_POLICY=PASSIVE for libgomp, unless the user set
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT. It must be set before libgomp starts, that is before the C core
+# is imported below. MINQKV_WAIT_POLICY=auto (the default), spin (leave libgomp's default) or passive
+# overrides the guess. Measured with a training step of the nanoGPT shape (median of 10-30 steps,
+# ms, libgomp's default spin -> PASSIVE): 2-core AMD EPYC VM, 2 threads, beside two busy
+# processes (`yes > /dev/null` x2): 1569 -> 76 (one thread: 248); the same VM beside other work
+# (load 1.9): 294 -> 67. On an idle machine PASSIVE costs: the 16-core Intel Xeon host, 2 threads
+# 48.8 -> 47.7, 16 threads 19.9 -> 25.1. Hence PASSIVE only when the machine is busy.
+WAIT_POLICY_CHOICES = ("auto", "spin", "passive")
+
+
+def choose_wait_policy(load_1min, cores, threads, environ):
+    """'PASSIVE' when minqkv should set OMP_WAIT_POLICY=PASSIVE, else None (leave libgomp alone).
+
+    load_1min: the 1-minute load average (None where unknown); cores: the cores this process may
+    use; threads: the kernels' thread count; environ: the environment (a mapping)."""
+    choice = environ.get("MINQKV_WAIT_POLICY", "auto").strip().lower() or "auto"
+    if choice not in WAIT_POLICY_CHOICES:
+        raise ValueError(f"MINQKV_WAIT_POLICY={choice!r} is not a wait policy: use one of "
+                         + ", ".join(WAIT_POLICY_CHOICES))
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ or choice == "spin":
+        return None  # the user chose
+    if choice == "passive":
+        return "PASSIVE"
+    busy = load_1min is not None and threads > 1 and load_1min + threads > cores + 0.5
+    return "PASSIVE" if busy else None
+
+
+def _load_1min():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on a Unix
+        return None
+
+
+def wait_policy_for_children():
+    """Environment entries that give a child process this process's wait policy (a benchmark's
+    workers, started while the parent's own load is on the machine, would otherwise guess anew)."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return {key: os.environ[key] for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if key in os.environ}
+    return {"MINQKV_WAIT_POLICY": "spin"}
+
+
+WAIT_POLICY_SET = choose_wait_policy(_load_1min(), _available_cores(), _initial_num_threads(), os.environ)
+if WAIT_POLICY_SET:
+    os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY_SET
+
+# ---- the C core, backend and threads ----------------------------------------------------------
+
+try:
+    from .._ccore import ffi, lib
+
+    HAVE_C = True
+    _IMPORT_ERROR = None
+except ImportError as _error:
+    ffi = lib = None
+    HAVE_C = False
+    _IMPORT_ERROR = _error
 
 
 _backend = _initial_backend()
