@@ -9,6 +9,12 @@
  * (Dao et al., 2022). The forward pass saves one number per query, lse = m + log(l), and the
  * backward pass recomputes each probability from it: p = e^(s - lse).
  *
+ * A sliding window of W keys (Longformer, Beltagy et al. 2020; Mistral) lets each query see only
+ * the last W keys up to its own position. The passes then start a tile of queries at the first
+ * key its first query sees, and end a block of keys' queries at the last one that sees it:
+ * blocks outside every window of a tile are never read, so the cost grows as T * W, not T^2.
+ * Inside a block the window's edges are masked as the causal edge is (e^-inf = 0).
+ *
  * attention_template.h holds, in the order to read them:
  *   - minqkv_attention_naive, the readable reference: one query row at a time, in plain loops,
  *     on contiguous arrays, one thread. Tests check the fast kernel against it.
@@ -43,9 +49,9 @@
 
 static int attention_arguments_valid(const void *q, const void *k, const void *v, const void *y,
                                      int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
-                                     int64_t hd)
+                                     int64_t hd, int64_t window)
 {
-    if (B < 0 || H < 1 || Hkv < 1 || H % Hkv != 0 || T < 0 || Tk < T || hd < 1)
+    if (B < 0 || H < 1 || Hkv < 1 || H % Hkv != 0 || T < 0 || Tk < T || hd < 1 || window < 0)
         return 0;
     return B * T == 0 || (q && k && v && y);
 }
@@ -88,9 +94,29 @@ static inline int64_t heads_offset(minqkv_heads_layout layout, int64_t b, int64_
     return b * layout.batch + h * layout.head;
 }
 
-static int attention_threads(int64_t B, int64_t H, int64_t T, int64_t Tk, int64_t hd, int num_threads)
+/* The first key query row i sees: with a window of W keys, the W - 1 before its own position
+ * i + Tk - T and that one; with window 0 (or one reaching past key 0), key 0. */
+static inline int64_t first_visible_key(int64_t i, int64_t T, int64_t Tk, int64_t window)
 {
-    double work = (double)B * (double)H * (double)T * (double)Tk * (double)hd;
+    int64_t first = i + Tk - T - window + 1;
+    return window == 0 || first < 0 ? 0 : first;
+}
+
+/* The keys of the block [j0, j0 + width) that query row i sees, as offsets into the block:
+ * [*begin, *end), empty when *begin >= *end. */
+static inline void visible_in_block(int64_t i, int64_t j0, int64_t width, int64_t T, int64_t Tk,
+                                    int64_t window, int64_t *begin, int64_t *end)
+{
+    int64_t first = first_visible_key(i, T, Tk, window) - j0, last = i + Tk - T - j0;
+    *begin = first > 0 ? first : 0;
+    *end = min_i64(width, last + 1);
+}
+
+static int attention_threads(int64_t B, int64_t H, int64_t T, int64_t Tk, int64_t hd, int64_t window,
+                             int num_threads)
+{
+    int64_t keys_per_query = window > 0 && window < Tk ? window : Tk; /* at most; causal rows see fewer */
+    double work = (double)B * (double)H * (double)T * (double)keys_per_query * (double)hd;
     return threads_for_work(work, PARALLEL_MIN_WORK, num_threads);
 }
 

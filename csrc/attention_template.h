@@ -79,7 +79,8 @@ static REAL NAME(naive_score)(const REAL *qi, const REAL *kj, const REAL *bias_r
 
 /* The readable reference: what the fast passes below compute, one query row at a time in plain
  * loops (contiguous arrays, one thread; see minqkv.h for the shapes). For query row i of head h,
- * which reads key/value head h / (H / Hkv) and sees keys j = 0 .. i + Tk - T:
+ * which reads key/value head h / (H / Hkv) and sees keys j = first .. i + Tk - T (first = 0, or
+ * with a window of W keys the W - 1 before i + Tk - T: first_visible_key):
  *   m = max_j s_j with s_j = scale q_i . k_j + bias[h][i][j]      (first pass over the keys)
  *   l = sum_j e^(s_j - m), y_i = sum_j e^(s_j - m) v_j / l         (second pass)
  *   lse_i = m + log(l)
@@ -87,9 +88,9 @@ static REAL NAME(naive_score)(const REAL *qi, const REAL *kj, const REAL *bias_r
  * nothing is written but y and lse. */
 int NAME(minqkv_attention_naive)(const REAL *q, const REAL *k, const REAL *v, const REAL *bias, REAL *y,
                                  REAL *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
-                                 int64_t hd, double scale)
+                                 int64_t hd, int64_t window, double scale)
 {
-    if (!attention_arguments_valid(q, k, v, y, B, H, Hkv, T, Tk, hd) || (B * T > 0 && !lse))
+    if (!attention_arguments_valid(q, k, v, y, B, H, Hkv, T, Tk, hd, window) || (B * T > 0 && !lse))
         return MINQKV_BAD_ARGUMENT;
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {
@@ -99,16 +100,16 @@ int NAME(minqkv_attention_naive)(const REAL *q, const REAL *k, const REAL *v, co
                 const REAL *qi = q + ((b * H + h) * T + i) * hd;
                 const REAL *bias_row = bias ? bias + (h * T + i) * Tk : NULL;
                 REAL *yi = y + ((b * H + h) * T + i) * hd;
-                int64_t visible = i + Tk - T + 1;
+                int64_t first = first_visible_key(i, T, Tk, window), last = i + Tk - T;
                 REAL m = -INFINITY;
-                for (int64_t j = 0; j < visible; j++) {
+                for (int64_t j = first; j <= last; j++) {
                     REAL s = NAME(naive_score)(qi, k_head + j * hd, bias_row, j, hd, (REAL)scale);
                     m = s > m ? s : m;
                 }
                 REAL l = 0;
                 for (int64_t d = 0; d < hd; d++)
                     yi[d] = 0;
-                for (int64_t j = 0; j < visible; j++) {
+                for (int64_t j = first; j <= last; j++) {
                     REAL p = EXP(NAME(naive_score)(qi, k_head + j * hd, bias_row, j, hd, (REAL)scale) - m);
                     l += p;
                     for (int64_t d = 0; d < hd; d++)
@@ -132,16 +133,18 @@ struct NAME(forward_arrays) {
     int64_t q_row, k_row, v_row, y_row;
 };
 
-/* One head, rows [i0, i1) of its queries (see forward_arrays); row i sees keys 0 .. i + Tk - T.
- * The forward pass of heads wider than TILED_MAX_HEAD_DIM (attention_tiles below takes the others).
+/* One head, rows [i0, i1) of its queries (see forward_arrays); row i sees keys
+ * first_visible_key(i) .. i + Tk - T. The forward pass of heads wider than TILED_MAX_HEAD_DIM
+ * (attention_tiles below takes the others).
  *
- * Loop order, per block of keys [j0, j1): first the scores of every row of the block against
- * every key of it, as outer products: a chunk of the key block is copied transposed into
- * key_columns (head dimension by key), so that for each q[i][d] the inner loop runs along
- * contiguous keys (vector registers hold consecutive keys, no horizontal sums). Then, row by
- * row, the online softmax update and the weighted sum of the block's values into y[i]. */
+ * Loop order, per block of keys [j0, j1) from the first key row i0 sees: first the scores of
+ * every row of the block against every key of it, as outer products: a chunk of the key block is
+ * copied transposed into key_columns (head dimension by key), so that for each q[i][d] the inner
+ * loop runs along contiguous keys (vector registers hold consecutive keys, no horizontal sums).
+ * Then, row by row, the online softmax update and the weighted sum of the block's values into y[i]. */
 static HOT_KERNEL void NAME(attention_rows)(const struct NAME(forward_arrays) *a, int64_t i0,
-                                            int64_t i1, int64_t T, int64_t Tk, int64_t hd, REAL scale)
+                                            int64_t i1, int64_t T, int64_t Tk, int64_t hd,
+                                            int64_t window, REAL scale)
 {
     REAL scores[QUERY_BLOCK][KEY_BLOCK];
     REAL key_columns[HEAD_CHUNK][KEY_BLOCK];
@@ -154,7 +157,7 @@ static HOT_KERNEL void NAME(attention_rows)(const struct NAME(forward_arrays) *a
             a->y[(i0 + r) * a->y_row + d] = 0;
     }
     int64_t last_visible = i1 - 1 + Tk - T; /* the last key the block's last row sees */
-    for (int64_t j0 = 0; j0 <= last_visible; j0 += KEY_BLOCK) {
+    for (int64_t j0 = first_visible_key(i0, T, Tk, window); j0 <= last_visible; j0 += KEY_BLOCK) {
         int64_t width = min_i64(KEY_BLOCK, last_visible + 1 - j0); /* keys [j0, j0 + width) */
         for (int64_t r = 0; r < rows; r++)
             for (int64_t jj = 0; jj < width; jj++)
@@ -175,11 +178,12 @@ static HOT_KERNEL void NAME(attention_rows)(const struct NAME(forward_arrays) *a
             }
         }
         for (int64_t r = 0; r < rows; r++) {
-            int64_t i = i0 + r, visible = min_i64(width, i + Tk - T + 1 - j0); /* keys j0 .. j0 + visible - 1 */
-            if (visible <= 0)
+            int64_t i = i0 + r, begin, end; /* the row sees keys j0 + begin .. j0 + end - 1 */
+            visible_in_block(i, j0, width, T, Tk, window, &begin, &end);
+            if (begin >= end)
                 continue;
             REAL block_max = -INFINITY;
-            for (int64_t jj = 0; jj < visible; jj++) {
+            for (int64_t jj = begin; jj < end; jj++) {
                 REAL s = scores[r][jj] * scale + (a->bias ? a->bias[i * Tk + j0 + jj] : 0);
                 scores[r][jj] = s;
                 block_max = s > block_max ? s : block_max;
@@ -195,13 +199,13 @@ static HOT_KERNEL void NAME(attention_rows)(const struct NAME(forward_arrays) *a
             row_max[r] = new_max;
             REAL block_sum = 0;
 #pragma omp simd reduction(+ : block_sum)
-            for (int64_t jj = 0; jj < visible; jj++) { /* scores become probabilities (unnormalised) */
+            for (int64_t jj = begin; jj < end; jj++) { /* scores become probabilities (unnormalised) */
                 REAL p = EXP(scores[r][jj] - new_max);
                 scores[r][jj] = p;
                 block_sum += p;
             }
             row_sum[r] += block_sum;
-            for (int64_t jj = 0; jj < visible; jj++) {
+            for (int64_t jj = begin; jj < end; jj++) {
                 REAL p = scores[r][jj];
                 const REAL *vj = a->v + (j0 + jj) * a->v_row;
 #pragma omp simd
@@ -230,20 +234,22 @@ struct NAME(forward_tiles) {
 
 /* The online softmax step of a tile, row by row, in place: the scores S of queries i0 + r and
  * keys j0 + jj become e^(scale S + bias - m') with m' the new running maximum (0 on hidden
- * pairs and padding rows), and what the row summed so far is rescaled by e^(m - m'). */
+ * pairs, before the window or after the causal edge, and on padding rows), and what the row
+ * summed so far is rescaled by e^(m - m'). */
 static ALWAYS_INLINE void NAME(online_softmax_tile)(struct NAME(forward_tiles) *t, const REAL *bias,
                                                     int64_t i0, int64_t rows, int64_t padded_rows,
                                                     int64_t j0, int64_t width, int64_t T, int64_t Tk,
-                                                    int64_t hdp, REAL scale)
+                                                    int64_t window, int64_t hdp, REAL scale)
 {
     for (int64_t r = 0; r < padded_rows; r++) {
-        int64_t i = i0 + r;
-        int64_t visible = r < rows ? min_i64(width, i + Tk - T + 1 - j0) : 0; /* keys j0 .. j0 + visible - 1 */
+        int64_t i = i0 + r, begin = 0, end = 0; /* the row sees keys j0 + begin .. j0 + end - 1 */
+        if (r < rows)
+            visible_in_block(i, j0, width, T, Tk, window, &begin, &end);
         REAL *p = t->probs + r * KEY_TILE;
-        if (visible > 0) {
+        if (begin < end) {
             const REAL *bias_row = bias ? bias + i * Tk + j0 : NULL;
             REAL block_max = -INFINITY;
-            for (int64_t jj = 0; jj < visible; jj++) {
+            for (int64_t jj = begin; jj < end; jj++) {
                 p[jj] = p[jj] * scale + (bias_row ? bias_row[jj] : 0);
                 block_max = p[jj] > block_max ? p[jj] : block_max;
             }
@@ -257,14 +263,15 @@ static ALWAYS_INLINE void NAME(online_softmax_tile)(struct NAME(forward_tiles) *
             t->row_max[r] = new_max;
             REAL block_sum = 0;
 #pragma omp simd reduction(+ : block_sum)
-            for (int64_t jj = 0; jj < visible; jj++) {
+            for (int64_t jj = begin; jj < end; jj++) {
                 p[jj] = EXP(p[jj] - new_max);
                 block_sum += p[jj];
             }
             t->row_sum[r] += block_sum;
         }
-        for (int64_t jj = visible < 0 ? 0 : visible; jj < KEY_TILE; jj++)
-            p[jj] = 0;
+        for (int64_t jj = 0; jj < KEY_TILE; jj++)
+            if (jj < begin || jj >= end)
+                p[jj] = 0;
     }
 }
 
@@ -274,9 +281,11 @@ static ALWAYS_INLINE void NAME(online_softmax_tile)(struct NAME(forward_tiles) *
  *   S = Q K^T                 (QT, hd) @ (hd, KT) -> (QT, KT)
  *   P = e^(scale S + bias - m), the online softmax step (online_softmax_tile)
  *   O += P V                  (QT, KT) @ (KT, hd) -> (QT, hd)
- * and at the end y = O / l, lse = m + log(l). */
+ * and at the end y = O / l, lse = m + log(l). The key tiles start at the first key the tile's
+ * first query sees (key 0 without a window), so no tile lies outside every window. */
 static HOT_KERNEL void NAME(attention_tiles)(const struct NAME(forward_arrays) *arrays, int64_t i0,
-                                             int64_t i1, int64_t T, int64_t Tk, int64_t hd, REAL scale)
+                                             int64_t i1, int64_t T, int64_t Tk, int64_t hd,
+                                             int64_t window, REAL scale)
 {
     /* a local copy, which GCC keeps in registers; read through the pointer it runs ~8% slower */
     const struct NAME(forward_arrays) local = *arrays, *a = &local;
@@ -290,14 +299,14 @@ static HOT_KERNEL void NAME(attention_tiles)(const struct NAME(forward_arrays) *
         t.row_sum[r] = 0;
     }
     int64_t last_visible = i1 - 1 + Tk - T; /* the last key the tile's last query sees */
-    for (int64_t j0 = 0; j0 <= last_visible; j0 += KEY_TILE) {
+    for (int64_t j0 = first_visible_key(i0, T, Tk, window); j0 <= last_visible; j0 += KEY_TILE) {
         int64_t width = min_i64(KEY_TILE, last_visible + 1 - j0); /* keys [j0, j0 + width) */
         NAME(copy_transposed)(a->k + j0 * a->k_row, a->k_row, width, hd, t.key_columns);
         NAME(copy_padded)(a->v + j0 * a->v_row, a->v_row, width, hd, t.values, width, hdp);
         for (int64_t e = 0; e < padded_rows * KEY_TILE; e++)
             t.probs[e] = 0;
         NAME(tile_product)(padded_rows, KEY_TILE, hd, t.queries, hdp, 1, t.key_columns, KEY_TILE, t.probs, KEY_TILE);
-        NAME(online_softmax_tile)(&t, a->bias, i0, rows, padded_rows, j0, width, T, Tk, hdp, scale);
+        NAME(online_softmax_tile)(&t, a->bias, i0, rows, padded_rows, j0, width, T, Tk, window, hdp, scale);
         NAME(tile_product)(padded_rows, hdp, width, t.probs, KEY_TILE, 1, t.values, hdp, t.output, hdp);
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -312,9 +321,9 @@ int NAME(minqkv_attention)(const REAL *q, minqkv_heads_layout q_layout, const RE
                            minqkv_heads_layout k_layout, const REAL *v, minqkv_heads_layout v_layout,
                            const REAL *bias, REAL *y, minqkv_heads_layout y_layout, REAL *lse,
                            int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk, int64_t hd,
-                           double scale, int num_threads)
+                           int64_t window, double scale, int num_threads)
 {
-    if (!attention_arguments_valid(q, k, v, y, B, H, Hkv, T, Tk, hd) || (B * T > 0 && !lse))
+    if (!attention_arguments_valid(q, k, v, y, B, H, Hkv, T, Tk, hd, window) || (B * T > 0 && !lse))
         return MINQKV_BAD_ARGUMENT;
     if (!layout_valid(q_layout, B, H, T, hd, 0) || !layout_valid(k_layout, B, Hkv, Tk, hd, 0)
         || !layout_valid(v_layout, B, Hkv, Tk, hd, 0) || !layout_valid(y_layout, B, H, T, hd, 1))
@@ -323,7 +332,7 @@ int NAME(minqkv_attention)(const REAL *q, minqkv_heads_layout q_layout, const RE
     int tiled = hd <= TILED_MAX_HEAD_DIM; /* wider heads go one row at a time */
     int64_t block = tiled ? QUERY_TILE : QUERY_BLOCK;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) \
-    num_threads(attention_threads(B, H, T, Tk, hd, num_threads))
+    num_threads(attention_threads(B, H, T, Tk, hd, window, num_threads))
     for (int64_t z = 0; z < B * H; z++) {
         for (int64_t i0 = 0; i0 < T; i0 += block) {
             int64_t b = z / H, h = z % H, kv = h / group, i1 = min_i64(i0 + block, T);
@@ -336,9 +345,9 @@ int NAME(minqkv_attention)(const REAL *q, minqkv_heads_layout q_layout, const RE
                 .lse = lse + z * T,
             };
             if (tiled)
-                NAME(attention_tiles)(&a, i0, i1, T, Tk, hd, (REAL)scale);
+                NAME(attention_tiles)(&a, i0, i1, T, Tk, hd, window, (REAL)scale);
             else
-                NAME(attention_rows)(&a, i0, i1, T, Tk, hd, (REAL)scale);
+                NAME(attention_rows)(&a, i0, i1, T, Tk, hd, window, (REAL)scale);
         }
     }
     return MINQKV_OK;
@@ -362,13 +371,14 @@ struct NAME(backward_arrays) {
  *   dv_j += p dy_i;  dk_j += scale ds q_i;  dq_i += scale ds k_j;  dbias[i, j] += ds
  * It adds into dq, dk and dv: the caller zeroes them first. */
 static HOT_KERNEL void NAME(attention_backward_pairs)(const struct NAME(backward_arrays) *a,
-                                                      int64_t T, int64_t Tk, int64_t hd, REAL scale)
+                                                      int64_t T, int64_t Tk, int64_t hd,
+                                                      int64_t window, REAL scale)
 {
     for (int64_t i = 0; i < T; i++) {
         const REAL *qi = a->q + i * a->q_row, *dyi = a->dy + i * a->dy_row;
         REAL *dqi = a->dq + i * a->dq_row;
         REAL D = NAME(dot)(dyi, a->y + i * a->y_row, hd), row_lse = a->lse[i];
-        for (int64_t j = 0; j <= i + Tk - T; j++) {
+        for (int64_t j = first_visible_key(i, T, Tk, window); j <= i + Tk - T; j++) {
             const REAL *kj = a->k + j * a->k_row, *vj = a->v + j * a->v_row;
             REAL s = NAME(dot)(qi, kj, hd) * scale + (a->bias ? a->bias[i * Tk + j] : 0);
             REAL p = EXP(s - row_lse);
@@ -403,35 +413,46 @@ struct NAME(backward_tiles) {
 };
 
 /* From the scores S and dP = dY V^T of a (query block, key block) tile, in place:
- * P = e^(scale S + bias - lse) and dS = P (dP - D) on visible pairs, 0 elsewhere (and on the
- * padding rows); dS is also added into dbias. Rows are queries i0 + r, columns keys j0 + jj. */
+ * P = e^(scale S + bias - lse) and dS = P (dP - D) on visible pairs, 0 elsewhere (before the
+ * window, after the causal edge, on the padding rows); dS is also added into dbias. Rows are
+ * queries i0 + r, columns keys j0 + jj. */
 static ALWAYS_INLINE void NAME(probabilities_and_dscores)(struct NAME(backward_tiles) *t,
                                                           const REAL *bias, const REAL *lse,
                                                           REAL *dbias, int64_t i0, int64_t rows,
                                                           int64_t padded_rows, int64_t j0,
                                                           int64_t width, int64_t T, int64_t Tk,
-                                                          REAL scale)
+                                                          int64_t window, REAL scale)
 {
     for (int64_t r = 0; r < padded_rows; r++) {
-        int64_t i = i0 + r;
-        int64_t visible = r < rows ? min_i64(width, i + Tk - T + 1 - j0) : 0; /* keys j0 .. j0 + visible - 1 */
+        int64_t i = i0 + r, begin = 0, end = 0; /* the row sees keys j0 + begin .. j0 + end - 1 */
+        if (r < rows)
+            visible_in_block(i, j0, width, T, Tk, window, &begin, &end);
         REAL *p = t->probs + r * KEY_TILE, *ds = t->dscores + r * KEY_TILE;
-        if (visible > 0) {
+        if (begin < end) {
             const REAL *bias_row = bias ? bias + i * Tk + j0 : NULL;
             REAL row_lse = lse[i], D = t->row_dot[r];
 #pragma omp simd
-            for (int64_t jj = 0; jj < visible; jj++) {
+            for (int64_t jj = begin; jj < end; jj++) {
                 REAL pj = EXP(p[jj] * scale + (bias_row ? bias_row[jj] : 0) - row_lse);
                 p[jj] = pj;
                 ds[jj] = pj * (ds[jj] - D);
             }
             if (dbias)
-                for (int64_t jj = 0; jj < visible; jj++)
+                for (int64_t jj = begin; jj < end; jj++)
                     dbias[i * Tk + j0 + jj] += ds[jj];
         }
-        for (int64_t jj = visible < 0 ? 0 : visible; jj < KEY_TILE; jj++)
-            p[jj] = ds[jj] = 0;
+        for (int64_t jj = 0; jj < KEY_TILE; jj++)
+            if (jj < begin || jj >= end)
+                p[jj] = ds[jj] = 0;
     }
+}
+
+/* Set rows [0, rows) of x (hd wide, row r at x + r * x_row) to zero. */
+static void NAME(zero_rows)(REAL *x, int64_t x_row, int64_t rows, int64_t hd)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t d = 0; d < hd; d++)
+            x[r * x_row + d] = 0;
 }
 
 /* The same backward pass as attention_backward_pairs, as small matrix products over tiles of
@@ -445,15 +466,24 @@ static ALWAYS_INLINE void NAME(probabilities_and_dscores)(struct NAME(backward_t
  * (dK and dQ take the factor scale once, when added to the output). Each product runs on
  * register tiles (tile_product) instead of one dot product per (query, key) pair. Head widths
  * up to TILED_MAX_HEAD_DIM; tiles are zero-padded to whole register tiles.
- * No zeroing beforehand: every query sees key block 0, which stores its dQ (the later blocks
- * add); the first query head of a group stores dK and dV (the others add). A pass less over
- * memory: dq, dk and dv of one head are rows far apart when stored token by token. */
+ * The key blocks start at the first key any query sees (key 0 but under a window with Tk > T);
+ * the keys before it get zero gradients. A key block's queries run from the first that sees its
+ * first key to the last that sees its last key (all of them but under a window).
+ * No zeroing beforehand: the first key block a query sees stores its dQ (the later blocks add);
+ * the first query head of a group stores dK and dV (the others add). A pass less over memory:
+ * dq, dk and dv of one head are rows far apart when stored token by token. */
 static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward_arrays) *a,
-                                                      int64_t T, int64_t Tk, int64_t hd, REAL scale)
+                                                      int64_t T, int64_t Tk, int64_t hd,
+                                                      int64_t window, REAL scale)
 {
     struct NAME(backward_tiles) t;
     const int64_t KB = KEY_TILE, hdp = round_up(hd, REGISTER_COLS); /* padded head width */
-    for (int64_t j0 = 0; j0 < Tk; j0 += KB) {
+    int64_t first_seen = first_visible_key(0, T, Tk, window);
+    if (a->first_of_group) {
+        NAME(zero_rows)(a->dk, a->dk_row, first_seen, hd);
+        NAME(zero_rows)(a->dv, a->dv_row, first_seen, hd);
+    }
+    for (int64_t j0 = first_seen; j0 < Tk; j0 += KB) {
         int64_t width = min_i64(KB, Tk - j0); /* keys [j0, j0 + width) */
         NAME(copy_transposed)(a->k + j0 * a->k_row, a->k_row, width, hd, t.key_columns);
         NAME(copy_transposed)(a->v + j0 * a->v_row, a->v_row, width, hd, t.value_columns);
@@ -461,8 +491,9 @@ static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward
         for (int64_t e = 0; e < KB * hdp; e++)
             t.dk[e] = t.dv[e] = 0;
         int64_t first_query = j0 - (Tk - T) > 0 ? j0 - (Tk - T) : 0; /* the first that sees key j0 */
-        for (int64_t i0 = first_query; i0 < T; i0 += QUERY_TILE) {
-            int64_t rows = min_i64(QUERY_TILE, T - i0), padded_rows = round_up(rows, REGISTER_ROWS);
+        int64_t last_query = window ? min_i64(T - 1, j0 + width - 2 + window - (Tk - T)) : T - 1;
+        for (int64_t i0 = first_query; i0 <= last_query; i0 += QUERY_TILE) {
+            int64_t rows = min_i64(QUERY_TILE, last_query + 1 - i0), padded_rows = round_up(rows, REGISTER_ROWS);
             NAME(copy_padded)(a->q + i0 * a->q_row, a->q_row, rows, hd, t.queries, padded_rows, hdp);
             NAME(copy_padded)(a->dy + i0 * a->dy_row, a->dy_row, rows, hd, t.dy, padded_rows, hdp);
             for (int64_t r = 0; r < rows; r++)
@@ -472,7 +503,7 @@ static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward
             NAME(tile_product)(padded_rows, KB, hd, t.queries, hdp, 1, t.key_columns, KB, t.probs, KB);
             NAME(tile_product)(padded_rows, KB, hd, t.dy, hdp, 1, t.value_columns, KB, t.dscores, KB);
             NAME(probabilities_and_dscores)(&t, a->bias, a->lse, a->dbias, i0, rows, padded_rows, j0,
-                                            width, T, Tk, scale);
+                                            width, T, Tk, window, scale);
             NAME(tile_product)(KB, hdp, rows, t.probs, 1, KB, t.dy, hdp, t.dv, hdp);
             NAME(tile_product)(KB, hdp, rows, t.dscores, 1, KB, t.queries, hdp, t.dk, hdp);
             for (int64_t e = 0; e < padded_rows * hdp; e++)
@@ -480,8 +511,9 @@ static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward
             NAME(tile_product)(padded_rows, hdp, width, t.dscores, KB, 1, t.keys, hdp, t.dq, hdp);
             for (int64_t r = 0; r < rows; r++) {
                 REAL *dqi = a->dq + (i0 + r) * a->dq_row;
+                int first_block = first_visible_key(i0 + r, T, Tk, window) >= j0; /* of this query's */
                 for (int64_t d = 0; d < hd; d++)
-                    dqi[d] = (j0 == 0 ? 0 : dqi[d]) + scale * t.dq[r * hdp + d];
+                    dqi[d] = (first_block ? 0 : dqi[d]) + scale * t.dq[r * hdp + d];
             }
         }
         for (int64_t jj = 0; jj < width; jj++) {
@@ -494,14 +526,6 @@ static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward
     }
 }
 
-/* Set rows [0, rows) of x (hd wide, row r at x + r * x_row) to zero. */
-static void NAME(zero_rows)(REAL *x, int64_t x_row, int64_t rows, int64_t hd)
-{
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t d = 0; d < hd; d++)
-            x[r * x_row + d] = 0;
-}
-
 int NAME(minqkv_attention_backward)(const REAL *q, minqkv_heads_layout q_layout, const REAL *k,
                                     minqkv_heads_layout k_layout, const REAL *v,
                                     minqkv_heads_layout v_layout, const REAL *bias, const REAL *y,
@@ -510,10 +534,10 @@ int NAME(minqkv_attention_backward)(const REAL *q, minqkv_heads_layout q_layout,
                                     minqkv_heads_layout dq_layout, REAL *dk,
                                     minqkv_heads_layout dk_layout, REAL *dv,
                                     minqkv_heads_layout dv_layout, REAL *dbias, int64_t B, int64_t H,
-                                    int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, double scale,
-                                    int num_threads)
+                                    int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, int64_t window,
+                                    double scale, int num_threads)
 {
-    if (!attention_arguments_valid(q, k, v, y, B, H, Hkv, T, Tk, hd))
+    if (!attention_arguments_valid(q, k, v, y, B, H, Hkv, T, Tk, hd, window))
         return MINQKV_BAD_ARGUMENT;
     if (B * T > 0 && (!lse || !dy || !dq || !dk || !dv || (dbias && !bias)))
         return MINQKV_BAD_ARGUMENT;
@@ -523,7 +547,7 @@ int NAME(minqkv_attention_backward)(const REAL *q, minqkv_heads_layout q_layout,
         || !layout_valid(dk_layout, B, Hkv, Tk, hd, 1) || !layout_valid(dv_layout, B, Hkv, Tk, hd, 1))
         return MINQKV_BAD_ARGUMENT;
     int64_t group = H / Hkv;
-    int threads = attention_threads(B, H, T, Tk, hd, num_threads);
+    int threads = attention_threads(B, H, T, Tk, hd, window, num_threads);
     /* A unit of work owns the gradients it writes: dk and dv of a key/value head, dq of the group
      * of query heads that read it and, with dbias, their dbias rows, which it zeroes itself (in its
      * thread) where it adds into them. Every batch row adds into the same dbias[h], so with dbias
@@ -561,9 +585,9 @@ int NAME(minqkv_attention_backward)(const REAL *q, minqkv_heads_layout q_layout,
                     .first_of_group = h == kv * group,
                 };
                 if (tiled)
-                    NAME(attention_backward_tiles)(&a, T, Tk, hd, (REAL)scale);
+                    NAME(attention_backward_tiles)(&a, T, Tk, hd, window, (REAL)scale);
                 else
-                    NAME(attention_backward_pairs)(&a, T, Tk, hd, (REAL)scale);
+                    NAME(attention_backward_pairs)(&a, T, Tk, hd, window, (REAL)scale);
             }
         }
     }

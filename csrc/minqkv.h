@@ -187,13 +187,16 @@ int minqkv_adamw_f64(double *param, const double *grad, double *m, double *v, in
  * Strides are never negative, and the rows of an array written here (y, dq, dk, dv) must not
  * overlap each other, nor any array read here: the kernels check the first two and trust the last.
  * Query head h reads key/value head h / (H / Hkv) (grouped-query attention).
- * Query row i sits at position Tk - T + i and sees keys j <= i + (Tk - T).
+ * Query row i sits at position Tk - T + i and sees keys j <= i + (Tk - T); with window W >= 1 only
+ * the last W of them, i + (Tk - T) - W < j (a causal sliding window; window 0: every earlier key).
+ * Key blocks outside every window are skipped, so the cost grows as T * W rather than T * Tk.
  *   forward:  s_ij = scale q_i . k_j + bias[h][i][j]; lse_i = log(sum_j e^(s_ij));
  *             y_i = sum_j e^(s_ij - lse_i) v_j                          (over visible j)
  *   backward: with p_ij = e^(s_ij - lse_i), dp_ij = dy_i . v_j, ds_ij = p_ij (dp_ij - dy_i . y_i):
  *             dq_i = scale sum_j ds_ij k_j; dk_j = scale sum_i ds_ij q_i; dv_j = sum_i p_ij dy_i;
  *             dbias[h][i][j] = sum over the batch of ds_ij          (dq, dk, dv, dbias overwritten)
- * Threads share (batch row, head) pairs.
+ * Threads share (batch row, head) pairs; the forward pass also blocks of queries.
+ * Returns MINQKV_OK or MINQKV_BAD_ARGUMENT (a size, layout or window out of range).
  */
 typedef struct {
     int64_t batch, head, row;
@@ -203,12 +206,12 @@ int minqkv_attention_f32(const float *q, minqkv_heads_layout q_layout, const flo
                          minqkv_heads_layout k_layout, const float *v, minqkv_heads_layout v_layout,
                          const float *bias, float *y, minqkv_heads_layout y_layout, float *lse,
                          int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk, int64_t hd,
-                         double scale, int num_threads);
+                         int64_t window, double scale, int num_threads);
 int minqkv_attention_f64(const double *q, minqkv_heads_layout q_layout, const double *k,
                          minqkv_heads_layout k_layout, const double *v, minqkv_heads_layout v_layout,
                          const double *bias, double *y, minqkv_heads_layout y_layout, double *lse,
                          int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk, int64_t hd,
-                         double scale, int num_threads);
+                         int64_t window, double scale, int num_threads);
 int minqkv_attention_backward_f32(const float *q, minqkv_heads_layout q_layout, const float *k,
                                   minqkv_heads_layout k_layout, const float *v,
                                   minqkv_heads_layout v_layout, const float *bias, const float *y,
@@ -217,8 +220,8 @@ int minqkv_attention_backward_f32(const float *q, minqkv_heads_layout q_layout, 
                                   minqkv_heads_layout dq_layout, float *dk,
                                   minqkv_heads_layout dk_layout, float *dv,
                                   minqkv_heads_layout dv_layout, float *dbias, int64_t B, int64_t H,
-                                  int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, double scale,
-                                  int num_threads);
+                                  int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, int64_t window,
+                                  double scale, int num_threads);
 int minqkv_attention_backward_f64(const double *q, minqkv_heads_layout q_layout, const double *k,
                                   minqkv_heads_layout k_layout, const double *v,
                                   minqkv_heads_layout v_layout, const double *bias, const double *y,
@@ -227,8 +230,8 @@ int minqkv_attention_backward_f64(const double *q, minqkv_heads_layout q_layout,
                                   minqkv_heads_layout dq_layout, double *dk,
                                   minqkv_heads_layout dk_layout, double *dv,
                                   minqkv_heads_layout dv_layout, double *dbias, int64_t B, int64_t H,
-                                  int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, double scale,
-                                  int num_threads);
+                                  int64_t Hkv, int64_t T, int64_t Tk, int64_t hd, int64_t window,
+                                  double scale, int num_threads);
 
 /* ---- Naive causal attention: the same forward pass, written as plain loops ----
  *
@@ -239,9 +242,9 @@ int minqkv_attention_backward_f64(const double *q, minqkv_heads_layout q_layout,
  */
 int minqkv_attention_naive_f32(const float *q, const float *k, const float *v, const float *bias,
                                float *y, float *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T,
-                               int64_t Tk, int64_t hd, double scale);
+                               int64_t Tk, int64_t hd, int64_t window, double scale);
 int minqkv_attention_naive_f64(const double *q, const double *k, const double *v, const double *bias,
                                double *y, double *lse, int64_t B, int64_t H, int64_t Hkv, int64_t T,
-                               int64_t Tk, int64_t hd, double scale);
+                               int64_t Tk, int64_t hd, int64_t window, double scale);
 
 #endif

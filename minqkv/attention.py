@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import ops
+from . import linear_attention, ops
 # the code grammar (15 codes, their names, parsing) is the first part of a label: modifiers.py has it
 from .modifiers import ALL_CODES, NAMES, canonical_code, names_of, parse_code  # noqa: F401
 from .nn import Dropout, Module, Parameter
@@ -92,6 +92,7 @@ class AttentionSpec:
         _check_sym_init(self)
         _check_latent_kv(self)
         _check_gate(self)
+        _check_linear(self)
 
     def width(self, role: str) -> int:
         """Output width of a role: Q has all heads, K and V have the config's kv_heads heads."""
@@ -101,6 +102,16 @@ class AttentionSpec:
     def latent(self) -> bool:
         """K and V are up-projected from a latent c = x W_down (multi-head latent attention)."""
         return self.config.latent_kv is not None
+
+    @property
+    def linear(self) -> bool:
+        """Linear attention (elu + 1 or Performer features) in place of softmax: a state, not a KV cache."""
+        return self.config.linear_features is not None
+
+    def feature_width(self) -> int:
+        """Features per head of linear attention: the head width for elu + 1, M for Performer."""
+        m = self.config.linear_features
+        return self.config.head_dim if m == 0 else m
 
     def letters(self) -> list:
         """Distinct weight letters in order, e.g. 'abb' -> ['a', 'b']."""
@@ -181,23 +192,53 @@ class AttentionSpec:
         """
         c, hd = self.config, self.config.head_dim
         context = c.block_size if context is None else context
+        context = min(context, c.window) if c.window else context  # a window reads at most W keys
         flops = 2 * self.matrix_sizes()
         flops += 3 * c.n_embd * len(self.gated_roles())  # g*p + (1-g)*x
         flops += 3 * (c.n_embd + self.width("k")) if c.pos == "rope" else 0  # 4 products, 2 sums a pair
         flops += 2 * c.kv_heads * hd ** 2 if c.rotate else 0
-        flops += 2 * 2 * context * c.n_embd  # scores q.k and the weighted sum of values
-        flops += c.n_head * context if c.pos2d else 0
+        if self.linear:
+            flops += self.linear_flops_per_token()
+        else:
+            flops += 2 * 2 * context * c.n_embd  # scores q.k and the weighted sum of values
+        flops += c.n_head * context if c.pos2d or c.pos == "alibi" else 0
         flops += 2 * c.n_embd * c.n_head + c.n_embd if c.out_gate else 0  # x W_g, then y * gate
         flops += 2 * c.n_embd * c.n_embd if c.out_proj else 0
         return flops
 
+    def linear_flops_per_token(self) -> int:
+        """Linear attention's share of one token, independent of the context: the features of q and
+        k (Performer: a (hd, M) product per head and the exp; elu + 1: about one op per number),
+        the state update S += phi(k) v^T, z += phi(k) per key head, and the read phi(q) S,
+        phi(q) . z and the division per query head."""
+        c, m, hd = self.config, self.feature_width(), self.config.head_dim
+        heads = c.n_head + c.kv_heads  # the queries' and the keys' features
+        features = heads * (2 * hd * m + 3 * m) if c.linear_features else heads * 2 * hd
+        state_update = c.kv_heads * (2 * m * hd + m)
+        read = c.n_head * (2 * m * hd + 2 * m + hd)
+        return features + state_update + read
+
     def kv_cache_floats_per_token(self) -> int:
         """Floats cached per token per layer: K and V (a tensor serving as both once, identity
-        caches x), or a latent layer's c alone."""
+        caches x), or a latent layer's c alone; linear attention caches no token (see decode_state_floats)."""
+        if self.linear:
+            return 0
         if self.latent:
             return self.config.latent_kv
         k, v = self.width("k"), self.width("v")
         return k if self.k_and_v_share_cache() else k + v
+
+    def decode_state_floats(self, context: int | None = None) -> int:
+        """Floats one sequence's decoder keeps for this layer after `context` tokens (default
+        block_size): the KV cache of the tokens a query can still see (all of them, or the last W of
+        a window), or linear attention's state S (M x hd) and z (M) per key head, whatever the context."""
+        c = self.config
+        context = c.block_size if context is None else context
+        if self.linear:
+            m = self.feature_width()
+            return c.kv_heads * (m * c.head_dim + m)
+        kept = min(context, c.window) if c.window else context
+        return kept * self.kv_cache_floats_per_token()
 
 
 def _check_code_fits_heads(s: AttentionSpec) -> None:
@@ -266,15 +307,34 @@ def _check_gate(s: AttentionSpec) -> None:
                      "with the identity, z (x W) + (1 - z) x, so it needs a learned Q, K or V as wide as x")
 
 
+def _check_linear(s: AttentionSpec) -> None:
+    """Linear attention has no score matrix: nothing to add a bias to (pos2d, alibi) or to cut to a
+    window, and its decoder keeps a state, not the keys a latent would stand in for."""
+    c = s.config
+    if c.window is not None and c.linear_features is not None:
+        raise ValueError(f"window={c.window} cuts the softmax scores to the last W keys, but linear_features="
+                         f"{c.linear_features} replaces the softmax by linear attention, which has no scores: "
+                         "give one of them")
+    if not s.linear:
+        return
+    for on, name, what in ((c.pos2d, "pos2d", "a 2-D bias on the scores"),
+                           (c.pos == "alibi", "pos='alibi'", "a distance bias on the scores"),
+                           (s.latent, f"latent_kv={c.latent_kv}", "a latent in the KV cache")):
+        if on:
+            raise ValueError(f"linear_features={c.linear_features} (linear attention) cannot go with {name}: "
+                             f"it needs {what}, and linear attention has no score matrix and no KV cache")
+
+
 # ---- the attention every variant shares ---------------------------------------------------------
 
 
-def scores_and_weights(q: Tensor, k: Tensor, bias: Tensor | None = None) -> tuple:
+def scores_and_weights(q: Tensor, k: Tensor, bias: Tensor | None = None, window: int | None = None) -> tuple:
     """Scores and weights of queries q (B, H, T, hd) over keys k (B, Hkv, Tk, hd), each (B, H, T, Tk).
 
     scores = q k^T / sqrt(hd) + bias (H, T, Tk), before the causal mask; weights = their causal
-    softmax. Query i sits at position Tk - T + i: it sees keys 0 .. Tk - T + i. A group of
-    H / Hkv query heads reads one key head (GQA).
+    softmax. Query i sits at position Tk - T + i: it sees keys 0 .. Tk - T + i, or with a window
+    only the last W of them (the others' scores are -inf). A group of H / Hkv query heads reads
+    one key head (GQA).
     """
     B, H, T, hd = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -283,8 +343,17 @@ def scores_and_weights(q: Tensor, k: Tensor, bias: Tensor | None = None) -> tupl
     scores = (q @ ops.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))  # (B, Hkv, G, T, Tk)
     if bias is not None:
         scores = scores + bias.reshape(Hkv, H // Hkv, T, Tk)  # (H, T, Tk) -> (Hkv, G, T, Tk)
+    if window:
+        scores = scores + window_mask(T, Tk, window, q.dtype)  # (T, Tk): -inf before each query's window
     weights = ops.softmax(scores, causal=True)  # (B, Hkv, G, T, Tk), zero where key j > Tk - T + i
     return scores.reshape(B, H, T, Tk), weights.reshape(B, H, T, Tk)
+
+
+def window_mask(T: int, Tk: int, window: int, dtype) -> np.ndarray:
+    """(T, Tk): 0 where query i (at position Tk - T + i) sees key j within its last `window` keys,
+    -inf for keys before them. Keys after the query are left to the causal mask."""
+    distance = np.arange(T)[:, None] + (Tk - T) - np.arange(Tk)[None, :]  # query position - key position
+    return np.where(distance >= window, -np.inf, 0.0).astype(dtype)
 
 
 def weighted_values(weights: Tensor, v: Tensor) -> Tensor:
@@ -295,23 +364,63 @@ def weighted_values(weights: Tensor, v: Tensor) -> Tensor:
     return ops.transpose(y.reshape(B, H, T, hd), (0, 2, 1, 3)).reshape(B, T, H * hd)  # (B, T, H*hd)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout=None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout=None,
+           window: int | None = None) -> Tensor:
     """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, Tk, hd) -> y (B, T, H*hd).
 
-    y = weighted_values(dropout(weights), v), with the weights of scores_and_weights(q, k, bias):
-    those two functions are the math, step by step. Whenever it can, attend computes the same y
-    with one fused kernel (ops.causal_attention, flash-style) that never stores a (T, Tk) matrix.
-    It cannot while dropout (a callable acting on the weights) is active, in training with p > 0:
-    the kernel never holds the weights to drop, so attend then takes the step-by-step path, which
-    stores the (B, H, T, Tk) weights, O(T^2) memory per head.
+    y = weighted_values(dropout(weights), v), with the weights of scores_and_weights(q, k, bias,
+    window): those two functions are the math, step by step. Whenever it can, attend computes the
+    same y with one fused kernel (ops.causal_attention, flash-style) that never stores a (T, Tk)
+    matrix, and with a window skips the keys outside it (cost linear in T). It cannot while
+    dropout (a callable acting on the weights) is active, in training with p > 0: the kernel never
+    holds the weights to drop, so attend then takes the step-by-step path, which stores the
+    (B, H, T, Tk) weights, O(T^2) memory per head.
     """
     dropout_active = dropout is not None and getattr(dropout, "p", 1) > 0 and getattr(dropout, "training", True)
     if dropout_active:
-        _, weights = scores_and_weights(q, k, bias)  # (B, H, T, Tk)
+        _, weights = scores_and_weights(q, k, bias, window)  # (B, H, T, Tk)
         return weighted_values(dropout(weights), v)
     B, H, T, hd = q.shape
-    y = ops.causal_attention(q, k, v, bias)  # (B, H, T, hd), stored as (B, T, H, hd)
+    y = ops.causal_attention(q, k, v, bias, window=window)  # (B, H, T, hd), stored as (B, T, H, hd)
     return ops.transpose(y, (0, 2, 1, 3)).reshape(B, T, H * hd)  # views, no copy
+
+
+def linear_attend(q: Tensor, k: Tensor, v: Tensor, feature_map, cache: KVCache | None = None) -> Tensor:
+    """Causal linear attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd) -> y (B, T, H*hd).
+
+    The softmax of q.k is replaced by phi(q).phi(k) with positive features phi (feature_map,
+    (..., hd) -> (..., M)): y_t = phi(q_t) S_t / phi(q_t) . z_t with S_t the sum of phi(k_s) v_s^T
+    and z_t the sum of phi(k_s) over s <= t (linear_attention.py). Decoding keeps S and z in the
+    cache, a state of the same size after any number of tokens, and adds the new tokens to it.
+    """
+    B, H, T, hd = q.shape
+    phi_q, phi_k = feature_map(q), feature_map(k)  # (B, H, T, M), (B, Hkv, T, M)
+    if cache is None:
+        y = linear_attention.causal_linear_attention(phi_q, phi_k, v)  # (B, H, T, hd)
+    else:
+        if cache.linear_state is None:
+            cache.linear_state = linear_attention.LinearState.empty(B, k.shape[1], phi_k.shape[3], hd, q.dtype)
+        y_new, cache.linear_state = linear_attention.linear_attention_decode(phi_q, phi_k, v, cache.linear_state)
+        y = y_new if isinstance(y_new, Tensor) else Tensor(y_new)
+        cache.length += T
+    return ops.transpose(y, (0, 2, 1, 3)).reshape(B, T, H * hd)  # (B, T, H*hd)
+
+
+def alibi_slopes(n_head: int) -> np.ndarray:
+    """ALiBi's fixed slope per head (Press et al. 2022), (n_head,): 2^(-8 h / n) for h = 1..n when n
+    is a power of two; otherwise the n' = 2^floor(log2 n) slopes of that rule, then every other
+    slope of the rule for 2 n' heads, as the paper does."""
+    p = 2 ** int(math.floor(math.log2(n_head)))
+    base = [2.0 ** (-8.0 * h / p) for h in range(1, p + 1)]
+    between = [2.0 ** (-4.0 * (2 * h + 1) / p) for h in range(n_head - p)]  # 2^(-8 (2h+1) / 2p)
+    return np.array(base + between)
+
+
+def alibi_bias(n_head: int, past: int, T: int, dtype) -> np.ndarray:
+    """ALiBi's bias (H, T, Tk) on the scores of T queries after `past` tokens over Tk = past + T keys:
+    -slope_h (query position - key position); keys after the query are the causal mask's."""
+    distance = np.arange(past, past + T)[:, None] - np.arange(past + T)[None, :]  # (T, Tk)
+    return (-alibi_slopes(n_head)[:, None, None] * distance).astype(dtype)  # (H, T, Tk)
 
 
 # ---- rotary positions ----------------------------------------------------------------------------
@@ -346,28 +455,48 @@ class KVCache:
     layer caches its latent c and up-projects (and turns) every key and value at each step.
     """
 
-    def __init__(self):
+    def __init__(self, window: int | None = None):
         self._k = None  # (B, capacity, width_k) ndarray; a latent layer's c (B, capacity, R)
         self._v = None  # (B, capacity, width_v) ndarray, or None when shared with the keys
-        self.length = 0  # positions of the buffers that hold past tokens
+        self.linear_state = None  # a linear attention layer's state S, z (linear_attention.LinearState)
+        self.length = 0  # past tokens: their positions are 0 .. length - 1
+        self.window = window  # a sliding window's W: only the last W - 1 past tokens are ever read again
+        self.start = 0  # position of the oldest token kept (a window forgets the ones before)
 
     @property
     def k_source(self) -> np.ndarray | None:
-        """(B, T_past, width_k): a view of the cached keys (or latents)."""
-        return None if self._k is None else self._k[:, :self.length]
+        """(B, T_kept, width_k): a view of the cached keys (or latents) of positions start .. length - 1."""
+        return None if self._k is None else self._k[:, :self.length - self.start]
 
     @property
     def v_source(self) -> np.ndarray | None:
-        """(B, T_past, width_v): a view of the cached values, or None when shared with the keys."""
-        return None if self._v is None else self._v[:, :self.length]
+        """(B, T_kept, width_v): a view of the cached values, or None when shared with the keys."""
+        return None if self._v is None else self._v[:, :self.length - self.start]
 
     def append(self, k_new: np.ndarray, v_new: np.ndarray | None) -> tuple:
-        """Write the new tokens' sources after the past ones; return (k_source, v_source), views."""
-        self._k = _written(self._k, k_new, self.length)
+        """Write the new tokens' sources after the past ones; return (k_source, v_source), views.
+
+        With a window, first forget all but the last W - 1 past tokens: the first new query sees
+        those and itself, the later ones less. The cache then never holds more than W - 1 + T_new
+        tokens, however long the sequence. (Forgetting moves the kept tokens to the buffer's front,
+        so the views handed out by earlier calls change: use them before the next append.)"""
+        if self.window is not None:
+            self._forget_all_but(self.window - 1)
+        kept = self.length - self.start
+        self._k = _written(self._k, k_new, kept)
         if v_new is not None:
-            self._v = _written(self._v, v_new, self.length)
+            self._v = _written(self._v, v_new, kept)
         self.length += k_new.shape[1]
         return self.k_source, self.v_source
+
+    def _forget_all_but(self, n: int) -> None:
+        drop = self.length - self.start - n
+        if drop <= 0:
+            return
+        for buffer in (self._k, self._v):
+            if buffer is not None:
+                buffer[:, :n] = buffer[:, drop:drop + n]  # NumPy copies overlapping ranges correctly
+        self.start += drop
 
     def floats_per_token(self) -> int:
         """Floats actually stored per token (per batch row), measured from the arrays."""
@@ -375,6 +504,14 @@ class KVCache:
             return 0
         per_token = self.k_source.shape[2]
         return per_token + (self.v_source.shape[2] if self.v_source is not None else 0)
+
+    def state_floats(self) -> int:
+        """Floats per batch row a decoder holds now, measured from the arrays: the cached tokens'
+        sources, or a linear attention layer's state."""
+        if self.linear_state is not None:
+            state = self.linear_state
+            return (state.S[0].size + state.z[0].size) if hasattr(state.S, "size") else 0
+        return (self.length - self.start) * self.floats_per_token()
 
 
 def _written(buffer: np.ndarray | None, new: np.ndarray, start: int) -> np.ndarray:
@@ -406,6 +543,7 @@ class CausalSelfAttention(Module):
         dtype = np.dtype(spec.config.dtype if dtype is None else dtype)  # default: the config's
         rng = rng if rng is not None else np.random.default_rng(0)
         self.spec = spec
+        self.dtype = dtype
         c = spec.config
         init_std = 1 / math.sqrt(c.n_embd) if c.wide_init else 0.02  # see the README's recall section
         for letter in spec.letters():
@@ -428,6 +566,9 @@ class CausalSelfAttention(Module):
             self.rotation_param = Parameter(np.zeros((c.kv_heads, c.head_dim, c.head_dim), dtype))
         if c.pos2d:
             self.pos_bias = Parameter(np.zeros((c.n_head, c.block_size, c.block_size), dtype))
+        if c.linear_features:  # Performer's random features: drawn once, fixed (not learned)
+            self.performer_projection = linear_attention.draw_performer_projection(
+                c.head_dim, c.linear_features, rng, dtype)  # (hd, M)
         if c.out_gate:
             # zero: every head's gate starts at sigmoid(0) = 1/2 whatever the input, the point
             # where a sigmoid learns fastest in either direction (an open start would need a bias)
@@ -454,10 +595,10 @@ class CausalSelfAttention(Module):
         if s.latent:
             latent = self._extend_cache(cache, k, v)[0] if cache is not None else k  # (B, past + T, R)
             k, v = self.up_projected(latent)  # (B, Tk, width): every key again, from the cached latents
-            k = self.positioned(k, 0)
+            k = self.positioned(k, cache.start if cache is not None else 0)
         else:
             k = self.positioned(k, past)  # turned before caching, as each key's turn is its own
-            if cache is not None:
+            if cache is not None and not s.linear:  # linear attention keeps a state instead (linear_attend)
                 k, v = self._extend_cache(cache, k, v)  # (B, past + T, width)
         q = self.split_heads(q, c.n_head)  # (B, H, T, hd)
         k = self.split_heads(k, c.kv_heads)  # (B, Hkv, Tk, hd)
@@ -553,14 +694,25 @@ class CausalSelfAttention(Module):
         k_all = Tensor(k_all)
         return k_all, (k_all if shared else Tensor(v_all))
 
-    def score_bias(self, past: int, T: int) -> Tensor | None:
-        """The pos2d bias (H, T, Tk) on the scores of T queries after `past` tokens; None without pos2d."""
+    def score_bias(self, past: int, T: int, first_key: int = 0) -> Tensor | None:
+        """The bias (H, T, Tk) on the scores of T queries after `past` tokens over the keys at
+        positions first_key .. past + T - 1: pos2d's learned one, ALiBi's fixed one, their sum, or None."""
         c = self.spec.config
-        if not c.pos2d:
-            return None
-        if past + T > c.block_size:
-            raise ValueError(f"pos2d attention covers {c.block_size} positions; got {past + T}")
-        return self.pos_bias[:, past:past + T, :past + T]
+        bias = None
+        if c.pos2d:
+            if past + T > c.block_size:
+                raise ValueError(f"pos2d attention covers {c.block_size} positions; got {past + T}")
+            bias = self.pos_bias[:, past:past + T, first_key:past + T]
+        if c.pos == "alibi":
+            distances = Tensor(alibi_bias(c.n_head, past, T, self.dtype)[:, :, first_key:])  # fixed: no gradient
+            bias = distances if bias is None else bias + distances
+        return bias
+
+    def feature_map(self, t: Tensor) -> Tensor:
+        """Linear attention's features of q or k (B, heads, T, hd) -> (B, heads, T, M)."""
+        if self.spec.config.linear_features == 0:
+            return linear_attention.elu_features(t)
+        return linear_attention.performer_features(t, self.performer_projection)
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
@@ -570,9 +722,14 @@ class CausalSelfAttention(Module):
         """
         c = self.spec.config
         T = x.shape[1]
-        bias = self.score_bias(cache.length if cache is not None else 0, T)  # (H, T, Tk) or None
+        past = cache.length if cache is not None else 0
         q, k, v = self.project(x, cache)
-        y = attend(q, k, v, bias, self.attn_dropout)  # (B, T, C)
+        first_key = cache.start if cache is not None else 0  # a window's cache forgets older keys
+        bias = self.score_bias(past, T, first_key)  # (H, T, Tk) or None
+        if self.spec.linear:  # no weights to drop: attention dropout does not apply
+            y = linear_attend(q, k, v, self.feature_map, cache)  # (B, T, C)
+        else:
+            y = attend(q, k, v, bias, self.attn_dropout, c.window)  # (B, T, C)
         if c.out_gate:
             B, H, hd = x.shape[0], c.n_head, c.head_dim
             gates = self.out_gates(x)  # (B, T, H)

@@ -37,9 +37,11 @@ class GPTConfig:
     wide_init: bool = False  # Q/K/V weights at init: std 1/sqrt(n_embd) instead of GPT-2's 0.02
     sym_init: bool = False  # W_k starts as a copy of W_q (scores start symmetric); they train apart
     out_proj: bool = True
-    pos: str = "learned"  # 'learned' absolute positions (a table), 'rope' (rotary) or 'none'
+    pos: str = "learned"  # 'learned' absolute positions (a table), 'rope' (rotary), 'alibi' or 'none'
     out_gate: bool = False  # a sigmoid gate per head on the attention output (Qiu et al. 2025)
     latent_kv: int | None = None  # R: K and V up-projected from a latent of width R, which is all the cache holds
+    window: int | None = None  # W: each query sees only its last W keys (sliding-window attention)
+    linear_features: int | None = None  # None: softmax attention; 0: linear attention, elu + 1; M: Performer, M features
     tie_weights: bool = True
     dtype: str = "float32"
     seed: int = 0
@@ -68,10 +70,10 @@ class GPTConfig:
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"pos='rope' turns pairs of dimensions in each head, so the head width "
                              f"n_embd / n_head = {self.head_dim} must be even")
-        if self.latent_kv is not None and (isinstance(self.latent_kv, bool) or not isinstance(self.latent_kv, int)
-                                           or self.latent_kv <= 0):
-            raise ValueError(f"latent_kv must be a positive integer (the width R of the latent), "
-                             f"got {self.latent_kv!r}")
+        _check_whole_number("latent_kv", self.latent_kv, 1, "the width R of the latent")
+        _check_whole_number("window", self.window, 1, "the keys W each query sees, itself included")
+        _check_whole_number("linear_features", self.linear_features, 0,
+                            "0 for linear attention with elu + 1 features, M for M random features")
         if self.latent_kv is not None and self.latent_kv > self.n_embd:
             raise ValueError(f"latent_kv={self.latent_kv} is wider than n_embd={self.n_embd}: the latent "
                              "c = x W_down stands in for x, from which K and V are computed, and its rank "
@@ -129,7 +131,15 @@ class GPTConfig:
 
 
 KEY_ALIASES = {"variant": "code", "layer_variants": "layer_codes"}  # saved configs may use these names
-POSITIONS = ("learned", "rope", "none")
+POSITIONS = ("learned", "rope", "alibi", "none")
+# positions no table holds: a model with them reads sequences longer than block_size (unless pos2d)
+TABLE_FREE_POSITIONS = ("rope", "alibi", "none")
+
+
+def _check_whole_number(name: str, value, least: int, meaning: str) -> None:
+    """None (not set) or a whole number >= least; a bool is not a number here."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise ValueError(f"{name} must be a whole number >= {least} ({meaning}), got {value!r}")
 
 
 def non_attention_params(n_embd: int, n_layer: int, block_size: int, vocab_size: int,
@@ -203,7 +213,8 @@ class GPT(Module):
         if ids.ndim != 2:
             raise ValueError(f"ids must have shape (B, T), got {ids.shape}")
         T = ids.shape[1]
-        if past + T > self.config.block_size:
+        # a position table (or pos2d's bias) has block_size rows; other positions extend past it
+        if past + T > self.config.block_size and (self.config.pos == "learned" or self.config.pos2d):
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size="
                              f"{self.config.block_size}")
         x = self.token_embedding(ids)  # (B, T, C)
@@ -234,7 +245,7 @@ class GPT(Module):
         return sum(len(set(self.config.code_of(i)) - {"-"}) for i in range(self.config.n_layer))
 
     def new_caches(self) -> list:
-        return [KVCache() for _ in self.blocks]
+        return [KVCache(self.config.window) for _ in self.blocks]
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -119,6 +119,8 @@ MODIFIERS = (
                                            "W_q and W_k reading x)", conflicts=("latent-kv",)),
     Modifier("rope", "pos", "rope", "rotary positions, turned inside attention (no position table)"),
     Modifier("no-pos", "pos", "none", "no positions at all (no position table)"),
+    Modifier("alibi", "pos", "alibi", "ALiBi (Press et al. 2022): each head's scores fall linearly with the "
+                                      "key's distance, at a fixed slope per head (no position table)"),
     Modifier("out-gate", "out_gate", True, "a sigmoid gate per head on the attention output (Qiu et al. 2025)"),
     Modifier("latent-kv", "latent_kv", Number("R", 32), "K and V up-projected from one latent R wide "
                                                         "(R <= n_embd), which the KV cache holds instead "
@@ -127,6 +129,16 @@ MODIFIERS = (
     Modifier("gqa", "n_kv_head", Number("N", 2), "N key/value heads, each shared by a group of query "
                                                  "heads (grouped-query attention)"),
     Modifier("no-out-proj", "out_proj", False, "no output projection"),
+    Modifier("window", "window", Number("W", 16), "causal sliding window: each query sees its last W keys, "
+                                                  "itself included (Longformer, Mistral); cost linear in T",
+             conflicts=("linear", "performer")),
+    Modifier("linear", "linear_features", 0, "causal linear attention with features elu(x) + 1 in place of "
+                                             "softmax, decoded from a state of constant size (Katharopoulos "
+                                             "et al. 2020)", conflicts=("pos2d", "alibi", "latent-kv")),
+    Modifier("performer", "linear_features", Number("M", 64), "linear attention with M positive random "
+                                                              "features estimating softmax (Performer, "
+                                                              "FAVOR+; Choromanski et al. 2021)",
+             conflicts=("pos2d", "alibi", "latent-kv")),
 )
 
 

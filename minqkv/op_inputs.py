@@ -229,6 +229,17 @@ def check_layer_norm(x, weight, bias, eps: float) -> Tensor:
     return x
 
 
+def check_window(window) -> int:
+    """causal_attention's window: None or 0 (every earlier key) or a whole number W >= 1 -> the
+    kernels' int (0 for none)."""
+    if window is None:
+        return 0
+    if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)) or window < 0:
+        raise ValueError(f"causal_attention: window must be None, 0 (no window) or a whole number >= 1 (the keys each "
+                         f"query sees, itself included), got {window!r}")
+    return int(window)
+
+
 def check_dropout_p(p: float, op: str) -> None:
     """A dropout probability lies in [0, 1); nn.Dropout checks its p with this too, at construction."""
     if not 0 <= p < 1:

@@ -31,8 +31,8 @@ import numpy as np
 from . import kernels
 from .op_inputs import (as_pair, as_tensor, check_axis, check_concat, check_cross_entropy, check_dropout_p,
                         check_embedding, check_layer_norm, check_linear, check_matmul, check_matmul_each,
-                        check_permutation, check_pow, check_reduction, check_solve, check_split, float_tensor,
-                        is_basic_index, reshaped, tensor_input)
+                        check_permutation, check_pow, check_reduction, check_solve, check_split, check_window,
+                        float_tensor, is_basic_index, reshaped, tensor_input)
 from .tensor import Tensor, is_grad_enabled
 
 # Arithmetic. Binary ops broadcast like NumPy, so their backward sums the gradient back down.
@@ -393,11 +393,13 @@ def softmax(x: Tensor, causal: bool = False) -> Tensor:
     return Tensor.from_op(out, (x,), lambda g: (kernels.softmax_backward(out, g),), "softmax")
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None,
+                     window: int | None = None) -> Tensor:
     """softmax(q k^T / sqrt(hd) + bias, causal) v in one fused kernel, keeping no (T, Tk) matrix.
 
     q (B, H, T, hd), k and v (B, Hkv, Tk, hd) (query head h reads key/value head h // (H // Hkv)),
-    bias (H, T, Tk) or None -> (B, H, T, hd). Query i sees keys j <= i + Tk - T. The forward pass
+    bias (H, T, Tk) or None -> (B, H, T, hd). Query i sees keys j <= i + Tk - T; with a window W,
+    only the last W of them (j > i + Tk - T - W), and the kernels skip the rest. The forward pass
     keeps one number per query (the log of its softmax denominator); the backward pass recomputes
     the scores from it. attention.scores_and_weights and attention.weighted_values compute the
     same, step by step, keeping the matrices; attention.attend runs this op unless dropout is active.
@@ -415,12 +417,13 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None
     if _heads_of_no_width(q, k, v):  # hd = 0: nothing to attend to, as in PyTorch; the kernels take hd >= 1
         return Tensor.from_op(np.zeros(q.shape, q.dtype), parents,
                               lambda g: tuple(np.zeros(p.shape, p.dtype) for p in parents), "causal_attention")
-    y, lse = kernels.attention(q.data, k.data, v.data, bias_data)  # (B, H, T, hd), (B, H, T)
+    window = check_window(window)  # 0: every earlier key
+    y, lse = kernels.attention(q.data, k.data, v.data, bias_data, window=window)  # (B, H, T, hd), (B, H, T)
 
     def backward(g):  # ds = p (g v^T - rowsum(g * y)); dq = ds k / sqrt(hd), dk = ds^T q / sqrt(hd), dv = p^T g
         want_dbias = bias is not None and bias.requires_grad
         dq, dk, dv, dbias = kernels.attention_backward(q.data, k.data, v.data, bias_data, y, lse, g,
-                                                       want_dbias=want_dbias)
+                                                       want_dbias=want_dbias, window=window)
         return (dq, dk, dv) if bias is None else (dq, dk, dv, dbias)
 
     return Tensor.from_op(y, parents, backward, "causal_attention")

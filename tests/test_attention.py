@@ -252,7 +252,7 @@ def test_attend_merges_the_heads_of_the_fused_kernels_output_without_a_copy(monk
 
     outputs = []
     fused = kernels.attention
-    monkeypatch.setattr(kernels, "attention", lambda *args: outputs.append(fused(*args)) or outputs[-1])
+    monkeypatch.setattr(kernels, "attention", lambda *args, **kw: outputs.append(fused(*args, **kw)) or outputs[-1])
     y = attend(*random_qkv(5, 5))  # (B, T, H*hd)
     assert np.shares_memory(y.data, outputs[0][0])
 
@@ -527,7 +527,8 @@ def test_variant_cases_cover_every_code_and_each_modifier():
 def test_variant_cases_of_one_code_add_its_modifier_cases():
     labels = [label for label, _ in variant_cases("shared-kv")]
     assert labels == ["abb", "abb+gqa2", "abb+mqa", "abb+rotate+mqa", "abb+rope", "abb+rope+gqa2",
-                      "abb+out-gate+mqa", "abb+latent-kv4", "abb+rope+latent-kv4+mqa"]
+                      "abb+out-gate+mqa", "abb+latent-kv4", "abb+rope+latent-kv4+mqa", "abb+window3+gqa2",
+                      "abb+linear+mqa", "abb+out-gate+performer4+gqa2"]
 
 
 @pytest.mark.parametrize("label, overrides", variant_cases("all"), ids=[c[0] for c in variant_cases("all")])

@@ -202,7 +202,7 @@ def test_the_c_core_refuses_output_rows_that_overlap():
     for y_layout, status in ((contiguous, lib.MINQKV_OK), ((H * T * hd, T * hd, hd - 1), lib.MINQKV_BAD_ARGUMENT),
                              ((H * T * hd, hd, hd), lib.MINQKV_BAD_ARGUMENT), ((0, T * hd, hd), lib.MINQKV_OK)):
         assert lib.minqkv_attention_f64(P(q), contiguous, P(q), contiguous, P(q), contiguous, P(None),
-                                        P(y), y_layout, P(lse), B, H, H, T, T, hd, 0.5, 1) == status, y_layout
+                                        P(y), y_layout, P(lse), B, H, H, T, T, hd, 0, 0.5, 1) == status, y_layout
 
 
 def test_attention_of_one_key_returns_its_value(backend):
@@ -284,7 +284,7 @@ def test_long_bench_times_attention_steps_and_the_study_and_says_when_torch_is_a
 def test_long_bench_puts_pytorch_beside_minqkv_when_it_is_installed():
     from minqkv.lab.bench_step import format_long_table, run_long_bench
 
-    result = run_long_bench(lengths=(65,), rounds=1, with_torch=True)
+    result = run_long_bench(lengths=(65,), rounds=1, with_torch=True, kinds=())
     for row in result["attention"] + result["step"]:
         assert (LONG_COLUMNS | TORCH_COLUMNS) <= set(row)
     assert set(result["step_memory"]) == {"minqkv", "torch"}

@@ -44,7 +44,9 @@ DECODE_CASES = ([pytest.param(labelled(code), id=code) for code in ALL_CODES]
                     "abc+rope+mqa", "abb+rotate+rope", "aab+pos2d+gate+rope", "abc+no-pos",
                     "abc+out-gate", "abb+out-gate+gqa2", "abc+latent-kv4", "abb+latent-kv4",
                     "-ab+latent-kv6+mqa", "abc+rope+latent-kv6+gqa2", "abb+rope+out-gate+latent-kv4",
-                    "abc+gate+latent-kv4"]]
+                    "abc+gate+latent-kv4", "abc+window3", "abb+window1+gqa2", "abc+alibi", "aab+alibi+window4",
+                    "abc+pos2d+alibi", "abc+linear", "abb+linear+gqa2", "---+linear", "abc+rope+linear",
+                    "abc+performer16", "abc+rotate+performer8+mqa"]]
                 + [pytest.param(dict(layer_codes=["abb", "-a-"]), id="per-layer")])
 
 
@@ -64,7 +66,8 @@ def test_kv_cache_decoding_one_token_at_a_time_equals_full_recomputation(overrid
 
 
 FUSED_CASES = [pytest.param(labelled(label), id=label) for label in
-               ["abc", "abb", "--a", "aab+pos2d", "abb+gqa2", "abc+mqa", "abb+rotate", "abc+gate"]]
+               ["abc", "abb", "--a", "aab+pos2d", "abb+gqa2", "abc+mqa", "abb+rotate", "abc+gate", "abc+window3",
+                "abc+alibi", "abc+pos2d+alibi+window5+gqa2"]]
 
 
 def logits_loss_and_gradients(model: GPT, ids: np.ndarray) -> list:
@@ -74,9 +77,9 @@ def logits_loss_and_gradients(model: GPT, ids: np.ndarray) -> list:
     return [logits.data, loss.data] + [p.grad for _, p in model.named_parameters()]
 
 
-def step_by_step_attend(q, k, v, bias=None, dropout=None):
+def step_by_step_attend(q, k, v, bias=None, dropout=None, window=None):
     """attend without its fused kernel (and without dropout): the reference path."""
-    return weighted_values(scores_and_weights(q, k, bias)[1], v)
+    return weighted_values(scores_and_weights(q, k, bias, window)[1], v)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-12), ("float32", 2e-6)])
@@ -512,11 +515,11 @@ def test_prune_of_an_ungated_model_raises():
     (dict(code="aab", n_kv_head=2), "cannot share one weight"),
     (dict(code="a-b", n_kv_head=1), "identity K"),
     (dict(code="abd"), "is not valid"),
-    (dict(pos="absolute"), "pos must be one of 'learned', 'rope', 'none'"),
+    (dict(pos="absolute"), "pos must be one of 'learned', 'rope', 'alibi', 'none'"),
     (dict(pos="rope", n_embd=12, n_head=4), "head width n_embd / n_head = 3 must be even"),
-    (dict(latent_kv=0), "latent_kv must be a positive integer"),
-    (dict(latent_kv=2.5), "latent_kv must be a positive integer"),
-    (dict(latent_kv=True), "latent_kv must be a positive integer"),
+    (dict(latent_kv=0), r"latent_kv must be a whole number >= 1"),
+    (dict(latent_kv=2.5), r"latent_kv must be a whole number >= 1"),
+    (dict(latent_kv=True), r"latent_kv must be a whole number >= 1"),
     (dict(code="aab", latent_kv=4), "Q shares its weight with K"),
     (dict(code="ab-", latent_kv=4), "V is the identity"),
     (dict(latent_kv=9), "latent_kv=9 is wider than n_embd=8"),

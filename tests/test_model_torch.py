@@ -3,7 +3,8 @@ loss and gradients.
 
 The PyTorch model reads only the weights (by name) and each layer's code: it re-derives tying,
 identity roles, the Cayley rotation, the 2-D position bias, grouped heads, gates, rotary
-positions (as complex numbers), output gates and latent keys and values on its own, so agreement
+positions (as complex numbers), output gates, latent keys and values, ALiBi, the sliding window
+and linear attention (in its quadratic form) on its own, so agreement
 to float64 rounding checks minqkv's forward and backward end to end.
 """
 
@@ -29,6 +30,10 @@ TINY = dict(vocab_size=7, block_size=6, n_layer=2, n_head=4, n_embd=8, dtype="fl
     dict(code="abc", out_gate=True), dict(code="abb", out_gate=True, n_kv_head=2),
     dict(code="abc", latent_kv=4), dict(code="abb", latent_kv=4, pos="rope", n_head=2),
     dict(code="-ab", latent_kv=6, n_kv_head=2), dict(code="abc", latent_kv=6, gate=True, out_gate=True),
+    dict(code="abc", window=2), dict(code="abb", window=3, n_kv_head=2), dict(code="abc", pos="alibi"),
+    dict(code="aab", pos="alibi", pos2d=True, window=4), dict(code="abc", linear_features=0),
+    dict(code="abb", linear_features=0, n_kv_head=2, rotate=True), dict(code="abc", linear_features=6),
+    dict(code="-ab", linear_features=4, pos="rope", n_head=2),
 ], ids=lambda o: GPTConfig(**{**TINY, **o}).variant_label() + ("+untied" if o.get("tie_weights") is False else "")
    + (f"+{o['n_head']}heads" if "n_head" in o else ""))
 def test_loss_and_every_gradient_match_pytorch(overrides):

@@ -2,7 +2,8 @@
 
     rows = run_step_bench(threads=(1, 2))   # --step: ms per step, tokens/s, peak memory, per side
     print(format_step_table(rows))
-    print(format_long_table(run_long_bench()))   # --long: attention, a step and decoding at T = 8192
+    print(format_long_table(run_long_bench()))   # --long: attention (full, windows, linear) and a step at
+                                                 # T = 1k..8k, the study models' step and decoding at 8k
 
 A step is forward, backward and an AdamW update of the same GPT: pre-LayerNorm blocks, one
 fused attention per layer, a tanh-GELU MLP, tied output head, AdamW with betas (0.9, 0.95) and
@@ -27,6 +28,7 @@ import time
 import numpy as np
 
 from .. import kernels
+from ..kernels import runtime
 from ..model import GPT, GPTConfig
 
 STEP_SHAPES = {
@@ -41,6 +43,9 @@ ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)  # both sides' optimi
 # --long: attention of GPTConfig's heads (4 heads of 32, width 128), batch 1
 LONG_SHAPE = (GPTConfig.n_head, GPTConfig.n_embd // GPTConfig.n_head)
 LONG_LENGTHS = (1024, 2048, 4096, 8192)
+# --long's other attention kinds, named as the label modifiers that choose them (modifiers.py), each
+# timed beside the fused full causal attention at the same T in the same run
+LONG_ATTENTION_KINDS = ("window256", "window64", "linear", "performer64")
 # --long's training steps: (n_layer, n_head, n_embd) = (1, 4, 128), block T, batch 1
 LONG_STEP_SHAPE = (1, GPTConfig.n_head, GPTConfig.n_embd)
 STUDY_SHAPE = STEP_SHAPES["nanogpt-cpu"][:3]  # --long's study rows: nanoGPT's depth, so the pruned model fits
@@ -49,6 +54,8 @@ STUDY_MODELS = {  # name: GPTConfig overrides
     "abb": dict(code="abb"),  # K = V: half the KV cache
     "--a": dict(code="--a"),  # value-only
     "pruned": dict(layer_codes=["a-b", "--a", "--a", "--a"]),  # what the prune sweep chose at L=0.03
+    "abc+window256": dict(code="abc", window=256),  # each query sees its last 256 keys
+    "abc+linear": dict(code="abc", linear_features=0),  # linear attention, elu + 1: a state, no KV cache
 }
 STUDY_DECODE_TOKENS = 64  # tokens each study model decodes, after a prompt that fills the rest of the block
 
@@ -104,6 +111,36 @@ def _step_torch(shape, seed):
     return step
 
 
+def step_gflop(shape):
+    """GFLOP of one training step: 3 x the forward's FLOPs (backward costs twice the forward), from
+    GPT.flops_per_token, which counts attention over the whole block as nanoGPT's estimate_mfu
+    does (the causal half is not subtracted), times the batch's tokens. AdamW's few FLOPs per
+    parameter are left out."""
+    tokens = shape[3] * shape[4]
+    return 3 * GPT(_config(shape, seed=0)).flops_per_token() * tokens / 1e9
+
+
+PEAK_GEMM_SIZE = 1024  # square float32 GEMM for the machine's peak: large enough for both libraries' best
+
+
+def gemm_peak_gflops(size=PEAK_GEMM_SIZE, repeats=5):
+    """(minqkv's GEMM, NumPy's) best GFLOP/s on a (size, size) @ (size, size) float32 product, on the
+    thread counts this process was given (kernels.set_num_threads; OPENBLAS_NUM_THREADS for NumPy)."""
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    flop = 2.0 * size ** 3
+
+    def best(call):
+        call()  # warm up: thread pools started, pages touched
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - start)
+        return flop / min(seconds) / 1e9
+
+    return best(lambda: kernels.matmul(a, a)), best(lambda: a @ a)
+
+
 def torch_available():
     """Whether PyTorch can be imported (checked in a child, so this process never loads it)."""
     done = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True)
@@ -128,39 +165,96 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _attention_minqkv(T, seed):
-    """Forward and backward of minqkv's fused causal attention (ops.causal_attention), batch 1."""
-    from .. import ops
-    from ..tensor import Tensor
+def _attention_settings(kind):
+    """(window, linear_features) of a LONG_ATTENTION_KINDS kind: 'window256' -> (256, None),
+    'linear' -> (None, 0), 'performer64' -> (None, 64), 'full' -> (None, None)."""
+    from ..modifiers import parse
 
+    settings = {} if kind == "full" else parse("abc+" + kind)
+    return settings.get("window"), settings.get("linear_features")
+
+
+def _attention_inputs(T, seed):
+    """q, k, v and the output's gradient dy, each (1, n_head, T, head_dim) float32, from one seed."""
     rng = np.random.default_rng(seed)
     n_head, head_dim = LONG_SHAPE
-    q, k, v = (Tensor(rng.standard_normal((1, n_head, T, head_dim)).astype(np.float32), requires_grad=True)
-               for _ in range(3))
-    dy = rng.standard_normal((1, n_head, T, head_dim)).astype(np.float32)
+    return [rng.standard_normal((1, n_head, T, head_dim)).astype(np.float32) for _ in range(4)]
+
+
+def _performer_projection(m, seed):
+    """The (head_dim, M) random features of performerM, the same on both sides."""
+    from ..linear_attention import draw_performer_projection
+
+    return draw_performer_projection(LONG_SHAPE[1], m, np.random.default_rng(seed), np.float32)
+
+
+def _attention_minqkv(T, seed, kind="full"):
+    """Forward and backward of one attention kind in minqkv, batch 1: the fused causal attention
+    (ops.causal_attention, with its window for windowW), or for linear and performerM the feature
+    maps and causal_linear_attention."""
+    from .. import linear_attention, ops
+    from ..tensor import Tensor
+
+    window, features = _attention_settings(kind)
+    *qkv, dy = _attention_inputs(T, seed)
+    q, k, v = (Tensor(a, requires_grad=True) for a in qkv)
+    projection = _performer_projection(features, seed) if features else None  # (head_dim, M)
+
+    def phi(x):  # (1, H, T, head_dim) -> (1, H, T, M): elu + 1, or Performer's random features
+        if features == 0:
+            return linear_attention.elu_features(x)
+        return linear_attention.performer_features(x, projection)
+
+    def attend():
+        if features is None:
+            return ops.causal_attention(q, k, v, window=window)
+        return linear_attention.causal_linear_attention(phi(q), phi(k), v)
 
     def step():
         for t in (q, k, v):
             t.grad = None
-        ops.causal_attention(q, k, v).backward(dy)
+        attend().backward(dy)
 
     return step
 
 
-def _attention_torch(T, seed):
-    """The same in PyTorch: scaled_dot_product_attention(is_causal=True), forward and backward."""
+def _attention_torch(T, seed, kind="full"):
+    """The same in PyTorch: scaled_dot_product_attention(is_causal=True) for full, with a boolean band
+    mask for windowW (O(T^2): PyTorch has no sliding-window kernel on the CPU), and for linear and
+    performerM the same features with a plain torch.cumsum over the tokens (no fused linear attention
+    in PyTorch), which holds S_t = sum phi(k_s) v_s^T for every t: O(T M head_dim) memory."""
     import torch
     import torch.nn.functional as F
 
-    torch.manual_seed(seed)
-    n_head, head_dim = LONG_SHAPE
-    q, k, v = (torch.randn(1, n_head, T, head_dim, requires_grad=True) for _ in range(3))
-    dy = torch.randn(1, n_head, T, head_dim)
+    window, features = _attention_settings(kind)
+    *qkv, dy = (torch.from_numpy(a) for a in _attention_inputs(T, seed))
+    q, k, v = (a.requires_grad_() for a in qkv)
+    if window is not None:
+        distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # (T, T): query i - key j
+        band = (distance >= 0) & (distance < window)  # True: attended
+    projection = torch.from_numpy(_performer_projection(features, seed)) if features else None
+
+    def phi(x):  # elu + 1, or exp(x' W - |x'|^2 / 2) / sqrt(M) with x' = x / head_dim^(1/4)
+        if features == 0:
+            return F.elu(x) + 1
+        xs = x * LONG_SHAPE[1] ** -0.25
+        return torch.exp(xs @ projection - 0.5 * (xs * xs).sum(-1, keepdim=True)) / features ** 0.5
+
+    def attend():
+        if features is None and window is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if features is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+        phi_q, phi_k = phi(q), phi(k)  # (1, H, T, M)
+        state = torch.cumsum(phi_k[..., :, None] * v[..., None, :], dim=2)  # (1, H, T, M, hd)
+        normaliser = torch.cumsum(phi_k, dim=2)  # (1, H, T, M)
+        numerator = torch.einsum("bhtm,bhtmd->bhtd", phi_q, state)
+        return numerator / ((phi_q * normaliser).sum(-1, keepdim=True) + 1e-6)
 
     def step():
         for t in (q, k, v):
             t.grad = None
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dy)
+        attend().backward(dy)
 
     return step
 
@@ -187,13 +281,13 @@ def _decode_minqkv(shape, seed, overrides, new_tokens):
 
 
 def _workload(side, workload, seed):
-    """The step function of a workload: a STEP_SHAPES name, 'attention-T', 'step-T' (a training
-    step at LONG_STEP_SHAPE, block T), or 'study-NAME-T' and 'decode-NAME-T' (a STUDY_MODELS
-    model at STUDY_SHAPE, block T: a training step, a decoded token)."""
+    """The step function of a workload: a STEP_SHAPES name, 'attention-KIND-T' (a LONG_ATTENTION_KINDS
+    kind at LONG_SHAPE), 'step-T' (a training step at LONG_STEP_SHAPE, block T), or 'study-NAME-T' and
+    'decode-NAME-T' (a STUDY_MODELS model at STUDY_SHAPE, block T: a training step, a decoded token)."""
     kind, _, rest = workload.partition("-")
     if kind == "attention":
-        T = int(rest)
-        return _attention_torch(T, seed) if side == "torch" else _attention_minqkv(T, seed)
+        name, _, T = rest.rpartition("-")
+        return (_attention_torch if side == "torch" else _attention_minqkv)(int(T), seed, name)
     if kind == "step":
         shape = _long_shape(LONG_STEP_SHAPE, int(rest))
         return _step_torch(shape, seed) if side == "torch" else _step_minqkv(shape, seed)
@@ -235,8 +329,10 @@ def step_worker(side, workload, threads, warmup, seed=0):
                 times.append(time.perf_counter() - start)
             print(json.dumps({"seconds": times}), flush=True)
         else:
-            print(json.dumps({"peak_mb": _peak_rss_mb(), "step_mb": _peak_rss_mb() - rss_before}),
-                  flush=True)
+            memory = {"peak_mb": _peak_rss_mb(), "step_mb": _peak_rss_mb() - rss_before}
+            if command[0] == "quit-with-peak":  # after the steps: the GEMMs' memory is not the step's
+                memory["gemm_gflops"] = gemm_peak_gflops()
+            print(json.dumps(memory), flush=True)
             return
 
 
@@ -245,7 +341,8 @@ class _Side:
 
     def __init__(self, side, workload, threads, warmup):
         env = dict(os.environ, MINQKV_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-                   OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+                   OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   **runtime.wait_policy_for_children())
         code = (f"from minqkv.lab.bench_step import step_worker; "
                 f"step_worker({side!r}, {workload!r}, {threads}, {warmup})")
         self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
@@ -264,8 +361,8 @@ class _Side:
         self.process.stdin.flush()
         return self._answer()
 
-    def finish(self):
-        memory = self.ask("quit")
+    def finish(self, with_peak=False):
+        memory = self.ask("quit-with-peak" if with_peak else "quit")
         self.process.wait()
         return memory
 
@@ -298,11 +395,23 @@ def run_step_bench(threads=(1, 2), shapes=tuple(STEP_SHAPES), rounds=5, steps_pe
                        "block_size": block_size, "batch_size": batch_size, "threads": n,
                        "backend": kernels.get_backend()} for n in threads]
         rows += _measure(shape_rows, name, sides, threads, rounds, steps_per_round, warmup,
-                         batch_size * block_size)
+                         batch_size * block_size, with_peak=True)
+        _add_flop_rates(shape_rows, step_gflop(STEP_SHAPES[name]), sides)
     return rows
 
 
-def _measure(rows, workload, sides, threads, rounds, steps_per_round, warmup, tokens):
+def _add_flop_rates(rows, gflop, sides):
+    """Each side's GFLOP/s of the whole step, and minqkv's as a percentage of the row's GEMM peak
+    (the better of minqkv's and NumPy's square GEMM, measured by the minqkv worker at its count)."""
+    for row in rows:
+        row["step_gflop"] = round(gflop, 3)
+        for side in sides:
+            row[f"{side}_gflops"] = round(gflop / row[f"{side}_ms"] * 1e3, 1)
+        row["gemm_peak_gflops"] = max(row["minqkv_gemm_gflops"], row["numpy_gemm_gflops"])
+        row["minqkv_percent_of_peak"] = round(100 * row["minqkv_gflops"] / row["gemm_peak_gflops"], 1)
+
+
+def _measure(rows, workload, sides, threads, rounds, steps_per_round, warmup, tokens, with_peak=False):
     """rows (one per count in threads) with each side's figures for a workload.
 
     Every (side, thread count) runs in its own step_worker process, all of them alive at once,
@@ -317,17 +426,20 @@ def _measure(rows, workload, sides, threads, rounds, steps_per_round, warmup, to
             seconds[key] += worker.ask(f"run {steps_per_round}")["seconds"]
     for row, n in zip(rows, threads):
         _add_side_figures(row, {side: workers[side, n] for side in sides},
-                          {side: seconds[side, n] for side in sides}, tokens)
+                          {side: seconds[side, n] for side in sides}, tokens, with_peak)
     for side in sides:  # the speed-up from the first thread count's step to each row's
         for row in rows:
             row[f"{side}_speedup"] = round(rows[0][f"{side}_ms"] / row[f"{side}_ms"], 3)
     return rows
 
 
-def _add_side_figures(row: dict, workers: dict, seconds: dict, tokens: int) -> None:
-    """Add each side's median ms, tokens/s and memory (and minqkv/torch when both ran) to row."""
+def _add_side_figures(row: dict, workers: dict, seconds: dict, tokens: int, with_peak: bool = False) -> None:
+    """Add each side's median ms, tokens/s and memory (and minqkv/torch when both ran) to row;
+    with_peak: also the GEMM peak measured by minqkv's worker."""
     for side in workers:
-        memory = workers[side].finish()
+        memory = workers[side].finish(with_peak and side == "minqkv")
+        if "gemm_gflops" in memory:
+            row["minqkv_gemm_gflops"], row["numpy_gemm_gflops"] = (round(g, 1) for g in memory["gemm_gflops"])
         ms = statistics.median(seconds[side]) * 1e3
         row[f"{side}_ms"] = round(ms, 2)
         row[f"{side}_tokens_per_s"] = round(tokens / ms * 1e3)
@@ -343,6 +455,7 @@ def format_step_table(rows):
     header = ["shape", "(L,H,C,T,B)", "threads", "minqkv ms", "tok/s", "speed-up", "peak MB"]
     if with_torch:
         header += ["torch ms", "tok/s", "speed-up", "peak MB", "ratio"]
+    header += ["GFLOP/s", "GEMM peak", "% of peak"] + (["torch GFLOP/s"] if with_torch else [])
     lines = []
     for row in rows:
         sizes = f"({row['n_layer']},{row['n_head']},{row['n_embd']},{row['block_size']},{row['batch_size']})"
@@ -352,9 +465,14 @@ def format_step_table(rows):
                       f"{row[f'{side}_speedup']:.2f}x", f"{row[f'{side}_peak_mb']:.0f}"]
         if with_torch:
             cells.append(f"{row['ratio']:.2f}x")
+        cells += [f"{row['minqkv_gflops']:.1f}", f"{row['gemm_peak_gflops']:.0f}", f"{row['minqkv_percent_of_peak']:.0f}%"]
+        cells += [f"{row['torch_gflops']:.1f}"] if with_torch else []
         lines.append(cells)
     footer = ("one step = forward + backward + AdamW; ms: median; speed-up: the side's ms at the shape's first "
               "thread count over this row's, timed in the same rounds; peak MB: the process's peak RSS; "
+              "GFLOP/s: the step's FLOPs (3 x the forward's, attention over the whole block) per second; "
+              f"GEMM peak: the better of minqkv's and NumPy's ({PEAK_GEMM_SIZE},{PEAK_GEMM_SIZE}) float32 GEMM "
+              "at the row's thread count, same run; % of peak: minqkv's step GFLOP/s over it; "
               + ("ratio = minqkv ms / torch ms (below 1: minqkv faster)" if with_torch
                  else "PyTorch is not installed: minqkv's side only"))
     return "\n".join(_render(header, lines, left=2) + [footer])
@@ -389,45 +507,155 @@ def profile_step(shape_name="nanogpt-cpu", steps=10, top=25):
     return out.getvalue()
 
 
-def run_long_bench(lengths=LONG_LENGTHS, threads=(1,), rounds=3, steps_per_round=1, with_torch=None):
+# --long's default wall budget: one command on the 16-core host may run 10 minutes, and the
+# checkout's build takes about one of them
+LONG_BUDGET_S = 480.0
+
+
+class _Budget:
+    """The wall time left to run_long_bench: guesses whether the next row fits, from the time the
+    same kind of row took at a shorter T (grown as T^2, full attention's cost, or as T for a kind
+    whose cost is linear in T), and prints each row as it finishes (to stderr, flushed, so JSON on
+    stdout stays clean)."""
+
+    def __init__(self, seconds, log):
+        self.seconds, self.log = seconds, log
+        self.start = time.perf_counter()
+        self.last = {}  # kind: (T, seconds) of its last row
+        self.skipped = []
+
+    def spent(self):
+        return time.perf_counter() - self.start
+
+    def fits(self, kind, T, what, power=2):
+        """Whether a row of `kind` (e.g. 'attention', or ('study', threads)) at T should start; if
+        not, it is noted as skipped. Its time is guessed to grow as T^power. A kind not seen yet is
+        guessed from the slowest row of its family seen so far ('study' at another thread count:
+        one thread is the slowest)."""
+        family = kind[0] if isinstance(kind, tuple) else kind
+        seen = [(t, sec) for key, (t, sec) in self.last.items() if key == kind
+                or (isinstance(key, tuple) and key[0] == family)]
+        if kind in self.last:
+            last_T, last_seconds = self.last[kind]
+            guess = last_seconds * (T / last_T) ** power
+        elif seen:
+            guess = max(sec * (T / t) ** power for t, sec in seen)
+        else:
+            guess = 0.0  # nothing to go on: run it
+        if self.spent() + guess <= self.seconds:
+            return True
+        self.skipped.append(f"{what}: skipped, about {guess:.0f} s would not fit in the {self.seconds:.0f} s "
+                            f"budget ({self.spent():.0f} s spent)")
+        self._print(self.skipped[-1])
+        return False
+
+    def done(self, kind, T, started, text):
+        self.last[kind] = (T, time.perf_counter() - started)
+        self._print(f"{text}  [{self.spent():.0f} s of {self.seconds:.0f} s]")
+
+    def _print(self, text):
+        if self.log is not None:
+            print(text, file=self.log, flush=True)
+
+
+def _row_text(what, row):
+    text = f"{what}: minqkv {row['minqkv_ms']:.1f} ms"
+    return text + (f", torch {row['torch_ms']:.1f} ms, ratio {row['ratio']:.2f}x" if "ratio" in row else "")
+
+
+def run_long_bench(lengths=LONG_LENGTHS, threads=(1,), rounds=3, steps_per_round=1, with_torch=None,
+                   budget_s=LONG_BUDGET_S, log=sys.stderr, kinds=LONG_ATTENTION_KINDS):
     """Long sequences, batch 1, each workload in its own process per side; returns a dict of lists:
 
     attention  causal attention forward + backward (4 heads of 32): minqkv's fused kernel next to
                PyTorch's scaled_dot_product_attention, per (T, threads)
+    attention_kinds
+               the same for each of `kinds` (LONG_ATTENTION_KINDS: sliding windows, linear attention,
+               Performer), per (T, threads), with the full attention's ms and memory of that T beside
+               it (full_ms, full_step_mb; ms_vs_full = kind ms / full ms, minqkv on both) and a
+               PyTorch reference (torch_reference says which: _attention_torch)
     step       a training step of a 1-layer GPT (LONG_STEP_SHAPE) with block T, minqkv next to the
                same GPT in PyTorch (SDPA), per (T, threads)
     study      at the longest T, per STUDY_MODELS model (4 layers): minqkv's training step, the KV
                cache's size and greedy decoding with it (STUDY_DECODE_TOKENS tokens after a prompt that
                fills the rest of the block), per threads
     and step_memory: per side, how the step's memory grew from the shortest T to the longest.
-    Each row has ms, tokens/s and memory per side, and ratio = minqkv ms / torch ms."""
+    Each row has ms, tokens/s and memory per side, and ratio = minqkv ms / torch ms.
+
+    budget_s: wall seconds for the whole bench; a row whose guessed time would overrun it is
+    skipped and listed under "skipped". log: where each row is printed as it finishes (None: quiet)."""
     if not lengths or min(lengths) <= STUDY_DECODE_TOKENS or rounds < 1 or steps_per_round < 1:
         raise ValueError(f"run_long_bench: lengths must be above STUDY_DECODE_TOKENS={STUDY_DECODE_TOKENS} "
                          f"and rounds and steps_per_round >= 1, got lengths={lengths}, {rounds}, {steps_per_round}")
     with_torch = torch_available() if with_torch is None else with_torch
     sides = ("minqkv", "torch") if with_torch else ("minqkv",)
     timing = dict(rounds=rounds, steps_per_round=steps_per_round, warmup=1)
-    attention, steps, study = [], [], []
-    for T in lengths:
-        rows = [{"T": T, "threads": n, "n_head": LONG_SHAPE[0], "head_dim": LONG_SHAPE[1]} for n in threads]
-        attention += _measure(rows, f"attention-{T}", sides, threads, tokens=T, **timing)
-        rows = [{"T": T, "threads": n, "n_layer": LONG_STEP_SHAPE[0], "n_embd": LONG_STEP_SHAPE[2]} for n in threads]
-        steps += _measure(rows, f"step-{T}", sides, threads, tokens=T, **timing)
+    budget = _Budget(budget_s, log)
+
+    def measure(key, T, what, workload, sizes, power=2):
+        """One workload's rows at T, a row per thread count, or none when it does not fit the budget."""
+        if not budget.fits(key, T, what, power):
+            return []
+        started = time.perf_counter()
+        rows = _measure([{"T": T, "threads": n, **sizes} for n in threads], workload, sides, threads,
+                        tokens=T, **timing)
+        budget.done(key, T, started, "; ".join(_row_text(f"{what} threads={r['threads']}", r) for r in rows))
+        return rows
+
+    heads = {"n_head": LONG_SHAPE[0], "head_dim": LONG_SHAPE[1]}
+    attention, attention_kinds, steps, study = [], [], [], []
+    for T in sorted(lengths):
+        full = measure("attention", T, f"attention T={T}", f"attention-full-{T}", heads)
+        attention += full
+        for kind in kinds:
+            linear = _attention_settings(kind)[1] is not None  # a window's PyTorch reference is O(T^2)
+            rows = measure(("attention", kind), T, f"attention {kind} T={T}", f"attention-{kind}-{T}",
+                           {"kind": kind, **heads}, power=1 if linear else 2)
+            attention_kinds += [_beside_full(row, full, with_torch) for row in rows]
+        steps += measure("step", T, f"step T={T}", f"step-{T}",
+                         {"n_layer": LONG_STEP_SHAPE[0], "n_embd": LONG_STEP_SHAPE[2]})
     T = max(lengths)
     for name in STUDY_MODELS:
         for n in threads:
-            study.append(_study_row(name, T, n, timing))
-    return {"attention": attention, "step": steps, "study": study,
-            "step_memory": {side: _memory_growth(steps, side) for side in sides}}
+            if budget.fits(("study", n), T, f"study {name} T={T} threads={n}"):
+                started = time.perf_counter()
+                study.append(_study_row(name, T, n, timing))
+                budget.done(("study", n), T, started, f"study {name} T={T} threads={n}: step "
+                            f"{study[-1]['minqkv_ms']:.0f} ms, decode {study[-1]['decode_ms_per_token']:.2f} ms/token")
+    return {"attention": attention, "attention_kinds": attention_kinds, "step": steps, "study": study,
+            "skipped": budget.skipped, "budget_s": budget_s, "spent_s": round(budget.spent(), 1),
+            "step_memory": {side: _memory_growth(steps, side) for side in sides} if steps else {}}
+
+
+def _torch_reference(kind):
+    """What PyTorch's side of an attention kind runs (see _attention_torch)."""
+    window, features = _attention_settings(kind)
+    if window is not None:
+        return "SDPA, band mask"
+    return "SDPA, causal" if features is None else "cumsum"
+
+
+def _beside_full(row, full_rows, with_torch):
+    """An attention kind's row with the full attention's minqkv figures at its T and thread count
+    (None where that row was skipped)."""
+    full = next((f for f in full_rows if f["threads"] == row["threads"]), None)
+    if full is None:
+        row.update(full_ms=None, full_step_mb=None, ms_vs_full=None)
+    else:
+        row.update(full_ms=full["minqkv_ms"], full_step_mb=full["minqkv_step_mb"],
+                   ms_vs_full=round(row["minqkv_ms"] / full["minqkv_ms"], 3))
+    if with_torch:
+        row["torch_reference"] = _torch_reference(row["kind"])
+    return row
 
 
 def _study_row(name, T, threads, timing):
     """minqkv's training step, KV cache size and decoding speed of one STUDY_MODELS model at block T."""
     config = _config(_long_shape(STUDY_SHAPE, T), 0, STUDY_MODELS[name])
     codes = [config.code_of(i) for i in range(config.n_layer)]
-    floats = sum(config.attention_spec(i).kv_cache_floats_per_token() for i in range(config.n_layer))
+    floats = sum(config.attention_spec(i).decode_state_floats(T) for i in range(config.n_layer))  # a full block
     row = {"model": name, "T": T, "threads": threads, "codes": "/".join(codes),
-           "kv_cache_mb": round(floats * T * np.dtype(config.dtype).itemsize / 2**20, 2)}  # a full block
+           "kv_cache_mb": round(floats * np.dtype(config.dtype).itemsize / 2**20, 2)}
     _measure([row], f"study-{name}-{T}", ("minqkv",), (threads,), tokens=T, **timing)
     warmup = min(4, STUDY_DECODE_TOKENS - 1)
     per_round = (STUDY_DECODE_TOKENS - warmup) // timing["rounds"]
@@ -459,14 +687,15 @@ def _side_cells(row, with_torch, memory="step_mb"):
 
 
 def format_long_table(result):
-    """The result of run_long_bench as three text tables and the memory verdict."""
-    with_torch = "torch" in result["step_memory"]
+    """The result of run_long_bench as four text tables and the memory verdict."""
+    with_torch = any("ratio" in row for row in result["attention"] + result.get("attention_kinds", []) + result["step"])
     sides = ["minqkv ms", "tok/s", "growth MB"] + (["torch ms", "tok/s", "growth MB", "ratio"] if with_torch else [])
     torch_note = ("ratio = minqkv ms / torch ms (below 1: minqkv faster)" if with_torch
                   else "PyTorch is not installed: minqkv's side only")
     out = ["causal attention forward + backward, batch 1, 4 heads of 32"]
     out += _render(["T", "threads"] + sides,
                    [[str(r["T"]), str(r["threads"])] + _side_cells(r, with_torch) for r in result["attention"]])
+    out += _format_kinds(result.get("attention_kinds", []), with_torch)
     layers, _, width = LONG_STEP_SHAPE
     out += ["", f"training step (forward, backward, AdamW), {layers}-layer GPT, width {width}, 4 heads, "
                 f"block T, batch 1"]
@@ -483,11 +712,44 @@ def format_long_table(result):
         out += ["", f"the study at T={study[0]['T']}: {STUDY_SHAPE[0]} layers, width {STUDY_SHAPE[2]}, minqkv; "
                     f"decoding: {STUDY_DECODE_TOKENS} greedy tokens with the KV cache after a prompt of "
                     f"T - {STUDY_DECODE_TOKENS}"]
-        out += _render(["model", "codes", "threads", "step ms", "tok/s", "peak MB", "KV cache MB",
+        out += _render(["model", "codes", "threads", "step ms", "tok/s", "peak MB", "KV cache/state MB",
                         "decode ms/token", "decode tok/s"],
                        [[r["model"], r["codes"], str(r["threads"]), f"{r['minqkv_ms']:.0f}",
                          f"{r['minqkv_tokens_per_s']:,}", f"{r['minqkv_peak_mb']:.0f}", f"{r['kv_cache_mb']:.1f}",
                          f"{r['decode_ms_per_token']:.2f}", f"{r['decode_tokens_per_s']:,}"] for r in study], left=2)
+    skipped = result.get("skipped", [])
+    out += ["", f"{len(skipped)} rows skipped to stay within the {result['budget_s']:.0f} s budget "
+                f"({result['spent_s']:.0f} s spent):"] + skipped if skipped else []
     out += ["", "ms: median; growth MB: peak RSS during the timed steps minus RSS before them; peak MB: the "
-                "process's peak RSS; KV cache MB: float32 keys and values of a full block; " + torch_note]
+                "process's peak RSS; KV cache/state MB: what the decoder keeps after a full block, in float32: "
+                "the keys and values a query can still see (a window's last W), or linear attention's "
+                "state; " + torch_note]
     return "\n".join(out)
+
+
+def _format_kinds(rows, with_torch):
+    """The attention kinds' table, each row beside the full attention of its T."""
+    if not rows:
+        return []
+    head_count, head_dim = LONG_SHAPE
+    header = ["T", "threads", "kind", "minqkv ms", "growth MB", "full ms", "full MB", "vs full"]
+    header += ["torch reference", "torch ms", "growth MB", "ratio"] if with_torch else []
+    lines = []
+    for r in rows:
+        full = (["-", "-", "-"] if r["full_ms"] is None else
+                [f"{r['full_ms']:.1f}", f"{r['full_step_mb']:.1f}", f"{r['ms_vs_full']:.2f}x"])
+        cells = [str(r["T"]), str(r["threads"]), r["kind"], f"{r['minqkv_ms']:.1f}", f"{r['minqkv_step_mb']:.1f}"]
+        cells += full
+        if with_torch:
+            cells += [r["torch_reference"], f"{r['torch_ms']:.1f}", f"{r['torch_step_mb']:.1f}", f"{r['ratio']:.2f}x"]
+        lines.append(cells)
+    note = ("full: minqkv's fused causal attention at the same T, same run; vs full = kind ms / full ms (below 1: "
+            "the kind is faster); windowW: the fused kernel skipping keys outside the window; linear, performerM: "
+            "elu + 1 or M random features, then causal_linear_attention (chunked)")
+    if with_torch:
+        note += ("; torch reference: windowW is scaled_dot_product_attention with a boolean (T, T) band mask, "
+                 "O(T^2) time and memory (PyTorch has no sliding-window kernel on the CPU); linear and "
+                 "performerM have no fused op in PyTorch: the same features and a plain torch.cumsum of "
+                 "phi(k) v^T over the tokens, O(T M hd) memory; ratio = minqkv ms / torch ms")
+    return (["", f"attention kinds, forward + backward, batch 1, {head_count} heads of {head_dim}, beside full "
+                 "causal attention"] + _render(header, lines, left=0) + [note])

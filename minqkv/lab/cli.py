@@ -292,9 +292,11 @@ def _result_lines(final: dict) -> str:
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a trained checkpoint")
     _add_run_folder(p)
-    p.add_argument("--prompt", default=SAMPLE_PROMPT, help="text the sample continues")
+    p.add_argument("--prompt", default=SAMPLE_PROMPT,
+                   help="text the sample continues; for a checkpoint of token ids (synthetic:mqar), "
+                        "ids separated by spaces, e.g. '12 4097 3'")
     p.add_argument("--sample-tokens", "--tokens", dest="sample_tokens", type=non_negative_int, default=300,
-                   help="characters to generate")
+                   help="characters (or tokens) to generate")
     p.add_argument("--temperature", type=positive_float, default=0.8,
                    help="divides the logits: below 1 sharper, above 1 more random")
     p.add_argument("--top-k", type=positive_int, default=None,
@@ -310,15 +312,35 @@ def cmd_sample(args) -> int:
 
 def _sample_text(ckpt, prompt, tokens, temperature, top_k, seed) -> str:
     from ..checkpoint import load_model
+    from ..data import IdTokenizer
 
     model, tokenizer, _ = load_model(ckpt)
     if not prompt:
         raise ValueError("--prompt must not be empty")
-    if prompt == SAMPLE_PROMPT and not set(prompt) <= set(tokenizer.chars):
-        prompt = tokenizer.chars[0]  # the default prompt needs characters this corpus lacks
-    ids = _prompt_ids(tokenizer, prompt)  # (1, T)
+    if isinstance(tokenizer, IdTokenizer):
+        ids = _prompt_token_ids(tokenizer, prompt)  # (1, T)
+    else:
+        if prompt == SAMPLE_PROMPT and not set(prompt) <= set(tokenizer.chars):
+            prompt = tokenizer.chars[0]  # the default prompt needs characters this corpus lacks
+        ids = _prompt_ids(tokenizer, prompt)  # (1, T)
     out = model.generate(ids, tokens, temperature, top_k, np.random.default_rng(seed))
     return tokenizer.decode(out[0])
+
+
+def _prompt_token_ids(tokenizer, prompt: str) -> np.ndarray:
+    """--prompt '12 4097 3' as ids of shape (1, T) for a checkpoint whose tokens are ids (IdTokenizer)."""
+    example = f"e.g. --prompt '1 {tokenizer.vocab_size // 2} 1'"
+    if prompt == SAMPLE_PROMPT:
+        raise ValueError(f"this checkpoint reads token ids, not text (its data was synthetic:mqar): give "
+                         f"--prompt as ids in [0, {tokenizer.vocab_size}) separated by spaces, {example}")
+    try:
+        ids = tokenizer.encode(prompt)  # (T,)
+    except ValueError as error:
+        raise ValueError(f"--prompt: {error}; this checkpoint reads token ids in [0, {tokenizer.vocab_size}), "
+                         f"{example}") from None
+    if ids.size == 0:
+        raise ValueError(f"--prompt holds no token ids: {example}")
+    return ids[None, :]
 
 
 def _prompt_ids(tokenizer, prompt: str) -> np.ndarray:
@@ -416,6 +438,8 @@ def cmd_gradcheck(args) -> int:
 
 
 def _add_bench(sub) -> None:
+    from .bench_step import LONG_BUDGET_S
+
     p = sub.add_parser("bench", help="GFLOPS of the C core next to NumPy/OpenBLAS; --step: a training "
                                      "step next to PyTorch")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -427,10 +451,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--rounds", type=int, default=5, help="--step: alternating rounds per side")
     p.add_argument("--long", action="store_true",
                    help="attention forward + backward and a training step at T = 1k..8k (batch 1) next to "
-                        "PyTorch's SDPA; canonical, abb, --a and a pruned model at the longest T, with "
-                        "decoding through the KV cache")
+                        "PyTorch's SDPA, sliding-window, linear and Performer attention beside the full one; "
+                        "the study models (canonical, abb, --a, pruned, window, linear) at the longest T, "
+                        "with decoding through the KV cache")
     p.add_argument("--lengths", type=_length_list, default=None,
                    help="--long: sequence lengths, comma-separated (default 1024,2048,4096,8192)")
+    p.add_argument("--budget", type=_budget_seconds, default=None, metavar="SECONDS",
+                   help="--long: wall seconds for the whole bench; rows that would not fit are skipped and "
+                        f"listed (default {LONG_BUDGET_S:.0f})")
     p.add_argument("--profile", action="store_true",
                    help="--step: print where minqkv's step spends its time (cProfile) instead")
     p.set_defaults(run=cmd_bench)
@@ -462,6 +490,17 @@ def _length_list(text: str) -> tuple:
     return lengths
 
 
+def _budget_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and math.isfinite(seconds)):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"--budget {text!r}: give the wall seconds the long bench may take, "
+                                         "a number above 0, e.g. --budget 120")
+    return seconds
+
+
 def cmd_bench(args) -> int:
     from . import bench, bench_step
 
@@ -469,7 +508,9 @@ def cmd_bench(args) -> int:
         print(bench_step.profile_step())
         return 0
     if args.long:
-        result = bench_step.run_long_bench(lengths=args.lengths or bench_step.LONG_LENGTHS, threads=args.threads or (1,))
+        result = bench_step.run_long_bench(lengths=args.lengths or bench_step.LONG_LENGTHS,
+                                           threads=args.threads or (1,),
+                                           budget_s=args.budget or bench_step.LONG_BUDGET_S)
         print(json.dumps(result, indent=2) if args.json else bench_step.format_long_table(result))
         return 0
     if args.step:

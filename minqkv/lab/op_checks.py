@@ -1,4 +1,4 @@
-"""The catalogue of gradient checks over every op in ops.py (what `minqkv gradcheck` runs).
+"""The catalogue of gradient checks over every op in ops.py and linear_attention.py (what `minqkv gradcheck` runs).
 
 Each case names an op, a function of float64 Tensors, and how to draw its inputs. Inputs
 avoid the points where an op has no derivative (log at 0, clip at its bounds, singular matrices).
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import ops
+from .. import linear_attention, ops
 from .gradcheck import CheckResult, check
 from ..tensor import Tensor
 
@@ -56,6 +56,15 @@ def _attention_of_new_tokens(x: Tensor, cached: Tensor, bias: Tensor) -> Tensor:
     # x (2, 3, 9): 4 query heads of 2; cached (2, 5, 10): 2 key and 2 value heads of 2, 2 spare columns
     return ops.causal_attention(_head_view(x, 0, 4, 2), _head_view(cached, 1, 2, 2), _head_view(cached, 5, 2, 2), bias)
 
+
+def _linear_attention_of_elu_features(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    # as a layer runs it: features of q (2, 4, 7, 3) and k (2, 2, 7, 3), chunks of 3 (7 tokens: 3 + 3 + 1)
+    phi = linear_attention.elu_features
+    return linear_attention.causal_linear_attention(phi(q), phi(k), v, chunk=3)
+
+
+# Performer's fixed random features: 5 directions of width 3, so two orthogonal blocks (3 + 2)
+_PERFORMER_PROJECTION = linear_attention.draw_performer_projection(3, 5, np.random.default_rng(0))
 
 _IDS = np.array([[0, 3, 3], [5, 1, 0]])  # repeated ids: gradients must accumulate
 _TARGETS = np.array([[1, 4, -1, 0], [2, -1, 6, 6]])  # -1 is ignored
@@ -127,6 +136,22 @@ def op_cases() -> list:
         C("causal_attention on the heads of one projection", _attention_of_one_projection, [(2, 3, 25)]),
         C("causal_attention on views, gqa, bias, Tq<Tk", _attention_of_new_tokens,
           [(2, 3, 9), (2, 5, 10), (4, 3, 5)]),
+        C("causal_attention window 2", lambda q, k, v: ops.causal_attention(q, k, v, window=2),
+          [(2, 2, 5, 3), (2, 2, 5, 3), (2, 2, 5, 3)]),
+        C("causal_attention window 1 (each query sees itself)", lambda q, k, v: ops.causal_attention(
+            q, k, v, window=1), [(1, 2, 4, 3), (1, 2, 4, 3), (1, 2, 4, 3)]),
+        C("causal_attention window 3, gqa, bias, Tq<Tk", lambda q, k, v, b: ops.causal_attention(
+            q, k, v, b, window=3), [(2, 4, 3, 2), (2, 2, 6, 2), (2, 2, 6, 2), (4, 3, 6)]),
+        C("elu_features", linear_attention.elu_features, [(2, 3, 4)], "away_from_zero"),  # off 0: phi'' jumps there
+        C("performer_features", lambda x: linear_attention.performer_features(x, _PERFORMER_PROJECTION),
+          [(2, 2, 4, 3)]),
+        C("causal_linear_attention", linear_attention.causal_linear_attention,
+          [(2, 2, 5, 3), (2, 2, 5, 3), (2, 2, 5, 4)], "positive"),  # positive features: denominators > 0
+        C("causal_linear_attention gqa, chunks of 3 over 7 tokens", lambda q, k, v:
+          linear_attention.causal_linear_attention(q, k, v, chunk=3),
+          [(2, 4, 7, 3), (2, 2, 7, 3), (2, 2, 7, 2)], "positive"),
+        C("causal_linear_attention of elu features, gqa, chunks of 3", _linear_attention_of_elu_features,
+          [(2, 4, 7, 3), (2, 2, 7, 3), (2, 2, 7, 2)], "away_from_zero"),
         C("cross_entropy", lambda z: ops.cross_entropy(z, _TARGETS[:, :3].clip(0)), [(2, 3, 7)]),
         C("cross_entropy ignore_index", lambda z: ops.cross_entropy(z, _TARGETS), [(2, 4, 7)]),
         C("layer_norm", ops.layer_norm, [(2, 3, 5), (5,), (5,)]),

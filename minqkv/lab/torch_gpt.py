@@ -5,7 +5,8 @@ The model is one function of a GPTConfig and a dict of weights named and shaped 
 name and each layer's code, and derives on its own what minqkv's attention does: one weight per
 letter (tied roles), identity roles ('-'), hard-concrete gates, the Cayley rotation of the keys,
 the 2-D position bias, grouped key/value heads, rotary positions (as complex numbers), output
-gates, and keys and values up-projected from a latent.
+gates, keys and values up-projected from a latent, ALiBi, a sliding window and linear attention
+(elu + 1 or Performer features, in the quadratic form minqkv never uses).
 
     weights = weights_of(model)                          # a minqkv GPT's, as PyTorch tensors
     loss(weights, model.config, ids, targets).backward()  # the loss and gradients minqkv gets
@@ -32,8 +33,13 @@ ROLES = "qkv"
 
 
 def weights_of(model) -> dict:
-    """{name: tensor} of a minqkv GPT's parameters: copies of its values, each with a gradient."""
-    return {name: torch.tensor(p.data, requires_grad=True) for name, p in model.named_parameters()}
+    """{name: tensor} of a minqkv GPT's parameters: copies of its values, each with a gradient; and
+    a Performer layer's fixed random projection (no gradient), which the model draws at init."""
+    weights = {name: torch.tensor(p.data, requires_grad=True) for name, p in model.named_parameters()}
+    for i, block in enumerate(model.blocks):
+        if hasattr(block.attn, "performer_projection"):
+            weights[f"blocks.{i}.attn.performer_projection"] = torch.tensor(block.attn.performer_projection)
+    return weights
 
 
 def adamw(weights: dict, lr: float, betas: tuple, weight_decay: float) -> torch.optim.AdamW:
@@ -89,10 +95,10 @@ def attention(weights: dict, prefix: str, config, code: str, x):
         k = k @ cayley(weights[prefix + "rotation_param"])  # (B, Hkv, T, hd) @ (Hkv, hd, hd)
     if Hkv < H:  # query head h reads key and value head h // (H / Hkv)
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # (B, H, T, hd)
-    if config.pos2d:  # a learned bias on the scores: the mask is the bias, -inf on the future
-        future = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)
-        bias = weights[prefix + "pos_bias"][:, :T, :T].masked_fill(future, -math.inf)  # (H, T, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, T, hd)
+    if config.linear_features is not None:
+        y = linear_attention(q, k, v, features(weights, prefix, config))  # (B, H, T, hd)
+    elif config.pos2d or config.pos == "alibi" or config.window:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=score_mask(weights, prefix, config, T).to(q.dtype))
     else:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
     if config.out_gate:  # one sigmoid gate per head and token, from the layer's input
@@ -100,6 +106,43 @@ def attention(weights: dict, prefix: str, config, code: str, x):
         y = y * gates.transpose(1, 2)[..., None]  # (B, H, T, hd) * (B, H, T, 1)
     y = y.transpose(1, 2).reshape(B, T, C)
     return y @ weights[prefix + "w_o"] if config.out_proj else y
+
+
+def score_mask(weights: dict, prefix: str, config, T: int):
+    """What is added to the scores (H, T, T) or (T, T): the learned 2-D bias, ALiBi's distance bias
+    (slope_h times the key's distance back), and -inf on keys after the query or, with a window,
+    W or more positions back."""
+    distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # (T, T) query position - key position
+    hidden = (distance < 0) | (distance >= config.window if config.window else False)
+    mask = torch.zeros(T, T, dtype=torch.float64).masked_fill(hidden, -math.inf)  # (T, T)
+    if config.pos == "alibi":
+        H = config.n_head
+        n = 2 ** math.floor(math.log2(H))  # slopes 2^(-8h/n) and, past a power of two, every other of 2n
+        slopes = [2 ** (-8 * h / n) for h in range(1, n + 1)] + [2 ** (-8 * h / (2 * n)) for h in range(1, 2 * n, 2)]
+        mask = mask - torch.tensor(slopes[:H], dtype=torch.float64)[:, None, None] * distance  # (H, T, T)
+    if config.pos2d:
+        mask = mask + weights[prefix + "pos_bias"][:, :T, :T]
+    return mask
+
+
+def features(weights: dict, prefix: str, config):
+    """Linear attention's feature map of q or k (B, n, T, hd) -> (B, n, T, M): elu + 1, or
+    Performer's positive random features exp(x' W - |x'|^2 / 2) / sqrt(M) with x' = x / hd^(1/4)."""
+    if config.linear_features == 0:
+        return lambda t: F.elu(t) + 1
+    W = weights[prefix + "performer_projection"]  # (hd, M), fixed
+
+    def positive(t):
+        t = t / t.shape[-1] ** 0.25
+        return torch.exp(t @ W - (t * t).sum(-1, keepdim=True) / 2) / math.sqrt(W.shape[1])
+    return positive
+
+
+def linear_attention(q, k, v, phi, eps: float = 1e-6):
+    """Causal linear attention in its quadratic form: A = phi(q) phi(k)^T with the future cut,
+    y = A v / (row sums of A + eps). q, k, v (B, H, T, hd) -> (B, H, T, hd)."""
+    A = (phi(q) @ phi(k).transpose(-1, -2)).tril()  # (B, H, T, T)
+    return (A @ v) / (A.sum(-1, keepdim=True) + eps)
 
 
 def sources(weights: dict, prefix: str, config, code: str, x) -> list:

@@ -2,7 +2,8 @@
 
 Every parameter of the model is checked against central differences in float64: the
 projections however they are tied, the rotation, the 2-D position bias, the gates, rotary
-positions, the output gates and the latent keys and values. A gated model
+positions, the output gates, the latent keys and values, ALiBi, the sliding window and linear and
+Performer attention. A gated model
 is checked on both paths of its hard-concrete gates: sampled (training, with one fixed noise
 draw replayed at every evaluation of the loss) and deterministic (evaluation).
 """
@@ -24,6 +25,10 @@ MODIFIER_LABELS += ["abc+rope", "aab+rope", "abb+rope", "-ab+rope", "-aa+rope", 
                     "abc+out-gate", "aab+out-gate", "abb+out-gate+mqa", "abc+gate+out-gate",
                     "abc+latent-kv4", "abb+latent-kv4", "-ab+latent-kv6", "abc+latent-kv4+gqa2",
                     "abb+rope+latent-kv4+mqa", "abc+gate+latent-kv4", "abc+rope+out-gate+latent-kv6"]
+# the baselines: a sliding window, ALiBi, linear and Performer attention, alone and with the others
+MODIFIER_LABELS += ["abc+window2", "aab+window1", "abb+window3+gqa2", "abc+alibi", "aaa+rotate+alibi",
+                    "abc+pos2d+alibi+window2", "abc+linear", "aab+linear", "abb+linear+mqa", "--a+linear",
+                    "abc+rope+gate+linear", "abc+performer6", "abb+out-gate+performer4+gqa2"]
 MODIFIER_CASES = [(label, GPTConfig.overrides_from_label(label)) for label in MODIFIER_LABELS]
 MODIFIER_CASES.append(("abc+per-layer", dict(layer_codes=["abb", "-a-"])))
 # the gates' deterministic path: the model in evaluation mode (the labels above run in training)
