@@ -203,14 +203,14 @@ def _reason(error: Exception) -> str:
 
 def load_model(path):
     """Rebuild a trained GPT and its tokenizer from a checkpoint (for sampling and analysis)."""
-    from .data import CharTokenizer
+    from .data import tokenizer_from_dict
     from .model import GPT, GPTConfig
 
     meta, model_state, _ = load_checkpoint(path)
     try:
         model = GPT(GPTConfig.from_dict(meta["model_config"]))
         model.load_state_dict(model_state)
-        tokenizer = CharTokenizer.from_dict(meta["tokenizer"])
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])  # characters, or token ids (synthetic:mqar)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(checkpoint_path(path), _reason(e)) from None
     return model, tokenizer, meta

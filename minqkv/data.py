@@ -7,6 +7,9 @@ Three kinds of corpus share one interface (`Corpus.batch`, `Corpus.eval_batches`
   converts them),
 - `synthetic:TASK`: copy, reverse, sort and multi-query associative recall, generated in code.
   Only the answer characters are scored; every other target is -1 (ignored).
+- `synthetic:mqar`: multi-query associative recall on the protocol of Zoology (Arora et al. 2023),
+  whose vocabulary (8192 by default) no character set carries: its examples are token ids
+  (IdTokenizer), and only the value after each query is scored.
 
 For text, targets are the inputs shifted by one character and the metric is bits per character
 ('bpc'); for tasks it is the fraction of answer characters predicted right ('accuracy').
@@ -14,6 +17,7 @@ For text, targets are the inputs shifted by one character and the metric is bits
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -108,6 +112,71 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+MAX_ID_VOCAB = 1 << 16  # an embedding of 65,536 rows of 64 floats is 16 MiB; far beyond any corpus here
+
+
+class IdTokenizer:
+    """Tokens that are integers already, 0 .. vocab_size - 1 (synthetic:mqar); as text, the ids
+    are written out with spaces between them: '12 4097 3'."""
+
+    def __init__(self, vocab_size: int):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) \
+                or not 2 <= vocab_size <= MAX_ID_VOCAB:
+            raise ValueError(f"IdTokenizer: vocab_size must be an integer in [2, {MAX_ID_VOCAB}], "
+                             f"got {vocab_size!r}")
+        self.vocab_size = int(vocab_size)
+
+    def encode(self, text: str) -> np.ndarray:
+        """'12 4097 3' -> int64 ids of shape (3,)."""
+        try:
+            ids = np.array([int(word) for word in text.split()], dtype=np.int64)  # (N,)
+        except ValueError:
+            raise ValueError(f"encode: text must be token ids separated by spaces, e.g. '12 4097 3', "
+                             f"got {text[:40]!r}") from None
+        self._check_range(ids, "encode")
+        return ids
+
+    def decode(self, ids) -> str:
+        """ids of shape (N,) -> '12 4097 3'."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(
+                f"decode: ids must be a 1-D array of integers, got shape {ids.shape} {ids.dtype}"
+            )
+        self._check_range(ids, "decode")
+        return " ".join(str(i) for i in ids.tolist())
+
+    def _check_range(self, ids: np.ndarray, caller: str) -> None:
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            shown = sorted(set(ids[bad].tolist()))[:10]
+            raise ValueError(f"{caller}: ids must lie in [0, {self.vocab_size}), got {shown}")
+
+    def to_dict(self) -> dict:
+        return {"kind": "ids", "vocab_size": self.vocab_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IdTokenizer":
+        if not (isinstance(d, dict) and d.get("kind") == "ids" and isinstance(d.get("vocab_size"), int)):
+            raise ValueError(
+                "IdTokenizer.from_dict: d must look like {'kind': 'ids', 'vocab_size': 8192}"
+            )
+        return cls(d["vocab_size"])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, IdTokenizer) and other.vocab_size == self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"IdTokenizer(vocab_size={self.vocab_size})"
+
+
+def tokenizer_from_dict(d: dict):
+    """A checkpoint's tokenizer, whichever kind it saved ('char' or 'ids')."""
+    if isinstance(d, dict) and d.get("kind") == "ids":
+        return IdTokenizer.from_dict(d)
+    return CharTokenizer.from_dict(d)
 
 
 # ---- corpora -----------------------------------------------------------------------------
@@ -340,10 +409,127 @@ class TaskCorpus(Corpus):
         ]
 
 
+# ---- multi-query associative recall on Zoology's protocol --------------------------------
+# One example of T tokens (Arora et al. 2023, section 3; N = 2 pairs, T = 16):
+#
+#   x:  k1 v1 k2 v2 | k2  .  .  .  .  .  k1  .  .  .  .  .      keys in [1, V/2), values in [V/2, V)
+#   y:   -  -  -  - | v2  -  -  -  -  -  v1  -  -  -  -  -      '-' = IGNORE: only answers are scored
+#
+# N distinct keys, each with a distinct value, then every key once more as a query at an even
+# offset 2g after the pairs. The gap g is drawn without replacement with weight g^(a - 1)
+# (a = power, 0.01: nearly 1/g, so most queries come soon after the pairs; a = 1: uniform).
+# Every other position ('.') is a token drawn uniformly from the whole vocabulary. The value is
+# never shown after its query: the model must predict it at the query.
+
+MQAR_PAIRS_PER_TOKEN = 16  # default pairs = T // 16: Zoology's points (T, N) = (64, 4), (128, 8), (256, 16)
+MQAR_DEFAULTS = {"vocab": 8192, "pairs": None, "power": 0.01}  # Zoology's vocabulary and power law
+
+
+def mqar_gap_weights(slots: int, power: float) -> np.ndarray:
+    """Probability of each gap g = 0 .. slots - 1 between the pairs and a query: (g + 1)^(power - 1), normalised."""
+    weights = np.arange(1, slots + 1, dtype=np.float64) ** (power - 1)  # (slots,)
+    return weights / weights.sum()
+
+
+def mqar_example(rng: np.random.Generator, block_size: int, vocab: int, pairs: int,
+                 power: float) -> tuple:
+    """One MQAR example -> x, y of shape (T,): tokens, and the values at the queries (else -1)."""
+    half = vocab // 2
+    keys = rng.choice(np.arange(1, half), size=pairs, replace=False)  # (N,) distinct
+    values = rng.choice(np.arange(half, vocab), size=pairs, replace=False)  # (N,) distinct
+    x = rng.integers(0, vocab, size=block_size)  # (T,) the filler, overwritten where pairs and queries go
+    x[0 : 2 * pairs : 2], x[1 : 2 * pairs : 2] = keys, values
+    slots = (block_size - 2 * pairs) // 2  # a query sits on an even offset after the pairs
+    gaps = rng.choice(slots, size=pairs, replace=False, p=mqar_gap_weights(slots, power))  # (N,)
+    queries = 2 * pairs + 2 * gaps  # (N,) positions of key i's query
+    x[queries] = keys
+    y = np.full(block_size, IGNORE, dtype=np.int64)  # (T,)
+    y[queries] = values  # the next token after a query is its key's value
+    return x.astype(np.int64), y
+
+
+@dataclass
+class MQARCorpus(TaskCorpus):
+    """synthetic:mqar: fresh examples for training, a fixed validation set drawn from `seed`.
+
+    pairs=None takes block_size // 16 pairs, so the same spec follows the block size.
+    """
+
+    vocab: int = 8192
+    pairs: int | None = None
+    power: float = 0.01
+
+    def pairs_at(self, block_size: int) -> int:
+        return self.pairs if self.pairs is not None else max(1, block_size // MQAR_PAIRS_PER_TOKEN)
+
+    def _check_block(self, block_size):
+        pairs = self.pairs_at(block_size)
+        if 4 * pairs > block_size:  # N pairs take 2N tokens, and N queries need N even slots after them
+            raise ValueError(
+                f"block_size {block_size} is too small for {self.name!r}: {pairs} key-value pairs "
+                f"and their queries need block_size of at least {4 * pairs}"
+            )
+        if pairs > self.vocab // 2 - 1:  # keys come from [1, vocab / 2)
+            raise ValueError(
+                f"{self.name!r} has {pairs} pairs at block_size {block_size}, more than its "
+                f"{self.vocab // 2 - 1} distinct keys (vocab={self.vocab}): raise vocab or lower pairs"
+            )
+
+    def _row(self, rng, block_size):
+        return mqar_example(rng, block_size, self.vocab, self.pairs_at(block_size), self.power)
+
+    def example(self, rng: np.random.Generator, block_size: int) -> str:
+        """One example's input tokens as text ('12 4097 ...'), to read or print."""
+        self._check_block(block_size)
+        return self.tokenizer.decode(self._row(rng, block_size)[0])
+
+
+def _mqar_corpus(spec: str, seed: int) -> MQARCorpus:
+    """'synthetic:mqar' or 'synthetic:mqar:vocab=8192,pairs=16,power=0.01' (any of the three)."""
+    settings = dict(MQAR_DEFAULTS)
+    given = spec[len("synthetic:mqar:"):].split(",") if spec.startswith("synthetic:mqar:") else []
+    seen = set()
+    for item in given:
+        name, equals, value = item.partition("=")
+        if not equals or name not in MQAR_DEFAULTS or not value:
+            raise ValueError(f"data spec {spec!r}: {item!r} is not a setting: write NAME=VALUE "
+                             f"separated by commas, NAME one of {', '.join(MQAR_DEFAULTS)}, "
+                             f"e.g. 'synthetic:mqar:vocab=8192,pairs=16'")
+        if name in seen:
+            raise ValueError(f"data spec {spec!r} sets {name} more than once")
+        seen.add(name)
+        settings[name] = _mqar_setting(spec, name, value)
+    vocab, pairs = settings["vocab"], settings["pairs"]
+    if pairs is not None and pairs > vocab // 2 - 1:
+        raise ValueError(f"data spec {spec!r}: pairs={pairs} needs that many distinct keys, but "
+                         f"vocab={vocab} has {vocab // 2 - 1} (keys come from [1, vocab / 2))")
+    return MQARCorpus(spec, IdTokenizer(vocab), "accuracy", task="mqar", seed=seed, **settings)
+
+
+def _mqar_setting(spec: str, name: str, value: str):
+    """One NAME=VALUE of an mqar spec, parsed and range-checked."""
+    if name == "power":
+        try:
+            power = float(value)
+        except ValueError:
+            power = math.nan
+        if not 0 < power <= 1:
+            raise ValueError(f"data spec {spec!r}: power must be a number in (0, 1] (the gap weight "
+                             f"is g^(power - 1); 1 places queries uniformly), got {value!r}")
+        return power
+    lowest, highest = (4, MAX_ID_VOCAB) if name == "vocab" else (1, MAX_ID_VOCAB // 2 - 1)
+    if not value.isdigit() or not lowest <= int(value) <= highest:
+        raise ValueError(f"data spec {spec!r}: {name} must be a whole number in "
+                         f"[{lowest}, {highest}], got {value!r}")
+    return int(value)
+
+
 def _task_corpus(spec: str, seed: int) -> TaskCorpus:
     task = spec.split(":", 1)[1]
+    if task == "mqar" or task.startswith("mqar:"):
+        return _mqar_corpus(spec, seed)
     if task not in TASKS:
-        valid = ", ".join(f"synthetic:{name}" for name in TASKS)
+        valid = ", ".join(f"synthetic:{name}" for name in (*TASKS, "mqar"))
         raise ValueError(f"unknown synthetic task {task!r} in {spec!r}: valid tasks are {valid}")
     return TaskCorpus(spec, TASK_TOKENIZER, "accuracy", task=task, seed=seed)
 
@@ -352,7 +538,7 @@ def _task_corpus(spec: str, seed: int) -> TaskCorpus:
 
 
 def load_corpus(spec: str, cache_dir=None, seed: int = 0) -> Corpus:
-    """'shakespeare', 'synthetic:TASK' or a path to a UTF-8 text file -> a Corpus.
+    """'shakespeare', 'synthetic:TASK' (synthetic:mqar:SETTINGS too) or a path to a UTF-8 text file -> a Corpus.
 
     `seed` fixes a task's validation set; text splits are fixed (first 90% / last 10%).
     A file literally named 'shakespeare' is read with a path such as './shakespeare'.
@@ -365,7 +551,7 @@ def load_corpus(spec: str, cache_dir=None, seed: int = 0) -> Corpus:
     if spec.startswith("synthetic:"):
         return _task_corpus(spec, seed)
     if not os.path.exists(spec):
-        tasks = ", ".join(TASKS)
+        tasks = ", ".join((*TASKS, "mqar"))
         raise FileNotFoundError(
             f"data spec {spec!r} is neither a known corpus nor an existing file: valid specs are "
             f"'shakespeare', 'synthetic:TASK' (TASK one of {tasks}), or a path to a UTF-8 text file"

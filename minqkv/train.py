@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .atomic import json_text, remove_leftovers, with_path, write_atomically
 from .checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint, save_checkpoint
-from .data import IGNORE, CharTokenizer, load_corpus
+from .data import IGNORE, load_corpus, tokenizer_from_dict
 from .lock import folder_lock
 from .model import GPT, GPTConfig
 from .optim import AdamW, check_hyperparameters, clip_grad_norm, cosine_lr
@@ -374,17 +374,20 @@ def _differences(saved, requested, ignore: tuple) -> list:
 
 
 def _check_vocabulary(corpus, meta: dict, out: Path) -> None:
-    """A checkpoint's ids mean the characters of its own vocabulary; the data must have the same."""
-    saved = CharTokenizer.from_dict(meta["tokenizer"])
+    """A checkpoint's ids mean the tokens of its own vocabulary; the data must have the same."""
+    saved = tokenizer_from_dict(meta["tokenizer"])
     if corpus.tokenizer == saved:
         return
-    only_data = sorted(set(corpus.tokenizer.chars) - set(saved.chars))
-    only_saved = sorted(set(saved.chars) - set(corpus.tokenizer.chars))
+    if hasattr(saved, "chars") and hasattr(corpus.tokenizer, "chars"):
+        only_data = sorted(set(corpus.tokenizer.chars) - set(saved.chars))
+        only_saved = sorted(set(saved.chars) - set(corpus.tokenizer.chars))
+        difference = (f"{corpus.tokenizer.vocab_size} characters against {saved.vocab_size}; only in the data: "
+                      f"{''.join(only_data)!r}, only in the checkpoint: {''.join(only_saved)!r}")
+    else:  # token ids (synthetic:mqar) on either side
+        difference = f"{corpus.tokenizer!r} against the checkpoint's {saved!r}"
     raise ValueError(
-        f"data {corpus.name!r} has another vocabulary than the checkpoint in {out} "
-        f"({corpus.tokenizer.vocab_size} characters against {saved.vocab_size}; only in the data: "
-        f"{''.join(only_data)!r}, only in the checkpoint: {''.join(only_saved)!r}), so every "
-        f"id would mean another character: resume with the data the run was trained on")
+        f"data {corpus.name!r} has another vocabulary than the checkpoint in {out} ({difference}), so "
+        f"every id would mean another token: resume with the data the run was trained on")
 
 
 def _restore(state, model, opt, batch_rng) -> int:

@@ -279,3 +279,72 @@ def test_a_run_recorded_as_failed_trains_again_when_the_sweep_is_rerun(tmp_path)
     [row] = sweep(tmp_path, variants="abc")
     assert (row["seeds"], row["failed"]) == (1, 0)
     assert strict_json(result)["status"] == "ok"
+
+
+# ---- the baselines: attention kinds against projection codes --------------------------------------
+
+
+def test_the_baselines_preset_sets_attention_kinds_against_projection_codes_at_nanogpts_shape():
+    plan = ablate.plan_sweep("baselines", None)
+    assert [r["variant"] for r in plan["runs"]] == ["abc", "abb", "-ab", "aaa+rotate", "---", "abc+window16",
+                                                    "abc+window32", "abc+linear", "abc+performer64", "abc+alibi"]
+    assert plan["data"] == "shakespeare" and plan["seeds"] == 2 and plan["extrapolation"] == [2, 4]
+    assert plan["model"] == dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0)
+    assert plan["train"]["batch_size"] == 12
+    overrides = {r["variant"]: r["overrides"] for r in plan["runs"]}
+    assert overrides["abc+window16"]["window"] == 16 and overrides["abc+alibi"]["pos"] == "alibi"
+    assert (overrides["abc+linear"]["linear_features"], overrides["abc+performer64"]["linear_features"]) == (0, 64)
+
+
+def test_the_baselines_state_bytes_count_every_kind_of_attention_by_its_decoder_state():
+    plan = ablate.plan_sweep("baselines", None)
+    state = {r["variant"]: ablate_tables.decode_state_bytes_per_token(r, plan) for r in plan["runs"]}
+    per_layer = 4 * 4  # 4 layers of float32
+    assert state["abc"] == per_layer * 2 * 128 and state["abb"] == state["abc"] / 2 == state["---"]
+    assert state["abc+window16"] == state["abc"] / 4  # 16 of the 64 tokens' keys and values
+    assert state["abc+linear"] * 64 == per_layer * 4 * (32 * 32 + 32)  # S and z per head, spread over T = 64
+    assert state["abc+performer64"] * 64 == per_layer * 4 * (64 * 32 + 64)
+
+
+def test_presets_without_extrapolation_keep_their_columns(finished):
+    out, rows = finished
+    assert not any(key.startswith("val_loss_") and key.endswith("x") for row in rows for key in row)
+    header = (out / "results.md").read_text().splitlines()[0]
+    assert "KV bytes/token" in header and "val loss at" not in header and "state bytes" not in header
+
+
+@pytest.fixture(scope="module")
+def tiny_baselines(tmp_path_factory):
+    """The baselines machinery at the tiny preset's sizes: learned positions and ALiBi, a few steps."""
+    out = tmp_path_factory.mktemp("baselines")
+    tiny = {**ablate.SWEEP_PRESETS["tiny"], "variants": "abc,abc+alibi", "extrapolation": [2, 4]}
+    tiny["train"] = {**tiny["train"], "steps": 4, "eval_interval": 2}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(ablate.SWEEP_PRESETS, "tiny-baselines", tiny)
+        rows = ablate.run_sweep("tiny-baselines", "synthetic:copy", out, progress=False)
+    return out, rows
+
+
+def test_a_model_without_a_position_table_is_scored_at_two_and_four_times_its_block(tiny_baselines):
+    out, rows = tiny_baselines
+    by_name = {r["variant"]: r for r in rows}
+    assert all(r["seeds"] == 1 for r in rows)
+    assert by_name["abc"]["val_loss_2x"] is None and by_name["abc"]["val_loss_4x"] is None
+    alibi = strict_json(out / "runs" / "abc+alibi-seed0" / "result.json")
+    assert alibi["val_loss_2x"] > 0 and alibi["val_loss_4x"] > 0
+    assert by_name["abc+alibi"]["val_loss_4x"] == alibi["val_loss_4x"]
+    assert strict_json(out / "runs" / "abc-seed0" / "result.json")["val_loss_2x"] is None
+
+
+def test_the_baselines_table_shows_extrapolation_and_state_bytes(tiny_baselines):
+    out, rows = tiny_baselines
+    lines = (out / "results.md").read_text().splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[header.index("val loss"):][:3] == ["val loss", "val loss at 2T", "val loss at 4T"]
+    assert "state bytes/token" in header and "KV bytes/token" not in header and "FLOPs/token" in header
+    abc = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert abc[header.index("val loss at 2T")] == "" and abc[header.index("state bytes/token")] == "128"
+    with open(out / "results.csv") as f:
+        table = {row["variant"]: row for row in csv.DictReader(f)}
+    assert table["abc"]["val_loss_2x"] == "" and float(table["abc+alibi"]["val_loss_2x"]) > 0
+    assert float(table["abc"]["kv_cache_bytes_per_token"]) == 128  # the measured cache stays in the CSV

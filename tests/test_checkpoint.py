@@ -15,7 +15,7 @@ import minqkv.atomic as atomic_module
 import minqkv.checkpoint as checkpoint_module
 from minqkv.atomic import json_text, write_atomically
 from minqkv.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from minqkv.data import CharTokenizer
+from minqkv.data import CharTokenizer, IdTokenizer
 from minqkv.model import GPT, GPTConfig, parameter_count
 from minqkv.optim import AdamW
 
@@ -45,6 +45,16 @@ def test_a_saved_checkpoint_loads_the_same_weights_and_meta(saved):
     assert loaded_meta["step"] == meta["step"] and tokenizer == CharTokenizer("abcde")
     for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters()):
         assert np.array_equal(p.data, q.data), name
+
+
+def test_a_checkpoint_of_token_ids_loads_with_its_id_tokenizer(tmp_path):
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=8, block_size=4))
+    meta = {"model_config": model.config.to_dict(), "train_config": {}, "step": 1,
+            "tokenizer": IdTokenizer(64).to_dict()}  # what a synthetic:mqar run saves
+    save_checkpoint(tmp_path / "run", model, None, meta)
+    loaded, tokenizer, _ = load_model(tmp_path / "run")
+    assert tokenizer == IdTokenizer(64) and loaded.config.vocab_size == 64
+    assert np.array_equal(loaded.token_embedding.weight.data, model.token_embedding.weight.data)
 
 
 def test_write_atomically_replaces_the_whole_file(tmp_path):

@@ -19,11 +19,17 @@ What a sweep folder promises:
 
 A preset may sweep the gate penalty L: every gated variant then runs once per L, named
 'abc+gate(L=0.01)', and is compared with static variants by the projection matrices it keeps.
+A preset may also list block sizes and learning rates: every variant then runs once per
+(block size, learning rate), named 'abc(T=64,lr=0.003)', and the table keeps each variant's best
+learning rate at each block size (ablate_tables.recall_rows).
+A preset may ask for longer contexts at evaluation (extrapolation: multiples of the block size):
+every model whose positions need no table then also reports its validation loss there (ablate_run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -58,6 +64,26 @@ STANDARD = dict(model=dict(n_layer=3, n_head=4, n_embd=96, block_size=96),
                 train=dict(steps=800, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=80,
                            eval_interval=100, eval_iters=16), seeds=2)
 
+# The mqar preset's budget: 90 runs in about 35 minutes with --jobs 2 on 2 cores. One run (abc,
+# T = 64, batch 32, one thread, two runs at once) took 130-140 ms a step, the vocabulary's output
+# head four fifths of it, and a step of T = 256, batch 8 the same; with evaluations about 50 s per
+# 300 steps. That is too short to learn recall at vocabulary 8192: abc at lr 3e-3 reached an
+# accuracy of 0.10 after 400 steps, 0.38 after 1000 and 0.66 after 1500, still rising. Raise
+# MQAR_STEPS to 1500 for the full picture (about 3 hours on 2 cores at today's step cost).
+MQAR_STEPS = 300
+
+# Attention kinds beside the projection codes: sliding windows, linear attention (elu + 1 and
+# Performer features) and ALiBi, against canonical, the codes that share or drop projections, and no
+# projections at all.
+BASELINE_VARIANTS = ["abc", "abb", "-ab", "aaa+rotate", "---", "abc+window16", "abc+window32",
+                     "abc+linear", "abc+performer64", "abc+alibi"]
+# The baselines preset's budget: at nanoGPT's CPU shape one step (batch 12, T = 64, one thread, two
+# runs at once on 2 cores) took 44-57 ms for the softmax kinds, 70 ms for abc+linear and 78 ms for
+# abc+performer64, 57 ms on average; a whole run of 2000 steps (nanoGPT's ~2000 iterations) with its
+# evaluations 2.3 times its steps' ms in seconds (abc: 130 s, abc+linear: 157 s). So the 20 runs take
+# about 23 minutes with --jobs 2 on 2 cores, and about 5 minutes with --jobs 16 on 16 cores.
+BASELINE_STEPS = 2000
+
 SWEEP_PRESETS = {
     # about 5 minutes on 2 cores: the README's demonstration
     "quick": dict(model=dict(n_layer=2, n_head=4, n_embd=64, block_size=64),
@@ -82,6 +108,24 @@ SWEEP_PRESETS = {
                               eval_interval=100, eval_iters=8),
                    seeds=2, data="synthetic:recall",
                    variants="abc,---,aab,aab+wide-init,abc+wide-init,abc+wide-init+sym-init"),
+    # multi-query associative recall on Zoology's protocol (synthetic:mqar: vocabulary 8192, T // 16
+    # pairs, power-law query gaps) at block sizes 64, 128 and 256, every one of the 15 codes, 2 layers
+    # of width 64 and one head as Zoology's attention baseline; each (code, T) at two learning rates
+    # (half a decade apart; 1e-2 trained abc worse than 3e-3), the best reported against the KV bytes
+    # a token costs a layer: the field's recall-vs-memory picture. 2048 tokens a step at every T
+    # (batch 32, 16, 8: 128 answers a step), so every run costs the same. See MQAR_STEPS for the budget.
+    "mqar": dict(model=dict(n_layer=2, n_head=1, n_embd=64, block_size=64),
+                 train=dict(steps=MQAR_STEPS, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                            eval_interval=100, eval_iters=8),
+                 seeds=1, data="synthetic:mqar", variants="all",
+                 block_sizes=[64, 128, 256], learning_rates=[1e-3, 3e-3], tokens_per_batch=2048),
+    # attention kinds against projection codes at nanoGPT's CPU shape (n_layer 4, n_head 4, T 64,
+    # n_embd 128, batch 12) on Shakespeare, 2 seeds; models without a position table (abc+alibi)
+    # are also scored at 2 and 4 times the block size they were trained on. See BASELINE_STEPS.
+    "baselines": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
+                      train=dict(steps=BASELINE_STEPS, batch_size=12, lr=1e-3, min_lr=1e-4,
+                                 warmup_steps=100, eval_interval=100, eval_iters=20),
+                      seeds=2, variants=",".join(BASELINE_VARIANTS), extrapolation=[2, 4]),
     # seconds: for tests of the bench itself
     "tiny": dict(model=dict(n_layer=1, n_head=2, n_embd=16, block_size=16),
                  train=dict(steps=10, batch_size=4, eval_interval=5, eval_iters=2), seeds=1),
@@ -129,13 +173,15 @@ def plan_sweep(preset: str, data: str | None, variants=None, seeds: int | None =
             notes.append(_same_variant_note(label, first_label[run["variant"]], run, spec["model"]))
             continue
         first_label[run["variant"]] = label
-        if run["overrides"].get("gate") and spec.get("gate_penalties"):
-            runs += [{**run, "variant": f"{run['variant']}(L={L:g})", "train_overrides": {"gate_penalty": L}}
-                     for L in spec["gate_penalties"]]
-        else:
-            runs.append(run)
-    return {"preset": preset, "data": data, "seeds": seeds, "runs": runs,
+        runs += _grid_runs(run, spec)
+    plan = {"preset": preset, "data": data, "seeds": seeds, "runs": runs,
             "model": spec["model"], "train": spec["train"], "notes": notes}
+    if spec.get("block_sizes") or spec.get("learning_rates"):  # the tables add the best learning rate per block size
+        plan["grid"] = {key: spec[key] for key in ("block_sizes", "learning_rates", "tokens_per_batch")
+                        if spec.get(key)}
+    if spec.get("extrapolation"):  # the runs score longer contexts; the tables add those columns
+        plan["extrapolation"] = list(spec["extrapolation"])
+    return plan
 
 
 def _planned_run(label: str, model: dict, preset: str) -> dict:
@@ -146,6 +192,34 @@ def _planned_run(label: str, model: dict, preset: str) -> dict:
                          f"n_head={model['n_head']} of preset {preset!r}")
     config = GPTConfig(**{**model, **overrides})  # raises on impossible variants
     return {"label": label, "variant": config.variant_label(), "overrides": overrides}
+
+
+def _grid_runs(run: dict, spec: dict) -> list:
+    """The run once per point of the preset's grid: gate penalty (gated variants only), block size,
+    learning rate; its name gains the point, 'abc+gate(L=0.01)', 'abc(T=64,lr=0.003)'."""
+    axes = []  # (name in the label, values, the job's key it goes under, the config field it sets)
+    if run["overrides"].get("gate") and spec.get("gate_penalties"):
+        axes.append(("L", spec["gate_penalties"], "train_overrides", "gate_penalty"))
+    if spec.get("block_sizes"):
+        axes.append(("T", spec["block_sizes"], "overrides", "block_size"))
+    if spec.get("learning_rates"):
+        axes.append(("lr", spec["learning_rates"], "train_overrides", "lr"))
+    if not axes:
+        return [run]
+    runs = []
+    for point in itertools.product(*(values for _, values, _, _ in axes)):
+        planned = {**run, "overrides": dict(run["overrides"])}
+        for (_, _, key, field), value in zip(axes, point):
+            planned.setdefault(key, {})[field] = value
+        if "lr" in planned.get("train_overrides", {}):  # the schedule ends at a tenth of its peak, as in every preset
+            planned["train_overrides"]["min_lr"] = planned["train_overrides"]["lr"] / 10
+        if spec.get("tokens_per_batch") and "block_size" in planned["overrides"]:
+            # every block size sees as many tokens a step (and, at T // 16 pairs, as many answers), at one cost
+            block_size = planned["overrides"]["block_size"]
+            planned.setdefault("train_overrides", {})["batch_size"] = spec["tokens_per_batch"] // block_size
+        planned["variant"] = f"{run['variant']}({','.join(f'{name}={v:g}' for (name, *_), v in zip(axes, point))})"
+        runs.append(planned)
+    return runs
 
 
 def _same_variant_note(label: str, first: str, run: dict, model: dict) -> str:
@@ -216,7 +290,8 @@ def _done_and_todo(out: Path, plan: dict) -> tuple:
                 done.append(result)
             else:
                 todo.append({**run, "seed": seed, "run_dir": str(run_dir), "data": plan["data"],
-                             "model": plan["model"], "train": plan["train"]})
+                             "model": plan["model"], "train": plan["train"],
+                             "extrapolation": plan.get("extrapolation", [])})
     return done, todo
 
 

@@ -4,6 +4,11 @@ A sweep (ablate.py) starts run_one in a fresh process for each run, on this mach
 Dask worker (cluster.py). A run folder OUT/runs/VARIANT-seedSEED holds what train() writes
 (checkpoints, metrics.jsonl, final.json) and, last, result.json: the run's figures with
 status 'ok', or status 'failed' and the error. A folder with an 'ok' result.json is finished.
+
+A job may list multiples of the block size to evaluate at (job["extrapolation"], e.g. [2, 4]): the
+result then holds val_loss_2x, val_loss_4x, the validation loss on sequences that much longer than
+any seen in training, for models whose positions need no table (model.TABLE_FREE_POSITIONS, no
+pos2d); a learned position table has no rows past block_size, so those get None.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ def run_one(job: dict, progress_queue=None, corpus=None) -> dict:
         measured_dir = run_dir / "pruned" if model_config.gate else run_dir
         # sizes, FLOPs and decoding are measured on the model as deployed (pruned if gated)
         result = {**final, **measure_decoding(measured_dir), "eval_curve": _eval_curve(run_dir),
+                  **extrapolation_losses(measured_dir, job.get("extrapolation", []), train_config, corpus),
                   "status": "ok"}
         if model_config.gate:  # the row reports the pruned model
             result["unpruned_val_loss"] = final["val_loss"]
@@ -97,6 +103,29 @@ def _eval_curve(run_dir: Path) -> list:
     """[[step, val_loss], ...] of a finished run, from its metrics (a gated run: before pruning)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [[record["step"], record["val_loss"]] for record in map(json.loads, filter(str.strip, lines))]
+
+
+def extrapolation_losses(ckpt_dir, multiples, train_config, corpus=None) -> dict:
+    """{'val_loss_2x': loss, ...}: the validation loss on sequences `multiple` x block_size long
+    (as many batches as the run's evaluations); None for a model that cannot read them."""
+    if not multiples:
+        return {}
+    from ..checkpoint import load_model
+    from ..data import load_corpus
+    from ..model import TABLE_FREE_POSITIONS
+    from ..train import evaluate
+
+    model, _, _ = load_model(ckpt_dir)
+    config = model.config
+    if config.pos not in TABLE_FREE_POSITIONS or config.pos2d:
+        return {f"val_loss_{m}x": None for m in multiples}
+    corpus = corpus if corpus is not None else load_corpus(train_config.data, seed=train_config.seed)
+    losses = {}
+    for multiple in multiples:
+        batches = corpus.eval_batches("val", train_config.batch_size, multiple * config.block_size,
+                                      train_config.eval_iters, seed=train_config.seed)
+        losses[f"val_loss_{multiple}x"] = evaluate(model, batches, corpus.metric)["val_loss"]
+    return losses
 
 
 def measure_decoding(ckpt_dir) -> dict:

@@ -377,7 +377,8 @@ VISIBLE = {" ": "·", "\n": "¶", "\t": "→"}  # characters drawn as ticks
 def save_heatmaps(model, x, out_dir, tokenizer=None) -> list:
     """One PNG per layer of the attention weights of one sequence x (T,) or (1, T), heads side by side.
 
-    With a tokenizer, short sequences (T <= 48) get their characters as tick labels.
+    With a tokenizer, short sequences (T <= 48) get their tokens as tick labels: a character each,
+    or a token id (IdTokenizer).
     """
     try:
         from matplotlib.figure import Figure  # the object API: no GUI backend, no global state
@@ -387,9 +388,10 @@ def save_heatmaps(model, x, out_dir, tokenizer=None) -> list:
     ids = np.asarray(x).reshape(1, -1)  # (1, T)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    chars = tokenizer.decode(ids[0]) if tokenizer is not None and ids.shape[1] <= 48 else None
     T = ids.shape[1]
-    side = max(2.6, 0.12 * T) if chars is not None else 2.6  # inches: room for one tick per character
+    # one label per token, each decoded alone: a character, or an id such as '4097'
+    tokens = [tokenizer.decode(ids[0, t:t + 1]) for t in range(T)] if tokenizer is not None and T <= 48 else None
+    side = max(2.6, 0.12 * T) if tokens is not None else 2.6  # inches: room for one tick per token
     paths = []
     for layer, weights in enumerate(attention_weights(model, ids)):  # weights (1, H, T, T)
         H = weights.shape[1]
@@ -399,8 +401,8 @@ def save_heatmaps(model, x, out_dir, tokenizer=None) -> list:
             image = ax.imshow(weights[0, h], cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_title(f"head {h}", fontsize=9)
             ax.set_xlabel("key position", fontsize=8)
-            if chars is not None:
-                shown = [VISIBLE.get(ch, ch) for ch in chars]  # a space or newline tick would be blank
+            if tokens is not None:
+                shown = [VISIBLE.get(token, token) for token in tokens]  # a space or newline tick would be blank
                 ax.set_xticks(range(T), shown, fontsize=7, fontfamily="monospace")
                 ax.set_yticks(range(T), shown, fontsize=7, fontfamily="monospace")
         axes[0].set_ylabel("query position", fontsize=8)
