@@ -142,6 +142,26 @@ def test_seeds_that_pruned_differently_stay_in_one_markdown_cell():
     assert line.replace("\\|", "").count("|") == header.count("|")
 
 
+def test_steps_replaces_the_presets_training_steps_and_nothing_else():
+    plan = ablate.plan_sweep("mqar", None, "abc", steps=1500)
+    preset = ablate.SWEEP_PRESETS["mqar"]["train"]
+    assert plan["train"] == {**preset, "steps": 1500} and preset["steps"] == ablate.MQAR_STEPS
+    assert ablate.plan_sweep("mqar", None, "abc")["train"] == preset
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True])
+def test_steps_must_be_a_positive_integer(steps):
+    with pytest.raises(ValueError, match="--steps must be a positive integer"):
+        ablate.plan_sweep("tiny", "synthetic:copy", "abc", steps=steps)
+
+
+def test_a_folder_refuses_a_sweep_with_other_steps(tmp_path):
+    out = tmp_path / "sweep"
+    ablate.run_sweep("tiny", "synthetic:copy", out, "abc", progress=False)
+    with pytest.raises(ValueError, match="holds a different sweep"):
+        ablate.run_sweep("tiny", "synthetic:copy", out, "abc", progress=False, steps=3)
+
+
 def test_a_preset_brings_its_own_data_unless_data_is_given():
     assert ablate.plan_sweep("recall", None)["data"] == "synthetic:recall"
     assert ablate.plan_sweep("recall", "synthetic:copy")["data"] == "synthetic:copy"

@@ -152,9 +152,10 @@ def selected_labels(variants) -> list:
     return labels
 
 
-def plan_sweep(preset: str, data: str | None, variants=None, seeds: int | None = None) -> dict:
+def plan_sweep(preset: str, data: str | None, variants=None, seeds: int | None = None,
+               steps: int | None = None) -> dict:
     """Every run of a sweep; variants=None takes the preset's own list (else the study's),
-    data=None the preset's own data (else Shakespeare).
+    data=None the preset's own data (else Shakespeare), steps=None the preset's training steps.
 
     Each label is normalised to its variant at the preset's sizes; a label that names a variant
     already listed runs once (the first label is kept), and plan["notes"] says so.
@@ -166,6 +167,9 @@ def plan_sweep(preset: str, data: str | None, variants=None, seeds: int | None =
     seeds = spec["seeds"] if seeds is None else seeds
     if seeds <= 0:
         raise ValueError(f"--seeds must be a positive integer, got {seeds}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
+        raise ValueError(f"--steps must be a positive integer, got {steps!r}")
+    train = spec["train"] if steps is None else {**spec["train"], "steps": steps}
     runs, notes, first_label = [], [], {}
     for label in selected_labels(spec.get("variants") if variants is None else variants):
         run = _planned_run(label, spec["model"], preset)
@@ -175,7 +179,7 @@ def plan_sweep(preset: str, data: str | None, variants=None, seeds: int | None =
         first_label[run["variant"]] = label
         runs += _grid_runs(run, spec)
     plan = {"preset": preset, "data": data, "seeds": seeds, "runs": runs,
-            "model": spec["model"], "train": spec["train"], "notes": notes}
+            "model": spec["model"], "train": train, "notes": notes}
     if spec.get("block_sizes") or spec.get("learning_rates"):  # the tables add the best learning rate per block size
         plan["grid"] = {key: spec[key] for key in ("block_sizes", "learning_rates", "tokens_per_batch")
                         if spec.get(key)}
@@ -246,14 +250,14 @@ def _check_sweep_file(out: Path, plan: dict) -> None:
 
 
 def run_sweep(preset: str, data: str | None, out, variants=None, seeds: int | None = None,
-              jobs: int = 1, progress: bool = True, dask=None) -> list:
+              jobs: int = 1, progress: bool = True, dask=None, steps: int | None = None) -> list:
     """Run (or finish) a sweep and write its tables; returns the aggregated rows.
 
     Raises FolderBusy while another sweep writes `out`, SweepInterrupted on Ctrl-C.
     """
     if jobs <= 0:
         raise ValueError(f"--jobs must be a positive integer, got {jobs}")
-    plan = plan_sweep(preset, data, variants, seeds)
+    plan = plan_sweep(preset, data, variants, seeds, steps)
     from ..data import load_corpus
     load_corpus(plan["data"])  # a bad --data fails here, before any training (and Shakespeare is cached)
     if progress:

@@ -540,6 +540,8 @@ def _add_ablate(sub) -> None:
                    help="'study', 'all' (the 15 codes), or labels like 'abc,abb,aaa+rotate,abb+mqa' "
                         "(default: the preset's own list, else 'study')")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (default: the preset's)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps of every run (default: the preset's); a folder keeps one setting")
     p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes")
     p.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run each run as a task on a Dask cluster: tcp://HOST:8786, or 'local' for "
@@ -555,8 +557,8 @@ def cmd_ablate(args) -> int:
     from .ablate_tables import format_markdown
 
     rows = run_sweep(args.preset, args.data, args.out, args.variants, args.seeds, args.jobs,
-                     progress=not args.quiet, dask=args.dask)
-    print(format_markdown(rows, plan_sweep(args.preset, args.data, args.variants, args.seeds)))
+                     progress=not args.quiet, dask=args.dask, steps=args.steps)
+    print(format_markdown(rows, plan_sweep(args.preset, args.data, args.variants, args.seeds, args.steps)))
     print(f"tables: {args.out}/results.md, results.csv, results.json")
     if not args.no_plots:
         try:

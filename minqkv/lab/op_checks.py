@@ -143,8 +143,8 @@ def op_cases() -> list:
         C("causal_attention window 3, gqa, bias, Tq<Tk", lambda q, k, v, b: ops.causal_attention(
             q, k, v, b, window=3), [(2, 4, 3, 2), (2, 2, 6, 2), (2, 2, 6, 2), (4, 3, 6)]),
         C("elu_features", linear_attention.elu_features, [(2, 3, 4)], "away_from_zero"),  # off 0: phi'' jumps there
-        C("performer_features", lambda x: linear_attention.performer_features(x, _PERFORMER_PROJECTION),
-          [(2, 2, 4, 3)]),
+        C("performer_features", lambda x: linear_attention.performer_features(  # the projection in x's dtype
+            x, _PERFORMER_PROJECTION.astype(x.data.dtype)), [(2, 2, 4, 3)]),
         C("causal_linear_attention", linear_attention.causal_linear_attention,
           [(2, 2, 5, 3), (2, 2, 5, 3), (2, 2, 5, 4)], "positive"),  # positive features: denominators > 0
         C("causal_linear_attention gqa, chunks of 3 over 7 tokens", lambda q, k, v:
