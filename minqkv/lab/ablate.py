@@ -85,7 +85,7 @@ BASELINE_VARIANTS = ["abc", "abb", "-ab", "aaa+rotate", "---", "abc+window16", "
 BASELINE_STEPS = 2000
 
 SWEEP_PRESETS = {
-    # about 5 minutes on 2 cores: the README's demonstration
+    # the README's demonstration (its measured time is stated there, once)
     "quick": dict(model=dict(n_layer=2, n_head=4, n_embd=64, block_size=64),
                   train=dict(steps=400, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=40,
                              eval_interval=100, eval_iters=8), seeds=1),
