@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,24 @@ def test_a_checkpoint_over_the_file_size_limit_is_one_line_and_keeps_the_old_che
     assert len(err.strip().splitlines()) == 1
     assert load_checkpoint(out)[0]["step"] == 2
     assert not temporary_files(out)
+
+
+def test_a_signal_that_lands_inside_a_finalizer_is_sent_again_not_dropped(monkeypatch):
+    # Python drops an exception raised in __del__ (it prints "Exception ignored"), so a stop
+    # signal that arrives while a finalizer runs must not raise there but come back afterwards.
+    from minqkv.lab import cli
+
+    resent = []
+    monkeypatch.setattr(cli.threading, "Timer",
+                        lambda delay, function, args: types.SimpleNamespace(start=lambda: resent.append(args)))
+
+    class Finalized:
+        def __del__(self):
+            cli._raise_stop(signal.SIGTERM, sys._getframe())
+
+    Finalized()  # collected at once: its __del__ runs here
+    assert resent == [(os.getpid(), signal.SIGTERM)]
+    with pytest.raises(cli.Terminated):
+        cli._raise_stop(signal.SIGTERM, sys._getframe())
+    with pytest.raises(KeyboardInterrupt):
+        cli._raise_stop(signal.SIGINT, sys._getframe())

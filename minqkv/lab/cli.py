@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -63,20 +64,37 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C's KeyboardInterrupt, so that a run stops the same clean way."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated
+def _raise_stop(signum, frame):
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated, except inside a finalizer
+    (`__del__`): Python prints and drops an exception raised there, and the run would go on
+    as if never stopped. There the signal is sent again a moment later, once the finalizer is done."""
+    if _inside_a_finalizer(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _inside_a_finalizer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager
 def _stoppable():
-    """SIGTERM raises Terminated, and SIGXFSZ is ignored so that a write past the file-size limit
+    """SIGTERM raises Terminated and Ctrl-C KeyboardInterrupt (unless the shell ignored it), both
+    safe to receive inside a finalizer; SIGXFSZ is ignored so that a write past the file-size limit
     (ulimit -f) fails with OSError EFBIG instead of killing the process. Handlers are restored
     afterwards; only the main thread may set them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stop),
                 signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_stop)
     try:
         yield
     finally:
