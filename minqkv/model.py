@@ -16,6 +16,7 @@ import numpy as np
 
 from . import modifiers, ops
 from .attention import ROLES, AttentionSpec, CausalSelfAttention, KVCache, probability_open, weight_name
+from .data import IGNORE
 from .nn import MLP, Dropout, Embedding, LayerNorm, Module
 from .tensor import Tensor, no_grad
 
@@ -198,14 +199,45 @@ class GPT(Module):
 
         With caches (one KVCache per block), ids are only the new tokens after the cached ones.
         """
+        x = self.features(ids, caches)  # (B, T, C)
+        logits = self.head(x)  # (B, T, V)
+        loss = ops.cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def features(self, ids: np.ndarray, caches: list | None = None) -> Tensor:
+        """ids (B, T) -> the final layer norm's output (B, T, C), what the output head reads."""
         x = self.embed(ids, caches[0].length if caches else 0)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches else None)
-        x = self.ln_f(x)
+        return self.ln_f(x)
+
+    def head(self, x: Tensor) -> Tensor:
+        """x (..., C) -> logits (..., V) over the vocabulary."""
         head = self.token_embedding.weight if self.config.tie_weights else self.output_embedding.weight  # (V, C)
-        logits = x @ ops.swapaxes(head, 0, 1)  # (B, T, C) @ (C, V) -> (B, T, V)
-        loss = ops.cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss
+        return x @ ops.swapaxes(head, 0, 1)  # (..., C) @ (C, V) -> (..., V)
+
+    def scored_logits(self, ids: np.ndarray, targets: np.ndarray) -> tuple:
+        """ids, targets (B, T) -> logits (N, V) of the N positions whose target is not ignored
+        (negative), and those targets (N,).
+
+        Only those rows go through the output head: a task scores its answers alone (MQAR one
+        token in 16), and the head of a large vocabulary (8192) is most of a step's work. When every
+        position counts (text), this is forward's computation, row for row.
+        """
+        targets = np.asarray(targets)
+        scored = targets != IGNORE  # (B, T)
+        if scored.all():
+            logits, _ = self.forward(ids)  # (B, T, V)
+            return ops.reshape(logits, targets.size, logits.shape[-1]), targets.reshape(-1)
+        rows = np.nonzero(scored)  # integer indices: each row once, in order
+        x = ops.getitem(self.features(ids), rows)  # (N, C)
+        return self.head(x), targets[rows]  # (N, V), (N,)
+
+    def loss(self, ids: np.ndarray, targets: np.ndarray) -> Tensor:
+        """The mean cross-entropy over the scored positions, the same value as forward's; the
+        output head runs only on those positions (see scored_logits)."""
+        logits, scored_targets = self.scored_logits(ids, targets)
+        return ops.cross_entropy(logits, scored_targets)
 
     def embed(self, ids: np.ndarray, past: int = 0) -> Tensor:
         """ids (B, T) ints at positions past .. past + T - 1 -> x (B, T, C), the first block's input."""

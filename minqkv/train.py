@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import ops
 from .atomic import json_text, remove_leftovers, with_path, write_atomically
 from .checkpoint import CHECKPOINT_NAME, checkpoint_path, load_checkpoint, save_checkpoint
-from .data import IGNORE, load_corpus, tokenizer_from_dict
+from .data import load_corpus, tokenizer_from_dict
 from .lock import folder_lock
 from .model import GPT, GPTConfig
 from .optim import AdamW, check_hyperparameters, clip_grad_norm, cosine_lr
@@ -94,11 +95,10 @@ def evaluate(model: GPT, batches: list, metric: str) -> dict:
     losses, correct, counted = [], 0, 0
     with model.evaluating(), no_grad():
         for x, y in batches:
-            logits, loss = model(x, y)
-            losses.append(float(loss.data))
-            answer = y != IGNORE
-            correct += int((logits.data.argmax(-1) == y)[answer].sum())
-            counted += int(answer.sum())
+            logits, answers = model.scored_logits(x, y)  # (N, V), (N,): only the scored positions
+            losses.append(float(ops.cross_entropy(logits, answers).data))
+            correct += int((logits.data.argmax(-1) == answers).sum())
+            counted += answers.size
     result = {"val_loss": float(np.mean(losses))}
     if metric == "accuracy":
         result["accuracy"] = correct / max(counted, 1)
@@ -253,7 +253,7 @@ def _step(model, opt, params, corpus, train_config, batch_rng, step) -> tuple:
     lr = cosine_lr(step, train_config.lr, train_config.min_lr,
                    min(train_config.warmup_steps, train_config.steps), train_config.steps)
     x, y = corpus.batch("train", train_config.batch_size, cfg.block_size, batch_rng)
-    _, loss = model(x, y)
+    loss = model.loss(x, y)
     objective = loss
     if train_config.gate_penalty and cfg.gate:
         objective = loss + train_config.gate_penalty * model.gate_penalty()

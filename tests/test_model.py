@@ -9,6 +9,7 @@ import pytest
 import minqkv.attention as attention_module
 import minqkv.model as model_module
 from minqkv.attention import ALL_CODES, scores_and_weights, weighted_values
+from minqkv.data import IGNORE
 from minqkv.model import GPT, GPTConfig
 from minqkv.tensor import Tensor, no_grad
 from minqkv.lab.variant_checks import tiny_model
@@ -204,6 +205,46 @@ def test_forward_returns_logits_over_the_vocabulary_and_a_scalar_loss():
     logits, loss = tiny_gpt()(ids, np.roll(ids, -1, axis=1))
     assert logits.shape == (2, BLOCK, VOCAB)
     assert loss.shape == () and np.isfinite(loss.data)
+
+
+def loss_and_gradients(model, loss):
+    for p in model.parameters():
+        p.grad = None
+    loss.backward()
+    return float(loss.data), {name: p.grad.copy() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("scored", ["every-position", "a-quarter", "none"])
+def test_the_loss_over_scored_positions_alone_equals_forwards_loss_and_gradients(scored):
+    # model.loss sends only the scored rows through the output head (a task's answers); it must
+    # be the same function of the weights as forward's loss over all rows
+    model = tiny_model({})
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, model.config.vocab_size, (2, model.config.block_size))
+    targets = rng.integers(0, model.config.vocab_size, ids.shape)
+    keep = {"every-position": 1.0, "a-quarter": 0.25, "none": 0.0}[scored]
+    targets = np.where(rng.random(ids.shape) < keep, targets, IGNORE)
+    whole_value, whole_grads = loss_and_gradients(model, model(ids, targets)[1])
+    value, grads = loss_and_gradients(model, model.loss(ids, targets))
+    if scored == "every-position":  # text takes forward's path: the same numbers, bit for bit
+        assert value == whole_value
+    assert value == pytest.approx(whole_value, rel=1e-12, abs=1e-15)
+    assert grads.keys() == whole_grads.keys()
+    for name in grads:
+        np.testing.assert_allclose(grads[name], whole_grads[name], rtol=1e-10, atol=1e-13, err_msg=name)
+
+
+def test_scored_logits_are_forwards_logits_at_the_scored_positions():
+    model = tiny_model({})
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (2, model.config.block_size))
+    targets = np.full(ids.shape, IGNORE)
+    targets[0, 3], targets[1, 0], targets[1, -1] = 5, 1, 2
+    with no_grad():
+        logits, answers = model.scored_logits(ids, targets)
+        whole, _ = model(ids)
+    assert logits.shape == (3, model.config.vocab_size)
+    assert answers.tolist() == [5, 1, 2]
+    np.testing.assert_allclose(logits.data, whole.data[[0, 1, 1], [3, 0, -1]], rtol=1e-12)
 
 
 # ---- sampling -----------------------------------------------------------------------------------
