@@ -6,6 +6,12 @@ leaves either the old file or the new one, never a mixture. A crash mid-write ma
 temporary file (name.XXXX.tmp) behind; the target itself is always whole, and
 remove_leftovers deletes such files when the run that owns the folder starts again.
 
+A stop signal (Ctrl-C, SIGTERM) that arrives during a write must not cut it short either: a
+KeyboardInterrupt raised inside zipfile or numpy can be replaced by the error of their cleanup
+("Can't close the ZIP file while there is an open writing handle"), and the run would report a
+failed write instead of a stop. The stop handler asks stop_later(signum) while writing() is true;
+the signal is sent again once the outermost `with whole_write():` ends.
+
 with_path makes a failed write's error name its file. json_text is the JSON these files hold:
 strict JSON, a NaN or infinite float written as null (Python's json would write NaN, which
 other JSON readers refuse).
@@ -13,6 +19,7 @@ other JSON readers refuse).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -20,12 +27,44 @@ import os
 import tempfile
 from pathlib import Path
 
+_writes_in_progress = 0
+_held_signals: list[int] = []
+
+
+@contextlib.contextmanager
+def whole_write():
+    """Stop signals that arrive inside are held (see stop_later) and sent again as it ends."""
+    global _writes_in_progress
+    _writes_in_progress += 1
+    try:
+        yield
+    finally:
+        _writes_in_progress -= 1
+    if _writes_in_progress == 0 and _held_signals:
+        signum = _held_signals[0]
+        _held_signals.clear()
+        os.kill(os.getpid(), signum)  # its handler runs now, raising the stop here
+
+
+def writing() -> bool:
+    return _writes_in_progress > 0
+
+
+def stop_later(signum: int) -> None:
+    """Hold a stop signal until the write in progress has ended."""
+    _held_signals.append(signum)
+
 
 def write_atomically(path, data: bytes | str) -> None:
     """Replace the file at path with data (str is written as UTF-8), all at once or not at all."""
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
+    with whole_write():
+        _write_then_rename(path, data)
+
+
+def _write_then_rename(path: Path, data: bytes) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")

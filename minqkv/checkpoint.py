@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomically
+from .atomic import whole_write, write_atomically
 
 CHECKPOINT_NAME = "ckpt.npz"
 META_KEYS = ("model_config", "train_config", "tokenizer", "step")  # what every checkpoint records
@@ -39,7 +39,14 @@ def checkpoint_path(out_dir) -> Path:
 
 
 def save_checkpoint(out_dir, model, optimizer, meta: dict) -> Path:
-    """Write model weights, optimiser state and meta (JSON-serialisable) to out_dir/ckpt.npz."""
+    """Write model weights, optimiser state and meta (JSON-serialisable) to out_dir/ckpt.npz.
+
+    A stop signal during the save is held until the file is whole (see atomic.whole_write)."""
+    with whole_write():
+        return _save(out_dir, model, optimizer, meta)
+
+
+def _save(out_dir, model, optimizer, meta: dict) -> Path:
     arrays = {f"model/{name}": p.data for name, p in model.named_parameters()}
     optim_state = optimizer.state_dict() if optimizer is not None else None
     if optim_state is not None:

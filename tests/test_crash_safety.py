@@ -183,3 +183,24 @@ def test_a_signal_that_lands_inside_a_finalizer_is_sent_again_not_dropped(monkey
         cli._raise_stop(signal.SIGTERM, sys._getframe())
     with pytest.raises(KeyboardInterrupt):
         cli._raise_stop(signal.SIGINT, sys._getframe())
+
+
+def test_a_signal_that_lands_during_a_write_is_held_until_the_file_is_whole(tmp_path):
+    # CI saw Ctrl-C land inside np.savez: zipfile's cleanup raised "Can't close the ZIP file while
+    # there is an open writing handle" over the KeyboardInterrupt and the run failed instead of
+    # stopping. During a write the handler holds the signal; the write ends, then the stop comes.
+    from minqkv import atomic
+    from minqkv.lab import cli
+
+    previous = signal.signal(signal.SIGTERM, cli._raise_stop)
+    path = tmp_path / "file.txt"
+    try:
+        with pytest.raises(cli.Terminated):
+            with atomic.whole_write():
+                os.kill(os.getpid(), signal.SIGTERM)  # handled here, at once: held, not raised
+                atomic.write_atomically(path, "whole")
+                assert path.read_text() == "whole"
+        assert not atomic.writing()
+        assert not list(tmp_path.glob("*.tmp"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)

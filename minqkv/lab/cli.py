@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, atomic
 from ..modifiers import flag_rows, listing
 from .exercises.command import add_exercise_parser
 
@@ -65,9 +65,14 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_stop(signum, frame):
-    """Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated, except inside a finalizer
-    (`__del__`): Python prints and drops an exception raised there, and the run would go on
-    as if never stopped. There the signal is sent again a moment later, once the finalizer is done."""
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated, except during a write (a
+    checkpoint save) and inside a finalizer (`__del__`). A write's cleanup can replace the
+    exception with its own error, and Python prints and drops one raised in a finalizer: the run
+    would fail or go on instead of stopping. A write holds the signal until it ends; in a
+    finalizer it is sent again a moment later, once the finalizer is done."""
+    if atomic.writing():
+        atomic.stop_later(signum)
+        return
     if _inside_a_finalizer(frame):
         threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
         return
