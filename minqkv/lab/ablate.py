@@ -67,9 +67,12 @@ STANDARD = dict(model=dict(n_layer=3, n_head=4, n_embd=96, block_size=96),
 # The mqar preset's budget: one run (abc, T = 64, batch 32, one thread) takes about 35 ms a step
 # now that the 8192-way output head reads only the answer positions (GPT.loss; it took 130 ms when
 # the head scored every position); 1500 steps, where abc reached an accuracy of 0.66 and was still
-# rising (0.10 at step 400, 0.38 at 1000), so about an hour for the 90 runs with --jobs 2 on 2 cores
+# rising (0.10 at step 400, 0.38 at 1000), so about an hour for the 114 runs with --jobs 2 on 2 cores
 # (the README's MQAR section has the measured wall time). --steps N trains every run N steps instead.
 MQAR_STEPS = 1500
+# beside the 15 codes, the attention kinds whose decoding state is not a growing KV cache: a window's
+# is capped at W tokens, linear attention's is a fixed matrix; ALiBi's is abc's (recall at no cost?)
+MQAR_KINDS = ["abc+window32", "abc+linear", "abc+performer64", "abc+alibi"]
 
 # Attention kinds beside the projection codes: sliding windows, linear attention (elu + 1 and
 # Performer features) and ALiBi, against canonical, the codes that share or drop projections, and no
@@ -108,7 +111,7 @@ SWEEP_PRESETS = {
                    seeds=2, data="synthetic:recall",
                    variants="abc,---,aab,aab+wide-init,abc+wide-init,abc+wide-init+sym-init"),
     # multi-query associative recall on Zoology's protocol (synthetic:mqar: vocabulary 8192, T // 16
-    # pairs, power-law query gaps) at block sizes 64, 128 and 256, every one of the 15 codes, 2 layers
+    # pairs, power-law query gaps) at block sizes 64, 128 and 256, the 15 codes and MQAR_KINDS, 2 layers
     # of width 64 and one head as Zoology's attention baseline; each (code, T) at two learning rates
     # (half a decade apart; 1e-2 trained abc worse than 3e-3), the best reported against the KV bytes
     # a token costs a layer: the field's recall-vs-memory picture. 2048 tokens a step at every T
@@ -116,7 +119,7 @@ SWEEP_PRESETS = {
     "mqar": dict(model=dict(n_layer=2, n_head=1, n_embd=64, block_size=64),
                  train=dict(steps=MQAR_STEPS, batch_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=30,
                             eval_interval=100, eval_iters=8),
-                 seeds=1, data="synthetic:mqar", variants="all",
+                 seeds=1, data="synthetic:mqar", variants=",".join([*ALL_CODES, *MQAR_KINDS]),
                  block_sizes=[64, 128, 256], learning_rates=[1e-3, 3e-3], tokens_per_batch=2048),
     # attention kinds against projection codes at nanoGPT's CPU shape (n_layer 4, n_head 4, T 64,
     # n_embd 128, batch 12) on Shakespeare, 2 seeds; models without a position table (abc+alibi)
