@@ -230,6 +230,16 @@ def test_a_penalty_sweep_trains_each_penalty_and_plots_quality_against_matrices_
     assert tmp_path / "pruning.png" in paths and (tmp_path / "pruning.png").stat().st_size > 0
 
 
+def test_a_sweep_over_block_sizes_plots_recall_against_memory_one_cell_per_run(tmp_path):
+    recall = [{"variant": v, "block_size": T, "state_bytes_per_token": b, "accuracy": a, "lr": 1e-3,
+               "learning_rates_tried": 2}
+              for v, b in (("abc", 512.0), ("abc+window32", 64.0)) for T, a in ((64, 0.9), (128, 0.1))]
+    recall[-1].pop("accuracy")  # a failed run: its cell says so
+    paths = ablate_plots.write_plots(tmp_path, [], recall)
+    assert paths == [tmp_path / "recall.png"] and paths[0].stat().st_size > 0
+    assert not (tmp_path / "final.png").exists()  # a bar per run would be unreadable at 114 runs
+
+
 # ---- one folder per variant ------------------------------------------------------------------
 
 

@@ -1,7 +1,10 @@
 """The plots of a sweep (optional: matplotlib): validation curves, final metric, parameters against
-quality, and for a sweep of the gate penalty, quality against the Q/K/V matrices kept.
+quality, and for a sweep of the gate penalty, quality against the Q/K/V matrices kept. A sweep over
+block sizes and learning rates (the mqar preset: a hundred runs and more, too many for one line or
+bar each) gets one plot instead: recall against memory, a variant per row and a block size per column.
 
-    paths = write_plots(out, rows)   # rows: ablate_tables.aggregate's; PNGs in the sweep folder
+    paths = write_plots(out, rows)           # rows: ablate_tables.aggregate's; PNGs in the sweep folder
+    paths = write_plots(out, rows, recall)   # recall: ablate_tables.recall_rows(rows, plan)
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from pathlib import Path
 from .ablate_run import run_folder
 
 
-def write_plots(out, rows: list) -> list:
+def write_plots(out, rows: list, recall: list | None = None) -> list:
     """Validation curves, final metric with seed spread, parameters against the metric, and for a
-    sweep of the gate penalty the metric against the Q/K/V matrices kept."""
+    sweep of the gate penalty the metric against the Q/K/V matrices kept; given recall rows, only
+    recall.png."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -24,6 +28,10 @@ def write_plots(out, rows: list) -> list:
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'minqkv[plot]' (the tables are written)") from None
     out = Path(out)
+    if recall:
+        paths = [_plot_recall_vs_memory(plt, out / "recall.png", recall)]
+        plt.close("all")
+        return paths
     done = [r for r in rows if "val_loss" in r]
     metric = "val_bpc" if any("val_bpc" in r for r in done) else "accuracy"
     paths = [out / "curves.png", out / "final.png", out / "tradeoff.png"]
@@ -86,6 +94,33 @@ def _plot_pruning(plt, path: Path, done: list, swept: list, metric: str) -> Path
     ax.set(xlabel="attention Q/K/V projection matrices kept", ylabel=metric,
            title="pruning by hard-concrete gates against static variants")
     ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _plot_recall_vs_memory(plt, path: Path, recall: list) -> Path:
+    """A table in colour: a row per variant (fewest state bytes first, as in results.md), a column
+    per block size T, each cell the best accuracy written in it. A hundred runs as points with
+    labels would overprint; cells never do."""
+    sizes = sorted({r["block_size"] for r in recall})
+    cells = {(r["variant"], r["block_size"]): r for r in recall}
+    state = {}  # variant -> its state bytes per token per layer at each T, in order
+    for r in sorted(recall, key=lambda r: r["block_size"]):
+        state.setdefault(r["variant"], []).append(r["state_bytes_per_token"])
+    names = sorted(state, key=lambda name: state[name][-1])
+    accuracy = [[cells.get((name, T), {}).get("accuracy", math.nan) for T in sizes] for name in names]
+    fig, ax = plt.subplots(figsize=(2.0 + 1.3 * len(sizes), 0.8 + 0.32 * len(names)))
+    image = ax.imshow(accuracy, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i, row in enumerate(accuracy):
+        for j, value in enumerate(row):
+            text = "failed" if math.isnan(value) else f"{value:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if value > 0.6 else "white")
+    bytes_text = [" / ".join(f"{b:,.0f}" for b in dict.fromkeys(state[name])) for name in names]
+    ax.set_yticks(range(len(names)), [f"{name}  ({b} B)" for name, b in zip(names, bytes_text)], fontsize=8)
+    ax.set_xticks(range(len(sizes)), [f"T = {T}" for T in sizes])
+    ax.xaxis.tick_top()
+    fig.colorbar(image, ax=ax, label="answer accuracy (best learning rate)", shrink=0.6)
+    ax.set_title("recall against memory\n(rows: fewest decoding-state bytes per token per layer first)", fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 

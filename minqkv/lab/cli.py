@@ -577,15 +577,16 @@ def _add_ablate(sub) -> None:
 def cmd_ablate(args) -> int:
     from .ablate import plan_sweep, run_sweep
     from .ablate_plots import write_plots
-    from .ablate_tables import format_markdown
+    from .ablate_tables import format_markdown, recall_rows
 
     rows = run_sweep(args.preset, args.data, args.out, args.variants, args.seeds, args.jobs,
                      progress=not args.quiet, dask=args.dask, steps=args.steps)
-    print(format_markdown(rows, plan_sweep(args.preset, args.data, args.variants, args.seeds, args.steps)))
+    plan = plan_sweep(args.preset, args.data, args.variants, args.seeds, args.steps)
+    print(format_markdown(rows, plan))
     print(f"tables: {args.out}/results.md, results.csv, results.json")
     if not args.no_plots:
         try:
-            paths = write_plots(args.out, rows)
+            paths = write_plots(args.out, rows, recall_rows(rows, plan) if "grid" in plan else None)
             print("plots: " + ", ".join(str(p) for p in paths))
         except ImportError as e:
             print(f"no plots: {e}")
