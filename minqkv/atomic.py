@@ -38,12 +38,12 @@ def whole_write():
     _writes_in_progress += 1
     try:
         yield
-    finally:
+    finally:  # also when the write failed: the stop is still owed, and it wins over the error
         _writes_in_progress -= 1
-    if _writes_in_progress == 0 and _held_signals:
-        signum = _held_signals[0]
-        _held_signals.clear()
-        os.kill(os.getpid(), signum)  # its handler runs now, raising the stop here
+        if _writes_in_progress == 0 and _held_signals:
+            signum = _held_signals[0]
+            _held_signals.clear()
+            os.kill(os.getpid(), signum)  # its handler runs now, raising the stop here
 
 
 def writing() -> bool:

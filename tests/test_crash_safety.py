@@ -202,5 +202,9 @@ def test_a_signal_that_lands_during_a_write_is_held_until_the_file_is_whole(tmp_
                 assert path.read_text() == "whole"
         assert not atomic.writing()
         assert not list(tmp_path.glob("*.tmp"))
+        with pytest.raises(cli.Terminated):  # a write that fails still owes the stop it held
+            with atomic.whole_write():
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise OSError("disk full")
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -71,7 +71,7 @@ STANDARD = dict(model=dict(n_layer=3, n_head=4, n_embd=96, block_size=96),
 # (the README's MQAR section has the measured wall time). --steps N trains every run N steps instead.
 MQAR_STEPS = 1500
 # beside the 15 codes, the attention kinds whose decoding state is not a growing KV cache: a window's
-# is capped at W tokens, linear attention's is a fixed matrix; ALiBi's is abc's (recall at no cost?)
+# is capped at W tokens, linear attention's is a fixed matrix; ALiBi's is abc's (a bias, no table)
 MQAR_KINDS = ["abc+window32", "abc+linear", "abc+performer64", "abc+alibi"]
 
 # Attention kinds beside the projection codes: sliding windows, linear attention (elu + 1 and
