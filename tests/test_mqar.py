@@ -258,13 +258,14 @@ def test_heat_maps_of_a_checkpoint_of_ids_label_each_token_by_its_id(mqar_run, t
 # ---- the ablation preset -------------------------------------------------------------------------
 
 
-def test_the_mqar_preset_runs_every_code_at_three_block_sizes_and_each_learning_rate():
+def test_the_mqar_preset_runs_every_code_and_kind_at_three_block_sizes_and_each_learning_rate():
     plan = ablate.plan_sweep("mqar", None)
     spec = ablate.SWEEP_PRESETS["mqar"]
     assert plan["data"] == "synthetic:mqar" and plan["model"]["n_head"] == 1
     assert plan["grid"] == {"block_sizes": [64, 128, 256], "learning_rates": spec["learning_rates"],
                             "tokens_per_batch": 2048}
-    assert len(plan["runs"]) == 15 * 3 * len(spec["learning_rates"])
+    assert len(plan["runs"]) == (15 + len(ablate.MQAR_KINDS)) * 3 * len(spec["learning_rates"])
+    assert {r["label"] for r in plan["runs"]} >= {"abc+window32", "abc+linear", "abc+performer64", "abc+alibi"}
     assert len({r["variant"] for r in plan["runs"]}) == len(plan["runs"])
     abc = [r for r in plan["runs"] if r["label"] == "abc"]
     assert [(r["overrides"]["block_size"], r["train_overrides"]["lr"]) for r in abc] == [
