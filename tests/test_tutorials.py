@@ -35,3 +35,7 @@ def test_tutorial_runs_and_writes_its_pictures(path, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     if draws(path):
         assert list(out.rglob("*.png")), f"{path.name} draws but wrote no PNG into --out {out}"
+    readme = (TUTORIALS[0].parent / "README.md").read_text()
+    unlisted = [png.name for png in out.rglob("*.png") if f"`{png.name}`" not in readme and
+                f"`{png.relative_to(out)}`" not in readme]
+    assert unlisted == [], f"tutorials/README.md's list of pictures lacks {unlisted}"
