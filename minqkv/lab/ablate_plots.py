@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from .ablate_run import run_folder
+from .ablate_tables import recall_layout
 
 
 def write_plots(out, rows: list, recall: list | None = None) -> list:
@@ -102,12 +103,8 @@ def _plot_recall_vs_memory(plt, path: Path, recall: list) -> Path:
     """A table in colour: a row per variant (fewest state bytes first, as in results.md), a column
     per block size T, each cell the best accuracy written in it. A hundred runs as points with
     labels would overprint; cells never do."""
-    sizes = sorted({r["block_size"] for r in recall})
+    sizes, names, state_text = recall_layout(recall)
     cells = {(r["variant"], r["block_size"]): r for r in recall}
-    state = {}  # variant -> its state bytes per token per layer at each T, in order
-    for r in sorted(recall, key=lambda r: r["block_size"]):
-        state.setdefault(r["variant"], []).append(r["state_bytes_per_token"])
-    names = sorted(state, key=lambda name: state[name][-1])
     accuracy = [[cells.get((name, T), {}).get("accuracy", math.nan) for T in sizes] for name in names]
     fig, ax = plt.subplots(figsize=(2.0 + 1.3 * len(sizes), 0.8 + 0.32 * len(names)))
     image = ax.imshow(accuracy, cmap="viridis", vmin=0, vmax=1, aspect="auto")
@@ -115,8 +112,7 @@ def _plot_recall_vs_memory(plt, path: Path, recall: list) -> Path:
         for j, value in enumerate(row):
             text = "failed" if math.isnan(value) else f"{value:.2f}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if value > 0.6 else "white")
-    bytes_text = [" / ".join(f"{b:,.0f}" for b in dict.fromkeys(state[name])) for name in names]
-    ax.set_yticks(range(len(names)), [f"{name}  ({b} B)" for name, b in zip(names, bytes_text)], fontsize=8)
+    ax.set_yticks(range(len(names)), [f"{name}  ({state_text[name]} B)" for name in names], fontsize=8)
     ax.set_xticks(range(len(sizes)), [f"T = {T}" for T in sizes])
     ax.xaxis.tick_top()
     fig.colorbar(image, ax=ax, label="answer accuracy (best learning rate)", shrink=0.6)

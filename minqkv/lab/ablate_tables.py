@@ -223,20 +223,27 @@ def recall_rows(rows: list, plan: dict) -> list:
     return list(best.values())
 
 
+def recall_layout(recall: list) -> tuple:
+    """-> (block sizes ascending, variants with the fewest state bytes at the longest T first,
+    {variant: its state bytes per token as text, one figure per T where it changes with T})."""
+    sizes = sorted({r["block_size"] for r in recall})
+    state_bytes = {}  # variant -> [its state bytes per token at each block size, in order]
+    for r in sorted(recall, key=lambda r: r["block_size"]):
+        state_bytes.setdefault(r["variant"], []).append(r["state_bytes_per_token"])
+    names = sorted(state_bytes, key=lambda name: state_bytes[name][-1])  # stable among equals
+    return sizes, names, {name: " / ".join(f"{b:,.0f}" for b in dict.fromkeys(state_bytes[name])) for name in names}
+
+
 def format_recall_markdown(recall: list, plan: dict) -> str:
     """Variants as rows (fewest state bytes first), block sizes as columns: best accuracy (its lr).
 
     A window's or linear attention's state per token depends on T: its cell lists one figure per T."""
-    sizes = sorted({r["block_size"] for r in recall})
+    sizes, names, state_text = recall_layout(recall)
     cells = {(r["variant"], r["block_size"]): r for r in recall}
-    state_bytes = {}  # variant -> [its state bytes per token at each block size, in order]
-    for r in sorted(recall, key=lambda r: r["block_size"]):
-        state_bytes.setdefault(r["variant"], []).append(r["state_bytes_per_token"])
-    names = sorted(state_bytes, key=lambda name: state_bytes[name][-1])  # at the longest T; stable among equals
     lines = ["| variant | state bytes/token/layer | " + " | ".join(f"accuracy T={T} (lr)" for T in sizes) + " |",
              "|" + "|".join("---" for _ in range(2 + len(sizes))) + "|"]
     for name in names:
-        row = [name, " / ".join(f"{b:,.0f}" for b in dict.fromkeys(state_bytes[name]))]
+        row = [name, state_text[name]]
         for T in sizes:
             cell = cells.get((name, T), {})
             lr = f" ({cell['lr']:g})" if cell.get("lr") is not None else ""
