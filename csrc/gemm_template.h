@@ -15,7 +15,8 @@
 
 #define NAME(x) PASTE(x, SUFFIX)
 
-/* Naive GEMM, one batch matrix at a time: C (M, N) = op(A) (M, K) @ op(B) (K, N).
+/* Naive GEMM, one batch matrix at a time: C (M, N) = op(A) (M, K) @ op(B) (K, N) [+ bias (N,)
+ * on every row], or C += the same when accumulate is set.
  *
  * Loop order z, i, j, p: each element of C is one dot product, a row of op(A) with a column of
  * op(B), summed in a register and written once. The p loop walks a column of B (stride ldb) when
@@ -23,7 +24,7 @@
 int GEMM_NAIVE(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
                const REAL *A, int64_t lda, int64_t batch_stride_a,
                const REAL *B, int64_t ldb, int64_t batch_stride_b,
-               REAL *C, int64_t ldc, int64_t batch_stride_c)
+               REAL *C, int64_t ldc, int64_t batch_stride_c, const REAL *bias, int accumulate)
 {
     if (!gemm_arguments_valid(trans_a, trans_b, batch, M, N, K, A, lda, batch_stride_a,
                               B, ldb, batch_stride_b, C, ldc, batch_stride_c))
@@ -39,7 +40,9 @@ int GEMM_NAIVE(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, in
                     REAL b_pj = trans_b ? Bz[j * ldb + p] : Bz[p * ldb + j]; /* op(B)[p][j] */
                     sum += a_ip * b_pj;
                 }
-                Cz[i * ldc + j] = sum;
+                if (bias)
+                    sum += bias[j];
+                Cz[i * ldc + j] = accumulate ? Cz[i * ldc + j] + sum : sum;
             }
         }
     }
@@ -75,7 +78,9 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
 /* The micro-kernel: a ROWS x NR tile of C (ROWS <= MR) from ROWS rows of op(A), kc long, and a
  * packed B panel (kc, NR):
  *
- *   tile[r][c] = sum over p of a[r * row_step + p * col_step] * b[p][c]
+ *   tile[r][c] = bias[c] + sum over p of a[r * row_step + p * col_step] * b[p][c]
+ *
+ * (bias NULL: no bias), stored into C or, when accumulate is set, added to it.
  *
  * A is read where it lies (row_step lda and col_step 1, or 1 and lda when op(A) is A^T): the
  * micro-kernel only ever broadcasts single values of A, so it does not need them contiguous.
@@ -90,14 +95,20 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
  * zeroed array (which the compiler turns into a memset). */
 static ALWAYS_INLINE void NAME(micro_kernel)(const int ROWS, int64_t kc, const REAL *restrict a,
                                              int64_t row_step, int64_t col_step,
-                                             const REAL *restrict b, REAL *restrict C,
-                                             int64_t ldc, int accumulate)
+                                             const REAL *restrict b, const REAL *restrict bias,
+                                             REAL *restrict C, int64_t ldc, int accumulate)
 {
     REAL tile[MR][NR];
-    for (int r = 0; r < ROWS; r++)
+    if (bias) /* NR values, added to every row */
+        for (int r = 0; r < ROWS; r++)
 #pragma omp simd
-        for (int c = 0; c < NR; c++)
-            tile[r][c] = a[r * row_step] * b[c];
+            for (int c = 0; c < NR; c++)
+                tile[r][c] = bias[c] + a[r * row_step] * b[c];
+    else
+        for (int r = 0; r < ROWS; r++)
+#pragma omp simd
+            for (int c = 0; c < NR; c++)
+                tile[r][c] = a[r * row_step] * b[c];
     for (int64_t p = 1; p < kc; p++) {
         a += col_step;
         b += NR;
@@ -123,26 +134,31 @@ static ALWAYS_INLINE void NAME(micro_kernel)(const int ROWS, int64_t kc, const R
 #error "tile() below has one case per row count, up to MR = 6"
 #endif
 
-/* A rows x cols tile of C (rows <= MR, cols <= NR). The switch gives the micro-kernel a constant
+/* A rows x cols tile of C (rows <= MR, cols <= NR), bias its cols values or NULL. The switch gives the micro-kernel a constant
  * row count, one copy per count, so the ragged last rows of C cost only what they compute (and
  * never read past the end of A). A tile narrower than NR is computed whole into a scratch tile
  * (packed B is zero-padded) and only its first cols columns are copied into C. */
 static ALWAYS_INLINE void NAME(tile)(int64_t rows, int64_t cols, int64_t kc, const REAL *a,
                                      int64_t row_step, int64_t col_step, const REAL *b,
-                                     REAL *C, int64_t ldc, int accumulate)
+                                     const REAL *bias, REAL *C, int64_t ldc, int accumulate)
 {
-    REAL scratch[MR * NR];
+    REAL scratch[MR * NR], padded_bias[NR];
     int narrow = cols < NR;
     REAL *out = narrow ? scratch : C;
     int64_t ld_out = narrow ? NR : ldc;
     int add_to_out = accumulate && !narrow;
+    if (bias && narrow) { /* the micro-kernel reads NR values of bias: never past its end */
+        for (int64_t c = 0; c < NR; c++)
+            padded_bias[c] = c < cols ? bias[c] : (REAL)0;
+        bias = padded_bias;
+    }
     switch (rows) {
-    case 6: NAME(micro_kernel)(6, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
-    case 5: NAME(micro_kernel)(5, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
-    case 4: NAME(micro_kernel)(4, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
-    case 3: NAME(micro_kernel)(3, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
-    case 2: NAME(micro_kernel)(2, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
-    default: NAME(micro_kernel)(1, kc, a, row_step, col_step, b, out, ld_out, add_to_out); break;
+    case 6: NAME(micro_kernel)(6, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
+    case 5: NAME(micro_kernel)(5, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
+    case 4: NAME(micro_kernel)(4, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
+    case 3: NAME(micro_kernel)(3, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
+    case 2: NAME(micro_kernel)(2, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
+    default: NAME(micro_kernel)(1, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
     }
     if (narrow)
         for (int64_t r = 0; r < rows; r++)
@@ -159,7 +175,8 @@ static ALWAYS_INLINE void NAME(tile)(int64_t rows, int64_t cols, int64_t kc, con
  *       ic: MC rows at a time: op(A)[ic:ic+MC, pc:pc+KC] (stays in L2)
  *         jr: one NR-wide panel of packed B (kc x NR, stays in L1)
  *           ir: MR rows of op(A), streamed from L2 into the micro-kernel
- * The first pc block writes C, the later ones add to it.
+ * The first pc block writes C (plus the bias, when there is one), the later ones add to it; with
+ * accumulate set, every block adds to C.
  *
  * Unlike BLIS, A is not packed: the micro-kernel broadcasts one value of A at a time, which it
  * reads in place as cheaply as from a packed panel, and packing costs a copy of every value of
@@ -168,7 +185,8 @@ static ALWAYS_INLINE void NAME(tile)(int64_t rows, int64_t cols, int64_t kc, con
  * the same run). */
 static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
                                         const REAL *A, int64_t lda, const REAL *B, int64_t ldb,
-                                        REAL *C, int64_t ldc, REAL *packed_b)
+                                        REAL *C, int64_t ldc, const REAL *bias, int accumulate,
+                                        REAL *packed_b)
 {
     int64_t row_step = trans_a ? 1 : lda, col_step = trans_a ? lda : 1; /* op(A)[i][p] */
     for (int64_t jc = 0; jc < N; jc += NC) {
@@ -183,8 +201,9 @@ static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int
                 for (int64_t jr = 0; jr < nc; jr += NR)
                     for (int64_t ir = 0; ir < mc; ir += MR)
                         NAME(tile)(min_i64(MR, mc - ir), min_i64(NR, nc - jr), kc,
-                                   A_block + ir * row_step, row_step, col_step,
-                                   packed_b + jr * kc, C + (ic + ir) * ldc + jc + jr, ldc, pc > 0);
+                                   A_block + ir * row_step, row_step, col_step, packed_b + jr * kc,
+                                   pc == 0 && bias ? bias + jc + jr : NULL,
+                                   C + (ic + ir) * ldc + jc + jr, ldc, accumulate || pc > 0);
             }
         }
     }
@@ -211,7 +230,8 @@ static void NAME(gemm_unit)(int64_t unit, struct gemm_plan plan, int trans_a, in
                             int64_t M, int64_t N, int64_t K,
                             const REAL *A, int64_t lda, int64_t batch_stride_a,
                             const REAL *B, int64_t ldb, int64_t batch_stride_b,
-                            REAL *C, int64_t ldc, int64_t batch_stride_c, REAL *workspace)
+                            REAL *C, int64_t ldc, int64_t batch_stride_c, const REAL *bias,
+                            int accumulate, REAL *workspace)
 {
     int64_t z = unit / plan.pieces, piece = unit % plan.pieces;
     int64_t m0 = 0, m1 = M, n0 = 0, n1 = N;
@@ -228,13 +248,13 @@ static void NAME(gemm_unit)(int64_t unit, struct gemm_plan plan, int trans_a, in
     const REAL *B_piece = B + z * batch_stride_b + (trans_b ? n0 * ldb : n0);
     REAL *C_piece = C + z * batch_stride_c + m0 * ldc + n0;
     NAME(gemm_block)(trans_a, trans_b, m1 - m0, n1 - n0, K, A_piece, lda, B_piece, ldb,
-                     C_piece, ldc, workspace);
+                     C_piece, ldc, bias ? bias + n0 : NULL, accumulate, workspace);
 }
 
 int GEMM(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
          const REAL *A, int64_t lda, int64_t batch_stride_a,
          const REAL *B, int64_t ldb, int64_t batch_stride_b,
-         REAL *C, int64_t ldc, int64_t batch_stride_c,
+         REAL *C, int64_t ldc, int64_t batch_stride_c, const REAL *bias, int accumulate,
          REAL *workspace, int64_t workspace_size, int num_threads)
 {
     if (!gemm_arguments_valid(trans_a, trans_b, batch, M, N, K, A, lda, batch_stride_a,
@@ -245,11 +265,13 @@ int GEMM(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t 
     /* each thread packs into its own slice: a workspace sized for fewer threads would overlap */
     if (K > 0 && (!workspace || workspace_size < GEMM_WORKSPACE(batch, M, N, K, num_threads)))
         return MINQKV_BAD_ARGUMENT;
-    if (K == 0) { /* an empty sum: C is zero */
+    if (K == 0) { /* an empty sum: C is the bias (or zero), or C += the bias */
         for (int64_t z = 0; z < batch; z++)
             for (int64_t i = 0; i < M; i++)
-                for (int64_t j = 0; j < N; j++)
-                    C[z * batch_stride_c + i * ldc + j] = 0;
+                for (int64_t j = 0; j < N; j++) {
+                    REAL *c = C + z * batch_stride_c + i * ldc + j;
+                    *c = (accumulate ? *c : (REAL)0) + (bias ? bias[j] : (REAL)0);
+                }
         return MINQKV_OK;
     }
 
@@ -261,13 +283,13 @@ int GEMM(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t 
     if (plan.threads == 1) { /* no OpenMP at all: also safe in a fork()ed child */
         for (int64_t unit = 0; unit < units; unit++)
             NAME(gemm_unit)(unit, plan, trans_a, trans_b, M, N, K, A, lda, batch_stride_a,
-                            B, ldb, batch_stride_b, C, ldc, batch_stride_c, aligned);
+                            B, ldb, batch_stride_b, C, ldc, batch_stride_c, bias, accumulate, aligned);
         return MINQKV_OK;
     }
 #pragma omp parallel for num_threads(plan.threads) schedule(dynamic, 1) /* see BANDS_PER_THREAD */
     for (int64_t unit = 0; unit < units; unit++)
         NAME(gemm_unit)(unit, plan, trans_a, trans_b, M, N, K, A, lda, batch_stride_a,
-                        B, ldb, batch_stride_b, C, ldc, batch_stride_c,
+                        B, ldb, batch_stride_b, C, ldc, batch_stride_c, bias, accumulate,
                         aligned + THREAD_INDEX() * per_thread);
     return MINQKV_OK;
 }

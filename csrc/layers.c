@@ -1,5 +1,6 @@
 /* layers.c: the elementwise and row-wise layers of the GPT around its GEMMs, forward and backward:
- *   GELU (tanh approximation, as GPT-2), layer norm over the last axis, cross-entropy of
+ *   GELU (tanh approximation, as GPT-2), the sum of two arrays (the residual stream), layer norm over the last axis, the column sums of a
+ *   Linear's bias gradient, cross-entropy of
  *   integer targets under a softmax of the logits (loss and gradient from one pass over a row),
  *   and the backward pass of an embedding (the gradient's rows summed by id).
  *
@@ -20,6 +21,18 @@
 static int layer_threads(int64_t elements, int num_threads)
 {
     return threads_for_work((double)elements, PARALLEL_MIN_ELEMENTS, num_threads);
+}
+
+/* Column sums over many rows (layer norm's dweight and dbias, a Linear's bias gradient) add the
+ * rows in fixed chunks of ROW_CHUNK, each chunk into its own slice of a workspace, then the
+ * chunks' sums in order. Threads share the chunks, so every thread is busy even when there are
+ * few columns (a split by columns gave layer norm's 128 only 4 threads' worth of work), and the
+ * result does not depend on how many threads there were. */
+#define ROW_CHUNK 64
+
+int64_t minqkv_row_chunks(int64_t rows)
+{
+    return rows <= 0 ? 0 : (rows + ROW_CHUNK - 1) / ROW_CHUNK;
 }
 
 /* layers_template.h is compiled twice below, once per element type; it #undefs its macros. */

@@ -78,6 +78,81 @@ int NAME(minqkv_gelu_backward)(const REAL *x, const REAL *dy, REAL *dx, int64_t 
 #undef GELU_C
 #undef GELU_A
 
+/* ---- The sum of two arrays: where the residual stream and its gradients meet ---- */
+
+static HOT_KERNEL void NAME(add_span)(const REAL *a, const REAL *b, REAL *out, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++)
+        out[i] = a[i] + b[i];
+}
+
+/* a, b, out: (n,). out = a + b; out may be a or b. Threads take equal spans. */
+int NAME(minqkv_add)(const REAL *a, const REAL *b, REAL *out, int64_t n, int num_threads)
+{
+    if (n < 0 || (n > 0 && (!a || !b || !out)))
+        return MINQKV_BAD_ARGUMENT;
+    int threads = layer_threads(n, num_threads);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        int64_t start, end;
+        thread_span(n, t, threads, &start, &end);
+        NAME(add_span)(a + start, b + start, out + start, end - start);
+    }
+    return MINQKV_OK;
+}
+
+/* ---- Column sums: a Linear's bias gradient (and, chunk by chunk, layer norm's below) ---- */
+
+/* out[c] = the sum over chunks k of partials[k * stride + c], c in [0, width): the chunks' column
+ * sums added in chunk order (see ROW_CHUNK in layers.c). On one thread: chunks x width additions,
+ * a few microseconds at the model's sizes. */
+static HOT_KERNEL void NAME(add_chunks)(const REAL *partials, int64_t chunks, int64_t stride,
+                                        int64_t width, REAL *out)
+{
+    for (int64_t c = 0; c < width; c++)
+        out[c] = 0;
+    for (int64_t k = 0; k < chunks; k++)
+#pragma omp simd
+        for (int64_t c = 0; c < width; c++)
+            out[c] += partials[k * stride + c];
+}
+
+/* sums[c] = sum over rows [r0, r1) of x[r][c]: one chunk, added row by row (contiguous rows). */
+static HOT_KERNEL void NAME(column_sums_chunk)(const REAL *x, int64_t r0, int64_t r1, int64_t cols,
+                                               REAL *sums)
+{
+    for (int64_t c = 0; c < cols; c++)
+        sums[c] = 0;
+    for (int64_t r = r0; r < r1; r++)
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++)
+            sums[c] += x[r * cols + c];
+}
+
+/* x: (rows, cols), contiguous; out: (cols,) = the sum of x's rows. Threads share the chunks of
+ * ROW_CHUNK rows, each summed into its own slice of the workspace (cols values per chunk,
+ * minqkv_row_chunks(rows) chunks), then the chunks are added in order: same bits on any thread
+ * count. */
+int NAME(minqkv_column_sums)(const REAL *x, int64_t rows, int64_t cols, REAL *out, REAL *workspace,
+                             int num_threads)
+{
+    if (rows < 0 || cols < 0 || (cols > 0 && !out))
+        return MINQKV_BAD_ARGUMENT;
+    if (rows > 0 && cols > 0 && (!x || !workspace))
+        return MINQKV_BAD_ARGUMENT;
+    if (cols == 0)
+        return MINQKV_OK;
+    int64_t chunks = minqkv_row_chunks(rows);
+    int threads = layer_threads(rows * cols, num_threads);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < chunks; k++)
+        NAME(column_sums_chunk)(x, k * ROW_CHUNK, min_i64(rows, (k + 1) * ROW_CHUNK), cols,
+                                workspace + k * cols);
+    NAME(add_chunks)(workspace, chunks, cols, cols, out);
+    return MINQKV_OK;
+}
+
 /* ---- Layer norm ---- */
 
 /* Rows r0..r1 of the layer norm below (one thread's share). */
@@ -128,12 +203,16 @@ int NAME(minqkv_layer_norm)(const REAL *x, const REAL *weight, const REAL *bias,
     return MINQKV_OK;
 }
 
-/* dx for rows r0..r1 of the layer norm backward below (one thread's share of rows). */
-static HOT_KERNEL void NAME(layer_norm_backward_rows)(const REAL *x, const REAL *weight,
-                                                      const REAL *mean, const REAL *rstd,
-                                                      const REAL *dy, REAL *dx, int64_t r0,
-                                                      int64_t r1, int64_t C)
+/* Rows [r0, r1) of the layer norm backward below, one chunk of ROW_CHUNK rows: dx row by row,
+ * and the chunk's own column sums of dy * xhat and dy into weight_sums and bias_sums (C each). */
+static HOT_KERNEL void NAME(layer_norm_backward_chunk)(const REAL *x, const REAL *weight,
+                                                       const REAL *mean, const REAL *rstd,
+                                                       const REAL *dy, REAL *dx, int64_t r0,
+                                                       int64_t r1, int64_t C, REAL *weight_sums,
+                                                       REAL *bias_sums)
 {
+    for (int64_t c = 0; c < C; c++)
+        weight_sums[c] = bias_sums[c] = 0;
     for (int64_t r = r0; r < r1; r++) {
         const REAL *xr = x + r * C, *dyr = dy + r * C;
         REAL *dxr = dx + r * C;
@@ -150,36 +229,8 @@ static HOT_KERNEL void NAME(layer_norm_backward_rows)(const REAL *x, const REAL 
         for (int64_t c = 0; c < C; c++) {
             REAL xhat = (xr[c] - mu) * s;
             dxr[c] = s * (dyr[c] * weight[c] - dxhat_mean - xhat * dxhat_xhat_mean);
-        }
-    }
-}
-
-#define LN_COLUMNS 32 /* dweight and dbias columns summed at a time: two AVX-512 registers each */
-
-/* dweight and dbias for columns c0..c1 (one thread's share of columns), LN_COLUMNS at a time,
- * summed down the rows in local arrays the compiler keeps in registers (dweight itself might
- * alias x or dy, so adding into it would store and reload it for every row). */
-static HOT_KERNEL void NAME(layer_norm_parameter_grads)(const REAL *x, const REAL *mean,
-                                                        const REAL *rstd, const REAL *dy,
-                                                        REAL *dweight, REAL *dbias, int64_t rows,
-                                                        int64_t C, int64_t c0, int64_t c1)
-{
-    for (; c0 < c1; c0 += LN_COLUMNS) {
-        int64_t width = min_i64(LN_COLUMNS, c1 - c0);
-        REAL weight_sum[LN_COLUMNS] = {0}, bias_sum[LN_COLUMNS] = {0};
-        for (int64_t r = 0; r < rows; r++) {
-            const REAL *xr = x + r * C + c0, *dyr = dy + r * C + c0;
-            REAL mu = mean[r], s = rstd[r];
-#pragma omp simd
-            for (int64_t c = 0; c < width; c++) {
-                weight_sum[c] += dyr[c] * (xr[c] - mu) * s;
-                bias_sum[c] += dyr[c];
-            }
-        }
-        for (int64_t c = 0; c < width; c++) {
-            dweight[c0 + c] = weight_sum[c];
-            if (dbias)
-                dbias[c0 + c] = bias_sum[c];
+            weight_sums[c] += dyr[c] * xhat;
+            bias_sums[c] += dyr[c];
         }
     }
 }
@@ -189,32 +240,30 @@ static HOT_KERNEL void NAME(layer_norm_parameter_grads)(const REAL *x, const REA
  *   dxhat = dy * weight
  *   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))      (per row)
  *   dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
- * dx is computed row by row (threads share the rows); dweight and dbias column by column
- * (threads share the columns, in whole blocks of LN_COLUMNS), so no two threads ever add into
- * the same number and the sums do not depend on the thread count. */
+ * One pass over x and dy: threads share the chunks of ROW_CHUNK rows, each chunk writes dx and
+ * its own sums into the workspace (2 C values per chunk, minqkv_row_chunks(rows) chunks), then
+ * the chunks' sums are added in order (add_chunks), so dweight is the same on any thread count. */
 int NAME(minqkv_layer_norm_backward)(const REAL *x, const REAL *weight, const REAL *mean,
                                      const REAL *rstd, const REAL *dy, REAL *dx, REAL *dweight,
-                                     REAL *dbias, int64_t rows, int64_t C, int num_threads)
+                                     REAL *dbias, REAL *workspace, int64_t rows, int64_t C,
+                                     int num_threads)
 {
     if (rows < 0 || C < 1 || !weight || !dweight)
         return MINQKV_BAD_ARGUMENT;
-    if (rows > 0 && (!x || !mean || !rstd || !dy || !dx))
+    if (rows > 0 && (!x || !mean || !rstd || !dy || !dx || !workspace))
         return MINQKV_BAD_ARGUMENT;
+    int64_t chunks = minqkv_row_chunks(rows);
     int threads = layer_threads(rows * C, num_threads);
-    int64_t blocks = (C + LN_COLUMNS - 1) / LN_COLUMNS;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < threads; t++) {
-        int64_t r0, r1, b0, b1;
-        thread_span(rows, t, threads, &r0, &r1);
-        NAME(layer_norm_backward_rows)(x, weight, mean, rstd, dy, dx, r0, r1, C);
-        thread_span(blocks, t, threads, &b0, &b1);
-        NAME(layer_norm_parameter_grads)(x, mean, rstd, dy, dweight, dbias, rows, C,
-                                         b0 * LN_COLUMNS, min_i64(C, b1 * LN_COLUMNS));
-    }
+    for (int64_t k = 0; k < chunks; k++)
+        NAME(layer_norm_backward_chunk)(x, weight, mean, rstd, dy, dx, k * ROW_CHUNK,
+                                        min_i64(rows, (k + 1) * ROW_CHUNK), C,
+                                        workspace + k * 2 * C, workspace + k * 2 * C + C);
+    NAME(add_chunks)(workspace, chunks, 2 * C, C, dweight);
+    if (dbias)
+        NAME(add_chunks)(workspace + C, chunks, 2 * C, C, dbias);
     return MINQKV_OK;
 }
-
-#undef LN_COLUMNS
 
 /* ---- Cross-entropy with its softmax ---- */
 

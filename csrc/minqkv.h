@@ -21,11 +21,12 @@
 #define MINQKV_OK 0
 #define MINQKV_BAD_ARGUMENT (-1)
 
-/* ---- GEMM: C[z] = op(A[z]) @ op(B[z]) for z in [0, batch) ----
+/* ---- GEMM: C[z] = op(A[z]) @ op(B[z]) [+ bias] for z in [0, batch) ----
  *
  *   op(A[z]) : (M, K)   stored as (M, K) when trans_a == 0, as (K, M) when trans_a != 0
  *   op(B[z]) : (K, N)   stored as (K, N) when trans_b == 0, as (N, K) when trans_b != 0
- *   C[z]     : (M, N)   overwritten (not accumulated into)
+ *   bias     : (N,)     added to every row of every C[z]; NULL for none
+ *   C[z]     : (M, N)   overwritten when accumulate == 0; accumulate != 0 adds the result to it
  *
  * Element (r, c) of a stored matrix X[z] is X[z * batch_stride_x + r * ldx + c]: ldx is the
  * row stride (at least the stored width), batch_stride_x the distance between matrices
@@ -43,29 +44,31 @@ int64_t minqkv_gemm_workspace_f64(int64_t batch, int64_t M, int64_t N, int64_t K
 int minqkv_gemm_f32(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
                     const float *A, int64_t lda, int64_t batch_stride_a,
                     const float *B, int64_t ldb, int64_t batch_stride_b,
-                    float *C, int64_t ldc, int64_t batch_stride_c,
+                    float *C, int64_t ldc, int64_t batch_stride_c, const float *bias, int accumulate,
                     float *workspace, int64_t workspace_size, int num_threads);
 int minqkv_gemm_f64(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
                     const double *A, int64_t lda, int64_t batch_stride_a,
                     const double *B, int64_t ldb, int64_t batch_stride_b,
-                    double *C, int64_t ldc, int64_t batch_stride_c,
+                    double *C, int64_t ldc, int64_t batch_stride_c, const double *bias, int accumulate,
                     double *workspace, int64_t workspace_size, int num_threads);
 
 /* ---- Naive GEMM: the same product as minqkv_gemm, written as three plain loops ----
  *
  * Same arguments and result as minqkv_gemm_f32/_f64 above, without workspace or threads:
- *   C[z][i][j] = sum over p of op(A[z])[i][p] * op(B[z])[p][j]     (M, N) = (M, K) @ (K, N)
+ *   C[z][i][j] (+)= sum over p of op(A[z])[i][p] * op(B[z])[p][j] (+ bias[j])   (M, N) = (M, K) @ (K, N)
  * The readable reference for the fast kernel (same numbers up to rounding, far slower).
  * Returns MINQKV_OK or MINQKV_BAD_ARGUMENT.
  */
 int minqkv_gemm_naive_f32(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
                           const float *A, int64_t lda, int64_t batch_stride_a,
                           const float *B, int64_t ldb, int64_t batch_stride_b,
-                          float *C, int64_t ldc, int64_t batch_stride_c);
+                          float *C, int64_t ldc, int64_t batch_stride_c, const float *bias,
+                          int accumulate);
 int minqkv_gemm_naive_f64(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
                           const double *A, int64_t lda, int64_t batch_stride_a,
                           const double *B, int64_t ldb, int64_t batch_stride_b,
-                          double *C, int64_t ldc, int64_t batch_stride_c);
+                          double *C, int64_t ldc, int64_t batch_stride_c, const double *bias,
+                          int accumulate);
 
 /* ---- Softmax over the last axis ----
  *
@@ -104,12 +107,23 @@ int minqkv_gelu_f64(const double *x, double *y, int64_t n, int num_threads);
 int minqkv_gelu_backward_f32(const float *x, const float *dy, float *dx, int64_t n, int num_threads);
 int minqkv_gelu_backward_f64(const double *x, const double *dy, double *dx, int64_t n, int num_threads);
 
+/* ---- The sum of two arrays: out = a + b ----
+ *
+ *   a, b, out : (n,), contiguous; out may be a or b
+ * Threaded: the residual stream (x + attention(x)) and the gradients that meet in the backward
+ * pass are a memory pass each, which NumPy makes on one core.
+ */
+int minqkv_add_f32(const float *a, const float *b, float *out, int64_t n, int num_threads);
+int minqkv_add_f64(const double *a, const double *b, double *out, int64_t n, int num_threads);
+
 /* ---- Layer norm over the last axis ----
  *
  *   x, y, dy, dx     : (rows, C), contiguous, C >= 1
  *   weight, bias     : (C,); bias may be NULL (no shift); eps >= 0 (the caller checks)
  *   mean, rstd       : (rows,), written by the forward pass for the backward pass
  *   dweight, dbias   : (C,), overwritten; dbias may be NULL
+ *   workspace        : backward only: 2 * C * minqkv_row_chunks(rows) values (the column sums of
+ *                      each chunk of rows, added in order: the same bits on any thread count)
  *   forward:  mean = mean(x), rstd = 1 / sqrt(mean((x - mean)^2) + eps), xhat = (x - mean) * rstd,
  *             y = xhat * weight + bias                                      (row by row)
  *   backward: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * weight;
@@ -121,10 +135,25 @@ int minqkv_layer_norm_f64(const double *x, const double *weight, const double *b
                           double *mean, double *rstd, int64_t rows, int64_t C, double eps, int num_threads);
 int minqkv_layer_norm_backward_f32(const float *x, const float *weight, const float *mean,
                                    const float *rstd, const float *dy, float *dx, float *dweight,
-                                   float *dbias, int64_t rows, int64_t C, int num_threads);
+                                   float *dbias, float *workspace, int64_t rows, int64_t C,
+                                   int num_threads);
 int minqkv_layer_norm_backward_f64(const double *x, const double *weight, const double *mean,
                                    const double *rstd, const double *dy, double *dx, double *dweight,
-                                   double *dbias, int64_t rows, int64_t C, int num_threads);
+                                   double *dbias, double *workspace, int64_t rows, int64_t C,
+                                   int num_threads);
+
+/* ---- Column sums: out = the sum of x's rows (a Linear's bias gradient) ----
+ *
+ *   x : (rows, cols), contiguous;  out : (cols,), overwritten (zeros when rows == 0)
+ *   workspace : cols * minqkv_row_chunks(rows) values
+ * Rows are added in chunks of a fixed size, then the chunks in order: threads share the chunks,
+ * and the result has the same bits on any thread count.
+ */
+int64_t minqkv_row_chunks(int64_t rows);
+int minqkv_column_sums_f32(const float *x, int64_t rows, int64_t cols, float *out, float *workspace,
+                           int num_threads);
+int minqkv_column_sums_f64(const double *x, int64_t rows, int64_t cols, double *out,
+                           double *workspace, int num_threads);
 
 /* ---- Cross-entropy of integer targets under softmax(logits), loss and gradient in one pass ----
  *

@@ -33,7 +33,7 @@ from .op_inputs import (as_pair, as_tensor, check_axis, check_concat, check_cros
                         check_embedding, check_layer_norm, check_linear, check_matmul, check_matmul_each,
                         check_permutation, check_pow, check_reduction, check_solve, check_split, check_window,
                         float_tensor, is_basic_index, reshaped, tensor_input)
-from .tensor import Tensor, is_grad_enabled
+from .tensor import Tensor, is_grad_enabled, sum_of
 
 # Arithmetic. Binary ops broadcast like NumPy, so their backward sums the gradient back down.
 
@@ -55,7 +55,7 @@ def add(a, b) -> Tensor:
     def backward(g):  # d(a+b) = g, g
         return unbroadcast(g, a.shape), unbroadcast(g, b.shape)
 
-    return Tensor.from_op(a.data + b.data, (a, b), backward, "add")
+    return Tensor.from_op(sum_of(a.data, b.data), (a, b), backward, "add")
 
 
 def sub(a, b) -> Tensor:
@@ -268,13 +268,14 @@ def split(x: Tensor, sizes, axis: int = -1) -> list:
 
 
 def _piece_backward(i: int):
-    return lambda g: (_Pieces({i: g}),)  # piece i's gradient, for joint to put in its place
+    return lambda g: (_Pieces({i: g}),)  # piece i's gradient, for the node the pieces were cut from
 
 
 class _Pieces:
     """The gradient of a split tensor as its pieces send it: {piece number: gradient}. The engine
     adds the gradients a node receives; adding two of these collects their pieces (each piece
-    sends once per backward walk), so the whole array is written once, by the split's joint."""
+    sends once per backward walk), so the whole array is written once, by the split's joint, or
+    never (matmul_each reads each piece's gradient where it lies)."""
 
     def __init__(self, grads: dict):
         self.grads = grads
@@ -304,8 +305,8 @@ def matmul(a, b) -> Tensor:
 def linear(x, w, bias=None) -> Tensor:
     """x @ w + bias for x (..., K), w (K, N) and bias (N,) or None: a Linear layer in one op.
 
-    The bias is added into the fresh product in place, so no second (..., N) array is made
-    (matmul then add would write one more array the size of the output, and keep two nodes)."""
+    The kernel adds the bias as it stores the product, so no second pass over the (..., N) output
+    is made (matmul then add would write one more array the size of the output, and keep two nodes)."""
     x, w = check_linear(x, w, bias)
     return _matmul_weight(x, w, bias)
 
@@ -315,9 +316,7 @@ def _matmul_weight(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     K, N = b.shape
     P = int(np.prod(a.shape[:-1]))  # explicit: reshape(-1, K) cannot tell P when a is empty
     a2 = a.data.reshape(P, K)  # (P, K)
-    out = kernels.matmul(a2, b.data)  # (P, N)
-    if bias is not None:
-        out += bias.data  # into the product just made: nothing else holds it yet
+    out = kernels.matmul(a2, b.data, bias=None if bias is None else bias.data)  # (P, N)
     out = out.reshape(a.shape[:-1] + (N,))
 
     def backward(g):  # dA = g B^T, dB = A^T g, dbias = g summed over rows
@@ -326,7 +325,7 @@ def _matmul_weight(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
         grad_b = kernels.matmul(a2, g2, trans_a=True) if b.requires_grad else None
         if bias is None:
             return grad_a, grad_b
-        return grad_a, grad_b, g2.sum(axis=0) if bias.requires_grad else None
+        return grad_a, grad_b, kernels.column_sums(g2) if bias.requires_grad else None
 
     parents = (a, b) if bias is None else (a, b, bias)
     return Tensor.from_op(out, parents, backward, "matmul" if bias is None else "linear")
@@ -356,8 +355,11 @@ def _matmul_batched(a: Tensor, b: Tensor) -> Tensor:
 def matmul_each(x: Tensor, weights: list) -> list:
     """[x @ w for w in weights], computed as one product: x (..., K) @ [w_1 | w_2 | ...] (K, N1 + N2 + ...).
 
-    One wide GEMM runs faster than several narrow ones (an attention layer's Q, K and V, say), and
-    the backward pass is one product each way too. The pieces are split from the joined product."""
+    One wide GEMM runs faster than several narrow ones (an attention layer's Q, K and V, say). The
+    results are views of the joined product, and their gradients are not joined back: the backward
+    pass takes each piece's gradient g_i where it lies (attention hands back dq, dk and dv as three
+    arrays) and sums dx = g_1 w_1^T + g_2 w_2^T + ... inside the GEMM, saving a copy of the
+    (..., N1 + N2 + ...) gradient per call."""
     if len(weights) <= 1:
         return [matmul(x, w) for w in weights]
     x, weights = check_matmul_each(x, weights)
@@ -367,17 +369,29 @@ def matmul_each(x: Tensor, weights: list) -> list:
     P = int(np.prod(x.shape[:-1]))  # explicit: reshape(-1, K) cannot tell P when x is empty
     x2 = x.data.reshape(P, K)  # (P, K)
     out = kernels.matmul(x2, joined_weights).reshape(x.shape[:-1] + (N,))  # (..., N)
-    bounds = np.cumsum([w.shape[1] for w in weights])[:-1]
+    columns, start = [], 0
+    for w in weights:
+        columns.append(slice(start, start + w.shape[1]))
+        start += w.shape[1]
 
-    def backward(g):  # g = [g_1 | g_2 | ...]: dx = g [w_1 | w_2 | ...]^T, dw_i = x^T g_i (one product, cut)
-        g2 = g.reshape(P, N)  # (P, N)
-        grad_x = kernels.matmul(g2, joined_weights, trans_b=True).reshape(x.shape) if x.requires_grad else None
-        if not any(w.requires_grad for w in weights):
-            return (grad_x,) + (None,) * len(weights)
-        return (grad_x, *np.split(kernels.matmul(x2, g2, trans_a=True), bounds, axis=1))  # (K, N) cut
+    def backward(pieces):  # g_i for the pieces that got one: dx = sum_i g_i w_i^T, dw_i = x^T g_i (0 if no g_i)
+        grad_x, grad_ws = None, []
+        for i, w in enumerate(weights):
+            g_i = pieces.grads.get(i)
+            if g_i is None:
+                grad_ws.append(np.zeros_like(w.data) if w.requires_grad else None)
+                continue
+            g2 = g_i.reshape(P, w.shape[1])  # (P, N_i)
+            if x.requires_grad:  # the first product makes grad_x (P, K), the others add into it
+                grad_x = kernels.matmul(g2, w.data, trans_b=True, add_to=grad_x)
+            grad_ws.append(kernels.matmul(x2, g2, trans_a=True) if w.requires_grad else None)  # (K, N_i)
+        if x.requires_grad and grad_x is None:  # no piece got a gradient
+            grad_x = np.zeros((P, K), x.dtype)
+        return (None if grad_x is None else grad_x.reshape(x.shape), *grad_ws)
 
     joined = Tensor.from_op(out, (x, *weights), backward, "matmul_each")
-    return split(joined, [w.shape[1] for w in weights], axis=-1)
+    return [Tensor.from_op(out[..., index], (joined,), _piece_backward(i), "matmul_each")
+            for i, index in enumerate(columns)]
 
 
 # The softmax family: attention's softmax and the loss.

@@ -35,6 +35,8 @@ import contextlib
 
 import numpy as np
 
+from . import kernels
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _grad_enabled = True
@@ -193,7 +195,7 @@ class Tensor:
                     if parent_grad is None or not parent.requires_grad:
                         continue
                     key = id(parent)
-                    grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
+                    grads[key] = parent_grad if key not in grads else sum_of(grads[key], parent_grad)
         finally:
             for node in order:  # the graph is read: its leaves may be written again
                 node._unlock()
@@ -258,6 +260,16 @@ class Tensor:
 
     def log(self):
         return _ops().log(self)
+
+
+def sum_of(a, b):
+    """a + b. Two float arrays of one shape (the residual stream, gradients that meet at a node)
+    are added by kernels.add, which shares the pass between threads; anything else (broadcasting,
+    0-d arrays, the pieces of a split's gradient) by Python's +."""
+    if (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.ndim
+            and a.dtype == b.dtype and a.dtype in FLOAT_DTYPES):
+        return kernels.add(a, b)
+    return a + b
 
 
 def _check_inputs_unchanged(node: Tensor) -> None:

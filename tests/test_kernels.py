@@ -207,7 +207,7 @@ def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
     assert size_for_one < lib.minqkv_gemm_workspace_f32(1, 330, 330, 330, 2)  # a slice per thread
     workspace = np.empty(size_for_one, np.float32)
     arguments = (0, 0, 1, 330, 330, 330, pointer(a), 330, 0, pointer(a), 330, 0, pointer(out), 330, 0,
-                 pointer(workspace), workspace.size)
+                 runtime.ffi.NULL, 0, pointer(workspace), workspace.size)
     assert lib.minqkv_gemm_f32(*arguments, 2) == lib.MINQKV_BAD_ARGUMENT
     assert np.all(out == 0)  # refused before touching memory
     assert lib.minqkv_gemm_f32(*arguments, 1) == lib.MINQKV_OK
@@ -227,6 +227,58 @@ def test_matmul_c_reads_a_in_place_in_tiles_of_every_row_count(dtype, trans_a, t
             op_a, op_b = (a.T if trans_a else a), (b.T if trans_b else b)
             got = kernels.matmul_c(a, b, trans_a, trans_b)
             assert np.all(np.abs(got - op_a.astype(np.float64) @ op_b) <= gemm_error_bound(op_a, op_b, K))
+
+
+@pytest.mark.parametrize("matmul", ["numpy", "c", "naive"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, True)])
+def test_matmul_adds_a_bias_to_every_row_and_adds_into_add_to(matmul, dtype, trans_a, trans_b, threads):
+    if matmul != "numpy" and not kernels.HAVE_C:
+        pytest.skip("the C extension minqkv._ccore is not built (pip install -e .)")
+    matmul = {"numpy": kernels.matmul_numpy, "c": kernels.matmul_c, "naive": kernels.matmul_naive_c}[matmul]
+    rng = np.random.default_rng(6)
+    # N around NR (a narrow last tile reads only its columns of the bias), K = 0 (C = bias) and past KC
+    for batch, M, N, K in [(None, 7, 33, 5), (None, 13, 65, 0), (None, 125, 40, 300), (3, 20, 17, 32)]:
+        lead = () if batch is None else (batch,)
+        a = rng.standard_normal(lead + ((K, M) if trans_a else (M, K))).astype(dtype)
+        b = rng.standard_normal(lead + ((N, K) if trans_b else (K, N))).astype(dtype)
+        bias, before = rng.standard_normal(N).astype(dtype), rng.standard_normal(lead + (M, N)).astype(dtype)
+        op_a = np.swapaxes(a, -1, -2) if trans_a else a
+        op_b = np.swapaxes(b, -1, -2) if trans_b else b
+        product = op_a.astype(np.float64) @ op_b
+        bound = gemm_error_bound(op_a, op_b, K) + 4 * np.finfo(dtype).eps * (np.abs(bias) + np.abs(before))
+        for n in (1, 2):
+            threads(n)
+            assert np.all(np.abs(matmul(a, b, trans_a, trans_b, bias=bias) - (product + bias)) <= bound)
+            into = before.copy()
+            assert matmul(a, b, trans_a, trans_b, add_to=into) is into  # in place, and handed back
+            assert np.all(np.abs(into - (before + product)) <= bound)
+            into = before.copy()
+            matmul(a, b, trans_a, trans_b, bias=bias, add_to=into)
+            assert np.all(np.abs(into - (before + product + bias)) <= bound)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_matmul_names_a_bias_or_add_to_that_does_not_fit(backend):
+    if backend == "c" and not kernels.HAVE_C:
+        pytest.skip("the C extension minqkv._ccore is not built (pip install -e .)")
+    matmul = kernels.KERNELS[backend]["matmul"]
+    a, b = np.ones((4, 3)), np.ones((3, 5))
+    with pytest.raises(ValueError, match=r"matmul: bias has shape \(4,\), expected \(5,\)"):
+        matmul(a, b, bias=np.ones(4))
+    with pytest.raises(TypeError, match="matmul: a is float64 but bias is float32"):
+        matmul(a, b, bias=np.ones(5, np.float32))
+    with pytest.raises(ValueError, match=r"matmul: add_to has shape \(5, 4\), expected the product's \(4, 5\)"):
+        matmul(a, b, add_to=np.ones((5, 4)))
+    with pytest.raises(ValueError, match="matmul: add_to must be a writable C-contiguous array"):
+        matmul(a, b, add_to=np.ones((5, 4)).T)
+    with pytest.raises(ValueError, match="matmul: add_to shares memory with a or b"):
+        square = np.ones((3, 3))
+        matmul(square, square, add_to=square)
+    read_only = np.ones((4, 5))
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="matmul: add_to must be a writable"):
+        matmul(a, b, add_to=read_only)
 
 
 @needs_c
@@ -261,7 +313,7 @@ def test_c_gemm_reads_a_in_place_with_a_row_stride_longer_than_a_row(dtype, tran
                             else (lib.minqkv_gemm_f64, lib.minqkv_gemm_workspace_f64))
     workspace = np.empty(workspace_size(1, M, N, K, 2), dtype)
     status = gemm(int(trans_a), 0, 1, M, N, K, pointer(a_memory), lda, 0, pointer(b), N, 0,
-                  pointer(out), N, 0, pointer(workspace), workspace.size, 2)
+                  pointer(out), N, 0, runtime.ffi.NULL, 0, pointer(workspace), workspace.size, 2)
     assert status == lib.MINQKV_OK
     op_a = a.T if trans_a else a
     assert np.all(np.abs(out - op_a.astype(np.float64) @ b) <= gemm_error_bound(op_a, b, K))

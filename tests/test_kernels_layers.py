@@ -246,6 +246,52 @@ def test_adamw_update_refuses_a_read_only_moment(backend):
 
 
 @needs_c
+@FAST
+@given(arrays())
+def test_add_c_gives_the_numpy_twins_bits(case):
+    a, rng = case
+    b = rng.standard_normal(a.shape).astype(a.dtype)
+    np.testing.assert_array_equal(kernels.add_c(a, b), kernels.add_numpy(a, b))  # one rounding each: the same
+    np.testing.assert_array_equal(kernels.add_c(a.T, b.T), a.T + b.T)  # strided: copied, then added
+
+
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_add_names_arrays_that_do_not_fit(backend):
+    if backend == "c" and not kernels.HAVE_C:
+        pytest.skip("the C extension minqkv._ccore is not built (pip install -e .)")
+    add = kernels.KERNELS[backend]["add"]
+    with pytest.raises(ValueError, match=r"add: a has shape \(2, 3\) but b has shape \(3,\)"):
+        add(np.ones((2, 3)), np.ones(3))
+    with pytest.raises(TypeError, match="add: a is float64 but b is float32"):
+        add(np.ones(3), np.ones(3, np.float32))
+
+
+@needs_c
+@FAST
+@given(arrays())
+def test_column_sums_c_matches_numpy_twin(case):
+    x, _ = case
+    got, want = kernels.column_sums_c(x), kernels.column_sums_numpy(x)
+    assert got.shape == want.shape == x.shape[1:] and got.dtype == x.dtype
+    rtol = TOLERANCE[x.dtype]["rtol"] * np.sqrt(x.shape[0] + 1)  # sums of up to 1200 rows, in another order
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(x).sum(axis=0).max(initial=1))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_column_sums_of_no_rows_are_zeros_and_a_wrong_shape_is_named(backend):
+    if backend == "c" and not kernels.HAVE_C:
+        pytest.skip("the C extension minqkv._ccore is not built (pip install -e .)")
+    column_sums = kernels.KERNELS[backend]["column_sums"]
+    np.testing.assert_array_equal(column_sums(np.empty((0, 3), np.float32)), np.zeros(3, np.float32))
+    assert column_sums(np.empty((4, 0))).shape == (0,)
+    np.testing.assert_array_equal(column_sums(np.arange(6.0).reshape(3, 2)[:, ::-1]), [9.0, 6.0])  # strided
+    with pytest.raises(ValueError, match=r"column_sums: x must be 2-D \(rows, cols\), got shape \(3,\)"):
+        column_sums(np.ones(3))
+    with pytest.raises(TypeError, match="column_sums"):
+        column_sums(np.ones((3, 2), np.int64))
+
+
+@needs_c
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_layer_kernels_give_the_same_bits_on_any_thread_count(dtype, threads):
     rng = np.random.default_rng(1)
@@ -257,7 +303,7 @@ def test_layer_kernels_give_the_same_bits_on_any_thread_count(dtype, threads):
         threads(n)
         y, mean, rstd = kernels.layer_norm_c(x, weight, weight)
         results.append([kernels.gelu_c(x), kernels.gelu_backward_c(x, dy), y,
-                        *kernels.layer_norm_backward_c(x, weight, mean, rstd, dy),
+                        *kernels.layer_norm_backward_c(x, weight, mean, rstd, dy), kernels.column_sums_c(dy),
                         *kernels.cross_entropy_c(x, targets, -1, 0.5)])
     for other in results[1:]:
         for a, b in zip(results[0], other):

@@ -4,8 +4,8 @@ cffi, the fast one). One module per family, each NumPy reference beside its C bi
 
   gemm.py             matmul (and matmul_naive_c, the C core's three plain loops)
   row_softmax.py      softmax, softmax_backward (over the last axis, optionally causal)
-  layers.py           gelu, gelu_backward, layer_norm, layer_norm_backward, cross_entropy,
-                      embedding_backward
+  layers.py           gelu, gelu_backward, add, layer_norm, layer_norm_backward, column_sums,
+                      cross_entropy, embedding_backward
   fused_attention.py  attention, attention_backward (and attention_naive_c, the C core's
                       row-by-row reference)
   adamw.py            adamw_update (in place)
@@ -43,7 +43,8 @@ from .adamw import adamw_update_c, adamw_update_numpy
 from .fused_attention import (attention_backward_c, attention_backward_numpy, attention_c, attention_naive_c,
                               attention_numpy)
 from .gemm import matmul_c, matmul_naive_c, matmul_numpy
-from .layers import (cross_entropy_c, cross_entropy_numpy, embedding_backward_c, embedding_backward_numpy,
+from .layers import (add_c, add_numpy, column_sums_c, column_sums_numpy, cross_entropy_c, cross_entropy_numpy, embedding_backward_c,
+                     embedding_backward_numpy,
                      gelu_backward_c, gelu_backward_numpy, gelu_c, gelu_numpy, layer_norm_backward_c,
                      layer_norm_backward_numpy, layer_norm_c, layer_norm_numpy)
 from .row_softmax import softmax_backward_c, softmax_backward_numpy, softmax_c, softmax_numpy
@@ -58,8 +59,10 @@ KERNELS = {
         "softmax_backward": softmax_backward_numpy,
         "gelu": gelu_numpy,
         "gelu_backward": gelu_backward_numpy,
+        "add": add_numpy,
         "layer_norm": layer_norm_numpy,
         "layer_norm_backward": layer_norm_backward_numpy,
+        "column_sums": column_sums_numpy,
         "cross_entropy": cross_entropy_numpy,
         "embedding_backward": embedding_backward_numpy,
         "adamw_update": adamw_update_numpy,
@@ -72,8 +75,10 @@ KERNELS = {
         "softmax_backward": softmax_backward_c,
         "gelu": gelu_c,
         "gelu_backward": gelu_backward_c,
+        "add": add_c,
         "layer_norm": layer_norm_c,
         "layer_norm_backward": layer_norm_backward_c,
+        "column_sums": column_sums_c,
         "cross_entropy": cross_entropy_c,
         "embedding_backward": embedding_backward_c,
         "adamw_update": adamw_update_c,
@@ -102,8 +107,10 @@ softmax = _on_the_backend("softmax")
 softmax_backward = _on_the_backend("softmax_backward")
 gelu = _on_the_backend("gelu")
 gelu_backward = _on_the_backend("gelu_backward")
+add = _on_the_backend("add")
 layer_norm = _on_the_backend("layer_norm")
 layer_norm_backward = _on_the_backend("layer_norm_backward")
+column_sums = _on_the_backend("column_sums")
 cross_entropy = _on_the_backend("cross_entropy")
 embedding_backward = _on_the_backend("embedding_backward")
 adamw_update = _on_the_backend("adamw_update")

@@ -1,4 +1,6 @@
-"""matmul: op(a) @ op(b) for a pair of matrices or a batch of them, three ways.
+"""matmul: op(a) @ op(b) for a pair of matrices or a batch of them, three ways; optionally plus a
+bias on every row (a Linear layer's), or added into an existing array (add_to: a gradient summed
+over several products without a temporary for each).
 
   matmul_numpy     NumPy's matmul (OpenBLAS): the reference
   matmul_c         the C core's blocked GEMM (csrc/gemm.c, csrc/gemm_template.h)
@@ -36,14 +38,47 @@ def _matmul_sizes(a, b, trans_a, trans_b, op="matmul"):
     return batch, M, N, K
 
 
-def matmul_numpy(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b): a, b both 2-D (M, K) @ (K, N) or both 3-D (batch, M, K) @ (batch, K, N),
-    with op(x) = x, or its last two axes swapped when trans_x is true. Same float dtype in and
-    out; returns a new C-contiguous array."""
-    _matmul_sizes(a, b, trans_a, trans_b)
+def _check_bias_and_add_to(op, a, b, bias, add_to, out_shape):
+    """bias: None or (N,) of a's dtype; add_to: None or a writable C-contiguous array of the
+    product's shape and a's dtype (the product is added into it, in place)."""
+    if bias is not None:
+        check_float_array(op, "bias", bias)
+        check_same_dtype(op, "a", a, "bias", bias)
+        if bias.shape != out_shape[-1:]:
+            raise ValueError(f"{op}: bias has shape {bias.shape}, expected ({out_shape[-1]},): one "
+                             "value per column of the product")
+    if add_to is not None:
+        check_float_array(op, "add_to", add_to)
+        check_same_dtype(op, "a", a, "add_to", add_to)
+        if add_to.shape != out_shape:
+            raise ValueError(f"{op}: add_to has shape {add_to.shape}, expected the product's {out_shape}")
+        if not (add_to.flags.c_contiguous and add_to.flags.writeable):
+            raise ValueError(f"{op}: add_to must be a writable C-contiguous array (the product is added "
+                             "into it in place)")
+        if np.may_share_memory(add_to, a) or np.may_share_memory(add_to, b):
+            raise ValueError(f"{op}: add_to shares memory with a or b; the product would read what it writes")
+
+
+def _product_shape(batch, M, N):
+    return (M, N) if batch is None else (batch, M, N)
+
+
+def matmul_numpy(a, b, trans_a=False, trans_b=False, bias=None, add_to=None):
+    """op(a) @ op(b) [+ bias]: a, b both 2-D (M, K) @ (K, N) or both 3-D (batch, M, K) @ (batch,
+    K, N), with op(x) = x, or its last two axes swapped when trans_x is true; bias (N,) is added
+    to every row. Same float dtype in and out. Returns a new C-contiguous array, or, given add_to
+    (an array of the product's shape), adds the result into add_to and returns it."""
+    batch, M, N, _ = _matmul_sizes(a, b, trans_a, trans_b)
+    _check_bias_and_add_to("matmul", a, b, bias, add_to, _product_shape(batch, M, N))
     op_a = np.swapaxes(a, -1, -2) if trans_a else a
     op_b = np.swapaxes(b, -1, -2) if trans_b else b
-    return np.ascontiguousarray(np.matmul(op_a, op_b))
+    out = np.ascontiguousarray(np.matmul(op_a, op_b))
+    if bias is not None:
+        out += bias
+    if add_to is not None:
+        add_to += out
+        return add_to
+    return out
 
 
 def _matrix_operand(x, trans):
@@ -68,23 +103,23 @@ def _matrix_operand(x, trans):
     return np.array(x, order="C", copy=True), trans, x.shape[1] * x.shape[2]
 
 
-def _gemm_c(op, a, b, trans_a, trans_b, naive):
+def _gemm_c(op, a, b, trans_a, trans_b, bias, add_to, naive):
     """The body of matmul_c and matmul_naive_c: check, hand the operands over, call C."""
     runtime.require_c(op, twin="matmul_numpy")
     trans_a, trans_b = bool(trans_a), bool(trans_b)
     batch, M, N, K = _matmul_sizes(a, b, trans_a, trans_b, op)
+    _check_bias_and_add_to(op, a, b, bias, add_to, _product_shape(batch, M, N))
     stacked = batch is not None
     batch = batch if stacked else 1
-    out = np.empty((batch, M, N) if stacked else (M, N), a.dtype)
+    out = np.empty((batch, M, N) if stacked else (M, N), a.dtype) if add_to is None else add_to
     if out.size == 0:
         return out
-    if K == 0:  # an empty sum
-        out.fill(0)
-        return out
+    bias = None if bias is None else runtime.contiguous(bias)
+    bias_pointer = runtime.ffi.NULL if bias is None else pointer(bias)
     a3, trans_a, stride_a = _matrix_operand(a if stacked else a[None], trans_a)
     b3, trans_b, stride_b = _matrix_operand(b if stacked else b[None], trans_b)
     operands = (trans_a, trans_b, batch, M, N, K, pointer(a3), a3.shape[2], stride_a,
-                pointer(b3), b3.shape[2], stride_b, pointer(out), N, M * N)
+                pointer(b3), b3.shape[2], stride_b, pointer(out), N, M * N, bias_pointer, add_to is not None)
     if naive:
         status = runtime.c_function("gemm_naive", a.dtype)(*operands)
     else:
@@ -97,12 +132,14 @@ def _gemm_c(op, a, b, trans_a, trans_b, naive):
     return out
 
 
-def matmul_c(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b) on the C core's fast GEMM; same contract as matmul_numpy."""
-    return _gemm_c("matmul", a, b, trans_a, trans_b, naive=False)
+def matmul_c(a, b, trans_a=False, trans_b=False, bias=None, add_to=None):
+    """op(a) @ op(b) [+ bias] on the C core's fast GEMM; same contract as matmul_numpy. The bias
+    is added as each tile of the product is stored, and add_to is accumulated into in place: no
+    second pass over the product either way."""
+    return _gemm_c("matmul", a, b, trans_a, trans_b, bias, add_to, naive=False)
 
 
-def matmul_naive_c(a, b, trans_a=False, trans_b=False):
-    """op(a) @ op(b) on the C core's naive three-loop GEMM, the readable reference for the fast
-    one (minqkv_gemm_naive_f32/_f64); same contract as matmul_numpy, on one thread, slow."""
-    return _gemm_c("matmul_naive", a, b, trans_a, trans_b, naive=True)
+def matmul_naive_c(a, b, trans_a=False, trans_b=False, bias=None, add_to=None):
+    """op(a) @ op(b) [+ bias] on the C core's naive three-loop GEMM, the readable reference for the
+    fast one (minqkv_gemm_naive_f32/_f64); same contract as matmul_numpy, on one thread, slow."""
+    return _gemm_c("matmul_naive", a, b, trans_a, trans_b, bias, add_to, naive=True)

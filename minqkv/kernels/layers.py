@@ -1,6 +1,7 @@
 """The layers of the GPT around its products, forward and backward, each as a NumPy reference
 beside its binding to the C core (csrc/layers.c, csrc/layers_template.h):
-GELU, layer norm, cross-entropy (loss and gradient in one pass) and an embedding's backward pass.
+GELU, the sum of two arrays, layer norm, column sums (a bias gradient), cross-entropy (loss and
+gradient in one pass) and an embedding's backward pass.
 """
 
 import numpy as np
@@ -30,6 +31,33 @@ def gelu_c(x):
     status = runtime.c_function("gelu", x.dtype)(pointer(x), pointer(y), x.size, runtime.get_num_threads())
     runtime.check_status("gelu", status)
     return y
+
+
+# ---- the sum of two arrays: the residual stream, and gradients that meet --------------------
+
+
+def _check_add(a, b):
+    for name, array in (("a", a), ("b", b)):
+        check_float_array("add", name, array)
+    check_same_dtype("add", "a", a, "b", b)
+    check_same_shape("add", "a", a, "b", b)
+
+
+def add_numpy(a, b):
+    """a + b for two float arrays of one shape and dtype; returns a new array."""
+    _check_add(a, b)
+    return a + b
+
+
+def add_c(a, b):
+    """a + b on the C core, shared between threads (NumPy's runs on one); same contract as add_numpy."""
+    runtime.require_c("add")
+    _check_add(a, b)
+    a, b = runtime.contiguous(a), runtime.contiguous(b)
+    out = np.empty(a.shape, a.dtype)
+    status = runtime.c_function("add", a.dtype)(pointer(a), pointer(b), pointer(out), a.size, runtime.get_num_threads())
+    runtime.check_status("add", status)
+    return out
 
 
 def _check_gelu_backward(x, dy):
@@ -136,13 +164,46 @@ def layer_norm_backward_c(x, weight, mean, rstd, dy, has_bias=True):
     _check_layer_norm_backward(x, weight, mean, rstd, dy)
     x, weight, mean, rstd, dy = (runtime.contiguous(a) for a in (x, weight, mean, rstd, dy))
     C = x.shape[-1]
+    rows = x.size // C
     dx, dweight = np.empty(x.shape, x.dtype), np.empty(C, x.dtype)
     dbias = np.empty(C, x.dtype) if has_bias else None
+    workspace = np.empty(2 * C * runtime.lib.minqkv_row_chunks(rows), x.dtype)  # each chunk's column sums
     status = runtime.c_function("layer_norm_backward", x.dtype)(
         pointer(x), pointer(weight), pointer(mean), pointer(rstd), pointer(dy), pointer(dx), pointer(dweight),
-        pointer(dbias), x.size // C, C, runtime.get_num_threads())
+        pointer(dbias), pointer(workspace), rows, C, runtime.get_num_threads())
     runtime.check_status("layer_norm_backward", status)
     return dx, dweight, dbias
+
+
+# ---- column sums: a Linear's bias gradient ------------------------------------------------------
+
+
+def _check_column_sums(x):
+    check_float_array("column_sums", "x", x)
+    if x.ndim != 2:
+        raise ValueError(f"column_sums: x must be 2-D (rows, cols), got shape {x.shape}")
+
+
+def column_sums_numpy(x):
+    """The sum of x's rows: x (rows, cols) -> (cols,), as a Linear's bias gradient is its output
+    gradient summed over every position."""
+    _check_column_sums(x)
+    return x.sum(axis=0)
+
+
+def column_sums_c(x):
+    """The sum of x's rows on the C core; same contract as column_sums_numpy. Threads share chunks
+    of rows (NumPy's sum runs on one), and the result has the same bits on any thread count."""
+    runtime.require_c("column_sums")
+    _check_column_sums(x)
+    x = runtime.contiguous(x)
+    rows, cols = x.shape
+    out = np.empty(cols, x.dtype)
+    workspace = np.empty(cols * runtime.lib.minqkv_row_chunks(rows), x.dtype)  # each chunk's sums
+    status = runtime.c_function("column_sums", x.dtype)(pointer(x), rows, cols, pointer(out), pointer(workspace),
+                                                        runtime.get_num_threads())
+    runtime.check_status("column_sums", status)
+    return out
 
 
 # ---- cross-entropy and the embedding's backward pass: rows picked by integer ids ----------------
