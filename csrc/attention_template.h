@@ -182,12 +182,12 @@ static HOT_KERNEL void NAME(attention_rows)(const struct NAME(forward_arrays) *a
             visible_in_block(i, j0, width, T, Tk, window, &begin, &end);
             if (begin >= end)
                 continue;
+            for (int64_t jj = begin; jj < end; jj++)
+                scores[r][jj] = scores[r][jj] * scale + (a->bias ? a->bias[i * Tk + j0 + jj] : 0);
             REAL block_max = -INFINITY;
-            for (int64_t jj = begin; jj < end; jj++) {
-                REAL s = scores[r][jj] * scale + (a->bias ? a->bias[i * Tk + j0 + jj] : 0);
-                scores[r][jj] = s;
-                block_max = s > block_max ? s : block_max;
-            }
+#pragma omp simd reduction(max : block_max) /* as online_softmax_tile's below */
+            for (int64_t jj = begin; jj < end; jj++)
+                block_max = scores[r][jj] > block_max ? scores[r][jj] : block_max;
             REAL new_max = block_max > row_max[r] ? block_max : row_max[r];
             REAL *yi = a->y + i * a->y_row;
             if (new_max > row_max[r] && row_max[r] > -INFINITY) { /* rescale what was summed so far */
@@ -248,11 +248,21 @@ static ALWAYS_INLINE void NAME(online_softmax_tile)(struct NAME(forward_tiles) *
         REAL *p = t->probs + r * KEY_TILE;
         if (begin < end) {
             const REAL *bias_row = bias ? bias + i * Tk + j0 : NULL;
-            REAL block_max = -INFINITY;
-            for (int64_t jj = begin; jj < end; jj++) {
-                p[jj] = p[jj] * scale + (bias_row ? bias_row[jj] : 0);
-                block_max = p[jj] > block_max ? p[jj] : block_max;
+            if (bias_row) {
+#pragma omp simd
+                for (int64_t jj = begin; jj < end; jj++)
+                    p[jj] = p[jj] * scale + bias_row[jj];
+            } else {
+#pragma omp simd
+                for (int64_t jj = begin; jj < end; jj++)
+                    p[jj] *= scale;
             }
+            /* a vector reduction: written as one loop with the scaling, it compiled to a chain of
+             * scalar maxima, each waiting for the one before */
+            REAL block_max = -INFINITY;
+#pragma omp simd reduction(max : block_max)
+            for (int64_t jj = begin; jj < end; jj++)
+                block_max = p[jj] > block_max ? p[jj] : block_max;
             REAL old_max = t->row_max[r], new_max = block_max > old_max ? block_max : old_max;
             if (new_max > old_max && old_max > -INFINITY) {
                 REAL shrink = EXP(old_max - new_max);
