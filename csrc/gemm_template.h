@@ -75,21 +75,6 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
     }
 }
 
-/* Pack an (mc, kc) block of op(A) = A^T into panels of MR rows, as the micro-kernel reads them:
- *   packed[panel][p][r] = op(A)[panel * MR + r][p] = A[p][panel * MR + r]     (zero past row mc)
- * Only the transposed A is packed (see gemm_block): each p reads MR neighbours of one row of A. */
-static ALWAYS_INLINE void NAME(pack_a_transposed)(int64_t mc, int64_t kc, const REAL *A, int64_t lda,
-                                                  REAL *packed)
-{
-    for (int64_t i0 = 0; i0 < mc; i0 += MR) {
-        int64_t rows = min_i64(MR, mc - i0);
-        for (int64_t p = 0; p < kc; p++)
-            for (int64_t r = 0; r < MR; r++)
-                packed[p * MR + r] = r < rows ? A[p * lda + i0 + r] : (REAL)0;
-        packed += MR * kc;
-    }
-}
-
 /* The micro-kernel: a ROWS x NR tile of C (ROWS <= MR) from ROWS rows of op(A), kc long, and a
  * packed B panel (kc, NR):
  *
@@ -193,20 +178,17 @@ static ALWAYS_INLINE void NAME(tile)(int64_t rows, int64_t cols, int64_t kc, con
  * The first pc block writes C (plus the bias, when there is one), the later ones add to it; with
  * accumulate set, every block adds to C.
  *
- * Unlike BLIS, A is not packed when op(A) = A: the micro-kernel broadcasts one value of A at a
- * time, which it reads in place as cheaply as from a packed panel, and packing costs a copy of
- * every value of A, used only 2N times. One thread, measured against packing A:
- * (64,128,128)@(64,128,32) 66 -> 94 GFLOPS, (48,64,64)@(48,64,32) 65 -> 90, the large products no
- * slower (OpenBLAS 96-110 on the same run). op(A) = A^T (a weight's gradient, X^T dY) is packed:
- * read in place, each step of p reads MR values from a new row of A, lda apart, and with a
- * power-of-two lda those rows fall into the same few sets of the L1 cache and evict each other. */
+ * Unlike BLIS, A is not packed: the micro-kernel broadcasts one value of A at a time, which it
+ * reads in place as cheaply as from a packed panel, and packing costs a copy of every value of
+ * A, used only 2N times. One thread, measured against packing A: (64,128,128)@(64,128,32) 66 ->
+ * 94 GFLOPS, (48,64,64)@(48,64,32) 65 -> 90, the large products no slower (OpenBLAS 96-110 on
+ * the same run). */
 static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
                                         const REAL *A, int64_t lda, const REAL *B, int64_t ldb,
                                         REAL *C, int64_t ldc, const REAL *bias, int accumulate,
-                                        REAL *packed_b, REAL *packed_a)
+                                        REAL *packed_b)
 {
-    /* within a tile, op(A)[r][p] is a[r * row_step + p * col_step]: A in place, or a packed panel */
-    int64_t row_step = trans_a ? 1 : lda, col_step = trans_a ? MR : 1;
+    int64_t row_step = trans_a ? 1 : lda, col_step = trans_a ? lda : 1; /* op(A)[i][p] */
     for (int64_t jc = 0; jc < N; jc += NC) {
         int64_t nc = min_i64(NC, N - jc);
         for (int64_t pc = 0; pc < K; pc += KC) {
@@ -215,17 +197,11 @@ static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int
             NAME(pack_b)(trans_b, kc, nc, B_block, ldb, packed_b);
             for (int64_t ic = 0; ic < M; ic += MC) {
                 int64_t mc = min_i64(MC, M - ic);
-                const REAL *A_block = A + ic * lda + pc; /* row ir of the block at A_block + ir * tile_step */
-                int64_t tile_step = lda;
-                if (trans_a) {
-                    NAME(pack_a_transposed)(mc, kc, A + pc * lda + ic, lda, packed_a);
-                    A_block = packed_a;
-                    tile_step = kc; /* a panel of MR rows holds MR x kc values */
-                }
+                const REAL *A_block = trans_a ? A + pc * lda + ic : A + ic * lda + pc;
                 for (int64_t jr = 0; jr < nc; jr += NR)
                     for (int64_t ir = 0; ir < mc; ir += MR)
                         NAME(tile)(min_i64(MR, mc - ir), min_i64(NR, nc - jr), kc,
-                                   A_block + ir * tile_step, row_step, col_step, packed_b + jr * kc,
+                                   A_block + ir * row_step, row_step, col_step, packed_b + jr * kc,
                                    pc == 0 && bias ? bias + jc + jr : NULL,
                                    C + (ic + ir) * ldc + jc + jr, ldc, accumulate || pc > 0);
             }
@@ -234,16 +210,11 @@ static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int
 }
 
 /* Workspace of one thread, in elements, for a product with N columns and K terms: the packed
- * B block (as gemm_block lays it out), then room for a packed block of A^T (MC x KC, used when
- * trans_a), each rounded up to whole 64-byte lines. */
-static int64_t NAME(packed_b_size)(int64_t N, int64_t K)
-{
-    return round_up(min_i64(K, KC) * round_up(min_i64(N, NC), NR), 64 / (int64_t)sizeof(REAL));
-}
-
+ * B block (as gemm_block lays it out), rounded up to whole 64-byte lines. A needs none. */
 static int64_t NAME(workspace_per_thread)(int64_t N, int64_t K)
 {
-    return NAME(packed_b_size)(N, K) + round_up(MC * min_i64(K, KC), 64 / (int64_t)sizeof(REAL));
+    int64_t packed = min_i64(K, KC) * round_up(min_i64(N, NC), NR);
+    return round_up(packed, 64 / (int64_t)sizeof(REAL));
 }
 
 int64_t GEMM_WORKSPACE(int64_t batch, int64_t M, int64_t N, int64_t K, int num_threads)
@@ -277,8 +248,7 @@ static void NAME(gemm_unit)(int64_t unit, struct gemm_plan plan, int trans_a, in
     const REAL *B_piece = B + z * batch_stride_b + (trans_b ? n0 * ldb : n0);
     REAL *C_piece = C + z * batch_stride_c + m0 * ldc + n0;
     NAME(gemm_block)(trans_a, trans_b, m1 - m0, n1 - n0, K, A_piece, lda, B_piece, ldb,
-                     C_piece, ldc, bias ? bias + n0 : NULL, accumulate, workspace,
-                     workspace + NAME(packed_b_size)(N, K));
+                     C_piece, ldc, bias ? bias + n0 : NULL, accumulate, workspace);
 }
 
 int GEMM(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
