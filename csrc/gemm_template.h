@@ -134,9 +134,9 @@ static ALWAYS_INLINE void NAME(micro_kernel)(const int ROWS, int64_t kc, const R
 #error "tile() below has one case per row count, up to MR = 6"
 #endif
 
-/* A rows x cols tile of C (rows <= MR, cols <= NR), bias its cols values or NULL. The switch gives the micro-kernel a constant
- * row count, one copy per count, so the ragged last rows of C cost only what they compute (and
- * never read past the end of A). A tile narrower than NR is computed whole into a scratch tile
+/* A rows x cols tile of C (rows <= MR, cols <= NR); bias: its cols values, or NULL. The switch
+ * gives the micro-kernel a constant row count, one copy per count, so the ragged last rows of C
+ * cost only what they compute (and never read past the end of A). A tile narrower than NR is computed whole into a scratch tile
  * (packed B is zero-padded) and only its first cols columns are copied into C. */
 static ALWAYS_INLINE void NAME(tile)(int64_t rows, int64_t cols, int64_t kc, const REAL *a,
                                      int64_t row_step, int64_t col_step, const REAL *b,

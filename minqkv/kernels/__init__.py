@@ -43,10 +43,9 @@ from .adamw import adamw_update_c, adamw_update_numpy
 from .fused_attention import (attention_backward_c, attention_backward_numpy, attention_c, attention_naive_c,
                               attention_numpy)
 from .gemm import matmul_c, matmul_naive_c, matmul_numpy
-from .layers import (add_c, add_numpy, column_sums_c, column_sums_numpy, cross_entropy_c, cross_entropy_numpy, embedding_backward_c,
-                     embedding_backward_numpy,
-                     gelu_backward_c, gelu_backward_numpy, gelu_c, gelu_numpy, layer_norm_backward_c,
-                     layer_norm_backward_numpy, layer_norm_c, layer_norm_numpy)
+from .layers import (add_c, add_numpy, column_sums_c, column_sums_numpy, cross_entropy_c, cross_entropy_numpy,
+                     embedding_backward_c, embedding_backward_numpy, gelu_backward_c, gelu_backward_numpy, gelu_c,
+                     gelu_numpy, layer_norm_backward_c, layer_norm_backward_numpy, layer_norm_c, layer_norm_numpy)
 from .row_softmax import softmax_backward_c, softmax_backward_numpy, softmax_c, softmax_numpy
 from .runtime import (BACKENDS, HAVE_C, KEEPS_FREED_MEMORY, MAX_NUM_THREADS, MMAP_THRESHOLD_BYTES,
                       TRIM_THRESHOLD_BYTES, get_backend, get_num_threads, set_backend, set_num_threads)
