@@ -1,8 +1,8 @@
 /* layers.c: the elementwise and row-wise layers of the GPT around its GEMMs, forward and backward:
- *   GELU (tanh approximation, as GPT-2), the sum of two arrays (the residual stream), layer norm over the last axis, the column sums of a
- *   Linear's bias gradient, cross-entropy of
- *   integer targets under a softmax of the logits (loss and gradient from one pass over a row),
- *   and the backward pass of an embedding (the gradient's rows summed by id).
+ *   GELU (tanh approximation, as GPT-2), the sum of two arrays (the residual stream), the column
+ *   sums of a Linear's bias gradient, layer norm over the last axis, cross-entropy of integer
+ *   targets under a softmax of the logits (loss and gradient from one pass over a row), and the
+ *   backward pass of an embedding (the gradient's rows summed by id).
  *
  * Each one is a plain loop over elements or rows, so it is its own readable reference (and
  * minqkv/kernels/layers.py holds the NumPy twin of each). What makes them faster than the NumPy
