@@ -30,6 +30,7 @@ struct gemm_plan {
     int64_t pieces;     /* each matrix of the batch is cut into this many pieces */
     int split_rows;     /* pieces are bands of rows of C (else bands of columns) */
     int64_t piece_size; /* rows (or columns) per piece, a multiple of MR (or NR) */
+    int64_t k_pieces;   /* 1, or the KC slices of K, each computed apart (see K_SPLIT_BELOW) */
 };
 
 /* A matrix with many rows is cut into up to BANDS_PER_THREAD bands of rows per thread, each at
@@ -41,14 +42,28 @@ struct gemm_plan {
 #define BANDS_PER_THREAD 4
 #define MIN_BAND_ROWS 480
 
+/* Cutting C into bands costs each thread a pass over the whole of the other operand along K (a
+ * band of rows packs all of B; a band of columns reads all of A), for 2 x (the band's length)
+ * flops per value passed over. A weight gradient X^T dY is the case where that ratio is low: C is
+ * small, (C_in, C_out), and K = batch x tokens is long. Then, when 2 x the side cut into bands
+ * over the thread count falls below K_SPLIT_BELOW flops per value, K is cut as well: each of its
+ * KC slices is computed apart, the first into C, the others into their own (M, N) slice of the
+ * workspace, and the slices are then added into C in order. Each value of C is then summed in
+ * exactly the order of one thread (C, then slice 0's register tile, then slice 1's, ...): the
+ * same bits on any thread count. Only up to K_SPLIT_MAX_SLICES slices per thread, so that
+ * their workspace stays a few times the size of C. */
+#define K_SPLIT_BELOW 128
+#define K_SPLIT_MAX_SLICES 4
+
 /* Decide how to share the work between threads. Whole matrices of the batch are the natural
  * unit; when they do not divide evenly between the threads (a single matrix, say) each one is
  * also cut into bands along its longer side: as many as there are threads, or more when it is
- * tall (see BANDS_PER_THREAD). */
+ * tall (see BANDS_PER_THREAD); a single matrix with a short side and a long K is cut along K too
+ * (see K_SPLIT_BELOW). */
 static struct gemm_plan make_gemm_plan(int64_t batch, int64_t M, int64_t N, int64_t K,
-                                       int num_threads, int64_t mr, int64_t nr)
+                                       int num_threads, int64_t mr, int64_t nr, int64_t kc)
 {
-    struct gemm_plan plan = {1, 1, 1, M};
+    struct gemm_plan plan = {1, 1, 1, M, 1};
     double flops = 2.0 * (double)batch * (double)M * (double)N * (double)K;
     int64_t threads = num_threads < 1 ? 1 : num_threads;
 #ifndef _OPENMP
@@ -57,18 +72,24 @@ static struct gemm_plan make_gemm_plan(int64_t batch, int64_t M, int64_t N, int6
     if (flops < PARALLEL_MIN_FLOPS || batch == 0)
         return plan;
     if (batch % threads != 0 && batch < 8 * threads) {
+        int64_t k_slices = (K + kc - 1) / kc, side = M >= N ? M : N, bands = threads;
+        if (batch == 1 && k_slices >= 2 && k_slices <= K_SPLIT_MAX_SLICES * threads
+            && 2 * side < K_SPLIT_BELOW * threads) {
+            plan.k_pieces = k_slices;
+            bands = (threads + k_slices - 1) / k_slices; /* as many as it takes for every thread */
+        }
         if (M >= N && M >= 2 * mr) {
-            plan.pieces = min_i64(threads, M / mr);
+            plan.pieces = min_i64(bands, M / mr);
             if (M / MIN_BAND_ROWS > plan.pieces) /* tall: more bands, handed out as threads free up */
-                plan.pieces = min_i64(BANDS_PER_THREAD * threads, M / MIN_BAND_ROWS);
+                plan.pieces = min_i64(BANDS_PER_THREAD * bands, M / MIN_BAND_ROWS);
             plan.piece_size = round_up((M + plan.pieces - 1) / plan.pieces, mr);
         } else if (N >= 2 * nr) {
             plan.split_rows = 0;
-            plan.pieces = min_i64(threads, N / nr);
+            plan.pieces = min_i64(bands, N / nr);
             plan.piece_size = round_up((N + plan.pieces - 1) / plan.pieces, nr);
         }
     }
-    plan.threads = (int)min_i64(threads, batch * plan.pieces);
+    plan.threads = (int)min_i64(threads, batch * plan.pieces * plan.k_pieces);
     return plan;
 }
 

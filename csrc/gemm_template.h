@@ -217,24 +217,36 @@ static int64_t NAME(workspace_per_thread)(int64_t N, int64_t K)
     return round_up(packed, 64 / (int64_t)sizeof(REAL));
 }
 
+/* Elements of the workspace after the threads' packing slices, for the slices of K computed
+ * apart (plan.k_pieces - 1 of them, each an (M, N) matrix; none without a split of K). */
+static int64_t NAME(partials_size)(struct gemm_plan plan, int64_t M, int64_t N)
+{
+    return (plan.k_pieces - 1) * M * N;
+}
+
 int64_t GEMM_WORKSPACE(int64_t batch, int64_t M, int64_t N, int64_t K, int num_threads)
 {
     if (batch < 0 || M < 0 || N < 0 || K < 0)
         return 0;
-    struct gemm_plan plan = make_gemm_plan(batch, M, N, K, num_threads, MR, NR);
-    return plan.threads * NAME(workspace_per_thread)(N, K) + 64 / (int64_t)sizeof(REAL);
+    struct gemm_plan plan = make_gemm_plan(batch, M, N, K, num_threads, MR, NR, KC);
+    return plan.threads * NAME(workspace_per_thread)(N, K) + NAME(partials_size)(plan, M, N)
+           + 64 / (int64_t)sizeof(REAL);
 }
 
-/* One unit of the plan: piece (unit % pieces) of matrix (unit / pieces) of the batch. */
+/* One unit of the plan: piece (unit / k_pieces % pieces) of matrix (unit / k_pieces / pieces) of
+ * the batch, over slice (unit % k_pieces) of K. Slice 0 goes into C as the whole sum would (bias,
+ * accumulate); slice s > 0, one KC block, is stored into partials[s - 1] (M, N), for
+ * add_partials to add into C in order. */
 static void NAME(gemm_unit)(int64_t unit, struct gemm_plan plan, int trans_a, int trans_b,
                             int64_t M, int64_t N, int64_t K,
                             const REAL *A, int64_t lda, int64_t batch_stride_a,
                             const REAL *B, int64_t ldb, int64_t batch_stride_b,
                             REAL *C, int64_t ldc, int64_t batch_stride_c, const REAL *bias,
-                            int accumulate, REAL *workspace)
+                            int accumulate, REAL *partials, REAL *workspace)
 {
-    int64_t z = unit / plan.pieces, piece = unit % plan.pieces;
-    int64_t m0 = 0, m1 = M, n0 = 0, n1 = N;
+    int64_t slice = unit % plan.k_pieces, piece = unit / plan.k_pieces % plan.pieces;
+    int64_t z = unit / plan.k_pieces / plan.pieces;
+    int64_t m0 = 0, m1 = M, n0 = 0, n1 = N, p0 = 0, p1 = K;
     if (plan.split_rows) {
         m0 = min_i64(M, piece * plan.piece_size);
         m1 = min_i64(M, m0 + plan.piece_size);
@@ -242,13 +254,35 @@ static void NAME(gemm_unit)(int64_t unit, struct gemm_plan plan, int trans_a, in
         n0 = min_i64(N, piece * plan.piece_size);
         n1 = min_i64(N, n0 + plan.piece_size);
     }
+    if (plan.k_pieces > 1) {
+        p0 = slice * KC;
+        p1 = slice == 0 ? KC : min_i64(K, p0 + KC);
+    }
     if (m0 == m1 || n0 == n1)
         return;
-    const REAL *A_piece = A + z * batch_stride_a + (trans_a ? m0 : m0 * lda);
-    const REAL *B_piece = B + z * batch_stride_b + (trans_b ? n0 * ldb : n0);
-    REAL *C_piece = C + z * batch_stride_c + m0 * ldc + n0;
-    NAME(gemm_block)(trans_a, trans_b, m1 - m0, n1 - n0, K, A_piece, lda, B_piece, ldb,
-                     C_piece, ldc, bias ? bias + n0 : NULL, accumulate, workspace);
+    const REAL *A_piece = A + z * batch_stride_a + (trans_a ? m0 + p0 * lda : m0 * lda + p0);
+    const REAL *B_piece = B + z * batch_stride_b + (trans_b ? n0 * ldb + p0 : p0 * ldb + n0);
+    if (slice == 0)
+        NAME(gemm_block)(trans_a, trans_b, m1 - m0, n1 - n0, p1 - p0, A_piece, lda, B_piece, ldb,
+                         C + z * batch_stride_c + m0 * ldc + n0, ldc, bias ? bias + n0 : NULL,
+                         accumulate, workspace);
+    else
+        NAME(gemm_block)(trans_a, trans_b, m1 - m0, n1 - n0, p1 - p0, A_piece, lda, B_piece, ldb,
+                         partials + (slice - 1) * M * N + m0 * N + n0, N, NULL, 0, workspace);
+}
+
+/* Rows [i0, i1) of C += partials[0], then += partials[1], ...: the order one thread adds the
+ * KC slices of K in, so the bits do not depend on how the slices were shared out. */
+static HOT_KERNEL void NAME(add_partials)(int64_t slices, int64_t i0, int64_t i1, int64_t N,
+                               const REAL *partials, int64_t M, REAL *C, int64_t ldc)
+{
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t s = 0; s < slices; s++) {
+            const REAL *row = partials + s * M * N + i * N;
+#pragma omp simd
+            for (int64_t j = 0; j < N; j++)
+                C[i * ldc + j] += row[j];
+        }
 }
 
 int GEMM(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t K,
@@ -275,22 +309,33 @@ int GEMM(int trans_a, int trans_b, int64_t batch, int64_t M, int64_t N, int64_t 
         return MINQKV_OK;
     }
 
-    /* each thread gets its own 64-byte aligned slice of the workspace */
+    /* each thread gets its own 64-byte aligned slice of the workspace; the slices of K computed
+     * apart (if any) come after them */
     REAL *aligned = (REAL *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
-    struct gemm_plan plan = make_gemm_plan(batch, M, N, K, num_threads, MR, NR);
-    int64_t per_thread = NAME(workspace_per_thread)(N, K);
-    int64_t units = batch * plan.pieces;
+    struct gemm_plan plan = make_gemm_plan(batch, M, N, K, num_threads, MR, NR, KC);
+    int64_t per_thread = NAME(workspace_per_thread)(N, K), slices = plan.k_pieces - 1;
+    REAL *partials = aligned + plan.threads * per_thread;
+    int64_t units = batch * plan.pieces * plan.k_pieces;
     if (plan.threads == 1) { /* no OpenMP at all: also safe in a fork()ed child */
         for (int64_t unit = 0; unit < units; unit++)
-            NAME(gemm_unit)(unit, plan, trans_a, trans_b, M, N, K, A, lda, batch_stride_a,
-                            B, ldb, batch_stride_b, C, ldc, batch_stride_c, bias, accumulate, aligned);
+            NAME(gemm_unit)(unit, plan, trans_a, trans_b, M, N, K, A, lda, batch_stride_a, B, ldb,
+                            batch_stride_b, C, ldc, batch_stride_c, bias, accumulate, partials, aligned);
+        NAME(add_partials)(slices, 0, M, N, partials, M, C, ldc);
         return MINQKV_OK;
     }
-#pragma omp parallel for num_threads(plan.threads) schedule(dynamic, 1) /* see BANDS_PER_THREAD */
-    for (int64_t unit = 0; unit < units; unit++)
-        NAME(gemm_unit)(unit, plan, trans_a, trans_b, M, N, K, A, lda, batch_stride_a,
-                        B, ldb, batch_stride_b, C, ldc, batch_stride_c, bias, accumulate,
-                        aligned + THREAD_INDEX() * per_thread);
+#pragma omp parallel num_threads(plan.threads)
+    {
+#pragma omp for schedule(dynamic, 1) /* see BANDS_PER_THREAD */
+        for (int64_t unit = 0; unit < units; unit++)
+            NAME(gemm_unit)(unit, plan, trans_a, trans_b, M, N, K, A, lda, batch_stride_a, B, ldb,
+                            batch_stride_b, C, ldc, batch_stride_c, bias, accumulate, partials,
+                            aligned + THREAD_INDEX() * per_thread);
+        if (slices > 0) { /* after the loop's barrier: every slice is in */
+            int64_t i0, i1;
+            thread_span(M, THREAD_INDEX(), THREAD_COUNT(), &i0, &i1);
+            NAME(add_partials)(slices, i0, i1, N, partials, M, C, ldc);
+        }
+    }
     return MINQKV_OK;
 }
 

@@ -32,8 +32,8 @@
  * row stride (at least the stored width), batch_stride_x the distance between matrices
  * (0 is allowed for A and B: one matrix shared by the whole batch).
  *
- * workspace: scratch for the packed blocks of B, workspace_size floats (resp. doubles), any
- * alignment.
+ * workspace: scratch for the packed blocks of B (and, when threads share a long K, for the sums
+ * of its slices), workspace_size floats (resp. doubles), any alignment.
  * It must hold at least minqkv_gemm_workspace_f32(...) (resp. _f64) for the same sizes and the
  * same num_threads; a smaller one is refused, since each thread packs into its own slice of it.
  * Returns MINQKV_OK or MINQKV_BAD_ARGUMENT.

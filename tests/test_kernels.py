@@ -197,6 +197,36 @@ def test_matmul_c_gives_the_same_bits_on_any_thread_count(dtype, batch, M, K, N,
 
 
 @needs_c
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, K, N, trans_a", [
+    (96, 1000, 64, True),  # a weight gradient X^T dY: 4 slices of K, shared with 2 threads and up
+    (40, 3000, 150, True),  # 12 slices, the last one short
+    (150, 700, 40, False),  # op(A) read as it lies, bands of rows beside the slices
+])
+def test_matmul_c_split_along_k_gives_the_bits_of_one_thread(dtype, M, K, N, trans_a, threads):
+    """A small product with a long K is cut along K between threads, each slice summed apart and
+    the slices then added in order: the same bits as one thread, with a bias and with add_to."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(dtype)
+    b = rng.standard_normal((K, N)).astype(dtype)
+    bias, base = rng.standard_normal(N).astype(dtype), rng.standard_normal((M, N)).astype(dtype)
+    workspace = runtime.c_function("gemm_workspace", np.dtype(dtype))
+    assert workspace(1, M, N, K, 3) >= 2 * M * N  # the slices' sums are there: K really is split
+    results = []
+    for n in (1, 2, 3, 8):
+        threads(n)
+        results.append((kernels.matmul_c(a, b, trans_a=trans_a, bias=bias),
+                        kernels.matmul_c(a, b, trans_a=trans_a, add_to=base.copy())))
+    for with_bias, added in results[1:]:
+        assert np.array_equal(with_bias, results[0][0]) and np.array_equal(added, results[0][1])
+    op_a = a.T if trans_a else a
+    product, eps = op_a.astype(np.float64) @ b, np.finfo(dtype).eps
+    for got, addend in zip(results[0], (bias, base)):  # plus one rounding for the addition
+        want = product + addend
+        assert np.all(np.abs(got - want) <= gemm_error_bound(op_a, b, K) + 2 * eps * np.abs(want))
+
+
+@needs_c
 def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
     lib, pointer = runtime.lib, runtime.pointer
     a = np.ones((330, 330), np.float32)  # big enough to be shared by threads

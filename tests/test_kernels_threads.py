@@ -74,6 +74,8 @@ def cases():
          kernels.matmul_numpy(a, a, bias=a[0], add_to=a.copy())),
         ("matmul_c batched, a^T", lambda: kernels.matmul_c(stack, stack, trans_a=True),
          kernels.matmul_numpy(stack, stack, trans_a=True)),
+        ("matmul_c, a^T, split along K", lambda: kernels.matmul_c(x[:, :100], dx[:, :96], trans_a=True),
+         kernels.matmul_numpy(x[:, :100], dx[:, :96], trans_a=True)),
         ("matmul_naive_c", lambda: kernels.matmul_naive_c(small, small, trans_b=True),
          kernels.matmul_numpy(small, small, trans_b=True)),
         ("softmax_c", lambda: kernels.softmax_c(scores, causal=True), y),
