@@ -20,9 +20,9 @@
  *     on contiguous arrays, one thread. Tests check the fast kernel against it.
  *   - the fast passes (attention_tiles, attention_backward_tiles): the work cut into tiles of
  *     QUERY_TILE queries by KEY_TILE keys, each tile computed as a few small matrix products
- *     (scores Q K^T, then P V; in the backward pass also dY V^T, P^T dY, dS^T Q, dS K) whose
- *     inner loops keep REGISTER_ROWS x 64 bytes of the result in vector registers, as the GEMM's
- *     micro-kernel does.
+ *     (forward: the scores transposed, K Q^T, then P V; backward: Q K^T, dY V^T, P^T dY,
+ *     dS^T Q, dS K) whose inner loops keep REGISTER_ROWS x 64 bytes of the result in vector
+ *     registers, as the GEMM's micro-kernel does.
  *   - the passes for heads wider than TILED_MAX_HEAD_DIM, for which the tiles (on the stack)
  *     are too small: attention_rows (blocks of queries against blocks of keys, no tiles) and
  *     attention_backward_pairs (one (query, key) pair at a time, itself plain loops).

@@ -222,77 +222,83 @@ static HOT_KERNEL void NAME(attention_rows)(const struct NAME(forward_arrays) *a
     }
 }
 
-/* The tiles one thread works on in attention_tiles, on its stack (56 KB for float, 112 for double). */
+/* The tiles one thread works on in attention_tiles, on its stack (58 KB for float, 116 for double).
+ * The scores are kept transposed, keys by queries: each query is a column, so the softmax's
+ * maxima and sums over keys are sums down the columns, one vector of queries at a time. */
 struct NAME(forward_tiles) {
-    REAL key_columns[TILED_MAX_HEAD_DIM * KEY_TILE]; /* K^T of the key tile (hd, KT) */
-    REAL values[KEY_TILE * TILED_MAX_HEAD_DIM];      /* V of the key tile (KT, hdp) */
-    REAL queries[QUERY_TILE * TILED_MAX_HEAD_DIM];   /* Q of the query tile (QT, hdp) */
-    REAL output[QUERY_TILE * TILED_MAX_HEAD_DIM];    /* sum of e^(s - m) v so far (QT, hdp) */
-    REAL probs[QUERY_TILE * KEY_TILE];               /* S, then e^(s - m) (QT, KT) */
-    REAL row_max[QUERY_TILE], row_sum[QUERY_TILE];   /* m and l of each query */
+    REAL queries[TILED_MAX_HEAD_DIM * QUERY_TILE];  /* Q^T of the query tile (hd, QT) */
+    REAL keys[KEY_TILE * TILED_MAX_HEAD_DIM];       /* K of a key tile (KT, hd), when not read in place */
+    REAL values[KEY_TILE * TILED_MAX_HEAD_DIM];     /* V of a key tile (KT, hdp), when not read in place */
+    REAL scores[KEY_TILE * QUERY_TILE];             /* S^T, then e^(s - m) (KT, QT) */
+    REAL output[QUERY_TILE * TILED_MAX_HEAD_DIM];   /* sum of e^(s - m) v so far (QT, hdp) */
+    REAL query_max[QUERY_TILE], query_sum[QUERY_TILE]; /* m and l of each query */
+    REAL tile_max[QUERY_TILE], shrink[QUERY_TILE];
 };
 
-/* The online softmax step of a tile, row by row, in place: the scores S of queries i0 + r and
- * keys j0 + jj become e^(scale S + bias - m') with m' the new running maximum (0 on hidden
- * pairs, before the window or after the causal edge, and on padding rows), and what the row
- * summed so far is rescaled by e^(m - m'). */
-static ALWAYS_INLINE void NAME(online_softmax_tile)(struct NAME(forward_tiles) *t, const REAL *bias,
-                                                    int64_t i0, int64_t rows, int64_t padded_rows,
-                                                    int64_t j0, int64_t width, int64_t T, int64_t Tk,
-                                                    int64_t window, int64_t hdp, REAL scale)
+/* The online softmax step of a tile, column by column (query r is column r of S^T), in place:
+ * the scores of keys j0 + jj and queries i0 + r become e^(scale s + bias - m') with m' the
+ * query's new running maximum (0 on hidden pairs: before the window, after the causal edge, on
+ * padding columns), and what each query summed so far is rescaled by e^(m - m'). */
+static ALWAYS_INLINE void NAME(online_softmax_columns)(struct NAME(forward_tiles) *t, const REAL *bias,
+                                                       int64_t i0, int64_t rows, int64_t j0,
+                                                       int64_t width, int64_t T, int64_t Tk,
+                                                       int64_t window, int64_t hdp, REAL scale)
 {
-    for (int64_t r = 0; r < padded_rows; r++) {
-        int64_t i = i0 + r, begin = 0, end = 0; /* the row sees keys j0 + begin .. j0 + end - 1 */
-        if (r < rows)
-            visible_in_block(i, j0, width, T, Tk, window, &begin, &end);
-        REAL *p = t->probs + r * KEY_TILE;
-        if (begin < end) {
-            const REAL *bias_row = bias ? bias + i * Tk + j0 : NULL;
-            if (bias_row) {
+    for (int64_t r = 0; r < QUERY_TILE; r++)
+        t->tile_max[r] = -INFINITY;
+    for (int64_t jj = 0; jj < width; jj++) {
+        /* key j is seen by queries i with j <= i + Tk - T (and, with a window, i + Tk - T < j +
+         * W): the columns [lo, hi) of this row */
+        int64_t j = j0 + jj, lo = j - (Tk - T) - i0, hi = window ? lo + window : rows;
+        lo = lo > 0 ? lo : 0;
+        hi = min_i64(hi, rows);
+        REAL *s = t->scores + jj * QUERY_TILE;
 #pragma omp simd
-                for (int64_t jj = begin; jj < end; jj++)
-                    p[jj] = p[jj] * scale + bias_row[jj];
-            } else {
+        for (int64_t r = 0; r < QUERY_TILE; r++)
+            s[r] = r >= lo && r < hi ? s[r] * scale : -INFINITY;
+        if (bias) /* a column of the (T, Tk) bias: values Tk apart */
+            for (int64_t r = lo; r < hi; r++)
+                s[r] += bias[(i0 + r) * Tk + j];
 #pragma omp simd
-                for (int64_t jj = begin; jj < end; jj++)
-                    p[jj] *= scale;
-            }
-            /* a vector reduction: written as one loop with the scaling, it compiled to a chain of
-             * scalar maxima, each waiting for the one before */
-            REAL block_max = -INFINITY;
-#pragma omp simd reduction(max : block_max)
-            for (int64_t jj = begin; jj < end; jj++)
-                block_max = p[jj] > block_max ? p[jj] : block_max;
-            REAL old_max = t->row_max[r], new_max = block_max > old_max ? block_max : old_max;
-            if (new_max > old_max && old_max > -INFINITY) {
-                REAL shrink = EXP(old_max - new_max);
-                t->row_sum[r] *= shrink;
-                for (int64_t d = 0; d < hdp; d++)
-                    t->output[r * hdp + d] *= shrink;
-            }
-            t->row_max[r] = new_max;
-            REAL block_sum = 0;
-#pragma omp simd reduction(+ : block_sum)
-            for (int64_t jj = begin; jj < end; jj++) {
-                p[jj] = EXP(p[jj] - new_max);
-                block_sum += p[jj];
-            }
-            t->row_sum[r] += block_sum;
+        for (int64_t r = 0; r < QUERY_TILE; r++)
+            t->tile_max[r] = s[r] > t->tile_max[r] ? s[r] : t->tile_max[r];
+    }
+#pragma omp simd
+    for (int64_t r = 0; r < QUERY_TILE; r++) {
+        REAL old_max = t->query_max[r], new_max = t->tile_max[r] > old_max ? t->tile_max[r] : old_max;
+        /* a query that has seen no key yet keeps m = -inf: subtract 0 instead (e^-inf = 0) */
+        t->shrink[r] = old_max == new_max ? 1 : EXP(old_max - new_max);
+        t->query_max[r] = new_max;
+        t->tile_max[r] = new_max == -INFINITY ? 0 : new_max; /* what the exponents subtract */
+        t->query_sum[r] *= t->shrink[r];
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        REAL shrink = t->shrink[r];
+#pragma omp simd
+        for (int64_t d = 0; d < hdp; d++)
+            t->output[r * hdp + d] *= shrink;
+    }
+    for (int64_t jj = 0; jj < width; jj++) {
+        REAL *s = t->scores + jj * QUERY_TILE;
+#pragma omp simd
+        for (int64_t r = 0; r < QUERY_TILE; r++) {
+            s[r] = EXP(s[r] - t->tile_max[r]);
+            t->query_sum[r] += s[r];
         }
-        for (int64_t jj = 0; jj < KEY_TILE; jj++)
-            if (jj < begin || jj >= end)
-                p[jj] = 0;
     }
 }
 
 /* The fast forward pass: what minqkv_attention_naive computes, as small products over tiles of
- * QUERY_TILE queries by KEY_TILE keys (heads up to TILED_MAX_HEAD_DIM wide, zero-padded to whole
- * register tiles), with the online softmax of attention.c: per key tile
- *   S = Q K^T                 (QT, hd) @ (hd, KT) -> (QT, KT)
- *   P = e^(scale S + bias - m), the online softmax step (online_softmax_tile)
+ * QUERY_TILE queries by KEY_TILE keys (heads up to TILED_MAX_HEAD_DIM wide), with the online
+ * softmax of attention.c: per key tile
+ *   S^T = K Q^T               (KT, hd) @ (hd, QT) -> (KT, QT)
+ *   P^T = e^(scale S^T + bias - m), the online softmax step (online_softmax_columns)
  *   O += P V                  (QT, KT) @ (KT, hd) -> (QT, hd)
- * and at the end y = O / l, lse = m + log(l). The key tiles start at the first key the tile's
- * first query sees (key 0 without a window), so no tile lies outside every window. */
+ * and at the end y = O / l, lse = m + log(l). Q^T is copied once per query tile; K and V are
+ * read where they lie (a key tile's rows, each one broadcast value at a time in the first
+ * product, whole rows in the second), copied only for a ragged last tile of K or a head width
+ * that is not a whole number of register columns. The key tiles start at the first key the
+ * tile's first query sees (key 0 without a window), so no tile lies outside every window. */
 static HOT_KERNEL void NAME(attention_tiles)(const struct NAME(forward_arrays) *arrays, int64_t i0,
                                              int64_t i1, int64_t T, int64_t Tk, int64_t hd,
                                              int64_t window, REAL scale)
@@ -301,29 +307,40 @@ static HOT_KERNEL void NAME(attention_tiles)(const struct NAME(forward_arrays) *
     const struct NAME(forward_arrays) local = *arrays, *a = &local;
     struct NAME(forward_tiles) t;
     const int64_t hdp = round_up(hd, REGISTER_COLS), rows = i1 - i0, padded_rows = round_up(rows, REGISTER_ROWS);
-    NAME(copy_padded)(a->q + i0 * a->q_row, a->q_row, rows, hd, t.queries, padded_rows, hdp);
+    for (int64_t d = 0; d < hd; d++)
+        for (int64_t r = 0; r < QUERY_TILE; r++)
+            t.queries[d * QUERY_TILE + r] = r < rows ? a->q[(i0 + r) * a->q_row + d] : 0;
     for (int64_t e = 0; e < padded_rows * hdp; e++)
         t.output[e] = 0;
-    for (int64_t r = 0; r < padded_rows; r++) {
-        t.row_max[r] = -INFINITY;
-        t.row_sum[r] = 0;
+    for (int64_t r = 0; r < QUERY_TILE; r++) {
+        t.query_max[r] = -INFINITY;
+        t.query_sum[r] = 0;
     }
     int64_t last_visible = i1 - 1 + Tk - T; /* the last key the tile's last query sees */
     for (int64_t j0 = first_visible_key(i0, T, Tk, window); j0 <= last_visible; j0 += KEY_TILE) {
         int64_t width = min_i64(KEY_TILE, last_visible + 1 - j0); /* keys [j0, j0 + width) */
-        NAME(copy_transposed)(a->k + j0 * a->k_row, a->k_row, width, hd, t.key_columns);
-        NAME(copy_padded)(a->v + j0 * a->v_row, a->v_row, width, hd, t.values, width, hdp);
-        for (int64_t e = 0; e < padded_rows * KEY_TILE; e++)
-            t.probs[e] = 0;
-        NAME(tile_product)(padded_rows, KEY_TILE, hd, t.queries, hdp, 1, t.key_columns, KEY_TILE, t.probs, KEY_TILE);
-        NAME(online_softmax_tile)(&t, a->bias, i0, rows, padded_rows, j0, width, T, Tk, window, hdp, scale);
-        NAME(tile_product)(padded_rows, hdp, width, t.probs, KEY_TILE, 1, t.values, hdp, t.output, hdp);
+        int64_t key_rows = round_up(width, REGISTER_ROWS); /* the product's rows past width are unused */
+        const REAL *keys = a->k + j0 * a->k_row, *values = a->v + j0 * a->v_row;
+        int64_t keys_row = a->k_row, values_row = a->v_row;
+        if (j0 + key_rows > Tk) { /* K has no rows there to read */
+            NAME(copy_padded)(keys, a->k_row, width, hd, t.keys, key_rows, hd);
+            keys = t.keys, keys_row = hd;
+        }
+        if (hdp != hd) { /* the second product reads whole register columns of V */
+            NAME(copy_padded)(values, a->v_row, width, hd, t.values, width, hdp);
+            values = t.values, values_row = hdp;
+        }
+        for (int64_t e = 0; e < key_rows * QUERY_TILE; e++)
+            t.scores[e] = 0;
+        NAME(tile_product)(key_rows, QUERY_TILE, hd, keys, keys_row, 1, t.queries, QUERY_TILE, t.scores, QUERY_TILE);
+        NAME(online_softmax_columns)(&t, a->bias, i0, rows, j0, width, T, Tk, window, hdp, scale);
+        NAME(tile_product)(padded_rows, hdp, width, t.scores, 1, QUERY_TILE, values, values_row, t.output, hdp);
     }
     for (int64_t r = 0; r < rows; r++) {
-        REAL inverse = 1 / t.row_sum[r];
+        REAL inverse = 1 / t.query_sum[r];
         for (int64_t d = 0; d < hd; d++)
             a->y[(i0 + r) * a->y_row + d] = t.output[r * hdp + d] * inverse;
-        a->lse[i0 + r] = t.row_max[r] + LOG(t.row_sum[r]);
+        a->lse[i0 + r] = t.query_max[r] + LOG(t.query_sum[r]);
     }
 }
 
