@@ -232,7 +232,8 @@ struct NAME(forward_tiles) {
     REAL scores[KEY_TILE * QUERY_TILE];             /* S^T, then e^(s - m) (KT, QT) */
     REAL output[QUERY_TILE * TILED_MAX_HEAD_DIM];   /* sum of e^(s - m) v so far (QT, hdp) */
     REAL query_max[QUERY_TILE], query_sum[QUERY_TILE]; /* m and l of each query */
-    REAL tile_max[QUERY_TILE], shrink[QUERY_TILE];
+    REAL tile_max[QUERY_TILE]; /* each query's maximum in one key tile, then what its exponents subtract */
+    REAL shrink[QUERY_TILE];   /* e^(m - m'), the rescaling of what each query summed before the tile */
 };
 
 /* The online softmax step of a tile, column by column (query r is column r of S^T), in place:
