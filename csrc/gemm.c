@@ -50,13 +50,14 @@ struct gemm_plan {
  * KC slices is computed apart, the first into C, the others into their own (M, N) slice of the
  * workspace, and the slices are then added into C in order. Each value of C is then summed in
  * exactly the order of one thread (C, then slice 0's register tile, then slice 1's, ...): the
- * same bits on any thread count. Only up to K_SPLIT_MAX_SLICES slices per thread, so that
- * their workspace stays a few times the size of C. The threshold was picked, not tuned: it cuts
+ * same bits on any thread count. The slices' sums take (slices - 1) x M x N elements of
+ * workspace, at most K_SPLIT_MAX_PARTIALS (16 MB of floats); a product that would need more is
+ * not split along K. The threshold was picked, not tuned: it cuts
  * the model's 384-wide weight gradients from 8 threads up and leaves 2-thread plans alone. On the
  * 16-core Intel host, 16 threads, (128,4096)^T @ (4096,384): 671 -> 346 us; (512,4096)^T @
  * (4096,128): 755 -> 488 us (PyTorch: 263 and 365). */
 #define K_SPLIT_BELOW 128
-#define K_SPLIT_MAX_SLICES 4
+#define K_SPLIT_MAX_PARTIALS ((int64_t)1 << 22)
 
 /* Decide how to share the work between threads. Whole matrices of the batch are the natural
  * unit; when they do not divide evenly between the threads (a single matrix, say) each one is
@@ -76,8 +77,8 @@ static struct gemm_plan make_gemm_plan(int64_t batch, int64_t M, int64_t N, int6
         return plan;
     if (batch % threads != 0 && batch < 8 * threads) {
         int64_t k_slices = (K + kc - 1) / kc, side = M >= N ? M : N, bands = threads;
-        if (batch == 1 && k_slices >= 2 && k_slices <= K_SPLIT_MAX_SLICES * threads
-            && 2 * side < K_SPLIT_BELOW * threads) {
+        if (batch == 1 && k_slices >= 2 && 2 * side < K_SPLIT_BELOW * threads
+            && (k_slices - 1) * (double)M * (double)N <= (double)K_SPLIT_MAX_PARTIALS) {
             plan.k_pieces = k_slices;
             bands = (threads + k_slices - 1) / k_slices; /* as many as it takes for every thread */
         }

@@ -227,6 +227,15 @@ def test_matmul_c_split_along_k_gives_the_bits_of_one_thread(dtype, M, K, N, tra
 
 
 @needs_c
+def test_matmul_c_splits_k_only_while_the_slices_sums_stay_small():
+    """The slices' sums live in the workspace: a product whose (slices - 1) x M x N would pass
+    K_SPLIT_MAX_PARTIALS (2^22 elements) keeps its bands instead."""
+    workspace = runtime.c_function("gemm_workspace", np.dtype(np.float32))
+    assert workspace(1, 128, 384, 4096, 16) >= 15 * 128 * 384  # the model's weight gradient: split
+    assert workspace(1, 600, 600, 20 * 256, 16) < 19 * 600 * 600  # 19 x 360,000 sums: not split
+
+
+@needs_c
 def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
     lib, pointer = runtime.lib, runtime.pointer
     a = np.ones((330, 330), np.float32)  # big enough to be shared by threads
