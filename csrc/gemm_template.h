@@ -136,8 +136,9 @@ static ALWAYS_INLINE void NAME(micro_kernel)(const int ROWS, int64_t kc, const R
 
 /* A rows x cols tile of C (rows <= MR, cols <= NR); bias: its cols values, or NULL. The switch
  * gives the micro-kernel a constant row count, one copy per count, so the ragged last rows of C
- * cost only what they compute (and never read past the end of A). A tile narrower than NR is computed whole into a scratch tile
- * (packed B is zero-padded) and only its first cols columns are copied into C. */
+ * cost only what they compute (and never read past the end of A). A tile narrower than NR is
+ * computed whole into a scratch tile (packed B is zero-padded) and only its first cols columns
+ * are copied into C. */
 static ALWAYS_INLINE void NAME(tile)(int64_t rows, int64_t cols, int64_t kc, const REAL *a,
                                      int64_t row_step, int64_t col_step, const REAL *b,
                                      const REAL *bias, REAL *C, int64_t ldc, int accumulate)
@@ -256,7 +257,7 @@ static void NAME(gemm_unit)(int64_t unit, struct gemm_plan plan, int trans_a, in
     }
     if (plan.k_pieces > 1) {
         p0 = slice * KC;
-        p1 = slice == 0 ? KC : min_i64(K, p0 + KC);
+        p1 = min_i64(K, p0 + KC);
     }
     if (m0 == m1 || n0 == n1)
         return;
