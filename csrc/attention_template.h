@@ -526,17 +526,22 @@ static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward
             NAME(copy_padded)(a->dy + i0 * a->dy_row, a->dy_row, rows, hd, t.dy, padded_rows, hdp);
             for (int64_t r = 0; r < rows; r++)
                 t.row_dot[r] = NAME(dot)(a->dy + (i0 + r) * a->dy_row, a->y + (i0 + r) * a->y_row, hd);
+            /* the keys of the block this query tile sees: those up to its last query's causal
+             * edge; the products leave out the rest, all zeros of P and dS (about a quarter of
+             * the work at T = 64, where one key block spans both query tiles) */
+            int64_t seen = min_i64(width, i0 + rows + Tk - T - j0);
+            int64_t seen_columns = round_up(seen, REGISTER_COLS), seen_rows = round_up(seen, REGISTER_ROWS);
             for (int64_t e = 0; e < padded_rows * KB; e++)
                 t.probs[e] = t.dscores[e] = 0;
-            NAME(tile_product)(padded_rows, KB, hd, t.queries, hdp, 1, t.key_columns, KB, t.probs, KB);
-            NAME(tile_product)(padded_rows, KB, hd, t.dy, hdp, 1, t.value_columns, KB, t.dscores, KB);
+            NAME(tile_product)(padded_rows, seen_columns, hd, t.queries, hdp, 1, t.key_columns, KB, t.probs, KB);
+            NAME(tile_product)(padded_rows, seen_columns, hd, t.dy, hdp, 1, t.value_columns, KB, t.dscores, KB);
             NAME(probabilities_and_dscores)(&t, a->bias, a->lse, a->dbias, i0, rows, padded_rows, j0,
                                             width, T, Tk, window, scale);
-            NAME(tile_product)(KB, hdp, rows, t.probs, 1, KB, t.dy, hdp, t.dv, hdp);
-            NAME(tile_product)(KB, hdp, rows, t.dscores, 1, KB, t.queries, hdp, t.dk, hdp);
+            NAME(tile_product)(seen_rows, hdp, rows, t.probs, 1, KB, t.dy, hdp, t.dv, hdp);
+            NAME(tile_product)(seen_rows, hdp, rows, t.dscores, 1, KB, t.queries, hdp, t.dk, hdp);
             for (int64_t e = 0; e < padded_rows * hdp; e++)
                 t.dq[e] = 0;
-            NAME(tile_product)(padded_rows, hdp, width, t.dscores, KB, 1, t.keys, hdp, t.dq, hdp);
+            NAME(tile_product)(padded_rows, hdp, seen, t.dscores, KB, 1, t.keys, hdp, t.dq, hdp);
             for (int64_t r = 0; r < rows; r++) {
                 REAL *dqi = a->dq + (i0 + r) * a->dq_row;
                 int first_block = first_visible_key(i0 + r, T, Tk, window) >= j0; /* of this query's */
