@@ -199,8 +199,8 @@ def test_matmul_c_gives_the_same_bits_on_any_thread_count(dtype, batch, M, K, N,
 @needs_c
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M, K, N, trans_a", [
-    (96, 1000, 64, True),  # a weight gradient X^T dY: 4 slices of K, shared with 2 threads and up
-    (40, 3000, 150, True),  # 12 slices, the last one short
+    (96, 1000, 64, True),  # a weight gradient X^T dY: 8 slices of K (4 in float64), shared with 2 threads and up
+    (40, 3000, 150, True),  # 24 slices (12 in float64), the last one short
     (150, 700, 40, False),  # op(A) read as it lies, bands of rows beside the slices
 ])
 def test_matmul_c_split_along_k_gives_the_bits_of_one_thread(dtype, M, K, N, trans_a, threads):
@@ -232,7 +232,7 @@ def test_matmul_c_splits_k_only_while_the_slices_sums_stay_small():
     K_SPLIT_MAX_PARTIALS (2^22 elements) keeps its bands instead."""
     workspace = runtime.c_function("gemm_workspace", np.dtype(np.float32))
     assert workspace(1, 128, 384, 4096, 16) >= 15 * 128 * 384  # the model's weight gradient: split
-    assert workspace(1, 600, 600, 20 * 256, 16) < 19 * 600 * 600  # 19 x 360,000 sums: not split
+    assert workspace(1, 600, 600, 20 * 256, 16) < 19 * 600 * 600  # 39 x 360,000 sums (KC = 128): not split
 
 
 @needs_c
@@ -260,7 +260,7 @@ def test_c_gemm_refuses_a_workspace_sized_for_fewer_threads():
 def test_matmul_c_reads_a_in_place_in_tiles_of_every_row_count(dtype, trans_a, trans_b, M):
     rng = np.random.default_rng(M)
     for N in (1, 7, 15, 16, 17, 31, 32, 33, 63, 65):  # around NR (32 for float32, 16 for float64) and 2 NR
-        for K in (1, 32, 257):  # one product, the attention's head size, past KC = 256
+        for K in (1, 32, 257):  # one product, the attention's head size, past KC (128 or 256)
             a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(dtype)
             b = rng.standard_normal((N, K) if trans_b else (K, N)).astype(dtype)
             op_a, op_b = (a.T if trans_a else a), (b.T if trans_b else b)
