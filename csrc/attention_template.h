@@ -58,13 +58,17 @@ static ALWAYS_INLINE void NAME(copy_padded)(const REAL *x, int64_t x_row, int64_
 }
 
 /* Copy rows [0, width) of x (hd wide, row jj at x + jj * x_row) transposed: tile[d][jj] =
- * x[jj][d], KEY_TILE columns, zeros past width. */
-static ALWAYS_INLINE void NAME(copy_transposed)(const REAL *x, int64_t x_row, int64_t width, int64_t hd,
-                                                REAL *tile)
+ * x[jj][d], KEY_TILE columns, zeros past width. Row by row: each row of x is read front to back
+ * (the backward pass spent 10-15% of its time here reading down the columns of x instead). */
+static ALWAYS_INLINE void NAME(copy_transposed)(const REAL *restrict x, int64_t x_row, int64_t width,
+                                                int64_t hd, REAL *restrict tile)
 {
+    for (int64_t jj = 0; jj < width; jj++)
+        for (int64_t d = 0; d < hd; d++)
+            tile[d * KEY_TILE + jj] = x[jj * x_row + d];
     for (int64_t d = 0; d < hd; d++)
-        for (int64_t jj = 0; jj < KEY_TILE; jj++)
-            tile[d * KEY_TILE + jj] = jj < width ? x[jj * x_row + d] : 0;
+        for (int64_t jj = width; jj < KEY_TILE; jj++)
+            tile[d * KEY_TILE + jj] = 0;
 }
 
 /* The score of query row qi against key row kj: scale qi . kj (+ the bias of key j in this row). */
