@@ -139,8 +139,9 @@ static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t
  * two of the 64 sets of L1. Halving KC halves both. On the 2-core Intel Xeon VM (Emerald
  * Rapids), one thread, both builds called in turn in one process, two rounds, GFLOPS before ->
  * after: (4096,512)^T @ (4096,128) 66-70 -> 78-82 (PyTorch 70-73), (4096,128)^T @ (4096,512)
- * 73-76 -> 78-79, (768,512)^T @ (768,128) 88 -> 93; the products read as they lie within -5%..+2%,
- * except (4096,128) @ (128,384), 81-86 -> 94-98 (K = 128 there: the same blocks either way). */
+ * 73-76 -> 78-79, (768,512)^T @ (768,128) 88 -> 93, (4096,128)^T @ (4096,384) +3-4%; the others
+ * within -5%..+1%, but (4096,128) @ (128,384), 81-86 -> 94-98 (K = 128 there: the same blocks
+ * either way). */
 #define REAL float
 #define GEMM minqkv_gemm_f32
 #define GEMM_NAIVE minqkv_gemm_naive_f32
