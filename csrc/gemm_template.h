@@ -94,8 +94,8 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
  * have K = 32). For the same reason the tile starts from the first product rather than from a
  * zeroed array (which the compiler turns into a memset).
  * The p loop is unrolled 4 times: per step it is 12 multiply-adds, 8 loads and 4 instructions of
- * loop upkeep, and on an Intel core whose other hyperthread is busy those 4 are a fifth of what
- * the two threads share. On the 2-core Intel Xeon VM (Emerald Rapids), one thread, the two
+ * loop upkeep (counted in the compiled loop), which unrolling shares among 4 steps. On the
+ * 2-core Intel Xeon VM (family 6 model 207, Emerald Rapids), one thread, the two
  * builds called in turn in one process: the weight gradients of the nanoGPT step 2-15% faster,
  * the whole step 4-5% (84.5 -> 80.0 and 73.7 -> 70.4 ms); unrolled 2 times, less; 8, the same. */
 static ALWAYS_INLINE void NAME(micro_kernel)(const int ROWS, int64_t kc, const REAL *restrict a,
