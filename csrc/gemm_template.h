@@ -75,44 +75,45 @@ static ALWAYS_INLINE void NAME(pack_b)(int trans, int64_t kc, int64_t nc,
     }
 }
 
-/* The micro-kernel: a ROWS x NR tile of C (ROWS <= MR) from ROWS rows of op(A), kc long, and a
- * packed B panel (kc, NR):
+/* The micro-kernel: a ROWS x COLS tile of C (ROWS <= MR, COLS <= NR) from ROWS rows of op(A), kc
+ * long, and COLS columns of a packed B panel (kc rows, NR apart):
  *
- *   tile[r][c] = bias[c] + sum over p of a[r * row_step + p * col_step] * b[p][c]
+ *   tile[r][c] = bias[c] + sum over p of a[r * row_step + p * col_step] * b[p * NR + c]
  *
  * (bias NULL: no bias), stored into C or, when accumulate is set, added to it.
  *
  * A is read where it lies (row_step lda and col_step 1, or 1 and lda when op(A) is A^T): the
  * micro-kernel only ever broadcasts single values of A, so it does not need them contiguous.
  *
- * Loop order p, r, c: for each p, one row of NR values of b is loaded (128 bytes: two AVX-512
- * registers) and each A value is broadcast and multiplied into row r of the tile.
- * ROWS is a constant at every call (see tile below), so the compiler unrolls r and c completely
- * and keeps the whole tile in registers: the inner loop does only loads and fused multiply-adds.
- * With a variable bound the tile would live on the stack, zeroed and copied out one value at a
- * time, which costs as much as the sums themselves when kc is small (the attention products
- * have K = 32). For the same reason the tile starts from the first product rather than from a
- * zeroed array (which the compiler turns into a memset).
+ * Loop order p, r, c: for each p, one row of COLS values of b is loaded (two vector registers)
+ * and each A value is broadcast and multiplied into row r of the tile.
+ * ROWS and COLS are constants at every call (see tile below), so the compiler unrolls r and c
+ * completely and keeps the whole tile in registers: the inner loop does only loads and fused
+ * multiply-adds. With a variable bound the tile would live on the stack, zeroed and copied out
+ * one value at a time, which costs as much as the sums themselves when kc is small (the attention
+ * products have K = 32). For the same reason the tile starts from the first product rather than
+ * from a zeroed array (which the compiler turns into a memset).
  * The p loop is unrolled 4 times: per step it is 12 multiply-adds, 8 loads and 4 instructions of
  * loop upkeep (counted in the compiled loop), which unrolling shares among 4 steps. On the
  * 2-core Intel Xeon VM (family 6 model 207, Emerald Rapids), one thread, the two
  * builds called in turn in one process: the weight gradients of the nanoGPT step 2-15% faster,
  * the whole step 4-5% (84.5 -> 80.0 and 73.7 -> 70.4 ms); unrolled 2 times, less; 8, the same. */
-static ALWAYS_INLINE void NAME(micro_kernel)(const int ROWS, int64_t kc, const REAL *restrict a,
-                                             int64_t row_step, int64_t col_step,
-                                             const REAL *restrict b, const REAL *restrict bias,
-                                             REAL *restrict C, int64_t ldc, int accumulate)
+static ALWAYS_INLINE void NAME(micro_kernel)(const int ROWS, const int COLS, int64_t kc,
+                                             const REAL *restrict a, int64_t row_step,
+                                             int64_t col_step, const REAL *restrict b,
+                                             const REAL *restrict bias, REAL *restrict C,
+                                             int64_t ldc, int accumulate)
 {
     REAL tile[MR][NR];
-    if (bias) /* NR values, added to every row */
+    if (bias) /* COLS values, added to every row */
         for (int r = 0; r < ROWS; r++)
 #pragma omp simd
-            for (int c = 0; c < NR; c++)
+            for (int c = 0; c < COLS; c++)
                 tile[r][c] = bias[c] + a[r * row_step] * b[c];
     else
         for (int r = 0; r < ROWS; r++)
 #pragma omp simd
-            for (int c = 0; c < NR; c++)
+            for (int c = 0; c < COLS; c++)
                 tile[r][c] = a[r * row_step] * b[c];
 #pragma GCC unroll 4
     for (int64_t p = 1; p < kc; p++) {
@@ -120,34 +121,63 @@ static ALWAYS_INLINE void NAME(micro_kernel)(const int ROWS, int64_t kc, const R
         b += NR;
         for (int r = 0; r < ROWS; r++)
 #pragma omp simd
-            for (int c = 0; c < NR; c++)
+            for (int c = 0; c < COLS; c++)
                 tile[r][c] += a[r * row_step] * b[c];
     }
     if (accumulate) {
         for (int r = 0; r < ROWS; r++)
 #pragma omp simd
-            for (int c = 0; c < NR; c++)
+            for (int c = 0; c < COLS; c++)
                 C[r * ldc + c] += tile[r][c];
     } else {
         for (int r = 0; r < ROWS; r++)
 #pragma omp simd
-            for (int c = 0; c < NR; c++)
+            for (int c = 0; c < COLS; c++)
                 C[r * ldc + c] = tile[r][c];
     }
 }
 
 #if MR != 6
-#error "tile() below has one case per row count, up to MR = 6"
+#error "tile_part() below has one case per row count, up to MR = 6"
 #endif
 
-/* A rows x cols tile of C (rows <= MR, cols <= NR); bias: its cols values, or NULL. The switch
- * gives the micro-kernel a constant row count, one copy per count, so the ragged last rows of C
- * cost only what they compute (and never read past the end of A). A tile narrower than NR is
- * computed whole into a scratch tile (packed B is zero-padded) and only its first cols columns
- * are copied into C. */
-static ALWAYS_INLINE void NAME(tile)(int64_t rows, int64_t cols, int64_t kc, const REAL *a,
-                                     int64_t row_step, int64_t col_step, const REAL *b,
-                                     const REAL *bias, REAL *C, int64_t ldc, int accumulate)
+/* Columns [c0, c0 + COLS) of a rows x NR tile: the switch gives the micro-kernel a constant row
+ * count, one copy per count, so the ragged last rows of C cost only what they compute (and never
+ * read past the end of A). */
+static ALWAYS_INLINE void NAME(tile_part)(const int COLS, int64_t c0, int64_t rows, int64_t kc,
+                                          const REAL *a, int64_t row_step, int64_t col_step,
+                                          const REAL *b, const REAL *bias, REAL *C, int64_t ldc,
+                                          int accumulate)
+{
+    b += c0, C += c0, bias = bias ? bias + c0 : NULL;
+    switch (rows) {
+    case 6: NAME(micro_kernel)(6, COLS, kc, a, row_step, col_step, b, bias, C, ldc, accumulate); break;
+    case 5: NAME(micro_kernel)(5, COLS, kc, a, row_step, col_step, b, bias, C, ldc, accumulate); break;
+    case 4: NAME(micro_kernel)(4, COLS, kc, a, row_step, col_step, b, bias, C, ldc, accumulate); break;
+    case 3: NAME(micro_kernel)(3, COLS, kc, a, row_step, col_step, b, bias, C, ldc, accumulate); break;
+    case 2: NAME(micro_kernel)(2, COLS, kc, a, row_step, col_step, b, bias, C, ldc, accumulate); break;
+    default: NAME(micro_kernel)(1, COLS, kc, a, row_step, col_step, b, bias, C, ldc, accumulate); break;
+    }
+}
+
+/* The register tile's width: two vector registers of REAL. MR x NR is sized for AVX-512, where
+ * 6 x 32 floats are 12 of its 32 registers. AVX2 has 16 registers of half the width, where the
+ * same tile would take 24 and spill; so there (and with SSE2's 16 quarter-width registers) each
+ * NR-wide panel is computed as 2 (or 4) narrower tiles, one after the other, each of 12
+ * registers. On a 2-core AMD EPYC VM (Zen 3, AVX2), one thread, GFLOPS at the model's shapes:
+ * 40-45 with the 6 x 32 tile, PyTorch 79-94 in the same run. */
+static inline int NAME(tile_width)(void)
+{
+    return (int)min_i64(NR, 2 * vector_floats() * (int64_t)sizeof(float) / (int64_t)sizeof(REAL));
+}
+
+/* A rows x cols tile of C (rows <= MR, cols <= NR), width columns (NR, NR / 2 or NR / 4) at a
+ * time; bias: its cols values, or NULL. A tile narrower than NR is computed into a scratch tile
+ * (packed B is zero-padded) and only its first cols columns are copied into C. */
+static ALWAYS_INLINE void NAME(tile)(int width, int64_t rows, int64_t cols, int64_t kc,
+                                     const REAL *a, int64_t row_step, int64_t col_step,
+                                     const REAL *b, const REAL *bias, REAL *C, int64_t ldc,
+                                     int accumulate)
 {
     REAL scratch[MR * NR], padded_bias[NR];
     int narrow = cols < NR;
@@ -159,13 +189,13 @@ static ALWAYS_INLINE void NAME(tile)(int64_t rows, int64_t cols, int64_t kc, con
             padded_bias[c] = c < cols ? bias[c] : (REAL)0;
         bias = padded_bias;
     }
-    switch (rows) {
-    case 6: NAME(micro_kernel)(6, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
-    case 5: NAME(micro_kernel)(5, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
-    case 4: NAME(micro_kernel)(4, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
-    case 3: NAME(micro_kernel)(3, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
-    case 2: NAME(micro_kernel)(2, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
-    default: NAME(micro_kernel)(1, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out); break;
+    for (int64_t c0 = 0; c0 < cols; c0 += width) {
+        if (width == NR)
+            NAME(tile_part)(NR, c0, rows, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out);
+        else if (width == NR / 2)
+            NAME(tile_part)(NR / 2, c0, rows, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out);
+        else
+            NAME(tile_part)(NR / 4, c0, rows, kc, a, row_step, col_step, b, bias, out, ld_out, add_to_out);
     }
     if (narrow)
         for (int64_t r = 0; r < rows; r++)
@@ -196,6 +226,7 @@ static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int
                                         REAL *packed_b)
 {
     int64_t row_step = trans_a ? 1 : lda, col_step = trans_a ? lda : 1; /* op(A)[i][p] */
+    int width = NAME(tile_width)();
     for (int64_t jc = 0; jc < N; jc += NC) {
         int64_t nc = min_i64(NC, N - jc);
         for (int64_t pc = 0; pc < K; pc += KC) {
@@ -207,7 +238,7 @@ static HOT_KERNEL void NAME(gemm_block)(int trans_a, int trans_b, int64_t M, int
                 const REAL *A_block = trans_a ? A + pc * lda + ic : A + ic * lda + pc;
                 for (int64_t jr = 0; jr < nc; jr += NR)
                     for (int64_t ir = 0; ir < mc; ir += MR)
-                        NAME(tile)(min_i64(MR, mc - ir), min_i64(NR, nc - jr), kc,
+                        NAME(tile)(width, min_i64(MR, mc - ir), min_i64(NR, nc - jr), kc,
                                    A_block + ir * row_step, row_step, col_step, packed_b + jr * kc,
                                    pc == 0 && bias ? bias + jc + jr : NULL,
                                    C + (ic + ir) * ldc + jc + jr, ldc, accumulate || pc > 0);

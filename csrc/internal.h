@@ -22,13 +22,36 @@
     && !defined(MINQKV_NATIVE)
 #if __GNUC__ >= 12
 #define HOT_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define CLONE_AVX512 "x86-64-v4"
+#define CLONE_AVX2 "x86-64-v3"
 #elif __GNUC__ >= 6
 #define HOT_KERNEL __attribute__((target_clones("avx512f", "avx2", "default")))
+#define CLONE_AVX512 "avx512f"
+#define CLONE_AVX2 "avx2"
 #endif
 #endif
 #ifndef HOT_KERNEL
 #define HOT_KERNEL
 #endif
+
+/* Floats in one vector register of the code that runs: 16 in the AVX-512 clone, 8 in the AVX2
+ * one, 4 otherwise (SSE2, or a CPU that is not x86). The clones are one source compiled three
+ * times, so a kernel whose register tile must fit the register file asks this at run time; the
+ * test is the one the loader used to pick the clone. */
+static inline int vector_floats(void)
+{
+#if defined(CLONE_AVX512)
+    if (__builtin_cpu_supports(CLONE_AVX512))
+        return 16;
+    return __builtin_cpu_supports(CLONE_AVX2) ? 8 : 4;
+#elif defined(__AVX512F__)
+    return 16;
+#elif defined(__AVX2__)
+    return 8;
+#else
+    return 4;
+#endif
+}
 
 #if defined(__GNUC__)
 #define ALWAYS_INLINE inline __attribute__((always_inline))
