@@ -92,7 +92,13 @@ def build_flags():
         return ["/O2", "/std:c11"], [], []
     # -fno-math-errno: no kernel reads errno, and without it GCC keeps every sqrt a scalar call
     # (it might have to set errno), which left the AdamW loop unvectorised (3.4 ns per element)
-    compile_args, link_args, macros = ["-O3", "-std=gnu11", "-fno-math-errno"], [], []
+    # -fno-trapping-math: no kernel reads the floating-point exception flags either, and with them
+    # kept GCC will not turn a conditional (exp's clamp, tanh's sign, the causal mask) into a
+    # blend, so every loop with one stayed scalar: GELU, softmax and the online softmax of
+    # attention among them. GELU forward + backward were 20% of the default model's training step
+    # on a 2-core AMD EPYC (Zen 3) VM, about 10 ns per element
+    compile_args = ["-O3", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math"]
+    link_args, macros = [], []
     if os.environ.get("MINQKV_OPENMP", "1") != "0" and _compiler_accepts(["-fopenmp"], ["-fopenmp"]):
         compile_args.append("-fopenmp")
         link_args.append("-fopenmp")
