@@ -531,9 +531,12 @@ static HOT_KERNEL void NAME(attention_backward_tiles)(const struct NAME(backward
     }
     for (int64_t j0 = first_seen; j0 < Tk; j0 += KB) {
         int64_t width = min_i64(KB, Tk - j0); /* keys [j0, j0 + width) */
-        NAME(copy_transposed)(a->k + j0 * a->k_row, a->k_row, width, hd, t.key_columns);
-        NAME(copy_transposed)(a->v + j0 * a->v_row, a->v_row, width, hd, t.value_columns);
+        /* K and V (V into dv, free until it is zeroed) first as they are, whole rows read at a
+         * time, then transposed from there: from the tiles, not from rows 3C apart in memory */
         NAME(copy_padded)(a->k + j0 * a->k_row, a->k_row, width, hd, t.keys, KB, hdp);
+        NAME(copy_padded)(a->v + j0 * a->v_row, a->v_row, width, hd, t.dv, KB, hdp);
+        NAME(copy_transposed)(t.keys, hdp, width, hd, t.key_columns);
+        NAME(copy_transposed)(t.dv, hdp, width, hd, t.value_columns);
         for (int64_t e = 0; e < KB * hdp; e++)
             t.dk[e] = t.dv[e] = 0;
         int64_t first_query = j0 - (Tk - T) > 0 ? j0 - (Tk - T) : 0; /* the first that sees key j0 */
