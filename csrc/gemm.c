@@ -131,7 +131,8 @@ static int gemm_arguments_valid(int trans_a, int trans_b, int64_t batch, int64_t
  * GFLOPS at 1 thread: (768,128)@(128,384) 96 -> 162, 512^3 109 -> 107 (OpenBLAS 149); at 16
  * threads: 512^3 705 -> 890, (4096,128)@(128,512) 963 -> 1046 (OpenBLAS 908-1061). On the 2-core
  * AMD EPYC (Zen 4 runs AVX-512 at half width) both tiles give 100-107, its peak. On a CPU with
- * AVX2 alone the tile takes 24 registers of 16 and spills: 6 x 16 would suit it better.
+ * AVX2 alone the tile would take 24 registers of 16 and spill, so there it is computed as two
+ * 6 x 16 tiles (tile_width in gemm_template.h).
  * KC x NR x 4 bytes = 16 KiB of packed B per panel (L1), MC x KC x 4 = 60 KiB of A (L2).
  * KC was 256 (a 32 KiB panel) until the weight gradients X^T dY were measured on an Intel core
  * (48 KiB of L1): there each step of p reads MR values from a new row of A, lda apart, so a tile

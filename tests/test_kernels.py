@@ -848,3 +848,16 @@ def test_the_wait_policy_is_left_to_libgomp_on_spin_and_set_passive_on_passive()
     assert _wait_policy_seen_by_libgomp(MINQKV_WAIT_POLICY="passive") == ["None", "PASSIVE"]
     # the user's own OpenMP setting always wins
     assert _wait_policy_seen_by_libgomp(MINQKV_WAIT_POLICY="passive", OMP_WAIT_POLICY="ACTIVE") == ["None", "ACTIVE"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="MSVC takes other flags")
+def test_the_build_lets_gcc_vectorise_loops_with_floating_point_conditions(monkeypatch):
+    """Without -fno-trapping-math GCC keeps every loop with a floating-point condition scalar (exp's
+    clamp, tanh's sign, the causal mask): GELU and the softmaxes ran at scalar speed on every CPU.
+    Without -fno-math-errno every sqrt stays a library call. Both in the sanitized build too."""
+    from minqkv import _build
+
+    for sanitize in ("0", "1"):
+        monkeypatch.setenv("MINQKV_SANITIZE", sanitize)
+        compile_args, _, _ = _build.build_flags()
+        assert "-fno-trapping-math" in compile_args and "-fno-math-errno" in compile_args, compile_args
